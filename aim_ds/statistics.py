@@ -1,0 +1,109 @@
+"""Shard-local partial statistics and the small collectives that combine them.
+
+Every collective the plugin issues goes through `all_reduce` / `broadcast` here, so the bytes it
+communicates can be counted by wrapping these two functions (benchmarks/perf.py does). None of them
+ever carries a tensor whose size depends on the model: scalars, short vectors, fixed histograms.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+HIST_BINS = 1024
+QUANTILE_REFINEMENTS = 3
+
+
+def _dist():
+    import deepspeed.comm as dist
+
+    return dist
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    dist = _dist()
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    dist.all_reduce(t, op=ops[op], group=group)
+    return t
+
+
+def broadcast(t: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
+    _dist().broadcast(t, src=src, group=group)
+    return t
+
+
+def comm_device() -> torch.device:
+    """Where small collective tensors live: the accelerator's device (gloo on CPU, nccl on GPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return torch.device("cpu") if acc.device_name() == "cpu" else torch.device(acc.current_device_name())
+
+
+def mean_over_ranks(local_sum: float, local_count: float) -> float:
+    """Mean of a per-rank quantity: one all-reduce of two fp64 scalars (16 bytes)."""
+    t = torch.tensor([local_sum, local_count], dtype=torch.float64, device=comm_device())
+    all_reduce(t)
+    s, c = t.tolist()
+    return s / c if c > 0 else float("nan")
+
+
+def sum_over_ranks(*values: float) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any rank (4 bytes)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device())
+    all_reduce(t, op="max")
+    return bool(t.item())
+
+
+@torch.no_grad()
+def global_quantile(parts: list[tuple[torch.Tensor, list[tuple[int, int]]]], q: float) -> float:
+    """The q-quantile of the valid elements of every rank's flat tensors, without gathering them.
+
+    Min/max and element counts are all-reduced, then a fixed-size histogram over the current bracket
+    is all-reduced and the bracket narrowed to the bin that holds the quantile, QUANTILE_REFINEMENTS
+    times: bytes communicated are O(HIST_BINS), whatever the model size. The answer lies within
+    (max - min) / HIST_BINS**QUANTILE_REFINEMENTS of the exact quantile (it is a bin edge).
+    """
+    dev = comm_device()
+    lo_hi = torch.tensor([math.inf, math.inf], dtype=torch.float64)
+    n_local = 0
+    for t, ranges in parts:
+        for start, length in ranges:
+            v = t.narrow(0, start, length)
+            lo_hi[0] = min(lo_hi[0].item(), v.min().item())
+            lo_hi[1] = min(lo_hi[1].item(), -v.max().item())
+            n_local += length
+    lo_hi = all_reduce(lo_hi.to(dev), op="min").cpu()
+    lo, hi = lo_hi[0].item(), -lo_hi[1].item()
+    n = int(sum_over_ranks(float(n_local))[0])
+    if n == 0:
+        return float("nan")
+    if hi <= lo:
+        return lo
+    target = q * (n - 1)  # rank (0-based) of the quantile element, as torch.quantile's 'lower'
+    below = 0.0  # elements strictly below the bracket
+    for _ in range(QUANTILE_REFINEMENTS):
+        hist = torch.zeros(HIST_BINS, dtype=torch.float64)
+        width = (hi - lo) / HIST_BINS
+        for t, ranges in parts:
+            for start, length in ranges:
+                v = t.narrow(0, start, length).double()
+                inside = v[(v >= lo) & (v <= hi)]
+                if inside.numel():
+                    idx = ((inside - lo) / width).floor_().clamp_(0, HIST_BINS - 1).long()
+                    hist += torch.bincount(idx, minlength=HIST_BINS).double()
+        hist = all_reduce(hist.to(dev)).cpu()
+        cum = torch.cumsum(hist, 0) + below
+        b = int(torch.searchsorted(cum, torch.tensor(target, dtype=torch.float64), right=True).item())
+        b = min(b, HIST_BINS - 1)
+        below = (cum[b - 1].item() if b > 0 else below)
+        lo, hi = lo + b * width, lo + (b + 1) * width
+        if width == 0:
+            break
+    return lo
