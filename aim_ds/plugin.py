@@ -490,15 +490,22 @@ class AimPlugin:
                 return f"{where} is a {type(b).__name__}; each batch must be a dict of model inputs."
             if "labels" not in b:
                 return f"{where} has no 'labels': the probe and rehearsal need a loss (add labels, -100 = ignore)."
+            # a key the forward does not name would be swallowed by **kwargs (HF models) and ignored
             unknown = [k for k in b if k not in sig.parameters]
-            if unknown and not accepts_any:
-                return f"{where} has keys {unknown} that {type(module).__name__}.forward does not accept."
+            if unknown:
+                return (f"{where} has keys {unknown} that {type(module).__name__}.forward does not name"
+                        f"{' (it would silently ignore them via **kwargs)' if accepts_any else ''}; "
+                        "remove them or rename them to the model's input names.")
+            labels, ids = b["labels"], b.get("input_ids")
+            if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
+                return f"{where}: labels must be an integer tensor (token ids, -100 = ignore)."
+            if torch.is_tensor(ids) and ids.shape != labels.shape:
+                return f"{where}: labels shape {tuple(labels.shape)} differs from input_ids {tuple(ids.shape)}."
             sizes = {k: v.shape[0] for k, v in b.items() if torch.is_tensor(v) and v.dim() > 0}
             if len(set(sizes.values())) > 1:
                 return f"{where} mixes batch sizes {sizes}; all tensors must share the first dimension."
             if any(s == 0 for s in sizes.values()):
                 return f"{where} has an empty tensor; every batch needs at least one row."
-            ids = b.get("input_ids")
             if ids is not None:
                 if not torch.is_tensor(ids) or ids.dtype not in (torch.int64, torch.int32):
                     return f"{where}: input_ids must be an integer tensor."

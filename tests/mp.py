@@ -1,0 +1,121 @@
+"""Run a scenario on N local ranks (CPU, gloo) as separate processes, with a hard timeout.
+
+Each rank is `python tests/mp.py SCENARIO RANK WORLD PORT OUTDIR ARGS_JSON`; it initialises
+torch.distributed through deepspeed with a short timeout, runs `tests.scenarios.<SCENARIO>(**args)`
+and writes its return value (JSON) or its exception to OUTDIR/rank<R>.json. The parent kills every
+rank when the timeout passes, so a rank-asymmetric bug fails the test in minutes instead of hanging CI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+class RankFailure(AssertionError):
+    pass
+
+
+def run_ranks(scenario: str, world: int, tmp_path, timeout: float = 240, **kwargs) -> list:
+    """Run tests/scenarios.py:<scenario> on `world` ranks; return each rank's result (list by rank).
+
+    Raises RankFailure with every failing rank's traceback; on timeout kills all ranks and fails.
+    """
+    out = Path(tmp_path) / f"{scenario}-{world}-{time.monotonic_ns()}"
+    out.mkdir(parents=True)
+    port = free_port()
+    procs, logs = [], []
+    for r in range(world):
+        log = open(out / f"rank{r}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), scenario, str(r), str(world), str(port), str(out),
+             json.dumps(kwargs)], cwd=REPO, env=base_env(), stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    for p in procs:
+        left = deadline - time.monotonic()
+        try:
+            p.wait(timeout=max(left, 0.1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            break
+    if timed_out:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+    for log in logs:
+        log.close()
+    results, errors = [], []
+    for r in range(world):
+        f = out / f"rank{r}.json"
+        if f.exists():
+            res = json.loads(f.read_text())
+            if res.get("error"):
+                errors.append(f"rank {r}: {res['error']}")
+            results.append(res.get("result"))
+        else:
+            tail = (out / f"rank{r}.log").read_text()[-3000:]
+            errors.append(f"rank {r}: no result (exit {procs[r].returncode}); log tail:\n{tail}")
+            results.append(None)
+    if timed_out:
+        raise RankFailure(f"scenario {scenario} on {world} ranks timed out after {timeout}s (deadlock?)\n"
+                          + "\n".join(errors))
+    if errors:
+        raise RankFailure("\n".join(errors))
+    return results
+
+
+def _child(scenario, rank, world, port, outdir, kwargs):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    payload = {}
+    try:
+        from datetime import timedelta
+
+        import deepspeed
+        import torch
+
+        torch.set_num_threads(1)
+        deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120))
+        from tests import scenarios
+
+        payload["result"] = getattr(scenarios, scenario)(**kwargs)
+    except BaseException as e:  # report every failure, including expected-error scenarios' surprises
+        payload["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    Path(outdir, f"rank{rank}.json").write_text(json.dumps(payload, default=str))
+    try:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    except Exception:
+        pass
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    _child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], json.loads(sys.argv[6]))
