@@ -1,7 +1,7 @@
 """Run a scenario on N local ranks (CPU, gloo) as separate processes, with a hard timeout.
 
 Each rank is `python tests/mp.py SCENARIO RANK WORLD PORT OUTDIR ARGS_JSON`; it initialises
-torch.distributed through deepspeed with a short timeout, runs `tests.scenarios.<SCENARIO>(**args)`
+torch.distributed through deepspeed with a short timeout, runs `tests.scenarios.<SCENARIO>(**args)` (or `module:function`)
 and writes its return value (JSON) or its exception to OUTDIR/rank<R>.json. The parent kills every
 rank when the timeout passes, so a rank-asymmetric bug fails the test in minutes instead of hanging CI.
 """
@@ -38,11 +38,13 @@ class RankFailure(AssertionError):
 
 
 def run_ranks(scenario: str, world: int, tmp_path, timeout: float = 240, **kwargs) -> list:
-    """Run tests/scenarios.py:<scenario> on `world` ranks; return each rank's result (list by rank).
+    """Run `scenario` on `world` ranks; return each rank's result (list by rank).
+
+    scenario: a function name in tests/scenarios.py, or "package.module:function".
 
     Raises RankFailure with every failing rank's traceback; on timeout kills all ranks and fails.
     """
-    out = Path(tmp_path) / f"{scenario}-{world}-{time.monotonic_ns()}"
+    out = Path(tmp_path) / f"{scenario.replace(':', '.')}-{world}-{time.monotonic_ns()}"
     out.mkdir(parents=True)
     port = free_port()
     procs, logs = [], []
@@ -100,9 +102,10 @@ def _child(scenario, rank, world, port, outdir, kwargs):
 
         torch.set_num_threads(1)
         deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120))
-        from tests import scenarios
+        import importlib
 
-        payload["result"] = getattr(scenarios, scenario)(**kwargs)
+        module, _, name = scenario.rpartition(":")
+        payload["result"] = getattr(importlib.import_module(module or "tests.scenarios"), name)(**kwargs)
     except BaseException as e:  # report every failure, including expected-error scenarios' surprises
         payload["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(payload, default=str))
