@@ -2,9 +2,15 @@
 
 The scalar-weight fusion theta = a + w_in (k - a) + w_out (M - k) is done with ONE extra buffer:
 before rehearsal the anchor buffer becomes  b = (1 - w_in) a + (w_in - w_out) k,  so that after
-rehearsal  theta = b + w_out M,  and b then takes theta as the next anchor. Each function walks a
-flat tensor in chunks so that no temporary of shard size is ever allocated, and so that an anchor
-kept in host memory is streamed through the device chunk by chunk.
+rehearsal  theta = b + w_out M,  and b then takes theta as the next anchor. The buffer is stored
+scaled by 1 / (1 - w_out), which turns both updates into single-pass lerps:
+
+    b' = lerp(a, k, (w_in - w_out) / (1 - w_out))        (before rehearsal)
+    theta = lerp(b', M, w_out)                            (after rehearsal; = b + w_out M)
+
+(w_out = 1 keeps the unscaled two-op form). Each function walks a flat tensor in chunks so that no
+temporary of shard size is ever allocated, and so that an anchor kept in host memory is streamed
+through the device chunk by chunk.
 """
 from __future__ import annotations
 
@@ -26,13 +32,13 @@ def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def abs_change_sum(theta: torch.Tensor, anchor: torch.Tensor, ranges: list[tuple[int, int]]) -> float:
-    """sum |theta - anchor| over the valid ranges (padding excluded), accumulated in fp64."""
-    total = torch.zeros((), dtype=torch.float64, device=theta.device)
+    """sum |theta - anchor| over the valid ranges (padding excluded); chunk sums accumulated in fp64."""
+    total = 0.0
     for start, length in ranges:
         for off, n in chunks(length):
             a = _on(anchor.narrow(0, start + off, n), theta.device)
-            total += (theta.narrow(0, start + off, n) - a).abs_().sum(dtype=torch.float64)
-    return float(total)
+            total += float(torch.dist(theta.narrow(0, start + off, n), a, p=1))  # one pass, no temporary
+    return total
 
 
 @torch.no_grad()
@@ -42,26 +48,42 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.narrow(0, off, n).copy_(src.narrow(0, off, n), non_blocking=True)
 
 
+def _scaled(w_out: float) -> bool:
+    return w_out != 1.0
+
+
 @torch.no_grad()
 def prepare_buffer(buf: torch.Tensor, theta_k: torch.Tensor, w_in: float, w_out: float) -> None:
-    """buf (anchor a) <- (1 - w_in) a + (w_in - w_out) theta_k, in place (one pass)."""
+    """buf (anchor a) <- (1 - w_in) a + (w_in - w_out) theta_k, stored divided by (1 - w_out). One pass."""
     dev = theta_k.device
     for off, n in chunks(buf.numel()):
         b = _on(buf.narrow(0, off, n), dev)
-        b.mul_(1.0 - w_in).add_(theta_k.narrow(0, off, n), alpha=w_in - w_out)
+        k = theta_k.narrow(0, off, n)
+        if _scaled(w_out):
+            b.lerp_(k, (w_in - w_out) / (1.0 - w_out))
+        else:
+            b.mul_(1.0 - w_in).add_(k, alpha=w_in - w_out)
         if b.data_ptr() != buf.narrow(0, off, n).data_ptr():
             buf.narrow(0, off, n).copy_(b, non_blocking=True)
 
 
 @torch.no_grad()
 def fuse_scalar(theta: torch.Tensor, buf: torch.Tensor, w_out: float) -> None:
-    """theta (= theta_M) <- buf + w_out theta_M, then buf <- theta (the new anchor). One pass per chunk."""
+    """theta (= theta_M) <- b + w_out theta_M, then buf <- theta (the new anchor)."""
     dev = theta.device
     for off, n in chunks(theta.numel()):
         t = theta.narrow(0, off, n)
         b = _on(buf.narrow(0, off, n), dev)
-        t.mul_(w_out).add_(b)
+        if _scaled(w_out):
+            torch.lerp(b, t, w_out, out=t)  # elementwise: writing into an input is safe
+        else:
+            t.add_(b)
         buf.narrow(0, off, n).copy_(t, non_blocking=True)
+
+
+# bytes each merge moves through memory per fp32 element of the shard, in the scalar policies:
+# prepare (read a, k; write b) + fuse (read b, M; write theta) + new anchor (read theta; write b)
+SCALAR_FUSION_PASSES = 8
 
 
 @torch.no_grad()

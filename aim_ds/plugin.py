@@ -139,8 +139,7 @@ class AimPlugin:
             for bufs in self._ema.values():
                 for b in bufs:
                     b.zero_()
-        active = self.task_index >= 1 or self.config.merge_first_task
-        _agree(None if (self._memory is not None or not active) else
+        _agree(None if (self._memory is not None or not self._active()) else
                f"aim_merging: task {self.task_index} will merge but no memory was given; pass the rehearsal "
                "memory to attach(engine, memory) or start_task(memory=...).")
 
@@ -275,8 +274,7 @@ class AimPlugin:
 
     def _probe_due(self) -> bool:
         c = self.config
-        active = self.task_index >= 1 or c.merge_first_task
-        return (active and c.interval_rule != "fixed" and self._memory is not None
+        return (self._active() and c.interval_rule != "fixed" and self._memory is not None
                 and self._step_in_task % c.probe_interval == 0)
 
     @torch.no_grad()
@@ -301,12 +299,17 @@ class AimPlugin:
             return None
         return loss
 
+    def _active(self) -> bool:
+        return self.task_index >= 1 or self.config.merge_first_task
+
     def _decide(self, loss: float | None) -> bool:
         flag = torch.zeros(1, dtype=torch.float64, device=statistics.comm_device())
         if self.controller is not None:
             d = self.controller.observe(loss)
             self._record(d, loss)
             flag[0] = 1.0 if d.merge else 0.0
+        if not self._active():
+            return False  # every rank knows nothing can merge now: no collective on this step
         statistics.broadcast(flag, src=0)
         return bool(flag.item())
 
@@ -344,13 +347,14 @@ class AimPlugin:
             return {"merged": False, "reason": "non-finite learning signal"}
         r = int(r)
         scalar = not self._importance or weights is not None
+        t_prep0 = time.perf_counter()
         if scalar:
             for g, a in zip(groups, self.anchor):
                 fusion.prepare_buffer(a, g.master, w_in, w_out)
         else:
             for g, k in zip(groups, self._theta_k):
                 fusion.copy_into(k, g.master)
-        t_prep = time.perf_counter() - t0
+        t_prep = time.perf_counter() - t_prep0
         rehearsal_losses = self._rehearse(r)
         if self.after_rehearsal_callback is not None:
             self.after_rehearsal_callback(self)
@@ -360,15 +364,15 @@ class AimPlugin:
                 fusion.fuse_scalar(g.master, a, w_out)
         else:
             self._fuse_importance()
-        self.shards.refresh_working_copies()
         t_fuse = time.perf_counter() - t1 + t_prep
+        self.shards.refresh_working_copies()
         self.merge_count += 1
         n = self.shards.local_numel
-        passes = 5 if scalar else 8  # shard-sized reads+writes: signal 2, prepare 3, fuse 4 (+ refresh)
+        passes = fusion.SCALAR_FUSION_PASSES if scalar else 12
         return {"merged": True, "task": self.task_index, "step": self._step_in_task, "rehearsal_steps": r,
                 "w_in": w_in, "w_out": w_out, "interval": int(interval), "learning_signal": total,
-                "rehearsal_losses": rehearsal_losses, "fusion_seconds": t_fuse,
-                "fusion_bytes": n * 4 * (2 + 3 + 4) if scalar else n * 4 * 12, "fusion_passes": passes}
+                "rehearsal_losses": rehearsal_losses, "fusion_seconds": t_fuse, "fusion_passes": passes,
+                "fusion_bytes": n * 4 * passes, "seconds": time.perf_counter() - t0}
 
     def _plan(self, total: float, explicit: bool):
         c = self.controller
