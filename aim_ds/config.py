@@ -1,0 +1,228 @@
+"""Strict, typed parse of the ``"aim_merging"`` section of a DeepSpeed config.
+
+Every key, its type, default and accepted range is listed once, in ``_FIELDS`` below, and documented
+in ``docs/configuration.md``. Parsing is strict: an unknown key, a value of the wrong type (``true``
+is not an integer; an integer is accepted where a float is expected) or a value out of range raises
+:class:`ConfigError` with ONE message that names the key, the bad value and what is accepted.
+
+No torch import here: the config is read by the controller, the CLI and tests that run without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+SECTION = "aim_merging"
+
+INTERVAL_RULES = ("paper", "reference", "fixed")
+WEIGHT_POLICIES = ("signals", "fixed", "importance")
+ANCHORS = ("device", "host")
+WEIGHT_MAX = 2.0  # w_in, w_out accepted in [0, WEIGHT_MAX]; > 1 extrapolates along a task vector
+
+
+class ConfigError(ValueError):
+    """A bad ``aim_merging`` section. ``key`` is the offending key (``None`` for the section itself)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class AimConfig:
+    """The parsed ``aim_merging`` section. Build it with :meth:`from_dict` / :meth:`from_ds_config`
+    (which validate); constructing it directly also validates (``__post_init__``)."""
+
+    enabled: bool = True
+    interval_rule: str = "paper"
+    initial_interval: int = 8
+    min_interval: int = 2
+    max_interval: int = 128
+    cold_start: int = 3
+    window: int = 3
+    gamma_up: float = 2.0
+    gamma_down: float = 2.0
+    threshold_factor: float = 2.0
+    forced_activation_multiple: int = 2
+    activation_cap: int = 3
+    weight_policy: str = "signals"
+    w_in: float = 0.5
+    w_out: float = 0.5
+    importance_quantile: float = 0.8
+    importance_beta1: float = 0.85
+    importance_beta2: float = 0.85
+    rehearsal_steps: str | int = "interval"
+    probe_interval: int = 1
+    probe_batch_size: int = 0
+    anchor: str = "device"
+    merge_first_task: bool = False
+
+    def __post_init__(self) -> None:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        checked = _validate(values)
+        for name, value in checked.items():  # normalise ints given for floats to float
+            object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any] | AimConfig | None) -> AimConfig:
+        """Parse the ``aim_merging`` object. ``None`` (section absent) gives a disabled config with all
+        defaults; a present section is enabled unless it says ``"enabled": false``."""
+        if isinstance(section, AimConfig):
+            return section
+        if section is None:
+            return cls(enabled=False)
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{SECTION} = {_show(section)} has the wrong type ({_type_name(section)}): "
+                              f"expected a JSON object of settings (or leave the section out to disable "
+                              f"AimMerging)", None)
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in section:
+            if not isinstance(key, str):
+                raise ConfigError(f"{SECTION} has a non-string key {_show(key)}: keys must be strings", None)
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ConfigError(f"{SECTION}.{key} is not a known key: {hint}known keys are "
+                                  f"{', '.join(known)}", key)
+        return cls(**dict(section))
+
+    @classmethod
+    def from_ds_config(cls, ds_config: Mapping[str, Any] | str | os.PathLike) -> AimConfig:
+        """Read the ``aim_merging`` section of a DeepSpeed config (a dict, or a path to its JSON file)."""
+        if isinstance(ds_config, (str, os.PathLike)):
+            with open(ds_config, encoding="utf-8") as fh:
+                ds_config = json.load(fh)
+        if not isinstance(ds_config, Mapping):
+            raise ConfigError(f"the DeepSpeed config has the wrong type ({_type_name(ds_config)}): "
+                              f"expected a JSON object", None)
+        return cls.from_dict(ds_config.get(SECTION))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every key with its value; ``AimConfig.from_dict(cfg.to_dict()) == cfg``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> AimConfig:
+        """A copy with some keys changed (validated like :meth:`from_dict`)."""
+        return AimConfig.from_dict({**self.to_dict(), **changes})
+
+
+# ---------------------------------------------------------------------- validation
+def _type_name(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, int):
+        return "int"
+    if isinstance(v, float):
+        return "float"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, Mapping):
+        return "object"
+    if isinstance(v, (list, tuple)):
+        return "list"
+    return type(v).__name__
+
+
+def _show(v: Any) -> str:
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def _fail(key: str, value: Any, expected: str, wrong_type: bool = False, what: str = "is out of range") -> ConfigError:
+    if wrong_type:
+        what = f"has the wrong type ({_type_name(value)})"
+    return ConfigError(f"{SECTION}.{key} = {_show(value)} {what}: expected {expected}", key)
+
+
+def _int(key: str, v: Any, lo: int, expected: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _fail(key, v, expected, wrong_type=True)
+    if v < lo:
+        raise _fail(key, v, expected)
+    return int(v)
+
+
+def _float(key: str, v: Any, ok, expected: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _fail(key, v, expected, wrong_type=True)
+    f = float(v)
+    if not math.isfinite(f) or not ok(f):
+        raise _fail(key, v, expected)
+    return f
+
+
+def _bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _fail(key, v, "true or false", wrong_type=True)
+    return v
+
+
+def _choice(key: str, v: Any, choices: tuple[str, ...]) -> str:
+    expected = "one of " + ", ".join(f'"{c}"' for c in choices)
+    if not isinstance(v, str):
+        raise _fail(key, v, expected, wrong_type=True)
+    if v not in choices:
+        raise _fail(key, v, expected, what="is not an accepted value")
+    return v
+
+
+_INTERVAL_CHAIN = "(and min_interval <= initial_interval <= max_interval)"
+
+
+def _validate(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["enabled"] = _bool("enabled", d["enabled"])
+    out["interval_rule"] = _choice("interval_rule", d["interval_rule"], INTERVAL_RULES)
+    for key in ("initial_interval", "min_interval", "max_interval"):
+        out[key] = _int(key, d[key], 1, f"an integer >= 1 {_INTERVAL_CHAIN}")
+    s0, lo, hi = out["initial_interval"], out["min_interval"], out["max_interval"]
+    if lo > hi:
+        raise _fail("min_interval", lo, f"an integer >= 1 and <= max_interval ({hi})")
+    if not lo <= s0 <= hi:
+        raise _fail("initial_interval", s0, f"an integer in [min_interval, max_interval] = [{lo}, {hi}]")
+    out["cold_start"] = _int("cold_start", d["cold_start"], 0, "an integer >= 0 (merges before the "
+                             "reference rule may change the interval)")
+    out["window"] = _int("window", d["window"], 2, "an integer >= 2 (learning-signal values compared)")
+    for key in ("gamma_up", "gamma_down"):
+        out[key] = _float(key, d[key], lambda x: x >= 1.0, "a finite number >= 1.0")
+    out["threshold_factor"] = _float("threshold_factor", d["threshold_factor"], lambda x: x > 0.0,
+                                     "a finite number > 0")
+    out["forced_activation_multiple"] = _int("forced_activation_multiple", d["forced_activation_multiple"],
+                                             1, "an integer >= 1 (forced activation at m + multiple * S)")
+    out["activation_cap"] = _int("activation_cap", d["activation_cap"], 1, "an integer >= 1")
+    out["weight_policy"] = _choice("weight_policy", d["weight_policy"], WEIGHT_POLICIES)
+    for key in ("w_in", "w_out"):
+        out[key] = _float(key, d[key], lambda x: 0.0 <= x <= WEIGHT_MAX, f"a number in [0, {WEIGHT_MAX:g}]")
+    out["importance_quantile"] = _float("importance_quantile", d["importance_quantile"],
+                                        lambda x: 0.0 < x < 1.0, "a number in the open interval (0, 1)")
+    for key in ("importance_beta1", "importance_beta2"):
+        out[key] = _float(key, d[key], lambda x: 0.0 <= x < 1.0, "a number in [0, 1)")
+    r = d["rehearsal_steps"]
+    r_expected = '"interval" (R = the new interval S) or an integer >= 1'
+    if isinstance(r, str):
+        if r != "interval":
+            raise _fail("rehearsal_steps", r, r_expected, what="is not an accepted value")
+        out["rehearsal_steps"] = r
+    else:
+        out["rehearsal_steps"] = _int("rehearsal_steps", r, 1, r_expected)
+    out["probe_interval"] = _int("probe_interval", d["probe_interval"], 1,
+                                 "an integer >= 1 (probe every k-th step)")
+    out["probe_batch_size"] = _int("probe_batch_size", d["probe_batch_size"], 0,
+                                   "an integer >= 0 (0 = the whole memory batch)")
+    out["anchor"] = _choice("anchor", d["anchor"], ANCHORS)
+    out["merge_first_task"] = _bool("merge_first_task", d["merge_first_task"])
+    return out
+
+
+__all__ = ["AimConfig", "ConfigError", "SECTION", "INTERVAL_RULES", "WEIGHT_POLICIES", "ANCHORS"]
