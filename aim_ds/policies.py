@@ -1,0 +1,183 @@
+"""Interval rules and merge-weight policies: small pure functions of the controller's signals.
+
+Interval rules map (the interval S planned for the segment that just ended, the task's recent
+learning-signal values Lambda ending with the one just measured, the 1-based index b of this merge in
+the task) to the next interval. See ``docs/configuration.md`` for the exact reading of each rule.
+
+- :class:`PaperRule`     sliding-window trend of Lambda (the paper's rule, made concrete).
+- :class:`ReferenceRule` the authors' released code: ratio of the last two Lambdas after a cold start.
+- :class:`FixedRule`     S never changes.
+
+Weight policies map (activations A at merge time, interval S at merge time) to (w_in, w_out).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from .config import AimConfig
+
+LONG_INTERVAL = 64  # reference rule: S >= 64 is halved again after a rise, and grows with c = 0.5
+SIGNALS_LONG_INTERVAL = 70  # signals weight table: S > 70 counts as a long interval
+
+
+# ---------------------------------------------------------------------- interval rules
+@dataclass(frozen=True)
+class PaperRule:
+    """Keep the last ``window`` values of Lambda; count rises u and falls d between consecutive
+    values (equal neighbours count as neither). u > d (learning fast): S <- max(S_min,
+    int(S / gamma_down)); d > u (converging): S <- min(S_max, int(S * gamma_up)); u == d: keep S.
+    No change until ``window`` values exist in the task."""
+
+    min_interval: int
+    max_interval: int
+    window: int = 3
+    gamma_up: float = 2.0
+    gamma_down: float = 2.0
+
+    name = "paper"
+
+    @property
+    def history_needed(self) -> int:
+        return self.window
+
+    def trend(self, signals: Sequence[float]) -> tuple[int, int]:
+        """(rises, falls) over the last ``window`` values."""
+        w = list(signals)[-self.window:]
+        u = sum(1 for a, b in zip(w, w[1:]) if b > a)
+        d = sum(1 for a, b in zip(w, w[1:]) if b < a)
+        return u, d
+
+    def next_interval(self, interval: int, signals: Sequence[float], merge_index: int) -> int:
+        if len(signals) < self.window:
+            return interval
+        u, d = self.trend(signals)
+        if u > d:
+            return max(self.min_interval, min(self.max_interval, int(interval / self.gamma_down)))
+        if d > u:
+            return min(self.max_interval, max(self.min_interval, int(interval * self.gamma_up)))
+        return interval
+
+
+@dataclass(frozen=True)
+class ReferenceRule:
+    """The released code's rule. Merges 1 .. cold_start + 1 of a task keep S (the cold start: with
+    cold_start = 3 the first change is at the 5th merge). From merge b = cold_start + 2 on, with
+    r = Lambda_b / Lambda_{b-1}:
+
+    - r >= 1 (Lambda rose or stayed): S' = max(S_min, floor(S / r)); if S' >= 64: S' = floor(S' / 2)
+      (clamped to [S_min, S_max] again);
+    - r < 1 (Lambda fell): S' = min(S_max, floor(S * (1/r + c))), c = 1 if S < 64 else 0.5 (S = the
+      interval before the update).
+
+    Degenerate signals: Lambda_{b-1} = Lambda_b = 0 keeps S; Lambda_{b-1} = 0 < Lambda_b (an infinite
+    rise) gives S_min; Lambda_b = 0 < Lambda_{b-1} (an infinite fall) gives S_max."""
+
+    min_interval: int
+    max_interval: int
+    cold_start: int = 3
+
+    name = "reference"
+
+    @property
+    def history_needed(self) -> int:
+        return 2
+
+    def next_interval(self, interval: int, signals: Sequence[float], merge_index: int) -> int:
+        if merge_index < self.cold_start + 2 or len(signals) < 2:
+            return interval
+        prev, cur = float(signals[-2]), float(signals[-1])
+        lo, hi = self.min_interval, self.max_interval
+        if cur >= prev:
+            if prev == 0.0:
+                return interval if cur == 0.0 else lo
+            s = max(lo, math.floor(interval / (cur / prev)))
+            if s >= LONG_INTERVAL:
+                s = s // 2
+            return min(hi, max(lo, s))
+        if cur == 0.0:
+            return hi
+        c = 1.0 if interval < LONG_INTERVAL else 0.5
+        return max(lo, min(hi, math.floor(interval * (prev / cur + c))))
+
+
+@dataclass(frozen=True)
+class FixedRule:
+    """S never changes (merge exactly every initial_interval steps)."""
+
+    name = "fixed"
+    history_needed = 1
+
+    def next_interval(self, interval: int, signals: Sequence[float], merge_index: int) -> int:
+        return interval
+
+
+def make_interval_rule(cfg: AimConfig):
+    if cfg.interval_rule == "paper":
+        return PaperRule(cfg.min_interval, cfg.max_interval, cfg.window, cfg.gamma_up, cfg.gamma_down)
+    if cfg.interval_rule == "reference":
+        return ReferenceRule(cfg.min_interval, cfg.max_interval, cfg.cold_start)
+    if cfg.interval_rule == "fixed":
+        return FixedRule()
+    raise ValueError(f"unknown interval_rule {cfg.interval_rule!r}")
+
+
+# ---------------------------------------------------------------------- weight policies
+def signals_weights(activations: int, interval: int) -> tuple[float, float]:
+    """The released code's table: strong forgetting (A >= 2) -> more weight on rehearsal; a long
+    interval (S > 70, slow learning) -> less weight on the new task."""
+    if activations >= 2:
+        return (0.5, 0.5) if interval <= SIGNALS_LONG_INTERVAL else (0.4, 0.6)
+    return (0.6, 0.4) if interval <= SIGNALS_LONG_INTERVAL else (0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class SignalsWeights:
+    name = "signals"
+
+    def weights(self, activations: int, interval: int) -> tuple[float, float]:
+        return signals_weights(activations, interval)
+
+
+@dataclass(frozen=True)
+class FixedWeights:
+    w_in: float = 0.5
+    w_out: float = 0.5
+    name = "fixed"
+
+    def weights(self, activations: int, interval: int) -> tuple[float, float]:
+        return (self.w_in, self.w_out)
+
+
+@dataclass(frozen=True)
+class ImportanceWeights:
+    """Element-wise weights are computed by the plugin from importance masks; the scalar pair
+    returned here is the one used where both masks are 0 (the released code's (0.5, 0.5))."""
+
+    name = "importance"
+    default = (0.5, 0.5)
+    both = (0.4, 0.6)  # where both masks are 1
+
+    def weights(self, activations: int, interval: int) -> tuple[float, float]:
+        return self.default
+
+
+def make_weight_policy(cfg: AimConfig):
+    if cfg.weight_policy == "signals":
+        return SignalsWeights()
+    if cfg.weight_policy == "fixed":
+        return FixedWeights(cfg.w_in, cfg.w_out)
+    if cfg.weight_policy == "importance":
+        return ImportanceWeights()
+    raise ValueError(f"unknown weight_policy {cfg.weight_policy!r}")
+
+
+def rehearsal_steps(cfg: AimConfig, new_interval: int) -> int:
+    """R: the new interval (released rule) or the configured constant."""
+    return new_interval if cfg.rehearsal_steps == "interval" else int(cfg.rehearsal_steps)
+
+
+__all__ = ["PaperRule", "ReferenceRule", "FixedRule", "make_interval_rule", "signals_weights",
+           "SignalsWeights", "FixedWeights", "ImportanceWeights", "make_weight_policy", "rehearsal_steps"]
