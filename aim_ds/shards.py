@@ -157,8 +157,12 @@ class ZeroShards:
                 g.working.copy_(g.master)
             # re-point each param's ds_tensor at its view of the flat (what the optimizer does)
             opt._unflatten_partitioned_parameters(g.index)
-        if len(opt.persistent_parameters) > 0:
-            opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+        persistent = opt.persistent_parameters
+        if len(persistent) > 0:
+            # all_gather skips parameters that are already AVAILABLE, and persistent ones always are:
+            # release their stale full copies first (as the optimizer's step does), then re-gather.
+            persistent[0].partition(persistent)
+            persistent[0].all_gather(persistent)
         opt.invalidate_secondary_tensor()
 
     def gradient_hook(self, fn):
