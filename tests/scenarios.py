@@ -41,6 +41,7 @@ def ds_config(dtype="fp32", persistence=0, stage=3, aim=None, gas=1, scheduler=F
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
     if offload:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        cfg["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the host: no cpu_adam JIT build
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
     if aim is not None:
