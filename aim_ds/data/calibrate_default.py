@@ -1,0 +1,108 @@
+"""Calibrate the generated default benchmark without DeepSpeed: one process, plain PyTorch.
+
+Trains a tiny LlamaForCausalLM on the default tasks one after another (seqft) and with mixed
+replay (each earlier task's memory buffer, select_memory(fraction), mixed into the current task's
+training data), printing the accuracy matrix a[k][i] and OP / BWT.
+
+    OMP_NUM_THREADS=1 python -m aim_ds.data.calibrate_default [--steps 40] [--hidden 64] ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+
+import torch
+
+
+def build_model(vocab: int, hidden: int, layers: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg)
+
+
+def run(method: str, args, tasks, tok) -> list[list[float]]:
+    from aim_ds.data import CausalLMExamples, collate, select_memory
+    from aim_ds.evaluation import evaluate_task
+
+    model = build_model(len(tok), args.hidden, args.layers, args.seed)
+    memory = []
+    matrix = []
+    rng = random.Random(args.seed)
+    for k, task in enumerate(tasks):
+        examples = list(task.train) + (memory if method == "replay" else [])
+        ds = CausalLMExamples(examples, tok, max_len=64)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+        model.train()
+        order: list[int] = []
+        for step in range(args.steps):
+            if len(order) < args.batch_size:
+                perm = list(range(len(ds)))
+                rng.shuffle(perm)
+                order += perm
+            idx, order = order[:args.batch_size], order[args.batch_size:]
+            batch = collate([ds[i] for i in idx], tok.pad_token_id)
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        row = [evaluate_task(model, tok, t, batch_size=64) for t in tasks]
+        matrix.append(row)
+        print(f"  {method} after {task.name:8s} (loss {loss.item():.3f}): "
+              + " ".join(f"{x:5.1f}" for x in row), flush=True)
+        memory += select_memory(task, args.memory, args.seed)
+    return matrix
+
+
+def main(argv=None):
+    from aim_ds.data import get_tokenizer, load_tasks
+    from aim_ds.evaluation import cl_metrics
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="seqft,replay")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per task")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--memory", type=float, default=0.02)
+    p.add_argument("--max_train", type=int, default=None)
+    p.add_argument("--max_eval", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_words", type=int, default=None, help="override the default input length")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.n_words is None:
+        tasks = load_tasks("default", max_train=args.max_train, max_eval=args.max_eval, seed=args.seed)
+    else:
+        from aim_ds.data import generate_default_tasks, make_task
+        tasks = [make_task(t.name, t.train, t.eval, t.metric, max_train=args.max_train,
+                           max_eval=args.max_eval, seed=args.seed)
+                 for t in generate_default_tasks(n_words=args.n_words)]
+    tok = get_tokenizer(tasks, tempfile.gettempdir() + "/aim_ds_tokenizers", vocab_size=512)
+    results = {}
+    for method in args.methods.split(","):
+        t0 = time.time()
+        m = run(method, args, tasks, tok)
+        met = cl_metrics(m, None)
+        results[method] = {"matrix": m, **met, "seconds": round(time.time() - t0, 1)}
+        print(f"{method}: OP {met['OP']:.1f} BWT {met['BWT']:.1f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

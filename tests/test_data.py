@@ -1,0 +1,297 @@
+"""Loaders, DataErrors, memory buffer, tokenizer, encoding (no DeepSpeed)."""
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from aim_ds.data import (CausalLMExamples, DataError, Example, Task, collate, encode_prompt,
+                         encode_target, generate_default_tasks, generate_generation_tasks,
+                         get_tokenizer, load_tasks, select_memory)
+from aim_ds.data.core import ORDERS
+
+REPO = Path(__file__).resolve().parents[1]
+LONGSEQ = (REPO / ".." / "shared" / "data" / "longsequence").resolve()
+needs_data = pytest.mark.skipif(not (LONGSEQ / "train").is_dir(),
+                                reason=f"benchmark data not found at {LONGSEQ} (../shared/data/longsequence "
+                                       f"next to the repo); data-loader tests skipped")
+
+
+# ---------------------------------------------------------------- O-LoRA benchmarks
+@needs_data
+def test_standard_order4_defaults():
+    tasks = load_tasks("standard", data_dir=str(LONGSEQ), max_train=40, max_eval=30, seed=1)
+    assert [t.name for t in tasks] == ["dbpedia", "amazon", "yahoo", "agnews"]
+    for t in tasks:
+        assert len(t.train) == 40 and len(t.eval) == 30
+        assert t.metric == "exact" and t.labels == sorted(t.labels)
+        assert all(e.output in t.labels for e in t.eval)
+    assert len(tasks[0].labels) == 14 and len(tasks[3].labels) == 4
+    # train subsample is seeded, eval subsample fixed (independent of the run seed)
+    again = load_tasks("standard", data_dir=str(LONGSEQ), max_train=40, max_eval=30, seed=1)
+    other = load_tasks("standard", data_dir=str(LONGSEQ), max_train=40, max_eval=30, seed=2)
+    assert [e.id for e in again[0].train] == [e.id for e in tasks[0].train]
+    assert [e.id for e in other[0].train] != [e.id for e in tasks[0].train]
+    assert [e.id for e in other[0].eval] == [e.id for e in tasks[0].eval]
+
+
+@needs_data
+def test_eval_subsample_is_stratified():
+    (t,) = load_tasks("tasks:agnews", data_dir=str(LONGSEQ), max_train=10, max_eval=100)
+    counts = Counter(e.output for e in t.eval)
+    assert sum(counts.values()) == 100 and set(counts) == set(t.labels)
+    assert max(counts.values()) - min(counts.values()) <= 12
+
+
+@needs_data
+@pytest.mark.parametrize("bench,order", [("long", None), ("long", 2), ("long", 3), ("standard", 5),
+                                         ("standard", 6)])
+def test_orders(bench, order):
+    tasks = load_tasks(bench, data_dir=str(LONGSEQ), order=order, max_train=5, max_eval=5)
+    assert [t.name for t in tasks] == ORDERS[order or 1]
+    assert all(t.metric == "exact" for t in tasks)
+
+
+@needs_data
+def test_mnli_unlabelled_dev_rows_dropped():
+    (t,) = load_tasks("tasks:mnli", data_dir=str(LONGSEQ), max_train=50)
+    assert len(t.eval) == 494 and "-" not in {e.output for e in t.eval}
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(benchmark="standard", order=1), "unknown order 1"),
+    (dict(benchmark="long", order=4), "unknown order 4"),
+    (dict(benchmark="default", order=3), "unknown order 3"),
+    (dict(benchmark="standard"), "needs data_dir"),
+    (dict(benchmark="nonsense"), "unknown benchmark 'nonsense'"),
+    (dict(benchmark="default", max_train=0), "max_train"),
+])
+def test_bad_arguments(kwargs, msg):
+    with pytest.raises(DataError, match=msg):
+        load_tasks(**kwargs)
+
+
+@needs_data
+def test_unknown_task_name():
+    with pytest.raises(DataError, match="unknown task name 'dbpedai'.*spelling"):
+        load_tasks("tasks:dbpedia,dbpedai", data_dir=str(LONGSEQ), max_train=5, max_eval=5)
+
+
+def test_data_dir_without_split(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match=r"no dev/ folder"):
+        load_tasks("standard", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"does not exist"):
+        load_tasks("long", data_dir=str(tmp_path / "nope"))
+
+
+def test_olora_missing_file(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "dev").mkdir()
+    rows = [{"id": "0", "input": "x", "output": "a"}]
+    (tmp_path / "train" / "agnews_T5.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"task 'agnews'.*dev/agnews_T5.json does not exist"):
+        load_tasks("tasks:agnews", data_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------- user JSON task lists
+def _write(path, obj):
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+def _user(tmp_path, train, ev, metric=None, name="t1"):
+    d = tmp_path / "data"
+    d.mkdir(exist_ok=True)
+    _write(d / f"{name}_train.json", train)
+    _write(d / f"{name}_eval.json", ev)
+    spec = {"name": name, "train": f"data/{name}_train.json", "eval": f"data/{name}_eval.json"}
+    if metric:
+        spec["metric"] = metric
+    return _write(tmp_path / "tasks.json", {"tasks": [spec]})
+
+
+ROWS = [{"id": str(i), "input": f"q{i}", "output": "yes" if i % 2 else "no"} for i in range(10)]
+
+
+def test_user_json_ok(tmp_path):
+    p = _user(tmp_path, ROWS, ROWS[:4])
+    (t,) = load_tasks(str(p))
+    assert t.name == "t1" and t.labels == ["no", "yes"] and t.metric == "exact"
+    assert len(t.train) == 10 and len(t.eval) == 4
+    gen = [{"input": f"q{i}", "output": f"answer {i}"} for i in range(60)]
+    (g,) = load_tasks(str(_user(tmp_path, gen, gen[:3], "rougeL")))
+    assert g.labels is None and g.metric == "rougeL" and g.train[0].id == "t1_0"
+    (g2,) = load_tasks(str(_user(tmp_path, gen, gen[:3])))    # > 50 distinct outputs -> rougeL
+    assert g2.labels is None and g2.metric == "rougeL"
+
+
+@pytest.mark.parametrize("train,ev,metric,msg", [
+    ('[{"input": "a", "output": ', ROWS, None, r"t1_train.json is not valid JSON"),
+    ([{"input": "a"}], ROWS, None, r"entry 0 of .*t1_train.json .*\"output\""),
+    ([{"inp": "a", "output": "b"}], ROWS, None, r"entry 0 .*\"input\""),
+    ([], ROWS, None, r"t1_train.json is an empty list"),
+    (ROWS, [], None, r"t1_eval.json is an empty list"),
+    ({"input": "a"}, ROWS, None, r"holds a JSON dict, expected a list"),
+    (ROWS, [{"input": "q", "output": "maybe"}], None, r"label 'maybe'.*never occurs in the train"),
+    (ROWS, ROWS, "bleu", r"metric 'bleu'"),
+])
+def test_user_json_errors(tmp_path, train, ev, metric, msg):
+    p = _user(tmp_path, train, ev, metric)
+    with pytest.raises(DataError, match=msg):
+        load_tasks(str(p))
+
+
+def test_user_json_structure_errors(tmp_path):
+    with pytest.raises(DataError, match=r"missing.json does not exist"):
+        load_tasks(str(tmp_path / "missing.json"))
+    p = _write(tmp_path / "bad.json", "{oops")
+    with pytest.raises(DataError, match=r"bad.json is not valid JSON"):
+        load_tasks(str(p))
+    p = _write(tmp_path / "empty.json", {"tasks": []})
+    with pytest.raises(DataError, match=r"non-empty \"tasks\" list"):
+        load_tasks(str(p))
+    p = _write(tmp_path / "nofile.json", {"tasks": [{"name": "x", "train": "a.json", "eval": "b.json"}]})
+    with pytest.raises(DataError, match=r"task 'x': data file .*a.json does not exist"):
+        load_tasks(str(p))
+    p = _write(tmp_path / "dup.json", {"tasks": [{"name": "x", "train": "a", "eval": "b"}] * 2})
+    with pytest.raises(DataError, match=r"appears twice"):
+        load_tasks(str(p))
+    p = _write(tmp_path / "nokey.json", {"tasks": [{"name": "x", "train": "a"}]})
+    with pytest.raises(DataError, match=r"tasks\[0\] needs string fields"):
+        load_tasks(str(p))
+
+
+def test_data_error_is_value_error():
+    assert issubclass(DataError, ValueError)
+
+
+# ---------------------------------------------------------------- generated benchmark
+def test_default_benchmark():
+    tasks = load_tasks("default")
+    assert [t.name for t in tasks] == ["alpha", "beta", "gamma", "delta"]
+    again = load_tasks("default")
+    assert [e.input for e in again[2].train] == [e.input for e in tasks[2].train]
+    for t in tasks:
+        assert t.labels == ["blue", "gold", "green", "red"] and t.metric == "exact"
+        assert len(t.train) == 640 and len(t.eval) == 200
+        assert t.name in t.train[0].input and set(Counter(e.output for e in t.train)) == set(t.labels)
+    # the tasks conflict: the same inputs, label maps that agree on at most one category of four
+    from itertools import combinations
+    from aim_ds.data.default import CLASSIFICATION_RULES
+    perms = [p for _, p in CLASSIFICATION_RULES[:4]]
+    for p, q in combinations(perms, 2):
+        assert sum(x == y for x, y in zip(p, q)) <= 1
+    # the label is a function of the last word; alpha and delta agree on exactly 4 of 16 words
+    maps = [{e.input.split()[-1]: e.output for e in t.train} for t in tasks]
+    for m, t in zip(maps, tasks):
+        assert all(m[e.input.split()[-1]] == e.output for e in t.train + t.eval)
+    assert sum(maps[0][w] == maps[3][w] for w in maps[0]) == 4
+    sub = load_tasks("default", max_train=100, max_eval=20)
+    assert len(sub[0].train) == 100 and len(sub[0].eval) == 20
+
+
+def test_default_generation_family():
+    tasks = load_tasks("default-gen", max_eval=10)
+    assert [t.name for t in tasks] == ["copy", "reverse", "rotate", "swap"]
+    for t in tasks:
+        assert t.metric == "rougeL" and t.labels is None and len(t.eval) == 10
+    e = tasks[1].train[0]
+    words = e.input.split("Words: ")[1].split(".")[0].split()
+    assert e.output.split() == words[::-1]
+    assert generate_generation_tasks(rules=["copy"])[0].train[0].output == \
+        " ".join(tasks[0].train[0].input.split("Words: ")[1].split(".")[0].split())
+
+
+# ---------------------------------------------------------------- memory
+def _cls_task(counts):
+    train = [Example(f"{c}{i}", f"in {c} {i}", c) for c, n in counts.items() for i in range(n)]
+    return Task("t", train, train[:1], "exact", sorted(counts))
+
+
+def test_memory_class_balanced():
+    t = _cls_task({"a": 500, "b": 300, "c": 150, "d": 50})
+    mem = select_memory(t, 0.02, seed=0)           # 20 slots over 4 classes
+    assert Counter(e.output for e in mem) == {"a": 5, "b": 5, "c": 5, "d": 5}
+    assert [e.id for e in select_memory(t, 0.02, seed=0)] == [e.id for e in mem]
+    assert [e.id for e in select_memory(t, 0.02, seed=1)] != [e.id for e in mem]
+    # at least one per class even when the fraction gives fewer slots
+    t2 = _cls_task({"a": 90, "b": 5, "c": 3, "d": 2})
+    mem2 = select_memory(t2, 0.01, seed=0)
+    assert Counter(e.output for e in mem2) == {"a": 1, "b": 1, "c": 1, "d": 1}
+    # a small class gives its spare slots to the others
+    mem3 = select_memory(_cls_task({"a": 100, "b": 100, "c": 2}), 0.2, seed=0)   # 40 slots
+    assert Counter(e.output for e in mem3) == {"a": 19, "b": 19, "c": 2}
+    assert len({e.id for e in mem3}) == 40
+
+
+def test_memory_generation_random():
+    (t,) = generate_generation_tasks(rules=["reverse"], n_train=500)
+    mem = select_memory(t, 0.02, seed=3)
+    assert len(mem) == 10 and len({e.id for e in mem}) == 10
+    assert mem == select_memory(t, 0.02, seed=3)
+    with pytest.raises(ValueError):
+        select_memory(t, 0.0, seed=0)
+
+
+# ---------------------------------------------------------------- tokenizer + encoding
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return get_tokenizer(load_tasks("default"), str(tmp_path_factory.mktemp("tok")), vocab_size=512)
+
+
+def test_tokenizer_deterministic_and_cached(tmp_path):
+    tasks = load_tasks("default", max_train=200)
+    t1 = get_tokenizer(tasks, str(tmp_path / "a"), vocab_size=400)
+    t2 = get_tokenizer(tasks, str(tmp_path / "b"), vocab_size=400)
+    assert t1.get_vocab() == t2.get_vocab()
+    assert (tmp_path / "a" / os.listdir(tmp_path / "a")[0] / "tokenizer.json").read_text() == \
+        (tmp_path / "b" / os.listdir(tmp_path / "b")[0] / "tokenizer.json").read_text()
+    entries = os.listdir(tmp_path / "a")
+    assert len(entries) == 1 and entries[0].startswith("tokenizer-")        # no temp dirs left
+    mtime = os.path.getmtime(tmp_path / "a" / entries[0] / "tokenizer.json")
+    t3 = get_tokenizer(tasks, str(tmp_path / "a"), vocab_size=400)          # cache hit
+    assert os.path.getmtime(tmp_path / "a" / entries[0] / "tokenizer.json") == mtime
+    assert t3.get_vocab() == t1.get_vocab()
+    get_tokenizer(tasks, str(tmp_path / "a"), vocab_size=300)               # new key
+    get_tokenizer(tasks[:2], str(tmp_path / "a"), vocab_size=400)           # new texts
+    assert len(os.listdir(tmp_path / "a")) == 3
+    for t in (t1, t3):
+        assert (t.pad_token, t.bos_token, t.eos_token) == ("<pad>", "<s>", "</s>")
+        assert (t.pad_token_id, t.bos_token_id, t.eos_token_id) == (0, 1, 2)
+    text = "Task: alpha. Words: lop mar nix. Answer: red"
+    assert t1.decode(t1.encode(text, add_special_tokens=False)) == text
+
+
+def test_label_masking(tok):
+    ex = [Example("0", "Task: alpha. Words: lop mar nix. Answer:", "red"),
+          Example("1", "Task: beta. Words: lop. Answer:", "blue green")]
+    ds = CausalLMExamples(ex, tok, max_len=64)
+    b = collate([ds[0], ds[1]], tok.pad_token_id)
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
+    for i, e in enumerate(ex):
+        ids, lab, mask = b["input_ids"][i], b["labels"][i], b["attention_mask"][i]
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()                          # right padding
+        assert (ids[n:] == tok.pad_token_id).all() and (lab[n:] == -100).all()
+        target = encode_target(tok, e.output)
+        assert target[-1] == tok.eos_token_id
+        assert lab[n - len(target):n].tolist() == target                      # output + eos
+        assert (lab[:n - len(target)] == -100).all()                          # prompt masked
+        assert ids[0].item() == tok.bos_token_id
+        assert tok.decode(ids[n - len(target):n - 1]) == " " + e.output
+
+
+def test_prompt_truncation(tok):
+    long = "Task: alpha.\n" + " ".join(["lop mar"] * 100) + " end. Answer:"
+    full = encode_prompt(tok, long)
+    cut = encode_prompt(tok, long, 30)
+    head = encode_prompt(tok, "Task: alpha.\n")
+    assert len(cut) == 30 and len(full) > 30
+    assert cut[:len(head)] == head and cut[len(head):] == full[-(30 - len(head)):]
+    assert tok.decode(cut).endswith("end. Answer:")
+    ds = CausalLMExamples([Example("0", long, "red")], tok, max_len=32)
+    assert len(ds[0]["input_ids"]) == 32
+    assert ds[0]["labels"][-len(encode_target(tok, "red")):].tolist() == encode_target(tok, "red")
