@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-batch-size", type=int, default=None,
                    help="memory examples per rank per replay batch / plugin probe and rehearsal batch "
                         "(default: --batch-size)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, betas 0.9/0.98, wd 0.01)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (AdamW, betas 0.9/0.98, wd 0.01); default 3e-3 for the generated "
+                        "benchmarks (default, default-gen), 1e-3 otherwise (the calibrated values)")
     g.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of each task's steps (then cosine)")
     g.add_argument("--eval-batch-size", type=int, default=32, help="evaluation batch per rank")
     g = p.add_argument_group("output")
@@ -163,6 +165,8 @@ def check_args(args) -> None:
             raise InputError(f"--{name.replace('_', '-')} {v}: must be >= 1")
     if not (0.0 <= args.memory_fraction <= 1.0):
         raise InputError(f"--memory-fraction {args.memory_fraction}: must be in [0, 1]")
+    if args.lr is None:
+        args.lr = 3e-3 if args.benchmark in ("default", "default-gen") else 1e-3
     if args.lr <= 0 or not math.isfinite(args.lr):
         raise InputError(f"--lr {args.lr}: must be a positive number")
     if not (0.0 <= args.warmup < 1.0):
