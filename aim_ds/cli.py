@@ -16,6 +16,8 @@ import sys
 # name -> module (imported lazily: `aim-ds --help` stays fast and one broken command cannot break the others)
 SUBCOMMANDS: dict[str, str] = {
     "estimate-memory": "aim_ds.estimate",
+    "convert": "aim_ds.checkpoint:ConvertCommand",   # "module:attr": an object with HELP/add_arguments/run
+    "reshard": "aim_ds.checkpoint:ReshardCommand",
 }
 
 
@@ -26,7 +28,9 @@ def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
         if names is not None and name not in names:
             sub.add_parser(name, help="(see aim-ds %s --help)" % name, add_help=False)
             continue
+        module_name, _, attr = module_name.partition(":")
         module = importlib.import_module(module_name)
+        module = getattr(module, attr) if attr else module
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_module=module)
