@@ -195,14 +195,15 @@ def test_default_benchmark():
 
 def test_default_generation_family():
     tasks = load_tasks("default-gen", max_eval=10)
-    assert [t.name for t in tasks] == ["copy", "reverse", "rotate", "swap"]
+    assert [t.name for t in tasks] == ["echo", "copy", "reverse", "swap"]
     for t in tasks:
         assert t.metric == "rougeL" and t.labels is None and len(t.eval) == 10
-    e = tasks[1].train[0]
-    words = e.input.split("Words: ")[1].split(".")[0].split()
-    assert e.output.split() == words[::-1]
-    assert generate_generation_tasks(rules=["copy"])[0].train[0].output == \
-        " ".join(tasks[0].train[0].input.split("Words: ")[1].split(".")[0].split())
+    e = tasks[2].train[0]
+    words = e.input.split("Words: ")[1].split()
+    assert len(words) == 4 and e.output.split() == words[::-1]
+    assert tasks[0].train[0].output == " ".join([tasks[0].train[0].input.split()[-1]] * 2)
+    (c,) = generate_generation_tasks(rules=["copy"])
+    assert c.train[0].output == c.train[0].input.split("Words: ")[1]
 
 
 # ---------------------------------------------------------------- memory

@@ -2,23 +2,22 @@
 
 Classification family ("default"): every task shares one input format and one label set,
 
-    "Task: alpha. Words: lop mar nix. Answer:"  ->  "red"
+    "Task: alpha. Words: lop mar pav"  ->  "green"
 
-Sixteen pseudo-words fall into four categories; a task's label is the category of ONE position
-(the first or the last word) sent through a task-specific label permutation:
+Sixteen pseudo-words fall into four categories; a task's label is the category of the LAST word
+sent through a task-specific label permutation (alpha, beta, gamma, delta). Any two of the four
+maps agree on at most one category of four, and each earlier map agrees with delta's on exactly
+one, so a model that answers an earlier task with a later task's rule scores about 25% (chance) or
+0%. The deciding word ends the prompt, so each task alone is an easy lookup: a 2-layer, 64-wide
+Llama learns it to 100% in 40 steps at batch 16 (lr 3e-3); sequential fine-tuning forgets to
+about 22% (BWT about -78). The task name is in the prompt, so the tasks are distinguishable in
+principle: enough replay keeps them (10% mixed replay: OP 62 vs 41; 2% mixed replay: no gain).
+See calibrate_default.py for the measurement.
 
-    alpha: first word, map A      beta:  last word, map B
-    gamma: first word, map C      delta: last word, map D
-
-C is a derangement of A and D of B, so gamma rewrites exactly the mapping alpha taught (a model
-that answers alpha prompts with gamma's rule scores 0%), and delta does the same to beta, while
-the first/last switch makes the other pair of tasks fall to chance (25%). Each task alone is an
-easy lookup a 2-layer, 64-wide Llama learns in a few dozen steps; sequential fine-tuning forgets
-badly (BWT far below -20 points). The task name is in the prompt, so the tasks are distinguishable
-in principle: replay / multi-task training can keep all of them.
-
-Generation family ("default-gen", metric rougeL): the same inputs, the output is a word sequence
-(copy, reverse, rotate left, swap the first two words).
+Generation family ("default-gen", metric rougeL): the same input format (4 words), the output is a
+word sequence: echo (the last word twice; learned by the tiny model in ~60 steps), copy, reverse,
+swap (the first two words swapped). For exercising the generation/ROUGE-L path; only echo is
+quickly learnable.
 """
 from __future__ import annotations
 
@@ -41,7 +40,7 @@ CLASSIFICATION_RULES = [
     ("epsilon", (2, 3, 1, 0)),     # only when num_tasks > 4
     ("zeta", (3, 2, 0, 1)),
 ]
-GENERATION_RULES = ["copy", "reverse", "rotate", "swap"]
+GENERATION_RULES = ["echo", "copy", "reverse", "swap"]
 
 
 def _category(rng_seed: int) -> dict[str, int]:
@@ -55,9 +54,9 @@ def _inputs(rng: random.Random, n: int, n_words: int) -> list[list[str]]:
     return [[rng.choice(WORDS) for _ in range(n_words)] for _ in range(n)]
 
 
-def prompt(task: str, words: list[str], answer: bool = False) -> str:
-    """Classification prompts end with the deciding word; generation prompts with "Answer:"."""
-    return f"Task: {task}. Words: {' '.join(words)}" + (". Answer:" if answer else "")
+def prompt(task: str, words: list[str]) -> str:
+    """The prompt ends with the last word (the deciding one for classification)."""
+    return f"Task: {task}. Words: {' '.join(words)}"
 
 
 def generate_default_tasks(seed: int = DEFAULT_DATA_SEED, num_tasks: int = 4, n_train: int = 640,
@@ -86,8 +85,8 @@ def _transform(rule: str, words: list[str]) -> list[str]:
         return list(words)
     if rule == "reverse":
         return words[::-1]
-    if rule == "rotate":
-        return words[1:] + words[:1]
+    if rule == "echo":
+        return [words[-1], words[-1]]
     if rule == "swap":
         return [words[1], words[0]] + words[2:]
     raise ValueError(rule)
@@ -101,7 +100,7 @@ def generate_generation_tasks(seed: int = DEFAULT_DATA_SEED, rules: list[str] | 
         rng = random.Random(f"{seed}:gen:{rule}")
         splits = []
         for split, n in (("train", n_train), ("eval", n_eval)):
-            splits.append([Example(id=f"{rule}-{split}-{i}", input=prompt(rule, w, answer=True),
+            splits.append([Example(id=f"{rule}-{split}-{i}", input=prompt(rule, w),
                                    output=" ".join(_transform(rule, w)))
                            for i, w in enumerate(_inputs(rng, n, n_words))])
         tasks.append(Task(name=rule, train=splits[0], eval=splits[1], metric="rougeL", labels=None))
