@@ -1,0 +1,181 @@
+"""Driver (launch/train.py) tests: --help, bad input (must fail fast, before training, on every rank),
+a 2-rank deepspeed-launcher aim run, and single-process runs of single / fixed_merge (FWT cache).
+
+Each subprocess has a timeout: a rank-asymmetric hang fails the test instead of hanging CI."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = str(REPO / "launch" / "train.py")
+BIN = Path(sys.executable).parent
+SMALL = ["--max-train", "32", "--max-eval", "16", "--batch-size", "2", "--eval-batch-size", "16", "--no-progress"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(tmp_path) -> dict:
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", AIM_DS_CACHE=str(tmp_path / "cache"),
+             TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def run(cmd, tmp_path, timeout=240):
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=str(tmp_path), env=env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    p.wall = time.time() - t0
+    return p
+
+
+def py(*args):
+    return [sys.executable, TRAIN, *args]
+
+
+def ds_config(tmp_path, **aim) -> str:
+    cfg = json.loads((REPO / "ds_configs" / "cpu_zero3.json").read_text())
+    if aim.pop("_drop", False):
+        cfg.pop("aim_merging", None)
+    else:
+        cfg["aim_merging"].update(aim)
+    path = tmp_path / f"ds-{len(list(tmp_path.glob('ds-*.json')))}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def check_outputs(out: Path, method: str, n_tasks: int = 4) -> dict:
+    for f in ("results.json", "trajectory.csv", "accuracy.png", "trajectory.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert not list(out.glob(".tmp-*")), "temporary files left behind"
+    r = json.loads((out / "results.json").read_text())
+    assert r["method"] == method
+    for k in ("config", "tasks", "matrix", "OP", "BWT", "FWT", "single_task_scores", "fwt_reference",
+              "wall_time_s", "steps", "merges"):
+        assert k in r, k
+    assert len(r["tasks"]) == n_tasks
+    for row in r["matrix"]:
+        assert len(row) == n_tasks
+        assert all(v is None or 0.0 <= v <= 100.0 for v in row)
+    with open(out / "trajectory.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and list(rows[0]) == ["task", "step", "probe_loss", "threshold", "activations", "interval",
+                                      "learning_signal", "merge", "w_in", "w_out"]
+    assert sum(int(x["merge"]) for x in rows) == r["merges"]
+    return r
+
+
+# ----------------------------------------------------------------------------- fast: help and bad input
+def test_help_documents_every_option(tmp_path):
+    p = run(py("--help"), tmp_path, timeout=60)
+    assert p.returncode == 0, p.stderr
+    for opt in ("--benchmark", "--data-dir", "--order", "--method", "--model", "--tokenizer", "--deepspeed_config",
+                "--output-dir", "--overwrite", "--seed", "--epochs", "--batch-size", "--memory-batch-size", "--lr",
+                "--memory-fraction", "--max-train", "--max-eval", "--eval-batch-size", "--fwt-reference",
+                "--local_rank"):
+        assert opt in p.stdout, opt
+    for m in ("aim", "seqft", "replay", "fixed_merge", "single", "multitask"):
+        assert m in p.stdout
+
+
+BAD = [
+    ("aim_disabled", lambda t: ["--method", "aim", "--deepspeed_config", ds_config(t, enabled=False)],
+     "enabled"),
+    ("aim_no_section", lambda t: ["--method", "aim", "--deepspeed_config", ds_config(t, _drop=True)], "aim_merging"),
+    ("bad_aim_key", lambda t: ["--method", "aim", "--deepspeed_config", ds_config(t, initial_interval=0)],
+     "initial_interval"),
+    ("missing_ds_config", lambda t: ["--deepspeed_config", str(t / "nope.json")], "nope.json"),
+    ("unknown_benchmark", lambda t: ["--benchmark", "nonsense"], "nonsense"),
+    ("missing_task_file", lambda t: ["--benchmark", str(t / "tasks.json")], "tasks.json"),
+    ("unknown_order", lambda t: ["--benchmark", "standard", "--order", "9", "--data-dir", str(t)], "9"),
+    ("data_dir_without_split", lambda t: ["--benchmark", "standard", "--data-dir", str(t)], "train"),
+    ("bad_model_path", lambda t: ["--model", str(t / "no_model")], "no_model"),
+    ("bad_epochs", lambda t: ["--epochs", "0"], "--epochs"),
+]
+
+
+@pytest.mark.parametrize("name,argf,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_fails_before_training(tmp_path, name, argf, needle):
+    p = run(py(*argf(tmp_path), "--output-dir", str(tmp_path / "out"), *SMALL), tmp_path, timeout=90)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert err and needle in err[-1], p.stderr[-2000:]
+    assert not (tmp_path / "out").exists(), "nothing may be written before the input is checked"
+    assert p.wall < 60
+
+
+def test_existing_output_dir_is_not_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    p = run(py("--output-dir", str(out), *SMALL), tmp_path, timeout=90)
+    assert p.returncode == 2 and "--overwrite" in p.stderr
+    assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
+
+
+def test_bad_input_two_ranks_every_rank_reports(tmp_path):
+    """Under the deepspeed launcher both ranks fail with the same message (no hang, no training)."""
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
+           "--method", "aim", "--deepspeed_config", ds_config(tmp_path, enabled=False),
+           "--output-dir", str(tmp_path / "out"), *SMALL]
+    p = run(cmd, tmp_path, timeout=120)
+    assert p.returncode != 0
+    text = p.stdout + p.stderr
+    assert text.count("error: --method aim but") == 2, text[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- runs
+def test_deepspeed_two_ranks_aim(tmp_path):
+    """The real path: deepspeed launcher, 2 ranks, ZeRO-3, the plugin attached, merges happen."""
+    out = tmp_path / "out"
+    cfg = ds_config(tmp_path, initial_interval=2, min_interval=1, max_interval=4)
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
+           "--method", "aim", "--deepspeed_config", cfg, "--output-dir", str(out), *SMALL]
+    p = run(cmd, tmp_path)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    r = check_outputs(out, "aim")
+    assert r["world_size"] == 2 and r["launcher"] == "env"
+    assert len(r["matrix"]) == 4
+    assert r["merges"] >= 1
+    assert r["steps"]["train"] == 32 and r["steps"]["engine"] > 32  # rehearsal steps on top
+    assert r["config"]["aim_merging"]["initial_interval"] == 2
+    assert r["fwt_reference"].startswith("cache-miss") and r["FWT"] is None
+    assert p.stdout.count("[aim_ds] aim: OP") == 1  # rank 0 only
+
+
+def test_single_then_fixed_merge_uses_fwt_cache(tmp_path):
+    """--method single fills the FWT reference cache; a later run with the same options reuses it."""
+    p = run(py("--method", "single", "--output-dir", str(tmp_path / "s"), *SMALL), tmp_path)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rs = check_outputs(tmp_path / "s", "single")
+    assert rs["fwt_reference"] == "run" and len(rs["single_task_scores"]) == 4
+    assert rs["FWT"] == 0.0 and rs["BWT"] is None
+    assert [rs["matrix"][i][i] for i in range(4)] == rs["single_task_scores"]
+    cfg = ds_config(tmp_path, initial_interval=3, w_in=0.7, w_out=0.3)
+    p = run(py("--method", "fixed_merge", "--deepspeed_config", cfg, "--output-dir", str(tmp_path / "f"), *SMALL),
+            tmp_path)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rf = check_outputs(tmp_path / "f", "fixed_merge")
+    assert rf["fwt_reference"].startswith("cache:") and rf["single_task_scores"] == rs["single_task_scores"]
+    assert rf["FWT"] is not None
+    assert rf["config"]["aim_merging"]["interval_rule"] == "fixed"
+    assert rf["config"]["aim_merging"]["weight_policy"] == "fixed"
+    assert rf["merges"] >= 3  # tasks 1..3, 8 steps each, every 3 steps
+    with open(tmp_path / "f" / "trajectory.csv") as f:
+        merges = [r for r in csv.DictReader(f) if r["merge"] == "1"]
+    assert all(float(r["w_in"]) == 0.7 and float(r["w_out"]) == 0.3 for r in merges)

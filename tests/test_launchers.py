@@ -1,0 +1,39 @@
+"""The driver under the other launchers, 2 local ranks each: `mpirun -np 2 python launch/train.py`
+(MPI discovery through mpi4py, the venv's MPICH mpirun) and `torchrun --nproc_per_node 2`.
+They double as the replay / multitask method tests. Both use a random free port; both time out."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_driver import BIN, SMALL, TRAIN, check_outputs, free_port, run
+
+
+def _mpirun():
+    cand = BIN / "mpirun"
+    return str(cand) if cand.exists() else shutil.which("mpirun")
+
+
+@pytest.mark.skipif(_mpirun() is None, reason="no mpirun (pip install mpich into the venv)")
+def test_mpirun_two_ranks_replay(tmp_path):
+    out = tmp_path / "out"
+    cmd = [_mpirun(), "-np", "2", sys.executable, TRAIN, "--method", "replay", "--output-dir", str(out), *SMALL]
+    p = run(cmd, tmp_path)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    r = check_outputs(out, "replay")
+    assert r["launcher"] == "mpi" and r["world_size"] == 2
+    assert r["merges"] == 0 and len(r["matrix"]) == 4
+
+
+def test_torchrun_two_ranks_multitask(tmp_path):
+    out = tmp_path / "out"
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), TRAIN,
+           "--method", "multitask", "--output-dir", str(out), *SMALL]
+    p = run(cmd, tmp_path)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    r = check_outputs(out, "multitask")
+    assert r["launcher"] == "env" and r["world_size"] == 2
+    assert len(r["matrix"]) == 1 and r["steps"]["train"] == 32
