@@ -2,9 +2,10 @@
 
 Trains a tiny LlamaForCausalLM on the default tasks one after another (seqft) and with mixed
 replay (each earlier task's memory buffer, select_memory(fraction), mixed into the current task's
-training data), printing the accuracy matrix a[k][i] and OP / BWT.
+training data) and, with --methods merge, a fixed-interval AimMerging stand-in (every S steps:
+S rehearsal steps on memory batches, then theta = anchor + w_in*delta_in + w_out*delta_out), printing the accuracy matrix a[k][i] and OP / BWT.
 
-    OMP_NUM_THREADS=1 python -m aim_ds.data.calibrate_default [--steps 40] [--hidden 64] ...
+    OMP_NUM_THREADS=1 python -m aim_ds.data.calibrate_default [--steps 80] [--methods seqft,replay,merge] ...
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def run(method: str, args, tasks, tok) -> list[list[float]]:
             opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
         model.train()
         order: list[int] = []
+        mem_ds = CausalLMExamples(memory, tok, max_len=64) if memory else None
+        anchor = [p.detach().clone() for p in model.parameters()]
         for step in range(args.steps):
             if len(order) < args.batch_size:
                 perm = list(range(len(ds)))
@@ -56,6 +59,20 @@ def run(method: str, args, tasks, tok) -> list[list[float]]:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if method == "merge" and mem_ds is not None and (step + 1) % args.interval == 0:
+                # the simplest AimMerging: fixed interval S, R = S rehearsal steps on memory
+                # batches (LR schedule not advanced), fixed weights, fused theta -> new anchor
+                theta_k = [p.detach().clone() for p in model.parameters()]
+                for _ in range(args.interval):
+                    idx = [rng.randrange(len(mem_ds)) for _ in range(args.batch_size)]
+                    model(**collate([mem_ds[i] for i in idx], tok.pad_token_id)).loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for p, a, k in zip(model.parameters(), anchor, theta_k):
+                        p.copy_(a + args.w_in * (k - a) + args.w_out * (p - k))
+                anchor = [p.detach().clone() for p in model.parameters()]
         row = [evaluate_task(model, tok, t, batch_size=64) for t in tasks]
         matrix.append(row)
         print(f"  {method} after {task.name:8s} (loss {loss.item():.3f}): "
@@ -69,14 +86,17 @@ def main(argv=None):
     from aim_ds.evaluation import cl_metrics
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="seqft,replay")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per task")
+    p.add_argument("--methods", default="seqft,replay,merge")
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps per task (2 epochs of 640)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--memory", type=float, default=0.02)
+    p.add_argument("--interval", type=int, default=8, help="merge: fixed interval S (= rehearsal steps)")
+    p.add_argument("--w_in", type=float, default=0.5)
+    p.add_argument("--w_out", type=float, default=0.5)
     p.add_argument("--max_train", type=int, default=None)
     p.add_argument("--max_eval", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
