@@ -21,6 +21,16 @@ AIM = {"enabled": True, "interval_rule": "fixed", "initial_interval": 3, "min_in
 FP = "tasks-v1"
 
 
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{f"w{i}": i + 2 for i in range(sc.VOCAB - 2)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+
+
 def _engine(model_config=None, seed=0):
     cfg = sc.ds_config(aim=AIM, scheduler=True)
     # several optimizer sub-groups whose boundaries move with the world size: resharding must re-split them
@@ -82,7 +92,7 @@ def save_resume(work: str):
     saved_w = sc.full_fp32(e1)
     saved_state, saved_anchor = _plugin_state(p1), _anchor(p1)
     path = ckpt.save_checkpoint(e1, p1, d, tag="a", client_state={"rank": r, "note": "x"}, keep_last=2,
-                                task_fingerprint=FP)
+                                task_fingerprint=FP, tokenizer=tiny_tokenizer())
     gathered = _gathered_anchor(e1, p1)
     if r == 0:  # checkpoint 'a' and its reference go to the conversion and resharding checks
         shutil.copytree(d, os.path.join(work, "two"), ignore=shutil.ignore_patterns(".tmp-*"))

@@ -80,8 +80,15 @@ def test_convert_model_and_anchor(saved, work):
     sd = {k: v.float() for k, v in m.state_dict().items()}
     assert sd.keys() == ref["model"].keys()
     assert max((sd[k] - ref["model"][k]).abs().max().item() for k in sd) == 0.0
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out)("w3 w5")["input_ids"] == [5, 7]  # saved with the checkpoint
     outa = work / "hf_anchor"
-    assert cli.main(["convert", str(work / "two"), str(outa), "--tag", "a", "--what", "anchor"]) == 0
+    tok_dir = work / "tok"
+    AutoTokenizer.from_pretrained(out).save_pretrained(tok_dir)
+    assert cli.main(["convert", str(work / "two"), str(outa), "--tag", "a", "--what", "anchor",
+                     "--tokenizer", str(tok_dir), "--dtype", "float32"]) == 0
+    assert (outa / "tokenizer.json").exists()
     ma = AutoModelForCausalLM.from_pretrained(outa)
     sa = {k: v.float() for k, v in ma.state_dict().items()}
     assert max((sa[k] - ref["anchor"][k]).abs().max().item() for k in sa) == 0.0

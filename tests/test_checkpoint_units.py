@@ -1,0 +1,105 @@
+"""Offline parts of aim_ds.checkpoint (no process group): partition layout arithmetic, plugin-state
+resharding, tag resolution, CLI errors."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from aim_ds import checkpoint as ckpt
+
+
+def _layout(world, sub_group_size=None):
+    params = [("a", [1], 1), ("b", [2], 2), ("c", [3, 1], 3), ("d", [7], 7), ("e", [10, 10], 100), ("f", [33], 33)]
+    base = {"world_size": 1, "sub_group_size": sub_group_size, "sub_groups": [
+        {"param_group": 0, "partition_count": 1, "params": [[n, s, k, k] for n, s, k in params[:4]]},
+        {"param_group": 1, "partition_count": 1, "params": [[n, s, k, k] for n, s, k in params[4:]]}]}
+    return ckpt._split_layout(base, world)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("size", [None, 4, 40])
+def test_scatter_gather_roundtrip(world, size):
+    lay = _layout(world, size)
+    for g in lay["sub_groups"]:
+        for n, s, k, pn in g["params"]:
+            assert pn == math.ceil(k / world) and math.prod(s) == k
+    gen = torch.Generator().manual_seed(world)
+    full = {n: torch.randn(k, generator=gen) for sg in lay["sub_groups"] for n, _, k, _ in sg["params"]}
+    shards = ckpt._scatter(full, lay)
+    assert [[t.numel() for t in r] for r in shards] == [ckpt._flat_sizes(lay)] * world
+    back = ckpt._gather(shards, lay)
+    assert all(torch.equal(back[n], full[n]) for n in full)
+    if size == 4:  # sub-group boundaries follow DeepSpeed's rule (close a group once it reaches the size)
+        for sg in lay["sub_groups"][:-1]:
+            assert sum(p[3] for p in sg["params"]) >= 4 or sg["params"][-1][0] in ("d", "f")
+
+
+def test_reshard_plugin_state_3_to_2():
+    old, new = _layout(3, 4), _layout(2, 40)
+    gen = torch.Generator().manual_seed(0)
+    full = {k: {n: torch.randn(x, generator=gen) for sg in old["sub_groups"] for n, _, x, _ in sg["params"]}
+            for k in ("anchor", "theta_k", "i_in", "u_out")}
+    sc = {k: ckpt._scatter(v, old) for k, v in full.items()}
+    states = [{"enabled": True, "config": {"x": 1}, "task_index": 2, "step_in_task": 5, "merge_count": 3,
+               "rank": r, "world_size": 3, "controller": {"S": 4} if r == 0 else None,
+               "trajectory": [{"step": 1}] if r == 0 else [], "probe_position": 10 + r, "rehearsal_position": r,
+               "anchor": sc["anchor"][r], "theta_k": sc["theta_k"][r],
+               "ema": {"i_in": sc["i_in"][r], "u_out": sc["u_out"][r]}} for r in range(3)]
+    out = ckpt._reshard_plugin(states, old, new)
+    assert len(out) == 2
+    assert out[0]["controller"] == {"S": 4} and out[1]["controller"] is None
+    assert out[0]["trajectory"] == [{"step": 1}] and out[1]["trajectory"] == []
+    assert [o["rank"] for o in out] == [0, 1] and all(o["world_size"] == 2 for o in out)
+    assert all(o["task_index"] == 2 and o["merge_count"] == 3 for o in out)
+    for key, path in (("anchor", ("anchor",)), ("theta_k", ("theta_k",)), ("i_in", ("ema", "i_in")),
+                      ("u_out", ("ema", "u_out"))):
+        back = ckpt._gather([ckpt._get(o, path) for o in out], new)
+        assert all(torch.equal(back[n], full[key][n]) for n in back), key
+    assert states[0]["ema"]["i_in"] is sc["i_in"][0]  # inputs untouched
+
+
+def test_unknown_tensor_entry_refused():
+    with pytest.raises(ckpt.CheckpointError, match="does not know how to reshard"):
+        list(ckpt._shard_lists({"anchor": [torch.zeros(1)], "odd": torch.zeros(3)}, 1))
+
+
+def test_find_latest_and_tags(tmp_path):
+    assert ckpt.find_latest(str(tmp_path / "none")) is None
+    assert ckpt.find_latest(str(tmp_path)) is None
+    for i, t in enumerate(["x", "y"]):
+        (tmp_path / t).mkdir()
+        (tmp_path / t / ckpt.MANIFEST).write_text(json.dumps({"format": ckpt.FORMAT, "saved_at_ns": i}))
+    (tmp_path / ".tmp-z").mkdir()
+    assert ckpt.complete_tags(str(tmp_path)) == ["x", "y"]
+    assert ckpt.find_latest(str(tmp_path)) == "y"  # no `latest`: the newest complete tag
+    (tmp_path / "latest").write_text("x")
+    assert ckpt.find_latest(str(tmp_path)) == "x"
+    (tmp_path / "latest").write_text("z")
+    with pytest.raises(ckpt.CheckpointError, match="names tag 'z'.*Complete tags there"):
+        ckpt.find_latest(str(tmp_path))
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.resolve_tag(str(tmp_path / "none"), None)
+
+
+@pytest.mark.parametrize("tag", ["", ".tmp-a", "a/b", "latest"])
+def test_bad_tags(tag):
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt._check_tag(tag)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from aim_ds import cli
+
+    assert cli.main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    assert cli.main(["reshard", str(tmp_path), str(tmp_path / "busy"), "--world-size", "2"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert cli.main(["reshard", str(tmp_path), str(tmp_path / "o"), "--world-size", "0"]) == 2
+    assert not os.path.exists(tmp_path / "o")
