@@ -32,7 +32,7 @@ def tiny_tokenizer():
 
 
 def _engine(model_config=None, seed=0):
-    cfg = sc.ds_config(aim=AIM, scheduler=True)
+    cfg = sc.ds_config("bf16", aim=AIM, scheduler=True)  # the GPU configs are bf16: its files and reshard path
     # several optimizer sub-groups whose boundaries move with the world size: resharding must re-split them
     cfg["zero_optimization"]["sub_group_size"] = 3000
     torch.manual_seed(seed)
