@@ -166,6 +166,10 @@ def copy_bandwidth(numel: int, device, sync: Sync, reps: int) -> float:
 
 
 def run(args) -> dict:
+    import warnings
+
+    # DeepSpeed 0.19 calls torch.distributed functions that torch 2.13 deprecates: one line per collective
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import torch
 
     t_start = time.perf_counter()
@@ -309,6 +313,14 @@ def run(args) -> dict:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "seconds_total": time.perf_counter() - t_start,
     }
+    plugin.detach()
+    del plugin
+    # the other anchor placement: what the plugin holds on the device with "anchor": "host" (goal: 0 bytes)
+    other = "device" if args.anchor_host else "host"
+    alloc0 = torch.cuda.memory_allocated() if cuda else None
+    plugin = aim_ds.attach(engine, memory, config=dict(aim_cfg, anchor=other))
+    result[f"plugin_bytes_anchor_{other}"] = plugin.held_bytes()
+    result[f"allocated_growth_at_attach_anchor_{other}_bytes"] = (torch.cuda.memory_allocated() - alloc0) if cuda else None
     plugin.detach()
     return result
 
