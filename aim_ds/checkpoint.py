@@ -554,6 +554,58 @@ def load_checkpoint(engine, plugin, load_dir: str, tag: str | None = None, task_
     return dict(client_state or {})
 
 
+# ---------------------------------------------------------------------------------------------- driver helpers
+def rng_state() -> dict:
+    """This rank's RNG states (python, numpy, torch CPU, accelerator): put it in save_checkpoint's client_state."""
+    import random
+
+    import numpy as np
+
+    out = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned (on the same rank, after load_checkpoint)."""
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def resolve_resume(resume: str | None, default_dir: str) -> tuple[str, str] | None:
+    """What `--resume` names, as (load_dir, tag), or None to start fresh.
+
+    resume None -> None. "auto" -> the newest complete checkpoint in default_dir (None when there is none;
+    CheckpointError when `latest` there is dangling). A directory holding `latest` (or tags) -> its latest;
+    a tag directory (holding aim_manifest.json) -> that tag. Anything else -> CheckpointError.
+    Pure file-system reads: call it on every rank, then load_checkpoint(engine, plugin, *result).
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        tag = find_latest(default_dir)
+        return None if tag is None else (default_dir, tag)
+    path = os.path.abspath(resume)
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return os.path.dirname(path), os.path.basename(path)
+    if os.path.isdir(path):
+        tag = find_latest(path)
+        if tag is None:
+            raise CheckpointError(f"--resume {resume}: no complete checkpoint there (no 'latest', no tag with "
+                                  f"{MANIFEST}); check the path, or use --resume auto.")
+        return path, tag
+    raise CheckpointError(f"--resume {resume}: no such directory; give a checkpoint directory, a tag directory or "
+                          "'auto'.")
+
+
 # ---------------------------------------------------------------------------------------------- offline tools
 def _prepare_out(out_dir: str) -> str:
     out_dir = os.path.abspath(out_dir)
@@ -582,8 +634,9 @@ def _open_offline(ckpt_dir: str, tag: str | None) -> tuple[str, dict]:
 
 
 def _load_plugin_states(tag_dir: str, m: dict) -> list[dict]:
+    # mmap: a 13B run's shards are read page by page instead of all landing in host memory at once
     return [torch.load(os.path.join(tag_dir, plugin_file(r, m["world_size"])), map_location="cpu",
-                       weights_only=False) for r in range(m["world_size"])]
+                       weights_only=False, mmap=True) for r in range(m["world_size"])]
 
 
 def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
@@ -739,8 +792,9 @@ def reshard(ckpt_dir: str, out_dir: str, world_size: int, tag: str | None = None
 def _reshard_plugin(states: list[dict], old: dict, new: dict) -> list[dict]:
     n_old = len(old["sub_groups"])
     paths = list(_shard_lists(states[0], n_old)) if states[0].get("enabled") else []
-    fulls = {p: _gather([_get(s, p) for s in states], old) for p in paths}
-    split = {p: _scatter(fulls[p], new) for p in paths}
+    split = {}
+    for p in paths:  # one full buffer at a time on the host
+        split[p] = _scatter(_gather([_get(s, p) for s in states], old), new)
     out = []
     for r in range(new["world_size"]):
         base = states[min(r, len(states) - 1)]

@@ -103,3 +103,30 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert cli.main(["reshard", str(tmp_path), str(tmp_path / "o"), "--world-size", "0"]) == 2
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_resolve_resume(tmp_path):
+    assert ckpt.resolve_resume(None, str(tmp_path)) is None
+    assert ckpt.resolve_resume("auto", str(tmp_path / "ckpt")) is None  # nothing yet: start fresh
+    (tmp_path / "ckpt" / "t1").mkdir(parents=True)
+    (tmp_path / "ckpt" / "t1" / ckpt.MANIFEST).write_text(json.dumps({"format": ckpt.FORMAT}))
+    (tmp_path / "ckpt" / "latest").write_text("t1")
+    d = str(tmp_path / "ckpt")
+    assert ckpt.resolve_resume("auto", d) == (d, "t1")
+    assert ckpt.resolve_resume(d, "unused") == (d, "t1")
+    assert ckpt.resolve_resume(os.path.join(d, "t1"), "unused") == (d, "t1")
+    with pytest.raises(ckpt.CheckpointError, match="no such directory"):
+        ckpt.resolve_resume(str(tmp_path / "missing"), d)
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "ckpt" / "t1" / ".."/ ".." ), d)
+
+
+def test_rng_state_roundtrip():
+    import random
+
+    import numpy as np
+
+    s = ckpt.rng_state()
+    a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    ckpt.set_rng_state(s)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == a
