@@ -195,6 +195,12 @@ def resolve_tag(ckpt_dir: str, tag: str | None) -> str:
     return tag
 
 
+def read_manifest(ckpt_dir: str, tag: str | None = None) -> dict:
+    """The manifest of a checkpoint (tag None/"auto": the one `latest` names): world_size, aim_merging,
+    plugin (enabled, task_index, merge_count), task_fingerprint, extra, global_steps, layout, files."""
+    return _read_manifest(os.path.join(ckpt_dir, resolve_tag(ckpt_dir, tag)))
+
+
 def _check_files(tag_dir: str, manifest: dict, only=None) -> None:
     """Every file the manifest lists exists with its recorded size (a truncated write is caught here)."""
     for rel, size in manifest["files"].items():
@@ -362,7 +368,8 @@ def _before_commit(tmp_dir: str) -> None:
 
 
 def save_checkpoint(engine, plugin, save_dir: str, tag: str | None = None, client_state: dict | None = None,
-                    keep_last: int | None = None, task_fingerprint: str | None = None, tokenizer=None) -> str:
+                    keep_last: int | None = None, task_fingerprint: str | None = None, tokenizer=None,
+                    extra: dict | None = None) -> str:
     """Atomically save engine + plugin under save_dir/TAG; every rank calls it. Returns the tag directory.
 
     DeepSpeed writes to save_dir/.tmp-TAG; each rank adds its plugin state (aim_plugin_rank*_of_*.pt) and
@@ -371,6 +378,9 @@ def save_checkpoint(engine, plugin, save_dir: str, tag: str | None = None, clien
     previous checkpoint (and `latest`) intact. keep_last=K keeps the K newest complete tags.
     client_state: per rank, stored by DeepSpeed in the rank's model_states file, returned by load_checkpoint.
     task_fingerprint: any string (see `fingerprint`); load_checkpoint refuses a different one.
+    tokenizer: saved (rank 0) under TAG/hf/ so `aim-ds convert` includes it.
+    extra: a small JSON-able dict (rank 0's) kept in the manifest; `read_manifest` returns it BEFORE any
+    engine is built (e.g. the task index whose memory must be attached before load_checkpoint).
     """
     import deepspeed.comm as dist
 
@@ -418,6 +428,7 @@ def save_checkpoint(engine, plugin, save_dir: str, tag: str | None = None, clien
                                                    "merge_count": plugin.merge_count},
             "model": model_fingerprint(engine),
             "task_fingerprint": task_fingerprint,
+            "extra": extra,
             "layout": layout,
             "files": _list_files(tmp_dir),
         }

@@ -92,7 +92,8 @@ def save_resume(work: str):
     saved_w = sc.full_fp32(e1)
     saved_state, saved_anchor = _plugin_state(p1), _anchor(p1)
     path = ckpt.save_checkpoint(e1, p1, d, tag="a", client_state={"rank": r, "note": "x"}, keep_last=2,
-                                task_fingerprint=FP, tokenizer=tiny_tokenizer())
+                                task_fingerprint=FP, tokenizer=tiny_tokenizer(),
+                                extra={"task": 1, "step": 4})
     gathered = _gathered_anchor(e1, p1)
     if r == 0:  # checkpoint 'a' and its reference go to the conversion and resharding checks
         shutil.copytree(d, os.path.join(work, "two"), ignore=shutil.ignore_patterns(".tmp-*"))
@@ -117,6 +118,7 @@ def save_resume(work: str):
         latest_after_crash = f.read().strip()
     tmp_b_complete = os.path.isfile(os.path.join(d, ".tmp-b", ckpt.MANIFEST))
     found = ckpt.find_latest(d)
+    extra = ckpt.read_manifest(d)["extra"]
 
     e2 = _engine(seed=1)  # different init: everything must come from the checkpoint
     p2 = aim_ds.attach(e2, sc.memory(offset=3000))
@@ -125,7 +127,7 @@ def save_resume(work: str):
     loaded_w = sc.full_fp32(e2)
     sc.train_steps(e2, 5, seed=300)
     res = {
-        "path": path, "crashed": crashed, "anchor_gather_vs_after_merge": _same_dicts(gathered, anchor_full), "latest_after_crash": latest_after_crash, "found": found,
+        "path": path, "crashed": crashed, "anchor_gather_vs_after_merge": _same_dicts(gathered, anchor_full), "latest_after_crash": latest_after_crash, "found": found, "extra": extra,
         "tmp_b_complete": tmp_b_complete, "client": {k: client.get(k) for k in ("rank", "note")},
         "loaded_state_equal": loaded_state == saved_state, "loaded_anchor_equal": _same_tensors(loaded_anchor,
                                                                                                 saved_anchor),

@@ -41,7 +41,8 @@ def test_save_load_resume_bit_identical(saved):
 def test_crash_during_save_keeps_previous(saved):
     for res in saved:
         assert res["crashed"] and res["latest_after_crash"] == "a" and res["found"] == "a", res
-        assert res["tmp_b_complete"], res  # the crash happened after every file was written
+        assert res["tmp_b_complete"], res
+        assert res["extra"] == {"task": 1, "step": 4}, res  # the crash happened after every file was written
 
 
 def test_keep_last(saved):
