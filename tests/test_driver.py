@@ -49,6 +49,9 @@ def py(*args):
 
 def ds_config(tmp_path, **aim) -> str:
     cfg = json.loads((REPO / "ds_configs" / "cpu_zero3.json").read_text())
+    monitor = aim.pop("_monitor", None)
+    if monitor:
+        cfg["csv_monitor"] = {"enabled": True, "output_path": monitor, "job_name": "job"}
     if aim.pop("_drop", False):
         cfg.pop("aim_merging", None)
     else:
@@ -143,7 +146,7 @@ def test_bad_input_two_ranks_every_rank_reports(tmp_path):
 def test_deepspeed_two_ranks_aim(tmp_path):
     """The real path: deepspeed launcher, 2 ranks, ZeRO-3, the plugin attached, merges happen."""
     out = tmp_path / "out"
-    cfg = ds_config(tmp_path, initial_interval=2, min_interval=1, max_interval=4)
+    cfg = ds_config(tmp_path, initial_interval=2, min_interval=1, max_interval=4, _monitor=str(tmp_path / "mon"))
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
            "--method", "aim", "--deepspeed_config", cfg, "--output-dir", str(out), *SMALL]
     p = run(cmd, tmp_path)
@@ -156,6 +159,8 @@ def test_deepspeed_two_ranks_aim(tmp_path):
     assert r["config"]["aim_merging"]["initial_interval"] == 2
     assert r["fwt_reference"].startswith("cache-miss") and r["FWT"] is None
     assert p.stdout.count("[aim_ds] aim: OP") == 1  # rank 0 only
+    loss_csv = list((tmp_path / "mon").rglob("train_loss*.csv"))  # DeepSpeed's csv monitor got the losses
+    assert loss_csv and len(loss_csv[0].read_text().splitlines()) >= 32, list((tmp_path / "mon").rglob("*"))
 
 
 def test_single_then_fixed_merge_uses_fwt_cache(tmp_path):
