@@ -68,8 +68,10 @@ MODELS = {
 
 PLANS = {
     # micro batch, seq, interleaved repetitions, explicit merges, steps per task (end to end), e2e repetitions
-    "quick": dict(model="small", mb=2, seq=64, reps=6, merges=2, task_steps=12, e2e_reps=1),
-    "full": dict(model="medium", mb=4, seq=128, reps=16, merges=4, task_steps=32, e2e_reps=2),
+    # task_steps: the default config's first merge of task 1 is forced at 2 S_0 = 16 steps at the latest,
+    # so fewer steps would time the probes but never a merge
+    "quick": dict(model="small", mb=2, seq=64, reps=6, merges=5, task_steps=24, e2e_reps=1),
+    "full": dict(model="medium", mb=4, seq=128, reps=16, merges=6, task_steps=48, e2e_reps=2),
 }
 
 
@@ -305,7 +307,7 @@ def job_full(b: Bench) -> dict:
                        "plugin_passes": rec.get("fusion_passes")})
     timer.restore()
     shard_numel = timer.largest_numel
-    copy_bps = copy_bandwidth(shard_numel, b.engine.device, Sync(False), reps=5)
+    copy_bps = copy_bandwidth(shard_numel, b.engine.device, Sync(False), reps=11)
     plugin.detach()
     counter.restore()
 
