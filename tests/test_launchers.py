@@ -28,12 +28,14 @@ def test_mpirun_two_ranks_replay(tmp_path):
     assert r["merges"] == 0 and len(r["matrix"]) == 4
 
 
-def test_torchrun_two_ranks_multitask(tmp_path):
+def test_torchrun_two_ranks_multitask_generation(tmp_path):
+    """torchrun + the generated free-text benchmark (ROUGE-L, greedy generation with synced_gpus under ZeRO-3)."""
     out = tmp_path / "out"
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), TRAIN,
-           "--method", "multitask", "--output-dir", str(out), *SMALL]
+           "--method", "multitask", "--benchmark", "default-gen", "--output-dir", str(out), *SMALL, "--max-eval", "8"]
     p = run(cmd, tmp_path)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     r = check_outputs(out, "multitask")
     assert r["launcher"] == "env" and r["world_size"] == 2
     assert len(r["matrix"]) == 1 and r["steps"]["train"] == 32
+    assert {t["metric"] for t in r["tasks"]} == {"rougeL"}
