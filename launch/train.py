@@ -453,7 +453,7 @@ def evaluate(engine, ctx, task_ids):
     for i in task_ids:
         engine.eval()
         out[i] = float(evaluate_task(engine, ctx["tokenizer"], ctx["tasks"][i], batch_size=ctx["args"].eval_batch_size,
-                                     rank=ctx["rank"], world_size=ctx["world"]))
+                                     rank=ctx["rank"], world_size=ctx["world"], max_prompt_len=ctx["args"].max_len))
     engine.train()
     return out
 
