@@ -440,6 +440,12 @@ def measure(plan_name: str, log=print) -> dict:
     out["fusion_passes_plugin_record"] = full0["fusion"][0]["plugin_passes"] if full0["fusion"] else None
     out["stat_bytes_no_probe_step"] = max(max(r["stat_bytes_no_probe_steps"], default=0) for r in per_world[2])
     out["e2e"] = full0["e2e"]
+    # cross-check of the wall-time ratio from counted work (noise-free): each rehearsal step costs a plain
+    # step, each probe (probe_cost - 1) of one; the measured ratio should agree when the machine is quiet
+    e, train = full0["e2e"], 2 * plan["task_steps"]
+    if out.get("probe_cost") and e["aim"]:
+        out["end_to_end_from_counts"] = 1 + (_st.median(e["aim_rehearsal_steps"])
+                                             + _st.median(e["aim_probes"]) * (out["probe_cost"] - 1)) / train
     out["repetitions"] = {"interleaved_step_pairs": plan["reps"], "explicit_merges": plan["merges"],
                           "e2e_repetitions": plan["e2e_reps"], "steps_per_task": plan["task_steps"]}
     out["raw"] = {"world2_rank0": full0}
@@ -486,7 +492,8 @@ def table(d: dict) -> str:
         lines.append(f"  {name:<{w}}  {val}{mark}")
     e = d["e2e"]
     lines.append(f"  end to end: SeqFT {e['seqft']} s, AimMerging {e['aim']} s, merges {e['aim_merges']}, "
-                 f"rehearsal steps {e['aim_rehearsal_steps']}, probes {e['aim_probes']}")
+                 f"rehearsal steps {e['aim_rehearsal_steps']}, probes {e['aim_probes']}; from counted work "
+                 f"{d.get('end_to_end_from_counts', float('nan')):.3f}")
     return "\n".join(lines)
 
 
