@@ -332,6 +332,7 @@ def run(args) -> int:
         print(f"[aim_ds] method={args.method} benchmark={args.benchmark} tasks={[t.name for t in tasks]} "
               f"world={world} micro_batch={micro} steps/task={steps_per_task} out={out_dir}", flush=True)
 
+    ctx["setup_s"] = time.time() - _T0  # imports, process group, tokenizer, data (engine set-up not included)
     single_scores = None
     fwt_source = args.fwt_reference
     if args.method == "single" or args.fwt_reference == "run":
@@ -570,7 +571,7 @@ def write_results(ctx, res, single_scores, fwt_source, ds_path, ds_config, info)
                   "per_task": ctx["steps_per_task"]},
         "merges": res["merges"],
         "wall_time_s": round(wall, 2), "train_wall_s": round(res["train_wall_s"], 2),
-        "eval_wall_s": round(res["eval_wall_s"], 2),
+        "eval_wall_s": round(res["eval_wall_s"], 2), "setup_wall_s": round(ctx["setup_s"], 2),
         "world_size": info.world_size, "launcher": info.launcher,
         "config": {"args": {k: v for k, v in vars(args).items() if k != "local_rank"},
                    "micro_batch": ctx["micro"], "memory_batch": ctx["mem_bs"],
