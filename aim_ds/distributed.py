@@ -176,3 +176,22 @@ def agree_error(message: str | None) -> None:
     if first:
         raise SystemExit(f"error: {first}")
     del torch
+
+
+def prebuild_ops() -> list[str]:
+    """JIT-build (once, into TORCH_EXTENSIONS_DIR) the DeepSpeed ops the default CPU path loads at start-up.
+
+    On the CPU accelerator every ``init_distributed`` loads ``deepspeed_shm_comm``; the first load compiles
+    it (~45 s idle, ~100 s on a busy 2-core box), which would otherwise land in the first training run.
+    Set-up scripts call: ``python -c "from aim_ds.distributed import prebuild_ops; prebuild_ops()"``
+    with the same TORCH_EXTENSIONS_DIR as the runs (launch/train.py defaults it to <repo>/.cache/torch_extensions).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    built = []
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load()
+        built.append(builder.NAME)
+    return built

@@ -26,6 +26,8 @@ def test_mpirun_two_ranks_replay(tmp_path):
     r = check_outputs(out, "replay")
     assert r["launcher"] == "mpi" and r["world_size"] == 2
     assert r["merges"] == 0 and len(r["matrix"]) == 4
+    # the default ds_config enables merging; a non-plugin method does not attach it and says so
+    assert r["config"]["aim_merging"] is None and any("not attached" in n for n in r["notes"])
 
 
 def test_torchrun_two_ranks_multitask_generation(tmp_path):
