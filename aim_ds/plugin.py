@@ -288,7 +288,7 @@ class AimPlugin:
         was_training = module.training
         module.eval()
         try:
-            local = float(self.engine(**_to_device(batch, self.engine.device)).loss)
+            local = float(self.engine(**_to_device(batch, self.engine.device)).loss.detach())
         finally:
             module.train(was_training)
         loss = statistics.mean_over_ranks(local, 1.0)
@@ -347,6 +347,7 @@ class AimPlugin:
             return {"merged": False, "reason": "non-finite learning signal"}
         r = int(r)
         scalar = not self._importance or weights is not None
+        _sync()
         t_prep0 = time.perf_counter()
         if scalar:
             for g, a in zip(groups, self.anchor):
@@ -354,16 +355,19 @@ class AimPlugin:
         else:
             for g, k in zip(groups, self._theta_k):
                 fusion.copy_into(k, g.master)
+        _sync()
         t_prep = time.perf_counter() - t_prep0
         rehearsal_losses = self._rehearse(r)
         if self.after_rehearsal_callback is not None:
             self.after_rehearsal_callback(self)
+        _sync()
         t1 = time.perf_counter()
         if scalar:
             for g, a in zip(groups, self.anchor):
                 fusion.fuse_scalar(g.master, a, w_out)
         else:
             self._fuse_importance()
+        _sync()
         t_fuse = time.perf_counter() - t1 + t_prep
         self.shards.refresh_working_copies()
         self.merge_count += 1
@@ -407,7 +411,7 @@ class AimPlugin:
                     loss = engine(**batch).loss
                     engine.backward(loss)
                     self._original_step()
-                    total += float(loss)
+                    total += float(loss.detach())
                 losses.append(total / engine.gradient_accumulation_steps())
         finally:
             engine.lr_scheduler = scheduler
@@ -517,6 +521,13 @@ class AimPlugin:
                     return (f"{where}: input_ids range [{int(ids.min())}, {int(ids.max())}] is outside the model's "
                             f"vocabulary [0, {vocab}); tokenize with the model's tokenizer.")
         return None
+
+
+def _sync() -> None:
+    """Wait for queued device work so the fusion timers measure the work, not its launch."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().synchronize()
 
 
 def _to_device(batch: dict, device) -> dict:

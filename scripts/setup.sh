@@ -9,6 +9,10 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${AIM_DS_TORCH:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[test,mpi]"
+# DeepSpeed JIT-compiles its CPU communication op on first use (~45-100 s): do it here, once, into
+# the same cache the runs and tests use, so the first training run does not pay for it.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+.venv/bin/python -c "from aim_ds.distributed import prebuild_ops; print('prebuilt ops:', prebuild_ops())"
 .venv/bin/python - <<'PY'
 import torch, deepspeed, transformers
 print(f"aim_ds environment ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
