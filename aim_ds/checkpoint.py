@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from .fileio import atomic_write_text, fsync_dir as _fsync_dir
+
 MANIFEST = "aim_manifest.json"
 FORMAT = "aim_ds-checkpoint"
 VERSION = 1
@@ -79,33 +81,8 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX, suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
+    atomic_write_text(path, text, durable_dir=True)
 
 
 def _torch_save_synced(obj, path: str) -> None:

@@ -15,30 +15,23 @@ One optimizer step, as data flows (see the README's design section):
 """
 from __future__ import annotations
 
-import csv
 import inspect
-import io
 import itertools
 import logging
 import math
-import os
-import tempfile
 import time
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from . import fusion, statistics
+from .fileio import TRAJECTORY_FIELDS, write_csv
 from .config import AimConfig
 from .controller import MergeController
 from .shards import ZeroShards, ds_config_dict
 
 log = logging.getLogger("aim_ds")
-
-TRAJECTORY_FIELDS = ["task", "step", "probe_loss", "threshold", "activations", "interval",
-                     "learning_signal", "merge", "w_in", "w_out"]
-
 
 class AimInputError(ValueError):
     """Bad input to the plugin (memory, arguments); raised on every rank before any collective hangs."""
@@ -183,12 +176,7 @@ class AimPlugin:
         """Rank 0 writes the per-step trajectory atomically; other ranks return at once."""
         if self.enabled and self.rank != 0:
             return
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=TRAJECTORY_FIELDS)
-        w.writeheader()
-        for row in self.trajectory:
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in TRAJECTORY_FIELDS})
-        _atomic_write_text(path, buf.getvalue())
+        write_csv(path, self.trajectory, TRAJECTORY_FIELDS)
 
     def state_dict(self) -> dict:
         """Everything the plugin holds on this rank (tensors are this rank's shards)."""
@@ -532,22 +520,6 @@ def _sync() -> None:
 
 def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def attach(engine, memory=None, config: AimConfig | dict | None = None) -> AimPlugin:

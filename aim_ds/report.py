@@ -12,32 +12,9 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
-from typing import Iterable
 
-TRAJECTORY_FIELDS = ["task", "step", "probe_loss", "threshold", "activations", "interval",
-                     "learning_signal", "merge", "w_in", "w_out"]
+from .fileio import TRAJECTORY_FIELDS, atomic_write_bytes, atomic_write_text, write_csv  # noqa: F401
 
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _json_safe(x):
@@ -52,15 +29,6 @@ def _json_safe(x):
 
 def write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
-
-
-def write_csv(path: str, rows: Iterable[dict], fields: list[str]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    atomic_write_text(path, buf.getvalue())
 
 
 def read_trajectory_csv(path: str) -> list[dict]:

@@ -1,0 +1,62 @@
+"""Atomic file writes shared by the plugin, the driver's reports and checkpoints.
+
+Write to a temporary file in the target's folder, fsync, then os.replace: a reader (or a crash)
+sees the old file or the new one, never a partial one. Kept free of torch so every module can use it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from typing import Iterable
+
+TMP_PREFIX = ".tmp-"
+TRAJECTORY_FIELDS = ["task", "step", "probe_loss", "threshold", "activations", "interval",
+                     "learning_signal", "merge", "w_in", "w_out"]
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes, durable_dir: bool = False) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX, suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if durable_dir:
+        fsync_dir(d)
+
+
+def atomic_write_text(path: str, text: str, durable_dir: bool = False) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), durable_dir)
+
+
+def write_csv(path: str, rows: Iterable[dict], fields: list[str]) -> None:
+    """Rows as CSV (None -> empty cell), written atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    atomic_write_text(path, buf.getvalue())
