@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Continual-learning quality benchmark: run the driver (launch/train.py) for every method and seed,
+then write a table of OP / BWT / FWT (mean and spread over seeds) into BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/cl_quality.py                       # Standard CL order 4, seeds 0 1
+    .venv/bin/python benchmarks/cl_quality.py --benchmark default   # the generated default benchmark
+    .venv/bin/python benchmarks/cl_quality.py --collect-only        # rebuild the table from runs/quality
+
+Every run is ONE process (plain ``python launch/train.py``, world size 1, OMP_NUM_THREADS=1) into its own
+folder ``runs/quality/<benchmark>/<method>-s<seed>``; ``--parallel`` runs go side by side (default 2, one
+per core). ``single`` (each task alone from the initial model) runs first for each seed: it stores the
+single-task scores in the driver's FWT cache (``--fwt-reference cache``), which the other methods of the
+same seed and settings then read for FWT. Training is never reimplemented here: this file only builds
+command lines, schedules them, reads ``results.json`` and formats markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ["single", "seqft", "replay", "fixed_merge", "aim", "multitask"]
+# Settings chosen for Standard CL on the 2-core CPU machine (see BENCHMARKS.md for why).
+STANDARD_PRESET = {
+    "order": 4, "data_dir": "../shared/data/longsequence", "model": "configs/llama_2x256.json",
+    "epochs": 1.0, "max_train": 800, "max_eval": 50, "lr": 1e-3, "batch_size": 16, "max_len": 128,
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--benchmark", default="standard",
+                   help="'standard' (Standard CL, preset sizes below) or 'default' (the driver's "
+                        "embedded benchmark with the driver's own defaults), or anything the driver takes")
+    p.add_argument("--order", type=int, default=None, help="task order (standard: 4)")
+    p.add_argument("--data-dir", default=None, help="O-LoRA data folder (standard: ../shared/data/longsequence)")
+    p.add_argument("--model", default=None, help="model config JSON (standard: configs/llama_2x256.json)")
+    p.add_argument("--deepspeed-config", default=None, help="ds_config (default: the driver's)")
+    p.add_argument("--epochs", type=float, default=None, help="epochs per task")
+    p.add_argument("--max-train", type=int, default=None, help="training examples per task")
+    p.add_argument("--max-eval", type=int, default=None, help="evaluation examples per task")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=None, help="micro batch (one rank)")
+    p.add_argument("--max-len", type=int, default=None, help="max tokens per example (prompt truncated)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--parallel", type=int, default=2, help="runs side by side (each one process, 1 thread)")
+    p.add_argument("--extra", default="", help="extra driver arguments, one shell-quoted string")
+    p.add_argument("--out-root", default="runs/quality", help="runs go to OUT_ROOT/<tag>/<method>-s<seed>")
+    p.add_argument("--tag", default=None, help="sub-folder name and BENCHMARKS.md marker (default: the benchmark)")
+    p.add_argument("--markdown", default="BENCHMARKS.md", help="file to write the table into")
+    p.add_argument("--collect-only", action="store_true", help="do not run; tabulate existing results")
+    p.add_argument("--no-markdown", action="store_true", help="print the table, do not edit the file")
+    a = p.parse_args(argv)
+    if a.benchmark == "standard":
+        for k, v in STANDARD_PRESET.items():
+            if getattr(a, k) is None:
+                setattr(a, k, v)
+    a.tag = a.tag or Path(a.benchmark).stem
+    return a
+
+
+def driver_args(a) -> list[str]:
+    out = ["--benchmark", a.benchmark]
+    for opt, val in [("--order", a.order), ("--data-dir", a.data_dir), ("--model", a.model),
+                     ("--deepspeed_config", a.deepspeed_config), ("--epochs", a.epochs),
+                     ("--max-train", a.max_train), ("--max-eval", a.max_eval), ("--lr", a.lr),
+                     ("--batch-size", a.batch_size), ("--max-len", a.max_len)]:
+        if val is not None:
+            out += [opt, str(val)]
+    return out + shlex.split(a.extra)
+
+
+def run_dir(a, method, seed) -> Path:
+    return ROOT / a.out_root / a.tag / f"{method}-s{seed}"
+
+
+def build_jobs(a):
+    """(name, cmd, out_dir, depends_on) with single first per seed."""
+    jobs = []
+    for seed in a.seeds:
+        for m in (["single"] if "single" in a.methods else []) + [m for m in a.methods if m != "single"]:
+            out = run_dir(a, m, seed)
+            cmd = [sys.executable, "launch/train.py", *driver_args(a), "--method", m, "--seed", str(seed),
+                   "--fwt-reference", "cache", "--output-dir", str(out.relative_to(ROOT)),
+                   "--overwrite", "--no-progress"]
+            dep = f"single-s{seed}" if (m != "single" and "single" in a.methods) else None
+            jobs.append((f"{m}-s{seed}", cmd, out, dep))
+    # singles of all seeds first so the pool starts on references; others keep seed order
+    return sorted(jobs, key=lambda j: 0 if j[0].startswith("single-") else 1)
+
+
+def run_all(a) -> dict[str, float]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache/torch_extensions"), TOKENIZERS_PARALLELISM="false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    pending, running, done, walls = build_jobs(a), {}, set(), {}
+    (ROOT / a.out_root / a.tag).mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    started = f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    while pending or running:
+        for name, (proc, start, out, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                walls[name] = time.time() - start
+                ok = proc.returncode == 0 and (out / "results.json").exists()
+                print(f"[{time.time() - t0:7.0f}s] {name}: {'ok' if ok else f'FAILED rc={proc.returncode}'} "
+                      f"({walls[name]:.0f} s; log {log.name})", flush=True)
+                done.add(name)
+                del running[name]
+        for job in list(pending):
+            if len(running) >= a.parallel:
+                break
+            name, cmd, out, dep = job
+            if dep is not None and dep not in done:
+                continue
+            pending.remove(job)
+            logp = ROOT / a.out_root / a.tag / f"{name}.log"
+            log = open(logp, "w")
+            log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+            log.flush()
+            print(f"[{time.time() - t0:7.0f}s] start {name}", flush=True)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[name] = (proc, time.time(), out, log)
+        time.sleep(2)
+    total = time.time() - t0
+    print(f"all runs finished in {total:.0f} s wall", flush=True)
+    (ROOT / a.out_root / a.tag / "walls.json").write_text(json.dumps({"started": started, "total_s": total, "runs": walls}, indent=1))
+    return walls
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+def _fmt(vals, digits=1):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "—"
+    m = statistics.fmean(vals)
+    if len(vals) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def _seeds(vals, digits=1):
+    return " / ".join("—" if v is None else f"{v:.{digits}f}" for v in vals)
+
+
+def collect(a):
+    res = {}
+    for m in a.methods:
+        for s in a.seeds:
+            f = run_dir(a, m, s) / "results.json"
+            if f.exists():
+                res[(m, s)] = json.loads(f.read_text())
+    return res
+
+
+def table(a, res, cmdline: str, total_wall: float | None, started: str | None = None) -> str:
+    any_r = next(iter(res.values()), None)
+    if any_r is None:
+        return "(no results)\n"
+    tasks = [t["name"] for t in any_r["tasks"]]
+    seeds = [s for s in a.seeds if any((m, s) in res for m in a.methods)]
+    full = any_r.get("config", {})
+    cfg = dict(full.get("args", {}))
+    cfg["batch_size"] = cfg.get("batch_size") or full.get("micro_batch")
+    L = []
+    L.append(f"Command: `{cmdline}`  ")
+    L.append(f"Runs started {started or '?'}; table written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu_count()}-core CPU "
+             f"({platform.machine()}), shared with other jobs; every run ONE process (world size 1, "
+             f"OMP_NUM_THREADS=1), {a.parallel} runs side by side"
+             + (f"; all {len(res)} runs took {total_wall / 60:.1f} min wall." if total_wall else "."))
+    steps = any_r.get("steps", {}).get("per_task")
+    model = cfg.get("model") or "configs/tiny_llama.json (driver default)"
+    L.append(f"Model `{model}`; per task: {steps} driver steps "
+             f"(epochs {cfg.get('epochs')}, batch {cfg.get('batch_size')}, max-train {cfg.get('max_train')}), "
+             f"lr {cfg.get('lr')}, max-len {cfg.get('max_len')}, eval examples per task {cfg.get('max_eval') or 'all'}; "
+             f"memory fraction {cfg.get('memory_fraction')}; ds_config "
+             f"`{os.path.relpath(full.get('deepspeed_config_path') or '?', ROOT)}`; seeds {' '.join(map(str, seeds))}.")
+    L.append("")
+    L.append("Mean ± sample std over seeds (n = number of seeds; per-seed values in the last columns, seed order "
+             f"{' / '.join(map(str, seeds))}). OP = mean final accuracy; BWT = mean (final − just-learned) over "
+             "tasks 1..T-1; FWT against the `single` run of the same seed (driver's FWT cache).")
+    L.append("")
+    L.append("| method | n | OP | BWT | FWT | OP per seed | BWT per seed | merges | engine steps | wall/run (s) |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    for m in a.methods:
+        rs = [res.get((m, s)) for s in seeds]
+        got = [r for r in rs if r]
+        if not got:
+            continue
+        ops = [r.get("OP") if r else None for r in rs]
+        bwt = [r.get("BWT") if r else None for r in rs]
+        fwt = [r.get("FWT") if r else None for r in rs]
+        merges = _seeds([r.get("merges") if r else None for r in rs], 0) if m in ("aim", "fixed_merge") else "—"
+        eng = _seeds([r.get("steps", {}).get("engine") if r else None for r in rs], 0)
+        wall = _fmt([r.get("wall_time_s") for r in got], 0)
+        if m == "single":
+            L.append(f"| single (diagonal, reference) | {len(got)} | {_fmt(ops)} | — | — | {_seeds(ops)} | — | — | "
+                     f"{eng} | {wall} |")
+            continue
+        L.append(f"| {m} | {len(got)} | {_fmt(ops)} | {_fmt(bwt)} | {_fmt(fwt)} | {_seeds(ops)} | "
+                 f"{_seeds(bwt)} | {merges} | {eng} | {wall} |")
+    L.append("")
+    L.append("Final row per task (accuracy after the last task; `single`: each task's own score; mean over seeds, "
+             "per-seed values in brackets):")
+    L.append("")
+    L.append("| method | " + " | ".join(tasks) + " |")
+    L.append("|---|" + "---|" * len(tasks))
+    for m in a.methods:
+        rs = [res.get((m, s)) for s in seeds]
+        if not any(rs):
+            continue
+        cells = []
+        for i, t in enumerate(tasks):
+            vals = []
+            for r in rs:
+                if not r:
+                    vals.append(None)
+                elif m == "single":
+                    sc = r.get("single_task_scores") or [r["matrix"][k][k] for k in range(len(tasks))]
+                    vals.append(sc[i] if isinstance(sc, list) else sc.get(t))
+                else:
+                    vals.append(r["matrix"][-1][i])
+            v = [x for x in vals if x is not None]
+            cells.append(f"{statistics.fmean(v):.1f} [{_seeds(vals)}]" if v else "—")
+        L.append(f"| {m} | " + " | ".join(cells) + " |")
+    L.append("")
+    # just-learned diagonal (what each task reached right after training on it) for the sequential methods
+    L.append("Just-learned accuracy a[k][k] (mean over seeds), for reading BWT:")
+    L.append("")
+    L.append("| method | " + " | ".join(tasks) + " |")
+    L.append("|---|" + "---|" * len(tasks))
+    for m in a.methods:
+        if m in ("single", "multitask"):
+            continue
+        rs = [res.get((m, s)) for s in seeds if res.get((m, s))]
+        if not rs:
+            continue
+        cells = [f"{statistics.fmean(r['matrix'][k][k] for r in rs):.1f}" for k in range(len(tasks))]
+        L.append(f"| {m} | " + " | ".join(cells) + " |")
+    L.append("")
+    return "\n".join(L)
+
+
+def write_markdown(path: Path, tag: str, body: str):
+    start, end = f"<!-- quality:{tag} -->", f"<!-- /quality:{tag} -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        pre, rest = text.split(start, 1)
+        _, post = rest.split(end, 1)
+        text = pre + block + post
+    else:
+        text = text.rstrip("\n") + f"\n\n{block}\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    argv_shown = sys.argv[1:] if argv is None else argv
+    cmdline = ".venv/bin/python benchmarks/cl_quality.py " + " ".join(shlex.quote(x) for x in argv_shown
+                                                                       if x != "--collect-only")
+    total = started = None
+    if not a.collect_only:
+        run_all(a)
+    wf = ROOT / a.out_root / a.tag / "walls.json"
+    if wf.exists():
+        w = json.loads(wf.read_text())
+        total, started = w.get("total_s"), w.get("started")
+    body = table(a, collect(a), cmdline.strip(), total, started)
+    print(body)
+    if not a.no_markdown:
+        write_markdown(ROOT / a.markdown, a.tag, body)
+        print(f"wrote {a.markdown} <!-- quality:{a.tag} -->")
+
+
+if __name__ == "__main__":
+    main()
