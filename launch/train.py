@@ -113,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where results go (default runs/<benchmark>-<method>-s<seed>-<UTC time>); an existing "
                         "non-empty folder is an error unless --overwrite")
     g.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --output-dir")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save a checkpoint (DeepSpeed ZeRO-3 + plugin + driver state) under <output-dir>/checkpoints "
+                        "every N driver training steps (counted over the whole run) and at every task boundary "
+                        "(after the task's evaluation); 0 = no checkpoints")
+    g.add_argument("--keep-checkpoints", type=int, default=2, metavar="K", help="keep the K newest checkpoints")
+    g.add_argument("--resume", default=None, metavar="DIR|auto",
+                   help="continue a run from a checkpoint: 'auto' = the newest complete checkpoint under "
+                        "<output-dir>/checkpoints (none: start fresh), or a checkpoint directory / tag directory; "
+                        "the run ends exactly as the uninterrupted run with the same options would")
+    g = p.add_argument_group("run")
     g.add_argument("--dist-timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -171,6 +182,15 @@ def check_args(args) -> None:
         raise InputError(f"--lr {args.lr}: must be a positive number")
     if not (0.0 <= args.warmup < 1.0):
         raise InputError(f"--warmup {args.warmup}: must be in [0, 1)")
+    if args.checkpoint_every < 0:
+        raise InputError(f"--checkpoint-every {args.checkpoint_every}: must be >= 0 (0 = no checkpoints)")
+    if args.keep_checkpoints < 1:
+        raise InputError(f"--keep-checkpoints {args.keep_checkpoints}: must be >= 1")
+    if args.method == "single" and (args.checkpoint_every or args.resume):
+        raise InputError("--method single trains every task from a fresh engine and cannot be checkpointed; "
+                         "drop --checkpoint-every/--resume (it is as long as one task per task)")
+    if args.resume == "auto" and args.output_dir is None:
+        raise InputError("--resume auto needs --output-dir (the run directory whose checkpoints/ to resume)")
 
 
 def check_output_dir(path: str, overwrite: bool) -> None:
@@ -226,11 +246,92 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from aim_ds.checkpoint import CheckpointError
+
     try:
         return run(args)
-    except InputError as e:
+    except (InputError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+
+
+CKPT_SUBDIR = "checkpoints"
+
+
+def resolve_resume_arg(args):
+    """(load_dir, tag, manifest) for --resume, or None (fresh start). Pure file reads: same on every rank."""
+    from aim_ds.checkpoint import CheckpointError, read_manifest, resolve_resume
+
+    if args.resume is None:
+        return None
+    if args.output_dir is None:  # --resume DIR: the run directory is the one holding DIR's checkpoints/
+        path = os.path.abspath(args.resume)
+        if os.path.isfile(os.path.join(path, "aim_manifest.json")):
+            path = os.path.dirname(path)
+        if os.path.basename(path) != CKPT_SUBDIR:
+            raise InputError(f"--resume {args.resume}: give --output-dir too (the checkpoint is not in a run's "
+                             f"{CKPT_SUBDIR}/ folder, so the driver cannot tell where the results go)")
+        args.output_dir = os.path.dirname(path)
+    ckpt_root = os.path.join(args.output_dir, CKPT_SUBDIR)
+    try:
+        found = resolve_resume(args.resume, ckpt_root)
+        if found is None:
+            return None
+        manifest = read_manifest(*found)
+    except CheckpointError as e:
+        raise InputError(str(e)) from None
+    extra = manifest.get("extra") or {}
+    if extra.get("driver") != "launch/train.py":
+        raise InputError(f"--resume {args.resume}: {os.path.join(*found)} was not saved by launch/train.py "
+                         "(no driver state in its manifest); resume it with the loop that saved it")
+    return found[0], found[1], manifest
+
+
+def check_resume_manifest(resume, args, aim_cfg, world, task_fp, mem_sha, global_batches) -> None:
+    """Refuse a checkpoint of another run before any engine is built (identical on every rank)."""
+    load_dir, tag, m = resume
+    where = os.path.join(load_dir, tag, "aim_manifest.json")
+    extra = m["extra"]
+    if extra["method"] != args.method:
+        raise InputError(f"{where}: the checkpoint is of --method {extra['method']}, this run is --method "
+                         f"{args.method}; resume with the options the run was started with")
+    cfg_now = aim_cfg.to_dict() if aim_cfg is not None else None
+    if m.get("aim_merging") != cfg_now:
+        from aim_ds.checkpoint import _diff_keys
+
+        diff = "; ".join(_diff_keys(m.get("aim_merging"), cfg_now))
+        raise InputError(f"{where}: the checkpoint was made with a different aim_merging config ({diff}); resume "
+                         "with the --deepspeed_config the run was started with")
+    saved, now = extra.get("options", {}), resume_options(args)
+    diff = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        raise InputError(f"{where}: the checkpoint was made with other options ({'; '.join(diff)}); resume with the "
+                         "options the run was started with, or start a new --output-dir")
+    if m["world_size"] != world:
+        raise InputError(f"{where}: saved by {m['world_size']} ranks, this run has {world}; resume on "
+                         f"{m['world_size']} ranks or reshard it first (aim-ds reshard {load_dir} NEW_DIR "
+                         f"--tag {tag} --world-size {world}, then --resume NEW_DIR --output-dir ...)")
+    if extra.get("global_batch") != global_batches:
+        raise InputError(f"{where}: the checkpoint's global batch / memory batch were {extra.get('global_batch')}, "
+                         f"this run's are {global_batches} (per-rank batch x ranks); choose --batch-size / "
+                         "--memory-batch-size so that they match")
+    if m.get("task_fingerprint") != task_fp:
+        raise InputError(f"{where}: the checkpoint was made for another task sequence / training setup (task "
+                         f"fingerprint {m.get('task_fingerprint')}, this run {task_fp}: the data files, the model "
+                         "config or the ds_config's other settings differ); resume with the same ones, or start a "
+                         "new --output-dir")
+    if extra.get("memory_sha") != mem_sha:
+        raise InputError(f"{where}: the memory buffer selected now differs from the checkpoint's (same seed and "
+                         "data, so aim_ds.data.select_memory changed); resume with the code version that saved it")
+
+
+def resume_options(args) -> dict:
+    """The options that decide the run's trajectory (a checkpoint resumes only with the same ones; the per-rank
+    batch sizes may change with the world size after `aim-ds reshard`, the global batches may not)."""
+    keys = ("benchmark", "data_dir", "order", "max_train", "max_eval", "memory_fraction", "method", "model",
+            "tokenizer", "max_len", "seed", "epochs", "lr", "warmup", "fwt_reference")
+    return {k: getattr(args, k) for k in keys}
 
 
 def run(args) -> int:
@@ -239,8 +340,19 @@ def run(args) -> int:
     ds_path = args.deepspeed_config
     ds_config = load_ds_config(ds_path)
     aim_cfg = plugin_config(args.method, ds_config, ds_path)
+    resume = resolve_resume_arg(args)
+    if resume is None and args.resume == "auto":
+        print(f"[aim_ds] --resume auto: no checkpoint under {os.path.join(args.output_dir, CKPT_SUBDIR)}; "
+              "starting fresh", file=sys.stderr, flush=True)
     if args.output_dir is not None:
-        check_output_dir(args.output_dir, args.overwrite)
+        if resume is not None and os.path.abspath(resume[0]) == os.path.abspath(
+                os.path.join(args.output_dir, CKPT_SUBDIR)):
+            pass  # resuming into the run's own directory
+        elif args.resume == "auto" and os.path.isdir(args.output_dir) and \
+                set(os.listdir(args.output_dir)) <= {CKPT_SUBDIR}:
+            pass  # a run killed before its first complete checkpoint
+        else:
+            check_output_dir(args.output_dir, args.overwrite)
     from aim_ds.modeling import ModelError, describe_model_arg
 
     try:
@@ -323,19 +435,39 @@ def run(args) -> int:
     ref_key = hashlib.sha256(ref_key_src.encode()).hexdigest()[:20]
     ref_path = os.path.join(cache_dir, "fwt", f"{ref_key}.json")
 
+    # checkpoint identity: everything that decides the trajectory (the aim_merging section is checked apart)
+    from aim_ds.checkpoint import fingerprint
+
+    task_fp = fingerprint({"options": resume_options(args), "data": data_fingerprint(tasks),
+                           "model": model_fingerprint(args.model), "steps_per_task": steps_per_task,
+                           "global_batch": micro * world, "global_memory_batch": mem_bs * world,
+                           "ds": {k: v for k, v in ds_run.items() if k != "aim_merging"}})
+    mem_sha = fingerprint([[e.id for e in m] for m in memories])
+    if resume is not None:
+        check_resume_manifest(resume, args, aim_cfg, world, task_fp, mem_sha, [micro * world, mem_bs * world])
+
     ctx = dict(args=args, rank=rank, world=world, tasks=tasks, tokenizer=tokenizer, ds_run=ds_run,
                client_opt=client_opt, micro=micro, mem_bs=mem_bs, memories=memories,
-               steps_per_task=steps_per_task, aim_cfg=aim_cfg, out_dir=out_dir)
+               steps_per_task=steps_per_task, aim_cfg=aim_cfg, out_dir=out_dir, resume=resume,
+               task_fp=task_fp, mem_sha=mem_sha, ckpt_dir=os.path.join(out_dir, CKPT_SUBDIR))
 
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
+        if resume is None:  # a resumed run creates nothing before its checkpoint has loaded
+            os.makedirs(out_dir, exist_ok=True)
+        else:
+            print(f"[aim_ds] resuming from {os.path.join(resume[0], resume[1])} (task {resume[2]['extra']['task']}, "
+                  f"step {resume[2]['extra']['step']}{', evaluated' if resume[2]['extra']['done'] else ''})",
+                  flush=True)
         print(f"[aim_ds] method={args.method} benchmark={args.benchmark} tasks={[t.name for t in tasks]} "
               f"world={world} micro_batch={micro} steps/task={steps_per_task} out={out_dir}", flush=True)
 
     ctx["setup_s"] = time.time() - _T0  # imports, process group, tokenizer, data (engine set-up not included)
     single_scores = None
     fwt_source = args.fwt_reference
-    if args.method == "single" or args.fwt_reference == "run":
+    saved_extra = resume[2]["extra"] if resume is not None else {}
+    if resume is not None:  # resumed: the reference is in the checkpoint
+        single_scores, fwt_source = saved_extra["single_scores"], saved_extra["fwt_source"]
+    elif args.method == "single" or args.fwt_reference == "run":
         single_res = train_single(ctx)
         single_scores = single_res["scores"]
         if rank == 0:
@@ -352,6 +484,7 @@ def run(args) -> int:
         else:
             fwt_source = "cache-miss (run --method single with the same options to create it)"
 
+    ctx["single_scores"], ctx["fwt_source"] = single_scores, fwt_source
     if args.method == "single":
         res = single_res
     elif args.method == "multitask":
@@ -424,14 +557,19 @@ class Progress:
             self.bar.close()
 
 
-def train_steps(engine, ctx, task_index, batches, losses, progress, mem_batches=None, label=""):
-    """One task's training loop: the plain DeepSpeed loop (the plugin, if attached, hooks engine.step)."""
+def train_steps(engine, ctx, task_index, batches, losses, progress, mem_batches=None, label="", start=0,
+                on_step=None):
+    """One task's training loop: the plain DeepSpeed loop (the plugin, if attached, hooks engine.step).
+
+    start: steps already done (a resumed run skips their batches); on_step(s) after step s (1-based)."""
     args = ctx["args"]
     total = len(batches)
     mon = getattr(engine, "monitor", None)
     mon_on = mon is not None and getattr(mon, "enabled", False)
     engine.train()
     for s, exs in enumerate(batches):
+        if s < start:
+            continue
         if mem_batches:
             exs = exs + mem_batches[s % len(mem_batches)]
         batch = to_device(collate_examples(exs, ctx), engine.device)
@@ -445,6 +583,8 @@ def train_steps(engine, ctx, task_index, batches, losses, progress, mem_batches=
         if mon_on:
             mon.write_events([(f"train/loss{label}", lv, engine.global_samples)])
         progress.update(lv, task=task_index)
+        if on_step is not None:
+            on_step(s + 1)
 
 
 def evaluate(engine, ctx, task_ids):
@@ -459,33 +599,103 @@ def evaluate(engine, ctx, task_ids):
     return out
 
 
+# ----------------------------------------------------------------------------- checkpoints
+def save_run_checkpoint(engine, plugin, ctx, task, step, done, matrix, losses, data_seed):
+    """Everything needed to continue identically: DeepSpeed ZeRO-3 state (weights, fp32 master, AdamW moments
+    and step counts, global step), the plugin (controller, anchor shards, cursors, trajectory), and the
+    driver's position. The data order is a pure function of (seed, task, step) and the memory selection of
+    --seed, so the checkpoint records the seed + position and a hash of the selection (verified on resume)."""
+    from aim_ds.checkpoint import rng_state, save_checkpoint
+
+    tag = f"task{task:03d}-end" if done else f"task{task:03d}-step{step:06d}"
+    extra = {"driver": "launch/train.py", "method": ctx["args"].method, "task": task, "step": step, "done": done,
+             "driver_step": sum(ctx["steps_per_task"][:task]) + step, "data_seed": data_seed,
+             "memory_sha": ctx["mem_sha"], "global_batch": [ctx["micro"] * ctx["world"], ctx["mem_bs"] * ctx["world"]],
+             "matrix": matrix, "single_scores": ctx["single_scores"],
+             "fwt_source": ctx["fwt_source"], "options": resume_options(ctx["args"])}
+    client = {"rng": rng_state(), "losses": list(losses) if ctx["rank"] == 0 else []}
+    save_checkpoint(engine, plugin, ctx["ckpt_dir"], tag=tag, client_state=client,
+                    keep_last=ctx["args"].keep_checkpoints, task_fingerprint=ctx["task_fp"],
+                    tokenizer=ctx["tokenizer"] if ctx["rank"] == 0 else None, extra=extra)
+
+
+def load_run_checkpoint(engine, plugin, ctx):
+    """Load --resume's checkpoint into a fresh engine (+ plugin attached with the in-progress task's memory).
+    Returns (extra, losses). Raises CheckpointError on every rank (before any other collective) on mismatch."""
+    from aim_ds.checkpoint import load_checkpoint, set_rng_state
+
+    load_dir, tag, manifest = ctx["resume"]
+    client = load_checkpoint(engine, plugin, load_dir, tag, task_fingerprint=ctx["task_fp"])
+    set_rng_state(client["rng"])
+    if ctx["rank"] == 0:
+        os.makedirs(ctx["out_dir"], exist_ok=True)
+    return manifest["extra"], list(client.get("losses") or [])
+
+
+def checkpoint_hook(engine, plugin, ctx, k, matrix, losses, data_seed):
+    """on_step callback: save every --checkpoint-every driver steps (not at a task's last step: the task-end
+    checkpoint, after its evaluation, follows)."""
+    n = ctx["args"].checkpoint_every
+    if not n:
+        return None
+    before = sum(ctx["steps_per_task"][:k])
+    total = ctx["steps_per_task"][k]
+
+    def on_step(s):
+        if (before + s) % n == 0 and s < total:
+            save_run_checkpoint(engine, plugin, ctx, k, s, False, matrix, losses, data_seed)
+    return on_step
+
+
 def train_sequential(ctx):
     args, rank, world, tasks = ctx["args"], ctx["rank"], ctx["world"], ctx["tasks"]
     engine = make_engine(ctx)
+    resume = ctx["resume"]
+
+    def memory_for(k):
+        mem_examples = [e for m in ctx["memories"][:k] for e in m]
+        mem_b = [collate_examples(b, ctx) for b in
+                 memory_batches(mem_examples, ctx["mem_bs"], rank, world, args.seed + 7 * k)]
+        return mem_examples, mem_b
+
     plugin = None
     if ctx["aim_cfg"] is not None:
         import aim_ds
 
-        plugin = aim_ds.attach(engine, None, config=ctx["aim_cfg"])
+        # resumed: attach with the checkpoint's task memory BEFORE loading (its cursors are restored)
+        plugin = aim_ds.attach(engine, (memory_for(resume[2]["extra"]["task"])[1] or None) if resume else None,
+                               config=ctx["aim_cfg"])
     losses, matrix, eval_s = [], [], 0.0
+    first_k, first_s = 0, 0
+    if resume is not None:
+        extra, losses = load_run_checkpoint(engine, plugin, ctx)
+        matrix = [list(r) for r in extra["matrix"]]
+        first_k, first_s = (extra["task"] + 1, 0) if extra["done"] else (extra["task"], extra["step"])
     progress = Progress(ctx, sum(ctx["steps_per_task"]), args.method)
+    if progress.bar is not None and resume is not None:
+        progress.bar.update(sum(ctx["steps_per_task"][:first_k]) + first_s)
     t_train = time.time()
     for k, task in enumerate(tasks):
-        mem_examples = [e for m in ctx["memories"][:k] for e in m]
-        mem_b = [collate_examples(b, ctx) for b in
-                 memory_batches(mem_examples, ctx["mem_bs"], rank, world, args.seed + 7 * k)]
-        if plugin is not None:
-            plugin.start_task(memory=mem_b or None)
-        reset_optimizer(engine)
+        if k < first_k:
+            continue
+        start = first_s if k == first_k else 0
+        mem_examples, mem_b = memory_for(k)
+        if start == 0:  # a task in progress keeps its plugin state and AdamW moments (loaded)
+            if plugin is not None:
+                plugin.start_task(memory=mem_b or None)
+            reset_optimizer(engine)
         batches = rank_batches(task.train, ctx["steps_per_task"][k], ctx["micro"], rank, world, args.seed + k)
         replay = None
         if args.method == "replay" and mem_examples:
             replay = memory_batches(mem_examples, ctx["mem_bs"], rank, world, args.seed + 7 * k + 1)
-        train_steps(engine, ctx, k, batches, losses, progress, mem_batches=replay)
+        train_steps(engine, ctx, k, batches, losses, progress, mem_batches=replay, start=start,
+                    on_step=checkpoint_hook(engine, plugin, ctx, k, matrix, losses, args.seed + k))
         t_e = time.time()
         scores = evaluate(engine, ctx, range(len(tasks)))
         eval_s += time.time() - t_e
         matrix.append([scores[i] for i in range(len(tasks))])
+        if args.checkpoint_every:
+            save_run_checkpoint(engine, plugin, ctx, k, ctx["steps_per_task"][k], True, matrix, losses, args.seed + k)
         if rank == 0:
             progress.bar and progress.bar.write(f"after {task.name}: " + " ".join(f"{v:.1f}" for v in matrix[-1]))
     progress.close()
@@ -526,11 +736,20 @@ def train_multitask(ctx):
     pool = [e for t in tasks for e in t.train]
     n = sum(ctx["steps_per_task"])
     batches = rank_batches(pool, n, ctx["micro"], rank, world, args.seed + 99991)
-    losses = []
+    losses, start = [], 0
+    if ctx["resume"] is not None:
+        extra, losses = load_run_checkpoint(engine, None, ctx)
+        start = extra["step"]
     progress = Progress(ctx, n, "multitask")
     t0 = time.time()
-    reset_optimizer(engine)
-    train_steps(engine, ctx, 0, batches, losses, progress)
+    if start == 0:
+        reset_optimizer(engine)
+    every = args.checkpoint_every
+
+    def on_step(s):  # one long "task": periodic checkpoints only (the results follow the last step)
+        if every and s % every == 0 and s < n:
+            save_run_checkpoint(engine, None, ctx, 0, s, False, [], losses, args.seed + 99991)
+    train_steps(engine, ctx, 0, batches, losses, progress, start=start, on_step=on_step)
     progress.close()
     tw = time.time() - t0
     t_e = time.time()
@@ -578,6 +797,8 @@ def write_results(ctx, res, single_scores, fwt_source, ds_path, ds_config, info)
                    "deepspeed_config_path": ds_path, "deepspeed_config": ds_config,
                    "aim_merging": ctx["aim_cfg"].to_dict() if ctx["aim_cfg"] is not None else None},
         "notes": notes,
+        "checkpoints": {"every": args.checkpoint_every, "dir": ctx["ckpt_dir"] if args.checkpoint_every else None,
+                        "resumed_from": os.path.join(ctx["resume"][0], ctx["resume"][1]) if ctx["resume"] else None},
     }
     report.write_json(os.path.join(out, "results.json"), results)
     rows = res.get("trajectory_rows")
