@@ -287,8 +287,9 @@ def resolve_resume_arg(args):
     return found[0], found[1], manifest
 
 
-def check_resume_manifest(resume, args, aim_cfg, world, task_fp, mem_sha, global_batches) -> None:
-    """Refuse a checkpoint of another run before any engine is built (identical on every rank)."""
+def check_resume_options(resume, args, aim_cfg) -> None:
+    """Refuse a checkpoint of another run (method, aim_merging config, options) before the process group
+    starts: pure file reads, identical on every rank."""
     load_dir, tag, m = resume
     where = os.path.join(load_dir, tag, "aim_manifest.json")
     extra = m["extra"]
@@ -308,6 +309,13 @@ def check_resume_manifest(resume, args, aim_cfg, world, task_fp, mem_sha, global
     if diff:
         raise InputError(f"{where}: the checkpoint was made with other options ({'; '.join(diff)}); resume with the "
                          "options the run was started with, or start a new --output-dir")
+
+
+def check_resume_manifest(resume, world, task_fp, mem_sha, global_batches) -> None:
+    """Refuse a checkpoint of another world size / data / setup before any engine is built (every rank)."""
+    load_dir, tag, m = resume
+    where = os.path.join(load_dir, tag, "aim_manifest.json")
+    extra = m["extra"]
     if m["world_size"] != world:
         raise InputError(f"{where}: saved by {m['world_size']} ranks, this run has {world}; resume on "
                          f"{m['world_size']} ranks or reshard it first (aim-ds reshard {load_dir} NEW_DIR "
@@ -341,6 +349,8 @@ def run(args) -> int:
     ds_config = load_ds_config(ds_path)
     aim_cfg = plugin_config(args.method, ds_config, ds_path)
     resume = resolve_resume_arg(args)
+    if resume is not None:
+        check_resume_options(resume, args, aim_cfg)
     if resume is None and args.resume == "auto":
         print(f"[aim_ds] --resume auto: no checkpoint under {os.path.join(args.output_dir, CKPT_SUBDIR)}; "
               "starting fresh", file=sys.stderr, flush=True)
@@ -444,7 +454,7 @@ def run(args) -> int:
                            "ds": {k: v for k, v in ds_run.items() if k != "aim_merging"}})
     mem_sha = fingerprint([[e.id for e in m] for m in memories])
     if resume is not None:
-        check_resume_manifest(resume, args, aim_cfg, world, task_fp, mem_sha, [micro * world, mem_bs * world])
+        check_resume_manifest(resume, world, task_fp, mem_sha, [micro * world, mem_bs * world])
 
     ctx = dict(args=args, rank=rank, world=world, tasks=tasks, tokenizer=tokenizer, ds_run=ds_run,
                client_opt=client_opt, micro=micro, mem_bs=mem_bs, memories=memories,

@@ -90,12 +90,16 @@ def runs(tmp_path_factory):
     try:
         latest = crash / "checkpoints" / "latest"
         deadline = time.time() + 200
-        while not latest.exists():
+        first = None
+        # kill inside task 1 (merging active, AdamW moments and the plugin's cursors mid-task): 2 s after the
+        # first checkpoint of task 1 appears (the run's first checkpoint, task000-step000005, comes ~20 s earlier)
+        while not (latest.exists() and latest.read_text().startswith("task001-step")):
+            if first is None and latest.exists():
+                first = latest.read_text()
             if p_crash.poll() is not None or time.time() > deadline:
-                pytest.fail("no checkpoint appeared: " + (tmp / "crash.log").read_text()[-3000:])
-            time.sleep(0.2)
-        first = latest.read_text()
-        time.sleep(3)
+                pytest.fail("no task-1 checkpoint appeared: " + (tmp / "crash.log").read_text()[-3000:])
+            time.sleep(0.1)
+        time.sleep(2)
         kill(p_crash)
         killed_at = latest.read_text()
         assert not (crash / "results.json").exists()
@@ -108,7 +112,7 @@ def runs(tmp_path_factory):
         for p in (p_ref, p_crash):
             if p.poll() is None:
                 kill(p)
-    print(f"first checkpoint {first}, latest when killed {killed_at}, total {time.time() - t0:.0f}s")
+    print(f"\nfirst checkpoint {first}, latest when killed {killed_at}, fixture {time.time() - t0:.0f}s")
     return dict(tmp=tmp, ref=ref, crash=crash, first=first, killed_at=killed_at,
                 resume_log=(tmp / "resume.log").read_text())
 
@@ -122,6 +126,7 @@ def test_killed_run_resumes_bit_identical(runs):
     assert a["merges"] == b["merges"] and a["merges"] >= 1, (a["merges"], b["merges"])
     assert a["steps"] == b["steps"]
     assert b["checkpoints"]["resumed_from"].endswith(runs["killed_at"])
+    assert runs["killed_at"].startswith("task001-step")  # resumed mid-task, not at a boundary
     for f in ("trajectory.csv", "losses.csv"):
         assert (ref / f).read_text() == (crash / f).read_text(), f
     # final weights and the plugin's anchor (the task-end checkpoints of both runs)
