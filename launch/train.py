@@ -23,6 +23,9 @@ chosen by aim_ds.data.select_memory with the run's seed), the step budget and th
 A non-aim method ignores an enabled "aim_merging" section (the driver does not attach the plugin);
 results.json records it.  A fresh torch AdamW state at every task start; the learning rate follows a
 per-task linear warm-up (6%) and cosine decay set by the driver (no DeepSpeed scheduler).
+
+Checkpoints: ``--checkpoint-every N`` saves under <output-dir>/checkpoints every N driver steps and at every task
+boundary; ``--resume auto|DIR`` continues a killed run to exactly the uninterrupted result (launch/README.md).
 """
 from __future__ import annotations
 

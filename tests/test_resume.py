@@ -119,7 +119,8 @@ def runs(tmp_path_factory):
 
 def test_killed_run_resumes_bit_identical(runs):
     ref, crash = runs["ref"], runs["crash"]
-    assert f"resuming from {crash / 'checkpoints' / runs['killed_at']}" in runs["resume_log"], runs["resume_log"][-2000:]
+    log = runs["resume_log"]
+    assert f"resuming from {crash / 'checkpoints' / runs['killed_at']}" in log, log[-2000:]
     a = json.loads((ref / "results.json").read_text())
     b = json.loads((crash / "results.json").read_text())
     assert len(a["matrix"]) == 4 and a["matrix"] == b["matrix"]
@@ -160,4 +161,8 @@ def test_bad_resume_fails_cleanly(runs):
     rc, log = run([sys.executable, TRAIN, "--seed", "3", "--deepspeed_config", str(tmp / "ds4.json"),
                    "--output-dir", str(crash), "--resume", "auto", *SMALL], tmp, 120)
     assert rc == 2 and "different aim_merging config (initial_interval: checkpoint 8, now 4)" in log, log[-2000:]
+    # (3) the 2-rank checkpoint on 1 rank: refused with the reshard command (after the process group starts)
+    rc, log = run([sys.executable, TRAIN, "--seed", "3", "--output-dir", str(crash), "--resume", "auto", *SMALL],
+                  tmp, 120)
+    assert rc == 2 and "saved by 2 ranks, this run has 1" in log and "aim-ds reshard" in log, log[-2000:]
     assert snapshot(crash) == before
