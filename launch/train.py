@@ -354,7 +354,7 @@ def run(args) -> int:
     resume = resolve_resume_arg(args)
     if resume is not None:
         check_resume_options(resume, args, aim_cfg)
-    if resume is None and args.resume == "auto":
+    if resume is None and args.resume == "auto" and os.environ.get("RANK", "0") == "0":
         print(f"[aim_ds] --resume auto: no checkpoint under {os.path.join(args.output_dir, CKPT_SUBDIR)}; "
               "starting fresh", file=sys.stderr, flush=True)
     if args.output_dir is not None:
