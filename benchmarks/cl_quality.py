@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["single", "seqft", "replay", "fixed_merge", "aim", "multitask"]
 # Settings chosen for Standard CL on the 2-core CPU machine (see BENCHMARKS.md for why).
 STANDARD_PRESET = {
-    "order": 4, "data_dir": "../shared/data/longsequence", "model": "configs/llama_2x256.json",
-    "epochs": 1.0, "max_train": 800, "max_eval": 50, "lr": 1e-3, "batch_size": 16, "max_len": 128,
+    "order": 4, "data_dir": "../shared/data/longsequence", "model": "configs/tiny_llama.json",
+    "epochs": 1.0, "max_train": 480, "max_eval": 40, "lr": 3e-3, "batch_size": 16, "max_len": 96,
 }
 
 
@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None, help="sub-folder name and BENCHMARKS.md marker (default: the benchmark)")
     p.add_argument("--markdown", default="BENCHMARKS.md", help="file to write the table into")
     p.add_argument("--collect-only", action="store_true", help="do not run; tabulate existing results")
+    p.add_argument("--note", default="", help="a paragraph to put under the table (e.g. why runs are missing)")
     p.add_argument("--no-markdown", action="store_true", help="print the table, do not edit the file")
     a = p.parse_args(argv)
     if a.benchmark == "standard":
@@ -238,19 +239,20 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
         L.append(f"| {m} | " + " | ".join(cells) + " |")
     L.append("")
     # just-learned diagonal (what each task reached right after training on it) for the sequential methods
-    L.append("Just-learned accuracy a[k][k] (mean over seeds), for reading BWT:")
-    L.append("")
-    L.append("| method | " + " | ".join(tasks) + " |")
-    L.append("|---|" + "---|" * len(tasks))
-    for m in a.methods:
-        if m in ("single", "multitask"):
-            continue
-        rs = [res.get((m, s)) for s in seeds if res.get((m, s))]
-        if not rs:
-            continue
-        cells = [f"{statistics.fmean(r['matrix'][k][k] for r in rs):.1f}" for k in range(len(tasks))]
-        L.append(f"| {m} | " + " | ".join(cells) + " |")
-    L.append("")
+    seq = [m for m in a.methods if m not in ("single", "multitask")
+           and any(res.get((m, s)) for s in seeds)]
+    if seq:
+        L.append("Just-learned accuracy a[k][k] (mean over seeds), for reading BWT:")
+        L.append("")
+        L.append("| method | " + " | ".join(tasks) + " |")
+        L.append("|---|" + "---|" * len(tasks))
+        for m in seq:
+            rs = [res.get((m, s)) for s in seeds if res.get((m, s))]
+            cells = [f"{statistics.fmean(r['matrix'][k][k] for r in rs):.1f}" for k in range(len(tasks))]
+            L.append(f"| {m} | " + " | ".join(cells) + " |")
+        L.append("")
+    if a.note:
+        L += [a.note, ""]
     return "\n".join(L)
 
 
@@ -271,9 +273,15 @@ def write_markdown(path: Path, tag: str, body: str):
 
 def main(argv=None):
     a = parse_args(argv)
-    argv_shown = sys.argv[1:] if argv is None else argv
-    cmdline = ".venv/bin/python benchmarks/cl_quality.py " + " ".join(shlex.quote(x) for x in argv_shown
-                                                                       if x != "--collect-only")
+    argv_shown, skip = [], False
+    for x in (sys.argv[1:] if argv is None else argv):
+        if skip:
+            skip = False
+        elif x == "--note":
+            skip = True
+        elif x != "--collect-only" and not x.startswith("--note="):
+            argv_shown.append(x)
+    cmdline = ".venv/bin/python benchmarks/cl_quality.py " + " ".join(shlex.quote(x) for x in argv_shown)
     total = started = None
     if not a.collect_only:
         run_all(a)
