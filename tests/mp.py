@@ -33,6 +33,15 @@ def base_env() -> dict:
     return env
 
 
+def driver_env(tmp_path) -> dict:
+    """Environment for a launcher started by a test: no inherited rank variables, a private cache."""
+    env = base_env()
+    env.update(AIM_DS_CACHE=str(Path(tmp_path) / "cache"), PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
 class RankFailure(AssertionError):
     pass
 

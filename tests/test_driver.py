@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,19 +19,7 @@ BIN = Path(sys.executable).parent
 SMALL = ["--max-train", "32", "--max-eval", "16", "--batch-size", "2", "--eval-batch-size", "16", "--no-progress"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env(tmp_path) -> dict:
-    e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", AIM_DS_CACHE=str(tmp_path / "cache"),
-             TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
+from tests.mp import driver_env as env, free_port  # noqa: E402
 
 
 def run(cmd, tmp_path, timeout=240):

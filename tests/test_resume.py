@@ -23,21 +23,7 @@ BIN = Path(sys.executable).parent
 SMALL = ["--max-train", "48", "--max-eval", "16", "--batch-size", "2", "--eval-batch-size", "16", "--no-progress"]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env(tmp_path) -> dict:
-    e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", AIM_DS_CACHE=str(tmp_path / "cache"),
-             TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
+from tests.mp import driver_env as env, free_port  # noqa: E402
 
 
 def start(cmd, tmp_path, log):
