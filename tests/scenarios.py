@@ -5,7 +5,6 @@ message shows the numbers. Models are tiny Llamas built from a config on the fly
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import deepspeed
@@ -128,10 +127,10 @@ def reference_loss(weights: dict, b, dtype) -> float:
 
 
 # ---------------------------------------------------------------------------------------- scenarios
-def fusion_exact(dtype="fp32", persistence=0, w_in=0.7, w_out=0.2, rehearsal=2, offload=False):
+def fusion_exact(dtype="fp32", persistence=0, w_in=0.7, w_out=0.2, rehearsal=2, offload=False, anchor="device"):
     """Fusion against a reference computed from gathered full parameters; visibility; lr-0 survival;
     weights (1, 0) undo rehearsal."""
-    engine = make_engine(ds_config(dtype, persistence, aim={"enabled": True}, offload=offload))
+    engine = make_engine(ds_config(dtype, persistence, aim={"enabled": True, "anchor": anchor}, offload=offload))
     plugin = aim_ds.attach(engine, memory())
     plugin.start_task()
     anchor = full_fp32(engine)
@@ -171,6 +170,7 @@ def fusion_exact(dtype="fp32", persistence=0, w_in=0.7, w_out=0.2, rehearsal=2, 
     result["undo_max_abs"] = max_abs(after, before)
     result["undo_working_rel_err"] = max_rel(full_working(engine), before)
     result["held_bytes"] = plugin.held_bytes()
+    result["anchor_device"] = str(plugin.anchor[0].device)
     result["local_numel"] = plugin.shards.local_numel
     result["valid_numel"] = plugin.shards.local_valid_numel
     result["total_params"] = sum(v.numel() for v in anchor.values())
@@ -318,19 +318,4 @@ def quantile_and_importance(q=0.8):
 
 def host_anchor():
     """anchor: host keeps the buffer in CPU memory; fusion stays exact."""
-    return fusion_exact_cfg({"enabled": True, "anchor": "host"})
-
-
-def fusion_exact_cfg(aim):
-    engine = make_engine(ds_config(aim=aim))
-    plugin = aim_ds.attach(engine, memory())
-    plugin.start_task()
-    anchor = full_fp32(engine)
-    train_steps(engine, 2)
-    theta_k = full_fp32(engine)
-    seen = {}
-    plugin.after_rehearsal_callback = lambda p: seen.__setitem__("M", full_fp32(engine))
-    plugin.merge(weights=(0.6, 0.4), rehearsal_steps=1)
-    ref = {k: anchor[k] + 0.6 * (theta_k[k] - anchor[k]) + 0.4 * (seen["M"][k] - theta_k[k]) for k in anchor}
-    return {"rel_err": max_rel(full_fp32(engine), ref), "anchor_device": str(plugin.anchor[0].device),
-            "held": plugin.held_bytes()}
+    return fusion_exact(anchor="host")
