@@ -8,6 +8,7 @@ and drops its score.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -31,6 +32,15 @@ def _unwrap(model_or_engine):
         except StopIteration:
             device = torch.device("cpu")
     return model_or_engine, module, device
+
+
+def keeps_logits(model_or_engine) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    module = getattr(model_or_engine, "module", model_or_engine)
+    try:
+        return "logits_to_keep" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _n_batches(n_items_for_rank, world_size: int, batch_size: int) -> int:
@@ -72,13 +82,21 @@ def score_labels(model_or_engine, tokenizer, prompts: list[list[int]], label_ids
             continue
         seqs = [prompts[p] + label_ids[l] for p, l in chunk]
         ids, mask = _pad_right(seqs, tokenizer.pad_token_id, device)
-        logits = fwd(input_ids=ids, attention_mask=mask).logits.float()
-        logp = F.log_softmax(logits[:, :-1], dim=-1)
-        tgt = ids[:, 1:]
-        tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        if not keeps_logits(fwd):
+            logits = fwd(input_ids=ids, attention_mask=mask).logits.float()
+            tok_lp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for i, (p, l) in enumerate(chunk):
+                start, end = len(prompts[p]) - 1, len(prompts[p]) + len(label_ids[l]) - 1
+                scores[b * batch_size + i] = tok_lp[i, start:end].sum().double().cpu()
+            continue
+        # logits only where they score a label token (the LM head dominates a small model's forward)
+        width = max(len(label_ids[l]) for _, l in chunk)
+        start = torch.tensor([len(prompts[p]) - 1 for p, _ in chunk], device=ids.device)
+        pos = (start[:, None] + torch.arange(width, device=ids.device)[None, :]).clamp(max=ids.shape[1] - 2)
+        logits = fwd(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits.float()
+        tok_lp = F.log_softmax(logits, dim=-1).gather(-1, ids.gather(1, pos + 1).unsqueeze(-1)).squeeze(-1)
         for i, (p, l) in enumerate(chunk):
-            start, end = len(prompts[p]) - 1, len(prompts[p]) + len(label_ids[l]) - 1
-            scores[b * batch_size + i] = tok_lp[i, start:end].sum().double().cpu()
+            scores[b * batch_size + i] = tok_lp[i, :len(label_ids[l])].sum().double().cpu()
     return scores.view(len(prompts), len(label_ids))
 
 

@@ -495,7 +495,12 @@ class AimPlugin:
             labels, ids = b["labels"], b.get("input_ids")
             if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
                 return f"{where}: labels must be an integer tensor (token ids, -100 = ignore)."
-            if torch.is_tensor(ids) and ids.shape != labels.shape:
+            keep = b.get("logits_to_keep")
+            if torch.is_tensor(keep) and keep.dim() == 2:   # labels gathered at the kept logit positions
+                if keep.shape != labels.shape:
+                    return (f"{where}: labels shape {tuple(labels.shape)} differs from logits_to_keep "
+                            f"{tuple(keep.shape)}; gather labels at the kept positions.")
+            elif torch.is_tensor(ids) and ids.shape != labels.shape:
                 return f"{where}: labels shape {tuple(labels.shape)} differs from input_ids {tuple(ids.shape)}."
             sizes = {k: v.shape[0] for k, v in b.items() if torch.is_tensor(v) and v.dim() > 0}
             if len(set(sizes.values())) > 1:

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["single", "seqft", "replay", "fixed_merge", "aim", "multitask"]
 # Settings chosen for Standard CL on the 2-core CPU machine (see BENCHMARKS.md for why).
 STANDARD_PRESET = {
-    "order": 4, "data_dir": "../shared/data/longsequence", "model": "configs/tiny_llama.json",
-    "epochs": 1.0, "max_train": 480, "max_eval": 40, "lr": 3e-3, "batch_size": 16, "max_len": 96,
+    "order": 4, "data_dir": "../shared/data/longsequence", "model": "configs/llama_2x256.json",
+    "epochs": 2.0, "max_train": 800, "max_eval": 100, "lr": 1e-3, "batch_size": 16, "max_len": 128,
 }
 
 

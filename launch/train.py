@@ -521,6 +521,9 @@ def make_engine(ctx):
     args = ctx["args"]
     torch.manual_seed(args.seed)
     model, keepalive = build_model(args.model, ctx["tokenizer"], ctx["ds_run"])
+    from aim_ds.evaluation import keeps_logits
+
+    ctx["keeps_logits"] = keeps_logits(model)  # batches carry logits_to_keep only if the forward takes it
     opt = None
     if ctx["client_opt"]:
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
@@ -545,7 +548,8 @@ def collate_examples(examples, ctx):
     from aim_ds.data import CausalLMExamples, collate
 
     ds = CausalLMExamples(examples, ctx["tokenizer"], max_len=ctx["args"].max_len)
-    return collate([ds[i] for i in range(len(ds))], ctx["tokenizer"].pad_token_id)
+    return collate([ds[i] for i in range(len(ds))], ctx["tokenizer"].pad_token_id,
+                   label_logits_only=ctx.get("keeps_logits", False))
 
 
 def to_device(batch, device):

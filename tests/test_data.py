@@ -270,7 +270,7 @@ def test_label_masking(tok):
     ex = [Example("0", "Task: alpha. Words: lop mar nix. Answer:", "red"),
           Example("1", "Task: beta. Words: lop. Answer:", "blue green")]
     ds = CausalLMExamples(ex, tok, max_len=64)
-    b = collate([ds[0], ds[1]], tok.pad_token_id)
+    b = collate([ds[0], ds[1]], tok.pad_token_id, label_logits_only=False)
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
     for i, e in enumerate(ex):
         ids, lab, mask = b["input_ids"][i], b["labels"][i], b["attention_mask"][i]
@@ -296,3 +296,35 @@ def test_prompt_truncation(tok):
     ds = CausalLMExamples([Example("0", long, "red")], tok, max_len=32)
     assert len(ds[0]["input_ids"]) == 32
     assert ds[0]["labels"][-len(encode_target(tok, "red")):].tolist() == encode_target(tok, "red")
+
+
+def test_label_window_loss_equals_full_logits_loss():
+    """collate's logits_to_keep window: same loss as full logits, on rows with different prompt and
+    label lengths (right padding), and the gathered labels are exactly each row's label tokens."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aim_ds.data.dataset import IGNORE, collate
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2)).eval()
+    items = []
+    for n, lab in [(20, 3), (9, 5), (30, 1), (6, 6)]:
+        ids = torch.randint(3, 97, (n,))
+        labels = ids.clone()
+        labels[: n - lab] = IGNORE
+        items.append({"input_ids": ids, "labels": labels})
+    full, win = collate(items, 0, label_logits_only=False), collate(items, 0)
+    assert win["logits_to_keep"].shape == win["labels"].shape == (4, 6)  # label span 5 + the position before it
+    for i, it in enumerate(items):
+        kept = win["labels"][i][win["labels"][i] != IGNORE]
+        assert kept.tolist() == it["labels"][it["labels"] != IGNORE].tolist()
+    with torch.no_grad():
+        a, b = model(**full).loss, model(**win).loss
+    assert torch.isfinite(a) and abs(float(a) - float(b)) < 1e-5 * float(a)
+    # a wrong window (shifted by one) gives a different loss: the check above can fail
+    shifted = dict(win, logits_to_keep=(win["logits_to_keep"] + 1).clamp(max=29))
+    with torch.no_grad():
+        assert abs(float(model(**shifted).loss) - float(a)) > 1e-3

@@ -56,8 +56,14 @@ class CausalLMExamples(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def collate(batch: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest item: input_ids (pad_id), attention_mask (0 on pad), labels (-100)."""
+def collate(batch: list[dict], pad_id: int, label_logits_only: bool = True) -> dict:
+    """Right-pad to the longest item: input_ids (pad_id), attention_mask (0 on pad), labels (-100).
+
+    With ``label_logits_only`` (default) the batch also carries ``logits_to_keep``: per row, the
+    positions from the one before the first label token to the last label token, so the LM head runs on
+    those few positions instead of all of them (it is most of the compute of a small model with a big
+    vocabulary). ``labels`` is then gathered at the same positions; the model's causal-LM loss, which
+    shifts labels by one inside the kept window, is the same mean over the same label tokens."""
     n = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), n), dtype=torch.long)
@@ -67,4 +73,26 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         ids[i, :k] = b["input_ids"]
         mask[i, :k] = 1
         labels[i, :k] = b["labels"] if "labels" in b else b["input_ids"]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if label_logits_only:
+        out["logits_to_keep"], out["labels"] = label_window(labels)
+    return out
+
+
+def label_window(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [B, W], labels gathered there [B, W]) covering every row's label span plus the
+    position before it (whose logits predict the first label token); padded windows get -100."""
+    b, n = labels.shape
+    has = labels != IGNORE
+    pos = torch.arange(n).expand(b, n)
+    first = torch.where(has, pos, n).min(dim=1).values
+    last = torch.where(has, pos, -1).max(dim=1).values
+    start = (first - 1).clamp(min=0)
+    start = torch.where(last >= 0, start, torch.zeros_like(start))
+    span = torch.where(last >= 0, last - start + 1, torch.ones_like(start))
+    w = int(span.max())
+    window = start[:, None] + torch.arange(w)[None, :]
+    inside = window <= (start + span - 1)[:, None]
+    window = window.clamp(max=n - 1)
+    kept = torch.where(inside, labels.gather(1, window), torch.full_like(window, IGNORE))
+    return window, kept
