@@ -58,6 +58,7 @@ class AimConfig:
     importance_beta1: float = 0.85
     importance_beta2: float = 0.85
     rehearsal_steps: str | int = "interval"
+    rehearsal_fraction: float = 1.0
     probe_interval: int = 1
     probe_batch_size: int = 0
     anchor: str = "device"
@@ -216,6 +217,12 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
         out["rehearsal_steps"] = r
     else:
         out["rehearsal_steps"] = _int("rehearsal_steps", r, 1, r_expected)
+    out["rehearsal_fraction"] = _float("rehearsal_fraction", d["rehearsal_fraction"], lambda x: 0.0 < x <= 1.0,
+                                       "a number in (0, 1] (R = ceil(fraction * S))")
+    if out["rehearsal_fraction"] != 1.0 and out["rehearsal_steps"] != "interval":
+        raise _fail("rehearsal_fraction", d["rehearsal_fraction"],
+                    '1.0 when rehearsal_steps is a constant (set R directly, or use rehearsal_steps "interval")',
+                    what="only scales rehearsal_steps \"interval\"")
     out["probe_interval"] = _int("probe_interval", d["probe_interval"], 1,
                                  "an integer >= 1 (probe every k-th step)")
     out["probe_batch_size"] = _int("probe_batch_size", d["probe_batch_size"], 0,

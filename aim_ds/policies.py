@@ -175,8 +175,11 @@ def make_weight_policy(cfg: AimConfig):
 
 
 def rehearsal_steps(cfg: AimConfig, new_interval: int) -> int:
-    """R: the new interval (released rule) or the configured constant."""
-    return new_interval if cfg.rehearsal_steps == "interval" else int(cfg.rehearsal_steps)
+    """R: the configured constant, or ceil(rehearsal_fraction * new interval) (fraction 1 = the released
+    rule R = S; a smaller fraction bounds rehearsal's share of the compute)."""
+    if cfg.rehearsal_steps != "interval":
+        return int(cfg.rehearsal_steps)
+    return max(1, math.ceil(cfg.rehearsal_fraction * new_interval - 1e-9))
 
 
 __all__ = ["PaperRule", "ReferenceRule", "FixedRule", "make_interval_rule", "signals_weights",

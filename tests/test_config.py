@@ -15,7 +15,7 @@ DEFAULTS = {
     "threshold_factor": 2.0, "forced_activation_multiple": 2, "activation_cap": 3,
     "weight_policy": "signals", "w_in": 0.5, "w_out": 0.5, "importance_quantile": 0.8,
     "importance_beta1": 0.85, "importance_beta2": 0.85, "rehearsal_steps": "interval",
-    "probe_interval": 1, "probe_batch_size": 0, "anchor": "device", "merge_first_task": False,
+    "rehearsal_fraction": 1.0, "probe_interval": 1, "probe_batch_size": 0, "anchor": "device", "merge_first_task": False,
 }
 
 
@@ -51,7 +51,8 @@ def test_round_trip_of_every_field_changed():
         "max_interval": 9, "cold_start": 0, "window": 4, "gamma_up": 1.5, "gamma_down": 3,
         "threshold_factor": 1.25, "forced_activation_multiple": 3, "activation_cap": 1,
         "weight_policy": "fixed", "w_in": 0.7, "w_out": 1.2, "importance_quantile": 0.5,
-        "importance_beta1": 0.0, "importance_beta2": 0.5, "rehearsal_steps": 4, "probe_interval": 2,
+        "importance_beta1": 0.0, "importance_beta2": 0.5, "rehearsal_steps": "interval",
+        "rehearsal_fraction": 0.5, "probe_interval": 2,
         "probe_batch_size": 16, "anchor": "host", "merge_first_task": True,
     }
     cfg = AimConfig.from_dict(section)
@@ -117,6 +118,8 @@ def test_the_error_message_is_one_line_naming_key_value_and_range():
     ("rehearsal_steps", 0, '"interval" (R = the new interval S) or an integer >= 1'),
     ("rehearsal_steps", "new", '"interval"'),
     ("probe_interval", 0, "an integer >= 1"),
+    ("rehearsal_fraction", 0.0, "(0, 1]"),
+    ("rehearsal_fraction", 1.5, "(0, 1]"),
     ("probe_batch_size", -1, "an integer >= 0"),
     ("anchor", "cpu", 'one of "device", "host"'),
 ])
@@ -175,3 +178,13 @@ def test_config_module_imports_without_torch():
             "print('torch' in sys.modules)" % pkg_dir)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_rehearsal_fraction_scales_the_interval_rule_only():
+    from aim_ds.policies import rehearsal_steps
+
+    cfg = AimConfig.from_dict({"rehearsal_fraction": 0.25})
+    assert [rehearsal_steps(cfg, s) for s in (1, 2, 8, 9, 32)] == [1, 1, 2, 3, 8]
+    assert rehearsal_steps(AimConfig.from_dict({}), 32) == 32
+    e = err({"rehearsal_steps": 4, "rehearsal_fraction": 0.5})
+    assert e.key == "rehearsal_fraction" and "set R directly" in str(e)
