@@ -28,7 +28,11 @@ def _record(**over) -> dict:
         "stat_bytes_per_step": 24, "stat_bytes_per_step_by_model_params": {str(params): 24, "139584": 24},
         "fusion_vs_copy": 0.71, "hook_overhead_no_probe": 1.0025, "hook_overhead_no_probe_ab": 1.012,
         "end_to_end_aim_over_seqft": 1.2, "probe_cost": 1.12, "fusion_over_step": 0.0017,
-        "fusion_passes": 7.0, "fusion_passes_plugin_record": 8, "end_to_end_from_counts": 1.23,
+        "fusion_passes": 7.0, "fusion_passes_plugin_record": 8, "end_to_end_alternated_from_counts": 1.23,
+        "end_to_end_alternated_paper_defaults": 1.13,
+        "end_to_end_runs": [{"seed": 0, "seqft_train_s": 10.0, "aim_train_s": 12.0, "ratio": 1.2,
+                             "seqft": {"OP": 41.1, "BWT": -78.5, "engine_steps": 160},
+                             "aim": {"OP": 60.8, "BWT": -28.8, "engine_steps": 352, "merges": 12, "probes": 30}}],
         "e2e": {"seqft": [50.0], "aim": [60.0], "aim_merges": [1], "aim_rehearsal_steps": [8], "aim_probes": [24]},
     }
     d.update(over)
@@ -66,7 +70,8 @@ def test_table_shows_each_goal_and_the_padding_miss():
     text = perf.table(_record())
     assert "N=3: 1.333356 (<= 1.333333)  MISSED" in text  # 6 decimals: the padding is visible
     assert "padded partition element" in text and "N=3: 4.0000" in text
-    for needle in ("<= 64", "<= 1.5", "<= 1.01", "<= 1.3", "probe step / plain step", "load average"):
+    for needle in ("<= 64", "<= 1.5", "<= 1.01", "<= 1.3", "probe step / plain step", "load average",
+                   "seed 0: SeqFT 10.0 s (OP 41.1, BWT -78.5), AimMerging 12.0 s (OP 60.8, BWT -28.8; 352 engine"):
         assert needle in text, needle
     assert perf.table(_record(probe_cost=None)).count("n/a") == 1
 
@@ -121,3 +126,22 @@ def test_plans_and_goals_cover_the_issue_keys():
         assert plan["model"] in perf.MODELS
         # a merge must happen in task 1: the default config forces the first one by 2 * S_0 = 16 steps
         assert plan["task_steps"] >= 16 and plan["e2e_reps"] >= 1 and plan["reps"] >= 2
+        assert len(plan["driver_seeds"]) >= 2  # the goal figure is a median over driver pairs
+
+
+@pytest.mark.timeout(300)
+def test_driver_end_to_end_runs_the_real_driver_pair(monkeypatch, tmp_path):
+    # the real driver on the default benchmark, trimmed by argv so that it takes seconds: both methods
+    # run, their results are read, and the ratio is aim's training wall over seqft's
+    monkeypatch.setenv("AIM_DS_CACHE", str(tmp_path / "cache"))
+    real = perf.subprocess.Popen
+
+    def trimmed(cmd, **kw):
+        return real(cmd + ["--max-train", "32", "--max-eval", "8", "--eval-batch-size", "8"], **kw)
+
+    monkeypatch.setattr(perf.subprocess, "Popen", trimmed)
+    runs = perf.driver_end_to_end([0], log=lambda m: None, timeout=240)
+    (r,) = runs
+    assert r["seed"] == 0 and r["ratio"] == pytest.approx(r["aim_train_s"] / r["seqft_train_s"])
+    assert r["aim"]["engine_steps"] >= r["seqft"]["engine_steps"] > 0
+    assert r["aim"]["probes"] is not None and -100 <= r["aim"]["BWT"] <= 100
