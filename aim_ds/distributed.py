@@ -151,7 +151,39 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s),
                                    rank=info.rank, world_size=info.world_size)
+        release_cpu_shm_names()
     return info
+
+
+def cpu_shm_path(rank: int | None = None) -> str:
+    """The /dev/shm file DeepSpeed's CPU shm all-reduce (``deepspeed_shm_comm``) creates for ``rank``."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if rank is None else rank
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_cpu_shm_names() -> bool:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped it (collective).
+
+    On the CPU accelerator, ``init_distributed`` creates a ~69 MB POSIX shared-memory file per rank in
+    /dev/shm, named by MASTER_ADDR/MASTER_PORT/rank, maps every peer's, and never unlinks them (deepspeed
+    0.19.8): every run leaks world x 69 MB of RAM-backed tmpfs until /dev/shm fills, and a later run on the
+    same port may map a dead run's buffer. After a barrier every rank has mapped every peer (the mapping is
+    made inside init), so each rank unlinks its own name: the mappings stay valid and the kernel frees the
+    memory when the last rank exits, even on SIGKILL. Returns whether a file was removed. No-op off CPU."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if not (dist.is_available() and dist.is_initialized()) or get_accelerator().device_name() != "cpu":
+        return False
+    dist.barrier()
+    try:
+        os.unlink(cpu_shm_path())
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def barrier() -> None:

@@ -111,6 +111,9 @@ def _child(scenario, rank, world, port, outdir, kwargs):
 
         torch.set_num_threads(1)
         deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120))
+        from aim_ds.distributed import release_cpu_shm_names
+
+        release_cpu_shm_names()  # DeepSpeed leaves ~69 MB per rank in /dev/shm otherwise
         import importlib
 
         module, _, name = scenario.rpartition(":")

@@ -5,6 +5,7 @@ message shows the numbers. Models are tiny Llamas built from a config on the fly
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import deepspeed
@@ -319,3 +320,18 @@ def quantile_and_importance(q=0.8):
 def host_anchor():
     """anchor: host keeps the buffer in CPU memory; fusion stays exact."""
     return fusion_exact(anchor="host")
+
+
+def shm_released():
+    """tests/mp.py has called release_cpu_shm_names(): this rank's DeepSpeed CPU all-reduce buffer is no
+    longer named in /dev/shm, yet the shm all-reduce (mapped before the unlink) still sums correctly."""
+    import deepspeed.comm as ds_dist
+
+    from aim_ds.distributed import cpu_shm_path
+
+    names = [cpu_shm_path(r) for r in range(ds_dist.get_world_size())]
+    t = torch.full((1000,), float(rank() + 1))
+    ds_dist.inference_all_reduce(t)  # the op deepspeed_shm_comm serves on CPU
+    g = torch.full((3,), float(rank() + 1))
+    ds_dist.all_reduce(g)
+    return {"left": [n for n in names if os.path.exists(n)], "shm_sum": float(t[0]), "gloo_sum": float(g[0])}

@@ -150,10 +150,13 @@ def test_deepspeed_two_ranks_aim(tmp_path):
     """The real path: deepspeed launcher, 2 ranks, ZeRO-3, the plugin attached, merges happen."""
     out = tmp_path / "out"
     cfg = ds_config(tmp_path, initial_interval=2, min_interval=1, max_interval=4, _monitor=str(tmp_path / "mon"))
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), TRAIN,
            "--method", "aim", "--deepspeed_config", cfg, "--output-dir", str(out), *SMALL]
     p = run(cmd, tmp_path)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    # DeepSpeed's CPU shm all-reduce buffers (~69 MB per rank) must not outlive the run
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     r = check_outputs(out, "aim")
     assert r["world_size"] == 2 and r["launcher"] == "env"
     assert len(r["matrix"]) == 4
