@@ -101,11 +101,18 @@ def build_jobs(a):
     return sorted(jobs, key=lambda j: 0 if j[0].startswith("single-") else 1)
 
 
-def run_all(a) -> dict[str, float]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache/torch_extensions"), TOKENIZERS_PARALLELISM="false")
+def driver_env() -> dict:
+    """Environment for one single-process driver run side by side with another (also used by perf.py):
+    one thread each, offline, the project's prebuilt ops, no inherited rank variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    return env
+
+
+def run_all(a) -> dict[str, float]:
+    env = driver_env()
     pending, running, done, walls = build_jobs(a), {}, set(), {}
     (ROOT / a.out_root / a.tag).mkdir(parents=True, exist_ok=True)
     t0 = time.time()

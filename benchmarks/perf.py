@@ -38,6 +38,7 @@ Without --json a table is printed; --json PATH also writes the full record.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as _dt
 import functools
 import json
@@ -275,7 +276,7 @@ def job_memory(b: Bench) -> dict:
 
 
 def job_full(b: Bench) -> dict:
-    import aim_ds  # noqa: F401
+    import aim_ds
 
     from benchmarks.gpu_check import FusionTimer, Sync, copy_bandwidth
 
@@ -336,8 +337,6 @@ def job_full(b: Bench) -> dict:
     # the hook, with its probes, rehearsal and fusion): load from other processes hits both sums alike.
     # Both steps update the same weights, so the controller sees a model trained twice as fast as in a real
     # run; the merge/rehearsal/probe counts are reported beside the ratio (and end_to_end_alternated_from_counts).
-    import aim_ds
-
     e2e = {"seqft": [], "aim": [], "aim_merges": [], "aim_rehearsal_steps": [], "aim_probes": [],
            "mode": "alternated per step on one engine (SeqFT = DeepSpeed's step, AimMerging = the hooked step)"}
     for _ in range(spec["e2e_reps"]):
@@ -427,11 +426,9 @@ def driver_end_to_end(seeds, log=print, timeout: float = 600) -> list[dict]:
     """`launch/train.py` seqft and aim on the embedded default benchmark with the driver's default ds_config,
     one process each (world 1, batch 16 = the 2-rank default's global batch), the pair side by side per seed.
     Returns per seed: train_wall_s of both, their ratio, OP/BWT, engine steps, merges and probes."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    from cl_quality import driver_env  # benchmarks/ is on sys.path: this script's own folder
+
+    env = driver_env()
     root = Path(tempfile.mkdtemp(prefix="aim_perf_e2e_"))
     runs = []
     for seed in seeds:
@@ -447,11 +444,11 @@ def driver_end_to_end(seeds, log=print, timeout: float = 600) -> list[dict]:
             try:
                 p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                for q, _, _ in procs.values():
+                for q, _, f in procs.values():
                     q.kill()
+                    f.close()
                 raise RuntimeError(f"perf: driver {m} seed {seed} timed out after {timeout:.0f} s; logs in {root}")
-            finally:
-                log_f.close()
+            log_f.close()
             if p.returncode != 0 or not (out / "results.json").exists():
                 tail = (root / f"{m}-s{seed}.log").read_text()[-3000:]
                 raise RuntimeError(f"perf: driver {m} seed {seed} failed (exit {p.returncode}):\n{tail}")
@@ -460,7 +457,6 @@ def driver_end_to_end(seeds, log=print, timeout: float = 600) -> list[dict]:
         probes = None
         traj = root / f"aim-s{seed}" / "trajectory.csv"
         if traj.exists():
-            import csv
             with open(traj) as f:
                 probes = sum(1 for row in csv.DictReader(f) if row.get("probe_loss") not in (None, ""))
         runs.append({"seed": seed, "seqft_train_s": q["train_wall_s"], "aim_train_s": a["train_wall_s"],
