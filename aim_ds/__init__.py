@@ -11,4 +11,11 @@ def attach(engine, memory=None, config=None):
     return _attach(engine, memory, config)
 
 
-__all__ = ["attach", "AimConfig", "ConfigError", "__version__"]
+def rows_loss(logits, labels, rows):
+    """(summed token loss, label tokens) of some rows of a causal-LM batch; see aim_ds.plugin.rows_loss."""
+    from .plugin import rows_loss as _rows_loss
+
+    return _rows_loss(logits, labels, rows)
+
+
+__all__ = ["attach", "rows_loss", "AimConfig", "ConfigError", "__version__"]

@@ -23,6 +23,7 @@ SECTION = "aim_merging"
 INTERVAL_RULES = ("paper", "reference", "fixed")
 WEIGHT_POLICIES = ("signals", "fixed", "importance")
 ANCHORS = ("device", "host")
+PROBE_SOURCES = ("memory_forward", "training_batch")
 WEIGHT_MAX = 2.0  # w_in, w_out accepted in [0, WEIGHT_MAX]; > 1 extrapolates along a task vector
 
 
@@ -61,6 +62,7 @@ class AimConfig:
     rehearsal_fraction: float = 1.0
     probe_interval: int = 1
     probe_batch_size: int = 0
+    probe_source: str = "memory_forward"
     anchor: str = "device"
     merge_first_task: bool = False
 
@@ -227,9 +229,20 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
                                  "an integer >= 1 (probe every k-th step)")
     out["probe_batch_size"] = _int("probe_batch_size", d["probe_batch_size"], 0,
                                    "an integer >= 0 (0 = the whole memory batch)")
+    out["probe_source"] = _choice("probe_source", d["probe_source"], PROBE_SOURCES)
+    if out["probe_source"] == "training_batch":
+        # the loss comes from memory rows already in every training batch: there is no probe forward to thin
+        for key in ("probe_interval", "probe_batch_size"):
+            if out[key] != _DEFAULTS[key]:
+                raise _fail(key, d[key], f"{_DEFAULTS[key]} (the default) when probe_source is \"training_batch\": "
+                            "the forgetting signal is then read from the memory rows of every training batch, "
+                            "with no probe forward of its own to thin out; remove the key or use probe_source "
+                            "\"memory_forward\"", what="only applies to probe_source \"memory_forward\"")
     out["anchor"] = _choice("anchor", d["anchor"], ANCHORS)
     out["merge_first_task"] = _bool("merge_first_task", d["merge_first_task"])
     return out
 
 
-__all__ = ["AimConfig", "ConfigError", "SECTION", "INTERVAL_RULES", "WEIGHT_POLICIES", "ANCHORS"]
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AimConfig)}
+
+__all__ = ["AimConfig", "ConfigError", "SECTION", "INTERVAL_RULES", "WEIGHT_POLICIES", "ANCHORS", "PROBE_SOURCES"]

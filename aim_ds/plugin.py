@@ -5,6 +5,8 @@ One optimizer step, as data flows (see the README's design section):
     engine.step()                      (the user's loop, unchanged)
       -> AimPlugin._after_step()
            probe: forward on one memory batch per rank, no grad   -> all_reduce(sum, count)   16 B
+                  (probe_source "training_batch": the loss of the memory rows of the step's own
+                   training batch, recorded by the caller with record_probe_loss(); no forward)
            rank 0: controller.observe(loss) -> merge?             -> broadcast(flag)          8 B
            if merge:
              learning signal: sum |theta - anchor| on valid shard elements -> all_reduce   16 B
@@ -87,11 +89,15 @@ class AimPlugin:
         self.enabled = bool(config.enabled)
         self.trajectory: list[dict[str, Any]] = []
         self.merge_count = 0
+        # the plugin's own extra work on this rank, counted where it happens (benchmarks/perf.py reads it)
+        self.work = {"rehearsal_steps": 0, "rehearsal_tokens": 0, "probe_forwards": 0, "probe_tokens": 0}
         self.task_index = -1
         self._step_in_task = 0
         self._memory = None
         self._probe_cursor = self._rehearsal_cursor = None
         self._in_rehearsal = False
+        self._recorded_probe: tuple[float, float] | None = None  # probe_source "training_batch"
+        self._unrecorded_warned = -1  # the task for which a missing record_probe_loss() was reported
         self._original_step = None
         self._remove_grad_hook = None
         self.after_rehearsal_callback = None  # tests and debugging: called on every rank before fusion
@@ -159,6 +165,24 @@ class AimPlugin:
                "aim_merging: merge() needs a rehearsal memory; pass it to attach() or start_task(memory=...).")
         return self._merge(weights=weights, rehearsal_steps=rehearsal_steps, explicit=True)
 
+    def record_probe_loss(self, loss_sum: float, count: float) -> None:
+        """probe_source "training_batch": this step's forgetting signal from memory rows that are already in
+        the training batch. loss_sum = the summed per-token loss of those rows, count = their label tokens
+        (aim_ds.rows_loss computes both from the forward's logits). Call it on every rank between the forward
+        and engine.step(); a rank without memory rows passes (0, 0). The plugin then runs no probe forward:
+        the signal costs one 16-byte all-reduce per step. It is the loss before the step's update, in the
+        model's training mode (the released code's probe also ran with dropout on)."""
+        if not self.enabled or self.config.probe_source != "training_batch":
+            raise AimInputError("record_probe_loss() needs aim_merging.probe_source = \"training_batch\" (this "
+                                f"config has {self.config.probe_source!r}); set it in the ds_config, or drop the call "
+                                "and let the plugin probe with its own forward.")
+        s, c = float(loss_sum), float(count)
+        if c < 0 or (c == 0 and s != 0):
+            raise AimInputError(f"record_probe_loss({loss_sum!r}, {count!r}): count is the number of label tokens "
+                                "behind loss_sum (>= 0; 0 only with loss_sum 0).")
+        prev = self._recorded_probe or (0.0, 0.0)
+        self._recorded_probe = (prev[0] + s, prev[1] + c)  # gradient accumulation: micro-steps add up
+
     def held_bytes(self) -> dict[str, int]:
         """Bytes of tensors the plugin holds on this rank, by where they live."""
         out = {"device": 0, "host": 0}
@@ -181,7 +205,8 @@ class AimPlugin:
     def state_dict(self) -> dict:
         """Everything the plugin holds on this rank (tensors are this rank's shards)."""
         sd = {"config": self.config.to_dict(), "task_index": self.task_index, "step_in_task": self._step_in_task,
-              "merge_count": self.merge_count, "trajectory": list(self.trajectory), "enabled": self.enabled}
+              "merge_count": self.merge_count, "trajectory": list(self.trajectory), "enabled": self.enabled,
+              "work": dict(self.work)}
         if not self.enabled:
             return sd
         sd.update({
@@ -202,6 +227,7 @@ class AimPlugin:
                                 "resume with the config the run started with.")
         self.task_index, self._step_in_task = sd["task_index"], sd["step_in_task"]
         self.merge_count, self.trajectory = sd["merge_count"], list(sd["trajectory"])
+        self.work.update(sd.get("work", {}))  # absent in checkpoints of aim_ds <= 0.1 (counts restart at 0)
         if not self.enabled:
             return
         if sd["world_size"] != self.world_size or sd["rank"] != self.rank:
@@ -242,8 +268,11 @@ class AimPlugin:
         def step(*args, **kwargs):
             boundary = engine.is_gradient_accumulation_boundary()
             out = original(*args, **kwargs)
-            if boundary and not plugin._in_rehearsal and engine.was_step_applied():
-                plugin._after_step()
+            if boundary and not plugin._in_rehearsal:
+                if engine.was_step_applied():
+                    plugin._after_step()
+                else:
+                    plugin._recorded_probe = None  # a skipped (overflowed) step: its probe loss goes with it
             return out
 
         self._original_step = original
@@ -255,15 +284,35 @@ class AimPlugin:
         self._step_in_task += 1
         loss = None
         if self._probe_due():
-            loss = self._probe()
+            loss = self._probe_from_batch() if self.config.probe_source == "training_batch" else self._probe()
         merge = self._decide(loss)
         if merge:
             self._merge(weights=None, rehearsal_steps=None, explicit=False)
 
     def _probe_due(self) -> bool:
         c = self.config
-        return (self._active() and c.interval_rule != "fixed" and self._memory is not None
-                and self._step_in_task % c.probe_interval == 0)
+        if not self._active() or c.interval_rule == "fixed":
+            self._recorded_probe = None
+            return False
+        if c.probe_source == "training_batch":
+            return True  # every step: the loss is already computed, the all-reduce is 16 bytes
+        return self._memory is not None and self._step_in_task % c.probe_interval == 0
+
+    def _probe_from_batch(self) -> float | None:
+        """The recorded memory-row loss of this step's training batch, token-weighted over ranks."""
+        s, c = self._recorded_probe or (0.0, 0.0)
+        self._recorded_probe = None
+        total, count = statistics.sum_over_ranks(s, c)
+        if count <= 0:
+            if self.rank == 0 and self._unrecorded_warned != self.task_index:
+                self._unrecorded_warned = self.task_index
+                warnings.warn(f"aim_merging: probe_source is \"training_batch\" but no rank recorded a memory loss "
+                              f"at task {self.task_index} step {self._step_in_task}: the forgetting signal is empty, "
+                              "so only forced activations trigger merges. Mix memory rows into the training batches "
+                              "and call plugin.record_probe_loss(*aim_ds.rows_loss(...)) before engine.step(), or use "
+                              "probe_source \"memory_forward\". (Reported once per task.)", RuntimeWarning)
+            return None
+        return self._finite_probe(total / count)
 
     @torch.no_grad()
     def _probe(self) -> float | None:
@@ -279,7 +328,11 @@ class AimPlugin:
             local = float(self.engine(**_to_device(batch, self.engine.device)).loss.detach())
         finally:
             module.train(was_training)
-        loss = statistics.mean_over_ranks(local, 1.0)
+        self.work["probe_forwards"] += 1
+        self.work["probe_tokens"] += batch_tokens(batch)
+        return self._finite_probe(statistics.mean_over_ranks(local, 1.0))
+
+    def _finite_probe(self, loss: float) -> float | None:
         if not math.isfinite(loss):
             if self.rank == 0:
                 warnings.warn(f"aim_merging: non-finite probe loss at task {self.task_index} step "
@@ -396,11 +449,13 @@ class AimPlugin:
                 total = 0.0
                 for _ in range(engine.gradient_accumulation_steps()):
                     batch = _to_device(self._rehearsal_cursor.next(), engine.device)
+                    self.work["rehearsal_tokens"] += batch_tokens(batch)
                     loss = engine(**batch).loss
                     engine.backward(loss)
                     self._original_step()
                     total += float(loss.detach())
                 losses.append(total / engine.gradient_accumulation_steps())
+                self.work["rehearsal_steps"] += 1
         finally:
             engine.lr_scheduler = scheduler
             for g, lr in zip(engine.optimizer.param_groups, lrs):
@@ -523,8 +578,36 @@ def _sync() -> None:
     get_accelerator().synchronize()
 
 
+def batch_tokens(batch: dict) -> int:
+    """Tokens a forward over this batch processes: the attention mask's ones, else every input id."""
+    mask = batch.get("attention_mask")
+    if torch.is_tensor(mask):
+        return int(mask.sum())
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if torch.is_tensor(ids) else 0
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def rows_loss(logits: torch.Tensor, labels: torch.Tensor, rows) -> tuple[float, int]:
+    """(summed token loss, label tokens) of some rows of a causal-LM batch, from the forward's own logits:
+    the same shifted cross-entropy the model's loss uses (position t predicts label t + 1; -100 ignored).
+    ``labels`` are the ones passed to the model (with ``logits_to_keep`` positions, the labels gathered
+    there, as aim_ds.data.collate makes them). For ``AimPlugin.record_probe_loss``."""
+    lg, lb = logits[rows], labels[rows]
+    if lg.shape[:2] != lb.shape[:2]:
+        raise AimInputError(f"rows_loss: logits {tuple(lg.shape)} and labels {tuple(lb.shape)} do not line up; "
+                            "pass the labels at the positions whose logits the model returned.")
+    lg, lb = lg[:, :-1].float(), lb[:, 1:].to(lg.device)
+    n = int((lb != -100).sum())
+    if n == 0:
+        return 0.0, 0
+    loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
+                                             reduction="sum")
+    return float(loss), n
 
 
 def attach(engine, memory=None, config: AimConfig | dict | None = None) -> AimPlugin:

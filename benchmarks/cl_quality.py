@@ -28,7 +28,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["single", "seqft", "replay", "fixed_merge", "aim", "multitask"]
+METHODS = ["single", "seqft", "replay", "fixed_merge", "aim", "aim_alone", "multitask"]
+# table rows that are a driver method with other options: the paper's AimMerging alone (no memory rows in the
+# training batches; its own best-measured config: a probe forward, R = S, forced activation at m + S)
+VARIANTS = {"aim_alone": ("aim", ["--replay-rows", "0", "--deepspeed_config", "ds_configs/cpu_zero3_alone.json"])}
+MERGING = ("aim", "aim_alone", "fixed_merge")
 # Settings chosen for Standard CL on the 2-core CPU machine (see BENCHMARKS.md for why).
 STANDARD_PRESET = {
     "order": 4, "data_dir": "../shared/data/longsequence", "model": "configs/llama_2x256.json",
@@ -92,7 +96,8 @@ def build_jobs(a):
     for seed in a.seeds:
         for m in (["single"] if "single" in a.methods else []) + [m for m in a.methods if m != "single"]:
             out = run_dir(a, m, seed)
-            cmd = [sys.executable, "launch/train.py", *driver_args(a), "--method", m, "--seed", str(seed),
+            method, extra = VARIANTS.get(m, (m, []))
+            cmd = [sys.executable, "launch/train.py", *driver_args(a), "--method", method, *extra, "--seed", str(seed),
                    "--fwt-reference", "cache", "--output-dir", str(out.relative_to(ROOT)),
                    "--overwrite", "--no-progress"]
             dep = f"single-s{seed}" if (m != "single" and "single" in a.methods) else None
@@ -164,6 +169,17 @@ def _seeds(vals, digits=1):
     return " / ".join("—" if v is None else f"{v:.{digits}f}" for v in vals)
 
 
+def _tokens(results) -> str:
+    """Mean tokens (thousands, rank 0) through forward + backward (training batches and rehearsal), and through
+    forward only (the plugin's probe forwards) in brackets when there are any: the compute a GPU pays."""
+    w = [r.get("work") for r in results if r.get("work")]
+    if not w:
+        return "—"
+    fb = statistics.fmean(x.get("train_tokens", 0) + x.get("rehearsal_tokens", 0) for x in w) / 1000
+    fo = statistics.fmean(x.get("probe_tokens", 0) for x in w) / 1000
+    return f"{fb:.1f}" + (f" (+ {fo:.1f})" if fo else "")
+
+
 def collect(a):
     res = {}
     for m in a.methods:
@@ -201,8 +217,9 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
              f"{' / '.join(map(str, seeds))}). OP = mean final accuracy; BWT = mean (final − just-learned) over "
              "tasks 1..T-1; FWT against the `single` run of the same seed (driver's FWT cache).")
     L.append("")
-    L.append("| method | n | OP | BWT | FWT | OP per seed | BWT per seed | merges | engine steps | wall/run (s) |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| method | n | OP | BWT | FWT | OP per seed | BWT per seed | merges | engine steps | memory rows per batch "
+             "| k tokens fwd+bwd (+ fwd only) | wall/run (s) |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m in a.methods:
         rs = [res.get((m, s)) for s in seeds]
         got = [r for r in rs if r]
@@ -211,15 +228,17 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
         ops = [r.get("OP") if r else None for r in rs]
         bwt = [r.get("BWT") if r else None for r in rs]
         fwt = [r.get("FWT") if r else None for r in rs]
-        merges = _seeds([r.get("merges") if r else None for r in rs], 0) if m in ("aim", "fixed_merge") else "—"
+        merges = _seeds([r.get("merges") if r else None for r in rs], 0) if m in MERGING else "—"
         eng = _seeds([r.get("steps", {}).get("engine") if r else None for r in rs], 0)
         wall = _fmt([r.get("wall_time_s") for r in got], 0)
+        rows = _seeds(sorted({r.get("config", {}).get("replay_rows", 0) for r in got}), 0)
+        tok = _tokens(got)
         if m == "single":
             L.append(f"| single (diagonal, reference) | {len(got)} | {_fmt(ops)} | — | — | {_seeds(ops)} | — | — | "
-                     f"{eng} | {wall} |")
+                     f"{eng} | {rows} | {tok} | {wall} |")
             continue
         L.append(f"| {m} | {len(got)} | {_fmt(ops)} | {_fmt(bwt)} | {_fmt(fwt)} | {_seeds(ops)} | "
-                 f"{_seeds(bwt)} | {merges} | {eng} | {wall} |")
+                 f"{_seeds(bwt)} | {merges} | {eng} | {rows} | {tok} | {wall} |")
     L.append("")
     L.append("Final row per task (accuracy after the last task; `single`: each task's own score; mean over seeds, "
              "per-seed values in brackets):")

@@ -85,8 +85,9 @@ PLANS = {
     # task_steps: the default config's first merge of task 1 is forced at 2 S_0 = 16 steps at the latest,
     # so fewer steps would time the probes but never a merge
     # driver_seeds: seeds of the seqft/aim driver pairs behind end_to_end_aim_over_seqft
-    "quick": dict(model="small", mb=2, seq=64, reps=6, merges=5, task_steps=24, e2e_reps=1, driver_seeds=[0, 1]),
-    "full": dict(model="medium", mb=4, seq=128, reps=16, merges=6, task_steps=48, e2e_reps=2, driver_seeds=[0, 1, 2]),
+    "quick": dict(model="small", mb=2, seq=64, reps=6, merges=5, task_steps=24, e2e_reps=1, driver_seeds=[0, 1, 2, 3]),
+    "full": dict(model="medium", mb=4, seq=128, reps=16, merges=6, task_steps=48, e2e_reps=2,
+                 driver_seeds=[0, 1, 2, 3, 4, 5]),
 }
 
 
@@ -215,10 +216,19 @@ class Bench:
             x[:, j] = (a * x[:, j - 1] + b) % v
         return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
 
-    def step(self, batch: dict, hooked: bool) -> float:
+    def step(self, batch: dict, hooked: bool, record=None, record_times=None) -> float:
+        """One training step; with record (a plugin with probe_source "training_batch") the second half of the
+        batch stands for memory rows and their loss is recorded (timed into record_times)."""
         e = self.engine
         t0 = time.perf_counter()
-        loss = e(**{k: v.to(e.device) for k, v in batch.items()}).loss
+        out = e(**{k: v.to(e.device) for k, v in batch.items()})
+        loss = out.loss
+        if record is not None:
+            import aim_ds
+
+            t1 = time.perf_counter()
+            record.record_probe_loss(*aim_ds.rows_loss(out.logits, batch["labels"], slice(batch["labels"].shape[0] // 2, None)))
+            record_times.append(time.perf_counter() - t1)
         e.backward(loss)
         if hooked:
             e.step()  # the plugin's instance hook (or DeepSpeed's own step when none is attached)
@@ -330,6 +340,22 @@ def job_full(b: Bench) -> dict:
     f_bytes_med = int(_st.median(f["bytes"] for f in fusion))
     copy_bps = copy_bandwidth(max(f_bytes_med // 8, 1), b.engine.device, Sync(False), reps=11, best=True)
     plugin.detach()
+
+    # ---- the default config's forgetting signal (probe_source "training_batch"): the loss of memory rows already
+    # in the batch, read off the training forward, then one 16-byte all-reduce; no probe forward, no merge (S = 128)
+    plugin = b.attach(merge_first_task=True, probe_source="training_batch", initial_interval=128, max_interval=128)
+    tb_hook, tb_rows, plain3, tb_steps, tb_bytes = [], [], [], [], []
+    _timed_method(plugin, "_after_step", tb_hook)
+    b.step(b.batches[1][0], hooked=True, record=plugin, record_times=tb_rows)
+    tb_hook.clear(), tb_rows.clear()
+    for i in range(reps):
+        bt = b.batches[1][i % 4]
+        plain3.append(b.step(bt, hooked=False))
+        c0 = counter.bytes
+        tb_steps.append(b.step(bt, hooked=True, record=plugin, record_times=tb_rows))
+        tb_bytes.append(counter.bytes - c0)
+    tb_probes = sum(1 for r in plugin.trajectory if r.get("probe_loss") is not None)
+    plugin.detach()
     counter.restore()
 
     # ---- end to end: 2 tasks x task_steps, SeqFT vs the default aim_merging config, step by step alternated on
@@ -372,12 +398,16 @@ def job_full(b: Bench) -> dict:
         "merges_in_hook_phase": merges_in_hook_phase, "stat_bytes_no_probe_steps": no_probe_bytes,
         "plain_step_seconds_probe_phase": plain2, "probed_step_seconds": probed, "stat_bytes_probed_steps": probe_bytes,
         "fusion": fusion, "fusion_shard_numel": shard_numel, "copy_bytes_per_second": copy_bps,
+        "batch_probe": {"hook_seconds": tb_hook, "rows_loss_seconds": tb_rows, "plain_step_seconds": plain3,
+                        "step_seconds": tb_steps, "stat_bytes": tb_bytes, "probes_seen": tb_probes},
         "e2e": e2e,
         "summary": {
             "step_seconds": step,
             "hook_overhead_no_probe": 1 + _st.median(hook_times) / step,
             "hook_overhead_no_probe_ab": _st.median(hooked) / step,
             "probe_cost": _st.median(probed) / _st.median(plain2) if probed else None,
+            "batch_probe_cost": 1 + (_st.median(tb_hook) + _st.median(tb_rows)) / _st.median(plain3),
+            "batch_probe_cost_ab": _st.median(tb_steps) / _st.median(plain3),
             "fusion_seconds": f_sec, "fusion_seconds_median": _st.median(f["seconds"] for f in fusion),
             "fusion_bytes": f_bytes,
             "fusion_passes": f_bytes / (4 * shard_numel) if shard_numel else None,
@@ -422,50 +452,71 @@ def _loadavg() -> list[float] | None:
 DRIVER = REPO / "launch" / "train.py"
 
 
+def _driver_pair(methods, seed, root: Path, env, timeout: float) -> dict:
+    """Two single-process driver runs side by side (same seed, same data and training steps); their results."""
+    procs = {}
+    for m in methods:
+        out = root / f"{m}-s{seed}-{len(list(root.glob(f'{m}-s{seed}-*.log')))}"
+        cmd = [sys.executable, str(DRIVER), "--method", m, "--seed", str(seed), "--batch-size", "16",
+               "--fwt-reference", "none", "--no-progress", "--output-dir", str(out)]
+        log_f = open(f"{out}.log", "w")
+        procs[m] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_f, stderr=subprocess.STDOUT), out, log_f)
+    res = {}
+    for m, (p, out, log_f) in procs.items():
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q, _, f in procs.values():
+                q.kill()
+                f.close()
+            raise RuntimeError(f"perf: driver {m} seed {seed} timed out after {timeout:.0f} s; logs in {root}")
+        log_f.close()
+        if p.returncode != 0 or not (out / "results.json").exists():
+            tail = Path(f"{out}.log").read_text()[-3000:]
+            raise RuntimeError(f"perf: driver {m} seed {seed} failed (exit {p.returncode}):\n{tail}")
+        res[m] = json.loads((out / "results.json").read_text())
+        traj = out / "trajectory.csv"
+        res[m]["probes"] = None
+        if traj.exists():
+            with open(traj) as f:
+                res[m]["probes"] = sum(1 for row in csv.DictReader(f) if row.get("probe_loss") not in (None, ""))
+    return res
+
+
+def _summary(r: dict) -> dict:
+    w = r.get("work") or {}
+    return {"train_s": r["train_wall_s"], "OP": r["OP"], "BWT": r["BWT"], "engine_steps": r["steps"]["engine"],
+            "merges": r["merges"], "probes": r.get("probes"), "replay_rows": r["config"].get("replay_rows"),
+            "tokens_fwd_bwd": w.get("train_tokens", 0) + w.get("rehearsal_tokens", 0),
+            "tokens_fwd_only": w.get("probe_tokens", 0), "work": w}
+
+
 def driver_end_to_end(seeds, log=print, timeout: float = 600) -> list[dict]:
-    """`launch/train.py` seqft and aim on the embedded default benchmark with the driver's default ds_config,
-    one process each (world 1, batch 16 = the 2-rank default's global batch), the pair side by side per seed.
-    Returns per seed: train_wall_s of both, their ratio, OP/BWT, engine steps, merges and probes."""
+    """`launch/train.py` with the driver's default ds_config on the embedded default benchmark, one process per
+    run (world 1, batch 16 = the 2-rank default's global batch): per seed, seqft and aim side by side, then replay
+    (the same mixed memory rows as aim, no plugin) and aim side by side, so that machine load hits both runs of a
+    pair alike. Returns per seed both ratios of train_wall_s, quality, engine steps and the tokens each run
+    pushed through forward + backward (counted by the driver and the plugin)."""
     from cl_quality import driver_env  # benchmarks/ is on sys.path: this script's own folder
 
     env = driver_env()
     root = Path(tempfile.mkdtemp(prefix="aim_perf_e2e_"))
     runs = []
     for seed in seeds:
-        procs = {}
-        for m in ("seqft", "aim"):
-            out = root / f"{m}-s{seed}"
-            cmd = [sys.executable, str(DRIVER), "--method", m, "--seed", str(seed), "--batch-size", "16",
-                   "--fwt-reference", "none", "--no-progress", "--output-dir", str(out)]
-            log_f = open(root / f"{m}-s{seed}.log", "w")
-            procs[m] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_f, stderr=subprocess.STDOUT), out, log_f)
-        res = {}
-        for m, (p, out, log_f) in procs.items():
-            try:
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for q, _, f in procs.values():
-                    q.kill()
-                    f.close()
-                raise RuntimeError(f"perf: driver {m} seed {seed} timed out after {timeout:.0f} s; logs in {root}")
-            log_f.close()
-            if p.returncode != 0 or not (out / "results.json").exists():
-                tail = (root / f"{m}-s{seed}.log").read_text()[-3000:]
-                raise RuntimeError(f"perf: driver {m} seed {seed} failed (exit {p.returncode}):\n{tail}")
-            res[m] = json.loads((out / "results.json").read_text())
-        a, q = res["aim"], res["seqft"]
-        probes = None
-        traj = root / f"aim-s{seed}" / "trajectory.csv"
-        if traj.exists():
-            with open(traj) as f:
-                probes = sum(1 for row in csv.DictReader(f) if row.get("probe_loss") not in (None, ""))
-        runs.append({"seed": seed, "seqft_train_s": q["train_wall_s"], "aim_train_s": a["train_wall_s"],
-                     "ratio": a["train_wall_s"] / q["train_wall_s"],
-                     "seqft": {"OP": q["OP"], "BWT": q["BWT"], "engine_steps": q["steps"]["engine"]},
-                     "aim": {"OP": a["OP"], "BWT": a["BWT"], "engine_steps": a["steps"]["engine"],
-                             "merges": a["merges"], "probes": probes}})
-        log(f"perf:   seed {seed}: seqft {q['train_wall_s']:.1f} s, aim {a['train_wall_s']:.1f} s "
-            f"(ratio {runs[-1]['ratio']:.2f}); aim OP/BWT {a['OP']:.1f}/{a['BWT']:.1f}, seqft {q['OP']:.1f}/{q['BWT']:.1f}")
+        a = _driver_pair(("seqft", "aim"), seed, root, env, timeout)
+        b = _driver_pair(("replay", "aim"), seed, root, env, timeout)
+        q, aim, rep, aim2 = (_summary(x) for x in (a["seqft"], a["aim"], b["replay"], b["aim"]))
+        run = {"seed": seed, "seqft_train_s": q["train_s"], "aim_train_s": aim["train_s"],
+               "ratio": aim["train_s"] / q["train_s"], "replay_train_s": rep["train_s"],
+               "aim_train_s_beside_replay": aim2["train_s"], "ratio_over_replay": aim2["train_s"] / rep["train_s"],
+               "tokens_ratio": aim["tokens_fwd_bwd"] / q["tokens_fwd_bwd"],
+               "tokens_ratio_over_replay": aim["tokens_fwd_bwd"] / rep["tokens_fwd_bwd"],
+               "seqft": q, "aim": aim, "replay": rep}
+        runs.append(run)
+        log(f"perf:   seed {seed}: seqft {q['train_s']:.1f} s, aim {aim['train_s']:.1f} s (ratio {run['ratio']:.2f}); "
+            f"replay {rep['train_s']:.1f} s, aim {aim2['train_s']:.1f} s (ratio {run['ratio_over_replay']:.2f}); "
+            f"tokens aim/seqft {run['tokens_ratio']:.2f}; OP/BWT aim {aim['OP']:.1f}/{aim['BWT']:.1f}, "
+            f"replay {rep['OP']:.1f}/{rep['BWT']:.1f}, seqft {q['OP']:.1f}/{q['BWT']:.1f}")
     return runs
 
 
@@ -513,15 +564,17 @@ def measure(plan_name: str, log=print) -> dict:
     def stat(results):
         return max((max(r["stat_bytes_probe_steps"], default=0) for r in results), default=0)
 
-    out["stat_bytes_per_step"] = max(stat(per_world[w]) for w in (1, 2, 3))
+    # probed steps of both probe sources (a probe forward; the loss read off the training batch: the default)
+    out["stat_bytes_per_step"] = max(max(stat(per_world[w]) for w in (1, 2, 3)),
+                                     max(max(r["batch_probe"]["stat_bytes"], default=0) for r in per_world[2]))
     out["stat_bytes_per_step_by_world"] = {str(w): stat(per_world[w]) for w in (1, 2, 3)}
     out["stat_bytes_per_step_by_model_params"] = {str(params): stat(per_world[2]), str(tiny[0]["params"]): stat(tiny)}
     out["stat_bytes_explicit_merge"] = per_world[2][0]["stat_bytes_explicit_merge"]
     full0 = per_world[2][0]
     summaries = [r["summary"] for r in per_world[2]]
     # the slowest rank sets the pace of a collective step: take the max over ranks of each ratio
-    for k in ("hook_overhead_no_probe", "hook_overhead_no_probe_ab", "probe_cost", "fusion_vs_copy",
-              "fusion_over_step", "end_to_end_alternated_paper_defaults"):
+    for k in ("hook_overhead_no_probe", "hook_overhead_no_probe_ab", "probe_cost", "batch_probe_cost",
+              "batch_probe_cost_ab", "fusion_vs_copy", "fusion_over_step", "end_to_end_alternated_paper_defaults"):
         vals = [s[k] for s in summaries if s[k] is not None]
         out[k] = max(vals) if vals else None
     out["step_seconds"] = full0["summary"]["step_seconds"]
@@ -530,6 +583,7 @@ def measure(plan_name: str, log=print) -> dict:
     out["fusion_passes"] = full0["summary"]["fusion_passes"]
     out["fusion_passes_plugin_record"] = full0["fusion"][0]["plugin_passes"] if full0["fusion"] else None
     out["stat_bytes_no_probe_step"] = max(max(r["stat_bytes_no_probe_steps"], default=0) for r in per_world[2])
+    out["stat_bytes_batch_probe_step"] = max(max(r["batch_probe"]["stat_bytes"], default=0) for r in per_world[2])
     out["e2e"] = full0["e2e"]
     # cross-check of the wall-time ratio from counted work (noise-free): each rehearsal step costs a plain
     # step, each probe (probe_cost - 1) of one; the measured ratio should agree when the machine is quiet
@@ -537,10 +591,16 @@ def measure(plan_name: str, log=print) -> dict:
     if out.get("probe_cost") and e["aim"]:
         out["end_to_end_alternated_from_counts"] = 1 + (_st.median(e["aim_rehearsal_steps"])
                                                         + _st.median(e["aim_probes"]) * (out["probe_cost"] - 1)) / train
-    log(f"perf: end to end, driver seqft vs aim on the default benchmark, seeds {plan['driver_seeds']} ...")
+    log(f"perf: end to end, driver seqft / replay vs aim on the default benchmark, seeds {plan['driver_seeds']} ...")
     runs = driver_end_to_end(plan["driver_seeds"], log)
     out["end_to_end_runs"] = runs
     out["end_to_end_aim_over_seqft"] = _st.median(r["ratio"] for r in runs)
+    out["end_to_end_aim_over_seqft_per_seed"] = [r["ratio"] for r in runs]
+    # the plugin's own cost over the training it is added to: replay with the same mixed memory rows
+    out["end_to_end_aim_over_replay"] = _st.median(r["ratio_over_replay"] for r in runs)
+    # what a compute-bound accelerator pays: tokens through forward + backward, counted (noise-free)
+    out["end_to_end_tokens_aim_over_seqft"] = _st.median(r["tokens_ratio"] for r in runs)
+    out["end_to_end_tokens_aim_over_replay"] = _st.median(r["tokens_ratio_over_replay"] for r in runs)
     out["end_to_end_config"] = "ds_configs/cpu_zero3.json (the driver's default; quality in BENCHMARKS.md)"
     out["repetitions"] = {"interleaved_step_pairs": plan["reps"], "explicit_merges": plan["merges"],
                           "e2e_repetitions": plan["e2e_reps"], "steps_per_task": plan["task_steps"],
@@ -581,10 +641,17 @@ def table(d: dict) -> str:
             ("fusion / copy of same bytes", f"{d['fusion_vs_copy']:.3f} (<= 1.5)", d["goals_met"].get("fusion_vs_copy")),
             ("hook overhead, no probe", f"{d['hook_overhead_no_probe']:.4f} (<= 1.01; A/B {d['hook_overhead_no_probe_ab']:.3f})",
              d["goals_met"].get("hook_overhead_no_probe")),
-            ("end to end AimMerging / SeqFT (driver, default config)", f"{d['end_to_end_aim_over_seqft']:.3f} (<= 1.3)",
+            ("end to end AimMerging / SeqFT (driver, default config)", f"{d['end_to_end_aim_over_seqft']:.3f} (<= 1.3; "
+             f"per seed {', '.join(f'{x:.2f}' for x in d['end_to_end_aim_over_seqft_per_seed'])})",
              d["goals_met"].get("end_to_end_aim_over_seqft")),
+            ("end to end AimMerging / replay (same mixed memory rows)", f"{d['end_to_end_aim_over_replay']:.3f}", None),
+            ("tokens fwd+bwd AimMerging / SeqFT (/ replay)", f"{d['end_to_end_tokens_aim_over_seqft']:.3f} "
+             f"(/ replay {d['end_to_end_tokens_aim_over_replay']:.3f})", None),
             ("end to end, alternated, paper defaults", f"{d['end_to_end_alternated_paper_defaults']:.3f}", None),
-            ("probe step / plain step", f"{d['probe_cost']:.3f}" if d["probe_cost"] else "n/a", None),
+            ("probe step / plain step (probe forward every step)", f"{d['probe_cost']:.3f}" if d["probe_cost"] else "n/a",
+             None),
+            ("step with the loss read off the batch / plain step", f"{d['batch_probe_cost']:.4f} (A/B "
+             f"{d['batch_probe_cost_ab']:.3f})", None),
             ("fusion per merge / step", f"{d['fusion_over_step']:.4f}", None),
             ("fusion shard passes (measured / plugin)", f"{d['fusion_passes']:.2f} / {d['fusion_passes_plugin_record']}", None)]
     w = max(len(r[0]) for r in rows)
@@ -597,7 +664,10 @@ def table(d: dict) -> str:
         lines.append(f"  end to end, seed {r['seed']}: SeqFT {r['seqft_train_s']:.1f} s (OP {r['seqft']['OP']:.1f}, "
                      f"BWT {r['seqft']['BWT']:.1f}), AimMerging {r['aim_train_s']:.1f} s (OP {r['aim']['OP']:.1f}, "
                      f"BWT {r['aim']['BWT']:.1f}; {r['aim']['engine_steps']} engine steps vs {r['seqft']['engine_steps']}, "
-                     f"{r['aim']['merges']} merges, {r['aim']['probes']} probes)")
+                     f"{r['aim']['merges']} merges, {r['aim']['replay_rows']} memory rows per batch); replay "
+                     f"{r['replay_train_s']:.1f} s beside AimMerging {r['aim_train_s_beside_replay']:.1f} s (OP "
+                     f"{r['replay']['OP']:.1f}, BWT {r['replay']['BWT']:.1f}); tokens fwd+bwd {r['seqft']['tokens_fwd_bwd']} "
+                     f"/ {r['replay']['tokens_fwd_bwd']} / {r['aim']['tokens_fwd_bwd']} (seqft / replay / aim)")
     e = d["e2e"]
     lines.append(f"  end to end, alternated, paper defaults: SeqFT {e['seqft']} s, AimMerging {e['aim']} s, merges "
                  f"{e['aim_merges']}, rehearsal steps {e['aim_rehearsal_steps']}, probes {e['aim_probes']}; from counted "

@@ -12,10 +12,13 @@ Every method shares the task order, the memory buffer (``--memory-fraction`` of 
 chosen by aim_ds.data.select_memory with the run's seed), the step budget and the evaluation:
 
   seqft        plain sequential fine-tuning
-  replay       every training batch of task k >= 1 gets --memory-batch-size memory examples of tasks < k
+  replay       mixed replay: every training batch of task k >= 1 gets --replay-rows memory examples of tasks < k
   fixed_merge  the AimMerging plugin with interval_rule "fixed" and weight_policy "fixed" (the ds_config's
-               w_in/w_out, default 0.5/0.5): merge every initial_interval steps
-  aim          the plugin configured by the ds_config's "aim_merging" section (must be enabled)
+               w_in/w_out, default 0.5/0.5): merge every initial_interval steps; batches mixed as for replay
+  aim          the plugin configured by the ds_config's "aim_merging" section (must be enabled), on top of
+               the same mixed batches as replay (--replay-rows 0: the paper's AimMerging alone, memory used
+               only by the probe and the rehearsal). With probe_source "training_batch" the forgetting
+               signal is the loss of the batch's memory rows (aim_ds.rows_loss), so no probe forward runs
   single       each task trained alone from the initial model (the FWT reference s[i]); also fills the
                FWT reference cache
   multitask    all tasks' training sets jointly (the same total number of steps)
@@ -54,6 +57,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_REPO, ".cache", "tor
 
 METHODS = ("aim", "seqft", "replay", "fixed_merge", "single", "multitask")
 PLUGIN_METHODS = ("aim", "fixed_merge")
+MIXING_METHODS = ("replay", "fixed_merge", "aim")  # memory rows mixed into the training batches
 DEFAULT_DS_CONFIG = os.path.join(_REPO, "ds_configs", "cpu_zero3.json")
 
 
@@ -104,8 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micro batch per rank (default: the ds_config's train_micro_batch_size_per_gpu); "
                         "global batch = this x ranks")
     g.add_argument("--memory-batch-size", type=int, default=None,
-                   help="memory examples per rank per replay batch / plugin probe and rehearsal batch "
-                        "(default: --batch-size)")
+                   help="memory examples per rank per plugin probe and rehearsal batch (default: --batch-size)")
+    g.add_argument("--replay-rows", type=int, default=None,
+                   help="memory examples per rank mixed into every training batch of task k >= 1 (mixed replay) "
+                        "for replay, fixed_merge and aim (default: --memory-batch-size); 0 = none (aim and "
+                        "fixed_merge then see the memory only in their probe and rehearsal)")
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (AdamW, betas 0.9/0.98, wd 0.01); default 3e-3 for the generated "
                         "benchmarks (default, default-gen), 1e-3 otherwise (the calibrated values)")
@@ -177,6 +184,15 @@ def check_args(args) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise InputError(f"--{name.replace('_', '-')} {v}: must be >= 1")
+    if args.replay_rows is not None:
+        if args.replay_rows < 0:
+            raise InputError(f"--replay-rows {args.replay_rows}: must be >= 0 (0 = no memory rows in training batches)")
+        if args.method not in MIXING_METHODS:
+            raise InputError(f"--replay-rows applies to --method {', '.join(MIXING_METHODS)} (memory rows mixed into "
+                             f"training batches); --method {args.method} trains without memory: drop it")
+        if args.method == "replay" and args.replay_rows == 0:
+            raise InputError("--method replay --replay-rows 0 mixes nothing in: that is --method seqft; give "
+                             "--replay-rows >= 1")
     if not (0.0 <= args.memory_fraction <= 1.0):
         raise InputError(f"--memory-fraction {args.memory_fraction}: must be in [0, 1]")
     if args.lr is None:
@@ -341,7 +357,7 @@ def resume_options(args) -> dict:
     """The options that decide the run's trajectory (a checkpoint resumes only with the same ones; the per-rank
     batch sizes may change with the world size after `aim-ds reshard`, the global batches may not)."""
     keys = ("benchmark", "data_dir", "order", "max_train", "max_eval", "memory_fraction", "method", "model",
-            "tokenizer", "max_len", "seed", "epochs", "lr", "warmup", "fwt_reference")
+            "tokenizer", "max_len", "seed", "epochs", "lr", "warmup", "fwt_reference", "replay_rows")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -427,6 +443,14 @@ def run(args) -> int:
 
     micro = args.batch_size or int(ds_config.get("train_micro_batch_size_per_gpu", 8))
     mem_bs = args.memory_batch_size or micro
+    replay_rows = 0
+    if args.method in MIXING_METHODS:
+        replay_rows = mem_bs if args.replay_rows is None else args.replay_rows
+    if aim_cfg is not None and aim_cfg.probe_source == "training_batch" and aim_cfg.interval_rule != "fixed" \
+            and replay_rows == 0:
+        raise InputError(f"{ds_path}: aim_merging.probe_source is \"training_batch\" (the forgetting signal is read "
+                         "from the memory rows of the training batches) but --replay-rows 0 puts none there; give "
+                         "--replay-rows >= 1 or set probe_source \"memory_forward\" in the ds_config")
     ds_run = json.loads(json.dumps(ds_config))
     ds_run["train_micro_batch_size_per_gpu"] = micro
     ds_run["gradient_accumulation_steps"] = 1
@@ -460,7 +484,7 @@ def run(args) -> int:
         check_resume_manifest(resume, world, task_fp, mem_sha, [micro * world, mem_bs * world])
 
     ctx = dict(args=args, rank=rank, world=world, tasks=tasks, tokenizer=tokenizer, ds_run=ds_run,
-               client_opt=client_opt, micro=micro, mem_bs=mem_bs, memories=memories,
+               client_opt=client_opt, micro=micro, mem_bs=mem_bs, replay_rows=replay_rows, memories=memories,
                steps_per_task=steps_per_task, aim_cfg=aim_cfg, out_dir=out_dir, resume=resume,
                task_fp=task_fp, mem_sha=mem_sha, ckpt_dir=os.path.join(out_dir, CKPT_SUBDIR))
 
@@ -545,11 +569,23 @@ def set_lr(engine, lr: float) -> None:
 
 
 def collate_examples(examples, ctx):
-    from aim_ds.data import CausalLMExamples, collate
+    import torch
 
-    ds = CausalLMExamples(examples, ctx["tokenizer"], max_len=ctx["args"].max_len)
-    return collate([ds[i] for i in range(len(ds))], ctx["tokenizer"].pad_token_id,
-                   label_logits_only=ctx.get("keeps_logits", False))
+    from aim_ds.data import collate
+    from aim_ds.data.dataset import encode_example
+
+    # each example is tokenized once per run (memory rows recur in every mixed batch); keyed by identity,
+    # the example kept beside its encoding so that a recycled id() can never return another's tokens
+    cache = ctx.setdefault("encoded", {})
+    items = []
+    for ex in examples:
+        hit = cache.get(id(ex))
+        if hit is None or hit[0] is not ex:
+            ids, labels = encode_example(ctx["tokenizer"], ex, ctx["args"].max_len)
+            hit = cache[id(ex)] = (ex, {"input_ids": torch.tensor(ids, dtype=torch.long),
+                                        "labels": torch.tensor(labels, dtype=torch.long)})
+        items.append(hit[1])
+    return collate(items, ctx["tokenizer"].pad_token_id, label_logits_only=ctx.get("keeps_logits", False))
 
 
 def to_device(batch, device):
@@ -575,10 +611,12 @@ class Progress:
 
 
 def train_steps(engine, ctx, task_index, batches, losses, progress, mem_batches=None, label="", start=0,
-                on_step=None):
+                on_step=None, probe=None):
     """One task's training loop: the plain DeepSpeed loop (the plugin, if attached, hooks engine.step).
 
-    start: steps already done (a resumed run skips their batches); on_step(s) after step s (1-based)."""
+    mem_batches: memory rows appended to every batch (mixed replay). probe: a plugin with probe_source
+    "training_batch", given the loss of those rows before each step. start: steps already done (a resumed
+    run skips their batches); on_step(s) after step s (1-based)."""
     args = ctx["args"]
     total = len(batches)
     mon = getattr(engine, "monitor", None)
@@ -587,11 +625,20 @@ def train_steps(engine, ctx, task_index, batches, losses, progress, mem_batches=
     for s, exs in enumerate(batches):
         if s < start:
             continue
+        n_new = len(exs)
         if mem_batches:
             exs = exs + mem_batches[s % len(mem_batches)]
         batch = to_device(collate_examples(exs, ctx), engine.device)
+        work = ctx.setdefault("work", {"train_tokens": 0, "train_memory_tokens": 0})
+        work["train_tokens"] += int(batch["attention_mask"].sum())
+        work["train_memory_tokens"] += int(batch["attention_mask"][n_new:].sum())
         set_lr(engine, lr_at(s, total, args.lr, args.warmup))
-        loss = engine(**batch).loss
+        out = engine(**batch)
+        loss = out.loss
+        if probe is not None:  # the forgetting signal from this batch's memory rows: no extra forward
+            from aim_ds import rows_loss
+
+            probe.record_probe_loss(*rows_loss(out.logits, batch["labels"], slice(n_new, None)))
         engine.backward(loss)
         engine.step()
         lv = float(loss.detach())
@@ -630,7 +677,7 @@ def save_run_checkpoint(engine, plugin, ctx, task, step, done, matrix, losses, d
              "memory_sha": ctx["mem_sha"], "global_batch": [ctx["micro"] * ctx["world"], ctx["mem_bs"] * ctx["world"]],
              "matrix": matrix, "single_scores": ctx["single_scores"],
              "fwt_source": ctx["fwt_source"], "options": resume_options(ctx["args"])}
-    client = {"rng": rng_state(), "losses": list(losses) if ctx["rank"] == 0 else []}
+    client = {"rng": rng_state(), "losses": list(losses) if ctx["rank"] == 0 else [], "work": dict(ctx.get("work", {}))}
     save_checkpoint(engine, plugin, ctx["ckpt_dir"], tag=tag, client_state=client,
                     keep_last=ctx["args"].keep_checkpoints, task_fingerprint=ctx["task_fp"],
                     tokenizer=ctx["tokenizer"] if ctx["rank"] == 0 else None, extra=extra)
@@ -644,6 +691,7 @@ def load_run_checkpoint(engine, plugin, ctx):
     load_dir, tag, manifest = ctx["resume"]
     client = load_checkpoint(engine, plugin, load_dir, tag, task_fingerprint=ctx["task_fp"])
     set_rng_state(client["rng"])
+    ctx["work"] = dict(client.get("work") or {"train_tokens": 0, "train_memory_tokens": 0})
     if ctx["rank"] == 0:
         os.makedirs(ctx["out_dir"], exist_ok=True)
     return manifest["extra"], list(client.get("losses") or [])
@@ -703,10 +751,11 @@ def train_sequential(ctx):
             reset_optimizer(engine)
         batches = rank_batches(task.train, ctx["steps_per_task"][k], ctx["micro"], rank, world, args.seed + k)
         replay = None
-        if args.method == "replay" and mem_examples:
-            replay = memory_batches(mem_examples, ctx["mem_bs"], rank, world, args.seed + 7 * k + 1)
+        if ctx["replay_rows"] and mem_examples:
+            replay = memory_batches(mem_examples, ctx["replay_rows"], rank, world, args.seed + 7 * k + 1)
+        probe = plugin if (replay and plugin is not None and plugin.config.probe_source == "training_batch") else None
         train_steps(engine, ctx, k, batches, losses, progress, mem_batches=replay, start=start,
-                    on_step=checkpoint_hook(engine, plugin, ctx, k, matrix, losses, args.seed + k))
+                    on_step=checkpoint_hook(engine, plugin, ctx, k, matrix, losses, args.seed + k), probe=probe)
         t_e = time.time()
         scores = evaluate(engine, ctx, range(len(tasks)))
         eval_s += time.time() - t_e
@@ -806,11 +855,13 @@ def write_results(ctx, res, single_scores, fwt_source, ds_path, ds_config, info)
         "steps": {"train": res["train_steps"], "engine": res["engine_steps"],
                   "per_task": ctx["steps_per_task"]},
         "merges": res["merges"],
+        # tokens through forward + backward (training batches, rehearsal) and forward only (probes), rank 0
+        "work": {**ctx.get("work", {}), **(res["plugin"].work if res.get("plugin") is not None else {})},
         "wall_time_s": round(wall, 2), "train_wall_s": round(res["train_wall_s"], 2),
         "eval_wall_s": round(res["eval_wall_s"], 2), "setup_wall_s": round(ctx["setup_s"], 2),
         "world_size": info.world_size, "launcher": info.launcher,
         "config": {"args": {k: v for k, v in vars(args).items() if k != "local_rank"},
-                   "micro_batch": ctx["micro"], "memory_batch": ctx["mem_bs"],
+                   "micro_batch": ctx["micro"], "memory_batch": ctx["mem_bs"], "replay_rows": ctx["replay_rows"],
                    "deepspeed_config_path": ds_path, "deepspeed_config": ds_config,
                    "aim_merging": ctx["aim_cfg"].to_dict() if ctx["aim_cfg"] is not None else None},
         "notes": notes,

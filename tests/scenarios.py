@@ -281,6 +281,9 @@ def _expect_error(case: str):
         elif case == "bad_config":
             engine = make_engine(ds_config(aim={"enabled": True, "min_interval": 0}))
             aim_ds.attach(engine, memory())
+        elif case == "record_without_training_batch":
+            engine = make_engine(ds_config(aim={"enabled": True}))
+            aim_ds.attach(engine, memory()).record_probe_loss(1.0, 4)
         elif case == "no_memory_task1":
             engine = make_engine(ds_config(aim={"enabled": True}))
             p = aim_ds.attach(engine)
@@ -335,3 +338,55 @@ def shm_released():
     g = torch.full((3,), float(rank() + 1))
     ds_dist.all_reduce(g)
     return {"left": [n for n in names if os.path.exists(n)], "shm_sum": float(t[0]), "gloo_sum": float(g[0])}
+
+
+def batch_probe(steps1=12, skip_rank1_every=3):
+    """probe_source "training_batch": the forgetting signal is the memory rows' loss of each training batch,
+    recorded with record_probe_loss(); no probe forward runs. Rank 1 leaves some steps unrecorded (0, 0)."""
+    from aim_ds import statistics
+
+    aim = {"enabled": True, "probe_source": "training_batch", "initial_interval": 4, "min_interval": 2,
+           "max_interval": 8, "threshold_factor": 1.05, "rehearsal_steps": 2}
+    engine = make_engine(ds_config(aim=aim), lr=3e-3)
+    forwards = [0]
+    engine.module.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    plugin = aim_ds.attach(engine)
+    plugin.start_task()
+    train_steps(engine, 3)
+    mem = memory()
+    plugin.start_task(mem)
+    forwards[0] = 0
+    expected = []
+    for i in range(steps1):
+        new, old = batch(900 + 17 * rank() + i), mem[i % len(mem)]
+        b = {k: torch.cat([new[k], old[k]]) for k in new}
+        out = engine(**b)
+        s, c = aim_ds.rows_loss(out.logits, b["labels"], slice(new["input_ids"].shape[0], None))
+        if rank() == 1 and i % skip_rank1_every == 0:
+            s, c = 0.0, 0  # this rank has no memory rows this step: the mean is over the others' tokens
+        plugin.record_probe_loss(s, c)
+        tot, cnt = statistics.sum_over_ranks(s, c)  # what the plugin must report for this step
+        expected.append(tot / cnt)
+        engine.backward(out.loss)
+        engine.step()
+    traj = [r for r in plugin.trajectory if r["task"] == 1]
+    steps_run, merges, forwards_task1 = engine.global_steps, plugin.merge_count, forwards[0]
+    # no recorded loss at all: a warning, no signal, merges only by forced activation
+    plugin.start_task(mem)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_steps(engine, 6, seed=4000)
+    traj2 = [r for r in plugin.trajectory if r["task"] == 2]
+    try:
+        plugin.record_probe_loss(1.0, 0)
+        bad_count = None
+    except aim_ds.plugin.AimInputError as e:
+        bad_count = str(e)
+    plugin._recorded_probe = None
+    return {"probe_losses": [r["probe_loss"] for r in traj], "expected": expected,
+            "merges": merges, "forwards": forwards_task1,
+            "rehearsal_steps": sum(2 for r in traj if r["merge"]), "train_steps": steps1,
+            "global_steps_task1": steps_run,
+            "unrecorded_probe_losses": [r["probe_loss"] for r in traj2],
+            "warned": sum("no rank recorded a memory loss" in str(c.message) for c in caught),
+            "bad_count": bad_count}

@@ -15,7 +15,7 @@ DEFAULTS = {
     "threshold_factor": 2.0, "forced_activation_multiple": 2, "activation_cap": 3,
     "weight_policy": "signals", "w_in": 0.5, "w_out": 0.5, "importance_quantile": 0.8,
     "importance_beta1": 0.85, "importance_beta2": 0.85, "rehearsal_steps": "interval",
-    "rehearsal_fraction": 1.0, "probe_interval": 1, "probe_batch_size": 0, "anchor": "device", "merge_first_task": False,
+    "rehearsal_fraction": 1.0, "probe_interval": 1, "probe_batch_size": 0, "probe_source": "memory_forward", "anchor": "device", "merge_first_task": False,
 }
 
 
@@ -53,7 +53,7 @@ def test_round_trip_of_every_field_changed():
         "weight_policy": "fixed", "w_in": 0.7, "w_out": 1.2, "importance_quantile": 0.5,
         "importance_beta1": 0.0, "importance_beta2": 0.5, "rehearsal_steps": "interval",
         "rehearsal_fraction": 0.5, "probe_interval": 2,
-        "probe_batch_size": 16, "anchor": "host", "merge_first_task": True,
+        "probe_batch_size": 16, "probe_source": "memory_forward", "anchor": "host", "merge_first_task": True,
     }
     cfg = AimConfig.from_dict(section)
     d = cfg.to_dict()
@@ -188,3 +188,15 @@ def test_rehearsal_fraction_scales_the_interval_rule_only():
     assert rehearsal_steps(AimConfig.from_dict({}), 32) == 32
     e = err({"rehearsal_steps": 4, "rehearsal_fraction": 0.5})
     assert e.key == "rehearsal_fraction" and "set R directly" in str(e)
+
+
+def test_probe_source_training_batch_has_no_probe_forward_to_thin():
+    assert AimConfig.from_dict({}).probe_source == "memory_forward"
+    cfg = AimConfig.from_dict({"probe_source": "training_batch"})
+    assert cfg.probe_source == "training_batch" and cfg.probe_interval == 1 and cfg.probe_batch_size == 0
+    for key, value in (("probe_interval", 4), ("probe_batch_size", 4)):
+        e = err({"probe_source": "training_batch", key: value})
+        assert e.key == key and "training_batch" in str(e) and "memory_forward" in str(e), str(e)
+    assert AimConfig.from_dict({"probe_interval": 4, "probe_batch_size": 4}).probe_interval == 4
+    e = err({"probe_source": "batch"})
+    assert e.key == "probe_source" and '"training_batch"' in str(e)

@@ -328,3 +328,42 @@ def test_label_window_loss_equals_full_logits_loss():
     shifted = dict(win, logits_to_keep=(win["logits_to_keep"] + 1).clamp(max=29))
     with torch.no_grad():
         assert abs(float(model(**shifted).loss) - float(a)) > 1e-3
+
+
+def test_rows_loss_is_the_models_loss_on_those_rows():
+    """aim_ds.rows_loss (the forgetting signal read from a training batch's memory rows) is the model's own
+    shifted cross-entropy: all rows give the model's loss, row groups add up, with and without label windows."""
+    import pytest
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import aim_ds
+    from aim_ds.data.dataset import IGNORE, collate
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2)).eval()
+    items = []
+    for n, lab in [(12, 2), (7, 3), (15, 1), (9, 4), (11, 2)]:
+        ids = torch.randint(3, 97, (n,))
+        labels = ids.clone()
+        labels[: n - lab] = IGNORE
+        items.append({"input_ids": ids, "labels": labels})
+    for window in (False, True):
+        b = collate(items, 0, label_logits_only=window)
+        with torch.no_grad():
+            out = model(**b)
+        s_all, n_all = aim_ds.rows_loss(out.logits, b["labels"], slice(None))
+        assert n_all == 2 + 3 + 1 + 4 + 2
+        assert s_all / n_all == pytest.approx(float(out.loss), rel=1e-5)
+        s_new, n_new = aim_ds.rows_loss(out.logits, b["labels"], slice(0, 3))
+        s_mem, n_mem = aim_ds.rows_loss(out.logits, b["labels"], slice(3, None))
+        assert (n_new, n_mem) == (6, 6) and s_new + s_mem == pytest.approx(s_all, rel=1e-6)
+        # the memory rows' loss is their own: scoring them alone gives the same value
+        alone = collate(items[3:], 0, label_logits_only=window)
+        with torch.no_grad():
+            assert s_mem / n_mem == pytest.approx(float(model(**alone).loss), rel=1e-5)
+    assert aim_ds.rows_loss(out.logits, torch.full_like(b["labels"], IGNORE), slice(None)) == (0.0, 0)
+    with pytest.raises(ValueError, match="line up"):
+        aim_ds.rows_loss(out.logits, collate(items, 0, label_logits_only=False)["labels"], slice(None))

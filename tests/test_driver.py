@@ -74,7 +74,7 @@ def test_help_documents_every_option(tmp_path):
     assert p.returncode == 0, p.stderr
     for opt in ("--benchmark", "--data-dir", "--order", "--method", "--model", "--tokenizer", "--deepspeed_config",
                 "--output-dir", "--overwrite", "--seed", "--epochs", "--batch-size", "--memory-batch-size", "--lr",
-                "--memory-fraction", "--max-train", "--max-eval", "--eval-batch-size", "--fwt-reference",
+                "--memory-fraction", "--max-train", "--max-eval", "--eval-batch-size", "--fwt-reference", "--replay-rows",
                 "--local_rank"):
         assert opt in p.stdout, opt
     for m in ("aim", "seqft", "replay", "fixed_merge", "single", "multitask"):
@@ -94,6 +94,11 @@ BAD = [
     ("data_dir_without_split", lambda t: ["--benchmark", "standard", "--data-dir", str(t)], "train"),
     ("bad_model_path", lambda t: ["--model", str(t / "no_model")], "no_model"),
     ("bad_epochs", lambda t: ["--epochs", "0"], "--epochs"),
+    ("replay_rows_for_seqft", lambda t: ["--method", "seqft", "--replay-rows", "2"], "--replay-rows applies to"),
+    ("replay_without_rows", lambda t: ["--method", "replay", "--replay-rows", "0"], "--method seqft"),
+    ("negative_replay_rows", lambda t: ["--replay-rows", "-1"], "--replay-rows -1"),
+    ("batch_probe_without_rows", lambda t: ["--method", "aim", "--replay-rows", "0", "--deepspeed_config",
+                                            ds_config(t, probe_source="training_batch")], "--replay-rows 0"),
 ]
 
 
@@ -164,6 +169,11 @@ def test_deepspeed_two_ranks_aim(tmp_path):
     assert r["steps"]["train"] == 32 and r["steps"]["engine"] > 32  # rehearsal steps on top
     assert r["config"]["aim_merging"]["initial_interval"] == 2
     assert r["fwt_reference"].startswith("cache-miss") and r["FWT"] is None
+    # the default ds_config reads the forgetting signal from the memory rows mixed into every batch
+    assert r["config"]["aim_merging"]["probe_source"] == "training_batch" and r["config"]["replay_rows"] == 2
+    with open(out / "trajectory.csv") as f:
+        merging = [row for row in csv.DictReader(f) if row["task"] != "0"]
+    assert merging and all(row["probe_loss"] not in ("", None) for row in merging)
     assert p.stdout.count("[aim_ds] aim: OP") == 1  # rank 0 only
     loss_csv = list((tmp_path / "mon").rglob("train_loss*.csv"))  # DeepSpeed's csv monitor got the losses
     assert loss_csv and len(loss_csv[0].read_text().splitlines()) >= 32, list((tmp_path / "mon").rglob("*"))

@@ -30,9 +30,15 @@ def _record(**over) -> dict:
         "end_to_end_aim_over_seqft": 1.2, "probe_cost": 1.12, "fusion_over_step": 0.0017,
         "fusion_passes": 7.0, "fusion_passes_plugin_record": 8, "end_to_end_alternated_from_counts": 1.23,
         "end_to_end_alternated_paper_defaults": 1.13,
+        "end_to_end_aim_over_seqft_per_seed": [1.2], "end_to_end_aim_over_replay": 1.07,
+        "end_to_end_tokens_aim_over_seqft": 1.86, "end_to_end_tokens_aim_over_replay": 1.06,
+        "batch_probe_cost": 1.003, "batch_probe_cost_ab": 1.01,
         "end_to_end_runs": [{"seed": 0, "seqft_train_s": 10.0, "aim_train_s": 12.0, "ratio": 1.2,
-                             "seqft": {"OP": 41.1, "BWT": -78.5, "engine_steps": 160},
-                             "aim": {"OP": 60.8, "BWT": -28.8, "engine_steps": 352, "merges": 12, "probes": 30}}],
+                             "replay_train_s": 11.0, "aim_train_s_beside_replay": 11.8, "ratio_over_replay": 1.07,
+                             "seqft": {"OP": 41.1, "BWT": -78.5, "engine_steps": 160, "tokens_fwd_bwd": 30720},
+                             "replay": {"OP": 79.4, "BWT": -21.1, "engine_steps": 160, "tokens_fwd_bwd": 53760},
+                             "aim": {"OP": 87.4, "BWT": -10.0, "engine_steps": 172, "merges": 6, "probes": 120,
+                                     "replay_rows": 16, "tokens_fwd_bwd": 56832}}],
         "e2e": {"seqft": [50.0], "aim": [60.0], "aim_merges": [1], "aim_rehearsal_steps": [8], "aim_probes": [24]},
     }
     d.update(over)
@@ -71,7 +77,9 @@ def test_table_shows_each_goal_and_the_padding_miss():
     assert "N=3: 1.333356 (<= 1.333333)  MISSED" in text  # 6 decimals: the padding is visible
     assert "padded partition element" in text and "N=3: 4.0000" in text
     for needle in ("<= 64", "<= 1.5", "<= 1.01", "<= 1.3", "probe step / plain step", "load average",
-                   "seed 0: SeqFT 10.0 s (OP 41.1, BWT -78.5), AimMerging 12.0 s (OP 60.8, BWT -28.8; 352 engine"):
+                   "seed 0: SeqFT 10.0 s (OP 41.1, BWT -78.5), AimMerging 12.0 s (OP 87.4, BWT -10.0; 172 engine",
+                   "AimMerging / replay (same mixed memory rows)", "1.070", "tokens fwd+bwd AimMerging / SeqFT",
+                   "read off the batch"):
         assert needle in text, needle
     assert perf.table(_record(probe_cost=None)).count("n/a") == 1
 
@@ -143,5 +151,12 @@ def test_driver_end_to_end_runs_the_real_driver_pair(monkeypatch, tmp_path):
     runs = perf.driver_end_to_end([0], log=lambda m: None, timeout=240)
     (r,) = runs
     assert r["seed"] == 0 and r["ratio"] == pytest.approx(r["aim_train_s"] / r["seqft_train_s"])
+    assert r["ratio_over_replay"] == pytest.approx(r["aim_train_s_beside_replay"] / r["replay_train_s"])
     assert r["aim"]["engine_steps"] >= r["seqft"]["engine_steps"] > 0
     assert r["aim"]["probes"] is not None and -100 <= r["aim"]["BWT"] <= 100
+    # tokens are counted by the driver and the plugin: aim and replay see the same mixed memory rows, aim adds
+    # its rehearsal; seqft sees neither
+    assert r["aim"]["replay_rows"] == r["replay"]["replay_rows"] > 0 and r["seqft"]["replay_rows"] == 0
+    assert r["aim"]["work"]["train_memory_tokens"] == r["replay"]["work"]["train_memory_tokens"] > 0
+    assert r["aim"]["tokens_fwd_bwd"] == r["replay"]["tokens_fwd_bwd"] + r["aim"]["work"]["rehearsal_tokens"]
+    assert r["tokens_ratio"] > r["tokens_ratio_over_replay"] >= 1.0

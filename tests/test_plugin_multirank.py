@@ -89,6 +89,7 @@ BAD_INPUTS = {
     "no_labels": "labels",
     "bad_config": "min_interval",
     "no_memory_task1": "no memory",
+    "record_without_training_batch": "probe_source",
 }
 
 
@@ -119,3 +120,19 @@ def test_host_anchor(tmp_path):
         assert r["anchor_device"] == "cpu"
         assert r["master_rel_err"] <= 1e-5, r
         assert r["undo_max_abs"] == 0.0, r
+
+
+def test_probe_from_the_training_batch(tmp_path):
+    res = run_ranks("batch_probe", 2, tmp_path, TIMEOUT)
+    r0 = res[0]
+    # the recorded memory-row losses, token-weighted over ranks (rank 1 skips some steps), are the signal
+    assert len(r0["probe_losses"]) == r0["train_steps"]
+    assert r0["probe_losses"] == pytest.approx(r0["expected"], rel=1e-9), r0
+    assert _agree(res, "merges") >= 1, r0
+    # no probe forward: every forward of task 1 is a training or a rehearsal step
+    for r in res:
+        assert r["forwards"] == r["train_steps"] + r0["rehearsal_steps"], r
+    # nothing recorded: one warning per task, no signal, and the forced activation still merges
+    assert r0["warned"] == 1, r0
+    assert all(v is None for v in r0["unrecorded_probe_losses"])
+    assert "count" in (r0["bad_count"] or ""), r0
