@@ -367,3 +367,40 @@ def test_rows_loss_is_the_models_loss_on_those_rows():
     assert aim_ds.rows_loss(out.logits, torch.full_like(b["labels"], IGNORE), slice(None)) == (0.0, 0)
     with pytest.raises(ValueError, match="line up"):
         aim_ds.rows_loss(out.logits, collate(items, 0, label_logits_only=False)["labels"], slice(None))
+
+
+def test_driver_collate_encodes_each_example_once_and_identically(tok):
+    """launch/train.py caches each example's encoding (memory rows recur in every mixed batch): a cached
+    batch equals a freshly encoded one, and an example is tokenized once however often it comes back."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+
+    from aim_ds.data import CausalLMExamples, collate
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+    spec = importlib.util.spec_from_file_location("aim_ds_driver_under_test", path)
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    exs = load_tasks("default", max_train=12)[1].train
+    calls = []
+
+    class Counting:  # the tokenizer, counting encode() calls
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def encode(self, *a, **k):
+            calls.append(1)
+            return tok.encode(*a, **k)
+
+    ctx = {"tokenizer": Counting(), "args": SimpleNamespace(max_len=24), "keeps_logits": True}
+    first = driver.collate_examples(exs[:8], ctx)
+    n_first = len(calls)
+    again = driver.collate_examples(exs[4:12] + exs[:4], ctx)  # 4 new, 8 seen
+    assert n_first > 0 and len(calls) == n_first * 3 // 2, (n_first, len(calls))
+    ds = CausalLMExamples(exs[4:12] + exs[:4], tok, max_len=24)
+    fresh = collate([ds[i] for i in range(len(ds))], tok.pad_token_id, label_logits_only=True)
+    assert again.keys() == fresh.keys() and all(torch.equal(again[k], fresh[k]) for k in fresh)
+    assert torch.equal(first["input_ids"][4:], again["input_ids"][:4])
