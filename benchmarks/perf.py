@@ -18,8 +18,12 @@ reports, side by side from the same runs (never as timed assertions in tests):
   fusion_vs_copy                   fusion time / time of a torch copy moving the same bytes (same rank)
   fusion_over_step                 fusion time per merge / plain training step
   hook_overhead_no_probe           (plain step + time in the hook on a step with no probe, no merge) /
-                                   plain step; the interleaved A/B ratio is reported beside it
+                                   plain step, the hook time per step taken on the rank that reached the
+                                   hook's broadcast last (the others' extra is waiting for it); the max over
+                                   ranks and the interleaved A/B ratio are reported beside it
   probe_cost                       probed step / plain step (interleaved, steps that merged left out)
+  batch_probe_cost                 the same for the default probe_source "training_batch": plain step + the
+                                   rows_loss of half the batch + the hook (last-arriving rank) / plain step
   end_to_end_aim_over_seqft        training wall time of `launch/train.py --method aim` / `--method seqft` on
                                    the driver's embedded default benchmark with the driver's default
                                    ds_config (ds_configs/cpu_zero3.json: the config whose quality
@@ -302,7 +306,8 @@ def job_full(b: Bench) -> dict:
     plain, hooked, no_probe_bytes = [], [], []
     b.step(b.batches[1][0], hooked=True)
     hook_times.clear()
-    for i in range(reps):
+    hreps = max(reps, 30)  # cheap steps, noisy ratios: more pairs than the other phases
+    for i in range(hreps):
         bt = b.batches[1][i % 4]
         plain.append(b.step(bt, hooked=False))
         c0 = counter.bytes
@@ -348,7 +353,7 @@ def job_full(b: Bench) -> dict:
     _timed_method(plugin, "_after_step", tb_hook)
     b.step(b.batches[1][0], hooked=True, record=plugin, record_times=tb_rows)
     tb_hook.clear(), tb_rows.clear()
-    for i in range(reps):
+    for i in range(hreps):
         bt = b.batches[1][i % 4]
         plain3.append(b.step(bt, hooked=False))
         c0 = counter.bytes
@@ -577,6 +582,21 @@ def measure(plan_name: str, log=print) -> dict:
               "batch_probe_cost_ab", "fusion_vs_copy", "fusion_over_step", "end_to_end_alternated_paper_defaults"):
         vals = [s[k] for s in summaries if s[k] is not None]
         out[k] = max(vals) if vals else None
+    # The hook ends in a collective (the 8-byte decision broadcast), so a rank that reaches it first waits
+    # there for the others: that wait is skew the step would spend in its next collective anyway, not hook
+    # work. Per step, the rank that arrived last waited least: its hook time is what the hook adds to the
+    # critical path. The max over ranks (which includes the waiting) is kept beside it.
+    def last_arrival(get):
+        lists = [get(r) for r in per_world[2]]
+        return [min(x[i] for x in lists) for i in range(min(len(x) for x in lists))]
+
+    out["hook_overhead_no_probe_max_over_ranks"] = out["hook_overhead_no_probe"]
+    out["batch_probe_cost_max_over_ranks"] = out["batch_probe_cost"]
+    plain_med = max(_st.median(r["plain_step_seconds"]) for r in per_world[2])
+    out["hook_overhead_no_probe"] = 1 + _st.median(last_arrival(lambda r: r["hook_seconds"])) / plain_med
+    bp_plain = max(_st.median(r["batch_probe"]["plain_step_seconds"]) for r in per_world[2])
+    out["batch_probe_cost"] = 1 + (_st.median(last_arrival(lambda r: r["batch_probe"]["hook_seconds"]))
+                                   + max(_st.median(r["batch_probe"]["rows_loss_seconds"]) for r in per_world[2])) / bp_plain
     out["step_seconds"] = full0["summary"]["step_seconds"]
     out["fusion_seconds"] = max(s["fusion_seconds"] for s in summaries)
     out["fusion_bytes"] = full0["summary"]["fusion_bytes"]
@@ -639,7 +659,8 @@ def table(d: dict) -> str:
             ("stat bytes / step (probed, no merge)", f"{d['stat_bytes_per_step']} (<= 64; by model size "
              f"{d['stat_bytes_per_step_by_model_params']})", d["goals_met"].get("stat_bytes_per_step")),
             ("fusion / copy of same bytes", f"{d['fusion_vs_copy']:.3f} (<= 1.5)", d["goals_met"].get("fusion_vs_copy")),
-            ("hook overhead, no probe", f"{d['hook_overhead_no_probe']:.4f} (<= 1.01; A/B {d['hook_overhead_no_probe_ab']:.3f})",
+            ("hook overhead, no probe", f"{d['hook_overhead_no_probe']:.4f} (<= 1.01; with the waiting of the first-arriving "
+             f"rank {d.get('hook_overhead_no_probe_max_over_ranks', float('nan')):.4f}; A/B {d['hook_overhead_no_probe_ab']:.3f})",
              d["goals_met"].get("hook_overhead_no_probe")),
             ("end to end AimMerging / SeqFT (driver, default config)", f"{d['end_to_end_aim_over_seqft']:.3f} (<= 1.3; "
              f"per seed {', '.join(f'{x:.2f}' for x in d['end_to_end_aim_over_seqft_per_seed'])})",
