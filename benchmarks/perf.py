@@ -93,6 +93,8 @@ PLANS = {
     "full": dict(model="medium", mb=4, seq=128, reps=16, merges=6, task_steps=48, e2e_reps=2,
                  driver_seeds=[0, 1, 2, 3, 4, 5]),
 }
+# the hook and batch-probe phases compare cheap steps whose ratios are noisy: at least this many pairs
+HOOK_REPS = 30
 
 
 # =============================================================================== launching
@@ -306,7 +308,7 @@ def job_full(b: Bench) -> dict:
     plain, hooked, no_probe_bytes = [], [], []
     b.step(b.batches[1][0], hooked=True)
     hook_times.clear()
-    hreps = max(reps, 30)  # cheap steps, noisy ratios: more pairs than the other phases
+    hreps = max(reps, HOOK_REPS)
     for i in range(hreps):
         bt = b.batches[1][i % 4]
         plain.append(b.step(bt, hooked=False))
@@ -622,7 +624,9 @@ def measure(plan_name: str, log=print) -> dict:
     out["end_to_end_tokens_aim_over_seqft"] = _st.median(r["tokens_ratio"] for r in runs)
     out["end_to_end_tokens_aim_over_replay"] = _st.median(r["tokens_ratio_over_replay"] for r in runs)
     out["end_to_end_config"] = "ds_configs/cpu_zero3.json (the driver's default; quality in BENCHMARKS.md)"
-    out["repetitions"] = {"interleaved_step_pairs": plan["reps"], "explicit_merges": plan["merges"],
+    out["repetitions"] = {"interleaved_step_pairs": plan["reps"],
+                          "hook_and_batch_probe_step_pairs": max(plan["reps"], HOOK_REPS),
+                          "explicit_merges": plan["merges"],
                           "e2e_repetitions": plan["e2e_reps"], "steps_per_task": plan["task_steps"],
                           "driver_seeds": plan["driver_seeds"]}
     out["raw"] = {"world2_rank0": full0}
