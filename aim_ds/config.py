@@ -1,6 +1,7 @@
 """Strict, typed parse of the ``"aim_merging"`` section of a DeepSpeed config.
 
-Every key, its type, default and accepted range is listed once, in ``_FIELDS`` below, and documented
+Every key and its default is listed once, in the :class:`AimConfig` dataclass below, checked in
+``_validate`` (type and accepted range), and documented
 in ``docs/configuration.md``. Parsing is strict: an unknown key, a value of the wrong type (``true``
 is not an integer; an integer is accepted where a float is expected) or a value out of range raises
 :class:`ConfigError` with ONE message that names the key, the bad value and what is accepted.

@@ -19,7 +19,7 @@ bug must fail with an error instead of hanging a job (or CI) for torch's default
 OMP_NUM_THREADS: the deepspeed launcher leaves it unset, so each rank would start one OpenMP thread per
 core; with N ranks on a node that is N x cores threads fighting for the cores (and spinning in OpenMP
 barriers), which is several times slower than one thread per rank on small CPU machines.  When it is
-unset and more than one rank shares the node we set it to max(1, cores // local_world_size).  It must
+unset (or empty) and more than one rank shares the node we set it to max(1, cores // local_world_size).  It must
 happen before torch's intra-op pool starts, so this module also applies it at import time if the
 launcher environment already says how many local ranks there are; ``torch.set_num_threads`` is called
 as well for the case where torch was already imported.
@@ -79,7 +79,8 @@ def _local_world_size_hint() -> int | None:
 
 def set_omp_threads(local_world_size: int | None) -> None:
     """OMP_NUM_THREADS = cores // local ranks when unset and several ranks share the node (see module doc)."""
-    if "OMP_NUM_THREADS" in os.environ or not local_world_size or local_world_size <= 1:
+    # an empty value sets nothing (OpenMP then starts one thread per core), so it counts as unset
+    if os.environ.get("OMP_NUM_THREADS", "").strip() or not local_world_size or local_world_size <= 1:
         return
     n = max(1, (os.cpu_count() or 1) // local_world_size)
     os.environ["OMP_NUM_THREADS"] = str(n)

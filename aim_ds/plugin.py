@@ -448,8 +448,9 @@ class AimPlugin:
             for _ in range(steps):
                 total = 0.0
                 for _ in range(engine.gradient_accumulation_steps()):
-                    batch = _to_device(self._rehearsal_cursor.next(), engine.device)
-                    self.work["rehearsal_tokens"] += batch_tokens(batch)
+                    batch = self._rehearsal_cursor.next()
+                    self.work["rehearsal_tokens"] += batch_tokens(batch)  # on the host copy: no device sync
+                    batch = _to_device(batch, engine.device)
                     loss = engine(**batch).loss
                     engine.backward(loss)
                     self._original_step()

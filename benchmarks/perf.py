@@ -264,6 +264,27 @@ def _timed_method(obj, name: str, sink: list):
     setattr(obj, name, wrapped)
 
 
+def _alternate(b: "Bench", plugin, counter, n: int, record: bool = False) -> dict:
+    """n pairs on one engine after one warm-up hooked step: DeepSpeed's own step (bypassing the hook), then the
+    hooked step on the same batch, so that load from other processes hits both alike. Per pair: both step
+    times, the plugin's collective bytes, whether it merged, and the time inside the hook; with record
+    (probe_source "training_batch") the hooked step records the loss of its batch's second half as memory
+    rows, timed into "rows"."""
+    out = {"plain": [], "hooked": [], "bytes": [], "merged": [], "hook": [], "rows": []}
+    _timed_method(plugin, "_after_step", out["hook"])
+    rec = plugin if record else None
+    b.step(b.batches[1][0], hooked=True, record=rec, record_times=out["rows"])
+    out["hook"].clear(), out["rows"].clear()
+    for i in range(n):
+        bt = b.batches[1][i % 4]
+        out["plain"].append(b.step(bt, hooked=False))
+        c0, m0 = counter.bytes, plugin.merge_count
+        out["hooked"].append(b.step(bt, hooked=True, record=rec, record_times=out["rows"]))
+        out["bytes"].append(counter.bytes - c0)
+        out["merged"].append(plugin.merge_count != m0)
+    return out
+
+
 def job_memory(b: Bench) -> dict:
     """Bytes the plugin holds (scalar policy) after attach and after one merge; stat bytes on probed steps."""
     counter = CollectiveCounter()
@@ -300,36 +321,19 @@ def job_full(b: Bench) -> dict:
     res = job_memory(b)
     res["memory_job"] = True
 
+    counter = CollectiveCounter()
+    hreps = max(reps, HOOK_REPS)
     # ---- hook overhead: no probe (probe_interval beyond the run), no merge (S = 128 > the steps here)
     plugin = b.attach(merge_first_task=True, probe_interval=10**6, initial_interval=128, max_interval=128)
-    hook_times: list[float] = []
-    _timed_method(plugin, "_after_step", hook_times)
-    counter = CollectiveCounter()
-    plain, hooked, no_probe_bytes = [], [], []
-    b.step(b.batches[1][0], hooked=True)
-    hook_times.clear()
-    hreps = max(reps, HOOK_REPS)
-    for i in range(hreps):
-        bt = b.batches[1][i % 4]
-        plain.append(b.step(bt, hooked=False))
-        c0 = counter.bytes
-        hooked.append(b.step(bt, hooked=True))
-        no_probe_bytes.append(counter.bytes - c0)
+    no_probe = _alternate(b, plugin, counter, hreps)
     merges_in_hook_phase = plugin.merge_count
     plugin.detach()
 
-    # ---- probe cost: a probe on every step
+    # ---- probe cost: a probe forward on every step (steps that merged left out)
     plugin = b.attach(merge_first_task=True, probe_interval=1, initial_interval=128, max_interval=128)
-    plain2, probed, probe_bytes = [], [], []
-    b.step(b.batches[1][0], hooked=True)
-    for i in range(reps):
-        bt = b.batches[1][i % 4]
-        plain2.append(b.step(bt, hooked=False))
-        c0, m0 = counter.bytes, plugin.merge_count
-        t = b.step(bt, hooked=True)
-        if plugin.merge_count == m0:
-            probed.append(t)
-            probe_bytes.append(counter.bytes - c0)
+    pr = _alternate(b, plugin, counter, reps)
+    probed = [t for t, m in zip(pr["hooked"], pr["merged"]) if not m]
+    probe_bytes = [x for x, m in zip(pr["bytes"], pr["merged"]) if not m]
 
     # ---- fusion: explicit merges without rehearsal, timed around the fusion functions
     timer = FusionTimer(Sync(False))
@@ -351,16 +355,7 @@ def job_full(b: Bench) -> dict:
     # ---- the default config's forgetting signal (probe_source "training_batch"): the loss of memory rows already
     # in the batch, read off the training forward, then one 16-byte all-reduce; no probe forward, no merge (S = 128)
     plugin = b.attach(merge_first_task=True, probe_source="training_batch", initial_interval=128, max_interval=128)
-    tb_hook, tb_rows, plain3, tb_steps, tb_bytes = [], [], [], [], []
-    _timed_method(plugin, "_after_step", tb_hook)
-    b.step(b.batches[1][0], hooked=True, record=plugin, record_times=tb_rows)
-    tb_hook.clear(), tb_rows.clear()
-    for i in range(hreps):
-        bt = b.batches[1][i % 4]
-        plain3.append(b.step(bt, hooked=False))
-        c0 = counter.bytes
-        tb_steps.append(b.step(bt, hooked=True, record=plugin, record_times=tb_rows))
-        tb_bytes.append(counter.bytes - c0)
+    tb = _alternate(b, plugin, counter, hreps, record=True)
     tb_probes = sum(1 for r in plugin.trajectory if r.get("probe_loss") is not None)
     plugin.detach()
     counter.restore()
@@ -397,24 +392,26 @@ def job_full(b: Bench) -> dict:
         e2e["aim_probes"].append(sum(1 for r in plugin.trajectory if r.get("probe_loss") is not None))
         plugin.detach()
 
+    plain, hook_times = no_probe["plain"], no_probe["hook"]
     step = _st.median(plain)
     f_sec = min(f["seconds"] for f in fusion)  # fastest merge: see the copy above
     f_bytes = _st.median(f["bytes"] for f in fusion)
     res.update({
-        "plain_step_seconds": plain, "hooked_step_seconds": hooked, "hook_seconds": hook_times,
-        "merges_in_hook_phase": merges_in_hook_phase, "stat_bytes_no_probe_steps": no_probe_bytes,
-        "plain_step_seconds_probe_phase": plain2, "probed_step_seconds": probed, "stat_bytes_probed_steps": probe_bytes,
+        "plain_step_seconds": plain, "hooked_step_seconds": no_probe["hooked"], "hook_seconds": hook_times,
+        "merges_in_hook_phase": merges_in_hook_phase, "stat_bytes_no_probe_steps": no_probe["bytes"],
+        "plain_step_seconds_probe_phase": pr["plain"], "probed_step_seconds": probed,
+        "stat_bytes_probed_steps": probe_bytes,
         "fusion": fusion, "fusion_shard_numel": shard_numel, "copy_bytes_per_second": copy_bps,
-        "batch_probe": {"hook_seconds": tb_hook, "rows_loss_seconds": tb_rows, "plain_step_seconds": plain3,
-                        "step_seconds": tb_steps, "stat_bytes": tb_bytes, "probes_seen": tb_probes},
+        "batch_probe": {"hook_seconds": tb["hook"], "rows_loss_seconds": tb["rows"], "plain_step_seconds": tb["plain"],
+                        "step_seconds": tb["hooked"], "stat_bytes": tb["bytes"], "probes_seen": tb_probes},
         "e2e": e2e,
         "summary": {
             "step_seconds": step,
             "hook_overhead_no_probe": 1 + _st.median(hook_times) / step,
-            "hook_overhead_no_probe_ab": _st.median(hooked) / step,
-            "probe_cost": _st.median(probed) / _st.median(plain2) if probed else None,
-            "batch_probe_cost": 1 + (_st.median(tb_hook) + _st.median(tb_rows)) / _st.median(plain3),
-            "batch_probe_cost_ab": _st.median(tb_steps) / _st.median(plain3),
+            "hook_overhead_no_probe_ab": _st.median(no_probe["hooked"]) / step,
+            "probe_cost": _st.median(probed) / _st.median(pr["plain"]) if probed else None,
+            "batch_probe_cost": 1 + (_st.median(tb["hook"]) + _st.median(tb["rows"])) / _st.median(tb["plain"]),
+            "batch_probe_cost_ab": _st.median(tb["hooked"]) / _st.median(tb["plain"]),
             "fusion_seconds": f_sec, "fusion_seconds_median": _st.median(f["seconds"] for f in fusion),
             "fusion_bytes": f_bytes,
             "fusion_passes": f_bytes / (4 * shard_numel) if shard_numel else None,
@@ -584,21 +581,21 @@ def measure(plan_name: str, log=print) -> dict:
               "batch_probe_cost_ab", "fusion_vs_copy", "fusion_over_step", "end_to_end_alternated_paper_defaults"):
         vals = [s[k] for s in summaries if s[k] is not None]
         out[k] = max(vals) if vals else None
-    # The hook ends in a collective (the 8-byte decision broadcast), so a rank that reaches it first waits
-    # there for the others: that wait is skew the step would spend in its next collective anyway, not hook
-    # work. Per step, the rank that arrived last waited least: its hook time is what the hook adds to the
-    # critical path. The max over ranks (which includes the waiting) is kept beside it.
+    # Except for the hook's own time: the hook ends in a collective (the 8-byte decision broadcast), so a rank
+    # that reaches it first waits there for the others, skew the step would spend in its next collective anyway,
+    # not hook work. Per step, the rank that arrived last waited least: its hook time is what the hook adds to
+    # the critical path. The max over ranks (which includes the waiting) is kept beside it.
     def last_arrival(get):
         lists = [get(r) for r in per_world[2]]
-        return [min(x[i] for x in lists) for i in range(min(len(x) for x in lists))]
+        return _st.median(min(x[i] for x in lists) for i in range(min(len(x) for x in lists)))
 
-    out["hook_overhead_no_probe_max_over_ranks"] = out["hook_overhead_no_probe"]
-    out["batch_probe_cost_max_over_ranks"] = out["batch_probe_cost"]
-    plain_med = max(_st.median(r["plain_step_seconds"]) for r in per_world[2])
-    out["hook_overhead_no_probe"] = 1 + _st.median(last_arrival(lambda r: r["hook_seconds"])) / plain_med
-    bp_plain = max(_st.median(r["batch_probe"]["plain_step_seconds"]) for r in per_world[2])
-    out["batch_probe_cost"] = 1 + (_st.median(last_arrival(lambda r: r["batch_probe"]["hook_seconds"]))
-                                   + max(_st.median(r["batch_probe"]["rows_loss_seconds"]) for r in per_world[2])) / bp_plain
+    for k in ("hook_overhead_no_probe", "batch_probe_cost"):
+        out[f"{k}_max_over_ranks"] = out[k]
+    out["hook_overhead_no_probe"] = 1 + last_arrival(lambda r: r["hook_seconds"]) / \
+        max(_st.median(r["plain_step_seconds"]) for r in per_world[2])
+    out["batch_probe_cost"] = 1 + (last_arrival(lambda r: r["batch_probe"]["hook_seconds"])
+                                   + max(_st.median(r["batch_probe"]["rows_loss_seconds"]) for r in per_world[2])) / \
+        max(_st.median(r["batch_probe"]["plain_step_seconds"]) for r in per_world[2])
     out["step_seconds"] = full0["summary"]["step_seconds"]
     out["fusion_seconds"] = max(s["fusion_seconds"] for s in summaries)
     out["fusion_bytes"] = full0["summary"]["fusion_bytes"]

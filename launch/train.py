@@ -485,6 +485,7 @@ def run(args) -> int:
 
     ctx = dict(args=args, rank=rank, world=world, tasks=tasks, tokenizer=tokenizer, ds_run=ds_run,
                client_opt=client_opt, micro=micro, mem_bs=mem_bs, replay_rows=replay_rows, memories=memories,
+               work={"train_tokens": 0, "train_memory_tokens": 0},
                steps_per_task=steps_per_task, aim_cfg=aim_cfg, out_dir=out_dir, resume=resume,
                task_fp=task_fp, mem_sha=mem_sha, ckpt_dir=os.path.join(out_dir, CKPT_SUBDIR))
 
@@ -628,10 +629,11 @@ def train_steps(engine, ctx, task_index, batches, losses, progress, mem_batches=
         n_new = len(exs)
         if mem_batches:
             exs = exs + mem_batches[s % len(mem_batches)]
-        batch = to_device(collate_examples(exs, ctx), engine.device)
-        work = ctx.setdefault("work", {"train_tokens": 0, "train_memory_tokens": 0})
-        work["train_tokens"] += int(batch["attention_mask"].sum())
-        work["train_memory_tokens"] += int(batch["attention_mask"][n_new:].sum())
+        batch = collate_examples(exs, ctx)
+        mask = batch["attention_mask"]  # counted on the host copy: no device sync per step
+        ctx["work"]["train_tokens"] += int(mask.sum())
+        ctx["work"]["train_memory_tokens"] += int(mask[n_new:].sum())
+        batch = to_device(batch, engine.device)
         set_lr(engine, lr_at(s, total, args.lr, args.warmup))
         out = engine(**batch)
         loss = out.loss
@@ -677,7 +679,7 @@ def save_run_checkpoint(engine, plugin, ctx, task, step, done, matrix, losses, d
              "memory_sha": ctx["mem_sha"], "global_batch": [ctx["micro"] * ctx["world"], ctx["mem_bs"] * ctx["world"]],
              "matrix": matrix, "single_scores": ctx["single_scores"],
              "fwt_source": ctx["fwt_source"], "options": resume_options(ctx["args"])}
-    client = {"rng": rng_state(), "losses": list(losses) if ctx["rank"] == 0 else [], "work": dict(ctx.get("work", {}))}
+    client = {"rng": rng_state(), "losses": list(losses) if ctx["rank"] == 0 else [], "work": dict(ctx["work"])}
     save_checkpoint(engine, plugin, ctx["ckpt_dir"], tag=tag, client_state=client,
                     keep_last=ctx["args"].keep_checkpoints, task_fingerprint=ctx["task_fp"],
                     tokenizer=ctx["tokenizer"] if ctx["rank"] == 0 else None, extra=extra)
@@ -691,7 +693,7 @@ def load_run_checkpoint(engine, plugin, ctx):
     load_dir, tag, manifest = ctx["resume"]
     client = load_checkpoint(engine, plugin, load_dir, tag, task_fingerprint=ctx["task_fp"])
     set_rng_state(client["rng"])
-    ctx["work"] = dict(client.get("work") or {"train_tokens": 0, "train_memory_tokens": 0})
+    ctx["work"].update(client.get("work") or {})
     if ctx["rank"] == 0:
         os.makedirs(ctx["out_dir"], exist_ok=True)
     return manifest["extra"], list(client.get("losses") or [])
@@ -856,7 +858,7 @@ def write_results(ctx, res, single_scores, fwt_source, ds_path, ds_config, info)
                   "per_task": ctx["steps_per_task"]},
         "merges": res["merges"],
         # tokens through forward + backward (training batches, rehearsal) and forward only (probes), rank 0
-        "work": {**ctx.get("work", {}), **(res["plugin"].work if res.get("plugin") is not None else {})},
+        "work": {**ctx["work"], **(res["plugin"].work if res.get("plugin") is not None else {})},
         "wall_time_s": round(wall, 2), "train_wall_s": round(res["train_wall_s"], 2),
         "eval_wall_s": round(res["eval_wall_s"], 2), "setup_wall_s": round(ctx["setup_s"], 2),
         "world_size": info.world_size, "launcher": info.launcher,

@@ -41,3 +41,26 @@ def test_torchrun_two_ranks_multitask_generation(tmp_path):
     assert r["launcher"] == "env" and r["world_size"] == 2
     assert len(r["matrix"]) == 1 and r["steps"]["train"] == 32
     assert {t["metric"] for t in r["tasks"]} == {"rougeL"}
+
+
+@pytest.mark.parametrize("value, expect", [(None, "per-rank"), ("", "per-rank"), ("  ", "per-rank"), ("3", "3")])
+def test_omp_threads_set_when_unset_or_empty(monkeypatch, value, expect):
+    """Several local ranks: an unset OR empty OMP_NUM_THREADS (OpenMP ignores an empty one and starts a thread
+    per core) becomes cores // local ranks; a value the user gave is kept."""
+    import os
+
+    import torch
+
+    from aim_ds.distributed import set_omp_threads
+
+    if value is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    threads = torch.get_num_threads()
+    try:
+        set_omp_threads(2)
+        assert os.environ["OMP_NUM_THREADS"] == ("4" if expect == "per-rank" else expect)
+    finally:
+        torch.set_num_threads(threads)
