@@ -169,14 +169,18 @@ def _seeds(vals, digits=1):
     return " / ".join("—" if v is None else f"{v:.{digits}f}" for v in vals)
 
 
+def work_tokens(work: dict) -> tuple[int, int]:
+    """A run's tokens on rank 0 (results.json "work"): through forward + backward (training batches and
+    rehearsal), and through forward only (the plugin's probe forwards): the compute a GPU pays."""
+    return work.get("train_tokens", 0) + work.get("rehearsal_tokens", 0), work.get("probe_tokens", 0)
+
+
 def _tokens(results) -> str:
-    """Mean tokens (thousands, rank 0) through forward + backward (training batches and rehearsal), and through
-    forward only (the plugin's probe forwards) in brackets when there are any: the compute a GPU pays."""
-    w = [r.get("work") for r in results if r.get("work")]
+    """Mean work_tokens in thousands; the forward-only ones in brackets when there are any."""
+    w = [work_tokens(r["work"]) for r in results if r.get("work")]
     if not w:
         return "—"
-    fb = statistics.fmean(x.get("train_tokens", 0) + x.get("rehearsal_tokens", 0) for x in w) / 1000
-    fo = statistics.fmean(x.get("probe_tokens", 0) for x in w) / 1000
+    fb, fo = (statistics.fmean(x[i] for x in w) / 1000 for i in (0, 1))
     return f"{fb:.1f}" + (f" (+ {fo:.1f})" if fo else "")
 
 

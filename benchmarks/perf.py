@@ -488,11 +488,13 @@ def _driver_pair(methods, seed, root: Path, env, timeout: float) -> dict:
 
 
 def _summary(r: dict) -> dict:
+    from cl_quality import work_tokens  # benchmarks/ is on sys.path: this script's own folder
+
     w = r.get("work") or {}
+    fwd_bwd, fwd_only = work_tokens(w)
     return {"train_s": r["train_wall_s"], "OP": r["OP"], "BWT": r["BWT"], "engine_steps": r["steps"]["engine"],
             "merges": r["merges"], "probes": r.get("probes"), "replay_rows": r["config"].get("replay_rows"),
-            "tokens_fwd_bwd": w.get("train_tokens", 0) + w.get("rehearsal_tokens", 0),
-            "tokens_fwd_only": w.get("probe_tokens", 0), "work": w}
+            "tokens_fwd_bwd": fwd_bwd, "tokens_fwd_only": fwd_only, "work": w}
 
 
 def driver_end_to_end(seeds, log=print, timeout: float = 600) -> list[dict]:
