@@ -18,4 +18,12 @@ def rows_loss(logits, labels, rows):
     return _rows_loss(logits, labels, rows)
 
 
-__all__ = ["attach", "rows_loss", "AimConfig", "ConfigError", "__version__"]
+def mixed_loss(logits, labels, n_new, memory_weight):
+    """Weighted loss of a mixed batch (new rows, then memory rows) and the memory rows' probe figures; see
+    aim_ds.plugin.mixed_loss."""
+    from .plugin import mixed_loss as _mixed_loss
+
+    return _mixed_loss(logits, labels, n_new, memory_weight)
+
+
+__all__ = ["attach", "rows_loss", "mixed_loss", "AimConfig", "ConfigError", "__version__"]

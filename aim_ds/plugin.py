@@ -611,6 +611,30 @@ def rows_loss(logits: torch.Tensor, labels: torch.Tensor, rows) -> tuple[float, 
     return float(loss), n
 
 
+def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, n_new: int, memory_weight: float
+               ) -> tuple[torch.Tensor, float, int]:
+    """The training loss of a mixed batch whose first ``n_new`` rows are the new task's and the rest memory
+    rows: (1 - w) x the new rows' mean token loss + w x the memory rows' mean token loss, w = memory_weight.
+    The memory rows then pull with weight w however few they are (fewer rows = less compute, same expected
+    gradient mix). Also returns the memory rows' (summed token loss, label tokens) for
+    ``AimPlugin.record_probe_loss``, from the same cross-entropy (one pass over the logits). Labels as for
+    ``rows_loss``."""
+    if not (0.0 < memory_weight < 1.0):
+        raise AimInputError(f"mixed_loss(memory_weight={memory_weight!r}): must be in (0, 1).")
+    if logits.shape[:2] != labels.shape[:2]:
+        raise AimInputError(f"mixed_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line "
+                            "up; pass the labels at the positions whose logits the model returned.")
+    lg, lb = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    tok = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
+                                            reduction="none").view(lb.shape)
+    has = lb != -100
+    new_n, mem_n = has[:n_new].sum(), has[n_new:].sum()
+    new_sum, mem_sum = tok[:n_new].sum(), tok[n_new:].sum()
+    # a side without label tokens contributes 0 (clamp: no 0/0); both counts are host-free tensors until here
+    loss = (1.0 - memory_weight) * new_sum / new_n.clamp(min=1) + memory_weight * mem_sum / mem_n.clamp(min=1)
+    return loss, float(mem_sum.detach()), int(mem_n)
+
+
 def attach(engine, memory=None, config: AimConfig | dict | None = None) -> AimPlugin:
     """Attach AimMerging to a DeepSpeed engine. The user's training loop is unchanged.
 

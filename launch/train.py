@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory examples per rank mixed into every training batch of task k >= 1 (mixed replay) "
                         "for replay, fixed_merge and aim (default: --memory-batch-size); 0 = none (aim and "
                         "fixed_merge then see the memory only in their probe and rehearsal)")
+    g.add_argument("--memory-weight", type=float, default=None,
+                   help="with mixed rows: the loss is (1 - W) x the new rows' mean token loss + W x the memory rows' "
+                        "(aim_ds.mixed_loss), so few rows pull as hard as many; default: the plain mean over all "
+                        "label tokens of the batch")
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (AdamW, betas 0.9/0.98, wd 0.01); default 3e-3 for the generated "
                         "benchmarks (default, default-gen), 1e-3 otherwise (the calibrated values)")
@@ -193,6 +197,13 @@ def check_args(args) -> None:
         if args.method == "replay" and args.replay_rows == 0:
             raise InputError("--method replay --replay-rows 0 mixes nothing in: that is --method seqft; give "
                              "--replay-rows >= 1")
+    if args.memory_weight is not None:
+        if not (0.0 < args.memory_weight < 1.0):
+            raise InputError(f"--memory-weight {args.memory_weight}: must be in (0, 1) (the memory rows' share of "
+                             "the training loss)")
+        if args.method not in MIXING_METHODS or args.replay_rows == 0:
+            raise InputError("--memory-weight weights the memory rows mixed into training batches; it needs "
+                             f"--method {', '.join(MIXING_METHODS)} with --replay-rows >= 1: drop it")
     if not (0.0 <= args.memory_fraction <= 1.0):
         raise InputError(f"--memory-fraction {args.memory_fraction}: must be in [0, 1]")
     if args.lr is None:
@@ -357,7 +368,7 @@ def resume_options(args) -> dict:
     """The options that decide the run's trajectory (a checkpoint resumes only with the same ones; the per-rank
     batch sizes may change with the world size after `aim-ds reshard`, the global batches may not)."""
     keys = ("benchmark", "data_dir", "order", "max_train", "max_eval", "memory_fraction", "method", "model",
-            "tokenizer", "max_len", "seed", "epochs", "lr", "warmup", "fwt_reference", "replay_rows")
+            "tokenizer", "max_len", "seed", "epochs", "lr", "warmup", "fwt_reference", "replay_rows", "memory_weight")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -635,12 +646,21 @@ def train_steps(engine, ctx, task_index, batches, losses, progress, mem_batches=
         ctx["work"]["train_memory_tokens"] += int(mask[n_new:].sum())
         batch = to_device(batch, engine.device)
         set_lr(engine, lr_at(s, total, args.lr, args.warmup))
-        out = engine(**batch)
-        loss = out.loss
-        if probe is not None:  # the forgetting signal from this batch's memory rows: no extra forward
-            from aim_ds import rows_loss
+        if mem_batches and args.memory_weight is not None:  # the driver weights new and memory rows itself
+            from aim_ds import mixed_loss
 
-            probe.record_probe_loss(*rows_loss(out.logits, batch["labels"], slice(n_new, None)))
+            labels = batch.pop("labels")  # no second loss inside the model
+            out = engine(**batch)
+            loss, mem_sum, mem_n = mixed_loss(out.logits, labels, n_new, args.memory_weight)
+            if probe is not None:
+                probe.record_probe_loss(mem_sum, mem_n)
+        else:
+            out = engine(**batch)
+            loss = out.loss
+            if probe is not None:  # the forgetting signal from this batch's memory rows: no extra forward
+                from aim_ds import rows_loss
+
+                probe.record_probe_loss(*rows_loss(out.logits, batch["labels"], slice(n_new, None)))
         engine.backward(loss)
         engine.step()
         lv = float(loss.detach())

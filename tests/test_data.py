@@ -369,6 +369,52 @@ def test_rows_loss_is_the_models_loss_on_those_rows():
         aim_ds.rows_loss(out.logits, collate(items, 0, label_logits_only=False)["labels"], slice(None))
 
 
+def test_mixed_loss_weights_new_and_memory_rows():
+    """aim_ds.mixed_loss: (1 - w) x the new rows' mean token loss + w x the memory rows', built from the same
+    cross-entropy as rows_loss (whose memory figures it returns for the probe); its gradient is that mix."""
+    import pytest
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import aim_ds
+    from aim_ds.data.dataset import IGNORE, collate
+
+    torch.manual_seed(2)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    items = []
+    for n, lab in [(12, 2), (7, 3), (15, 1), (9, 4), (11, 1)]:
+        ids = torch.randint(3, 97, (n,))
+        labels = ids.clone()
+        labels[: n - lab] = IGNORE
+        items.append({"input_ids": ids, "labels": labels})
+    for window in (False, True):
+        b = collate(items, 0, label_logits_only=window)
+        labels = b.pop("labels")
+        out = model(**b)
+        s_new, n_new = aim_ds.rows_loss(out.logits, labels, slice(0, 3))
+        s_mem, n_mem = aim_ds.rows_loss(out.logits, labels, slice(3, None))
+        for w in (0.25, 0.5, 0.8):
+            loss, ms, mn = aim_ds.mixed_loss(out.logits, labels, 3, w)
+            assert (ms, mn) == (pytest.approx(s_mem, rel=1e-6), n_mem) and mn == 5
+            assert loss.item() == pytest.approx((1 - w) * s_new / n_new + w * s_mem / n_mem, rel=1e-6)
+        # not the plain mean over all tokens (6 new, 5 memory tokens): the weighting is real
+        assert abs(aim_ds.mixed_loss(out.logits, labels, 3, 0.5)[0].item() - (s_new + s_mem) / 11) > 1e-4
+    # the gradient follows the weights: a memory weight near 0 gives the new rows' gradient alone
+    model.zero_grad()
+    aim_ds.mixed_loss(model(**b).logits, labels, 3, 1e-9)[0].backward()
+    g_mix = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    model(**collate(items[:3], 0, label_logits_only=True)).loss.backward()
+    assert torch.allclose(g_mix, model.lm_head.weight.grad, rtol=1e-4, atol=1e-7)
+    no_mem = torch.full_like(labels, IGNORE)
+    no_mem[:3] = labels[:3]
+    loss, ms, mn = aim_ds.mixed_loss(model(**b).logits, no_mem, 3, 0.5)  # no memory label tokens: that side is 0
+    assert (ms, mn) == (0.0, 0) and loss.item() == pytest.approx(0.5 * s_new / n_new, rel=1e-5)
+    with pytest.raises(ValueError, match="memory_weight"):
+        aim_ds.mixed_loss(out.logits, labels, 3, 1.0)
+
+
 def test_driver_collate_encodes_each_example_once_and_identically(tok):
     """launch/train.py caches each example's encoding (memory rows recur in every mixed batch): a cached
     batch equals a freshly encoded one, and an example is tokenized once however often it comes back."""

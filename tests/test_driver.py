@@ -75,7 +75,7 @@ def test_help_documents_every_option(tmp_path):
     for opt in ("--benchmark", "--data-dir", "--order", "--method", "--model", "--tokenizer", "--deepspeed_config",
                 "--output-dir", "--overwrite", "--seed", "--epochs", "--batch-size", "--memory-batch-size", "--lr",
                 "--memory-fraction", "--max-train", "--max-eval", "--eval-batch-size", "--fwt-reference", "--replay-rows",
-                "--local_rank"):
+                "--memory-weight", "--local_rank"):
         assert opt in p.stdout, opt
     for m in ("aim", "seqft", "replay", "fixed_merge", "single", "multitask"):
         assert m in p.stdout
@@ -99,6 +99,8 @@ BAD = [
     ("negative_replay_rows", lambda t: ["--replay-rows", "-1"], "--replay-rows -1"),
     ("batch_probe_without_rows", lambda t: ["--method", "aim", "--replay-rows", "0", "--deepspeed_config",
                                             ds_config(t, probe_source="training_batch")], "--replay-rows 0"),
+    ("memory_weight_out_of_range", lambda t: ["--memory-weight", "1"], "--memory-weight 1.0"),
+    ("memory_weight_without_rows", lambda t: ["--method", "seqft", "--memory-weight", "0.5"], "--replay-rows >= 1"),
 ]
 
 
@@ -177,6 +179,24 @@ def test_deepspeed_two_ranks_aim(tmp_path):
     assert p.stdout.count("[aim_ds] aim: OP") == 1  # rank 0 only
     loss_csv = list((tmp_path / "mon").rglob("train_loss*.csv"))  # DeepSpeed's csv monitor got the losses
     assert loss_csv and len(loss_csv[0].read_text().splitlines()) >= 32, list((tmp_path / "mon").rglob("*"))
+
+
+def test_memory_weight_reweights_the_mixed_rows(tmp_path):
+    """--memory-weight: the driver's own mixed loss (aim_ds.mixed_loss) trains the run and feeds the forgetting
+    signal. The first mixed step's signal (the loss before any weighted update) equals the unweighted run's;
+    later steps differ, because the weighted updates differ."""
+    traj = {}
+    for name, extra in (("plain", []), ("weighted", ["--memory-weight", "0.5"])):
+        out = tmp_path / name
+        p = run(py("--method", "aim", "--replay-rows", "1", "--output-dir", str(out), *SMALL, *extra), tmp_path)
+        assert p.returncode == 0, p.stderr[-4000:]
+        r = check_outputs(out, "aim")
+        assert r["config"]["args"]["memory_weight"] == (0.5 if extra else None)
+        with open(out / "trajectory.csv") as f:
+            traj[name] = [float(row["probe_loss"]) for row in csv.DictReader(f) if row["task"] == "1"]
+    assert len(traj["plain"]) == len(traj["weighted"]) == 16  # 32 examples, batch 2
+    assert traj["weighted"][0] == pytest.approx(traj["plain"][0], rel=1e-5)
+    assert any(abs(a - b) > 1e-4 for a, b in zip(traj["weighted"][1:], traj["plain"][1:])), traj
 
 
 def test_single_then_fixed_merge_uses_fwt_cache(tmp_path):
