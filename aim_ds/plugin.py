@@ -630,7 +630,7 @@ def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, n_new: int, memory_we
     has = lb != -100
     new_n, mem_n = has[:n_new].sum(), has[n_new:].sum()
     new_sum, mem_sum = tok[:n_new].sum(), tok[n_new:].sum()
-    # a side without label tokens contributes 0 (clamp: no 0/0); both counts are host-free tensors until here
+    # a side without label tokens contributes 0 (clamp: no 0/0); the counts stay tensors (no host sync) until here
     loss = (1.0 - memory_weight) * new_sum / new_n.clamp(min=1) + memory_weight * mem_sum / mem_n.clamp(min=1)
     return loss, float(mem_sum.detach()), int(mem_n)
 
