@@ -330,26 +330,36 @@ def test_label_window_loss_equals_full_logits_loss():
         assert abs(float(model(**shifted).loss) - float(a)) > 1e-3
 
 
+def _tiny_lm_and_rows(seed: int, label_lengths):
+    """A 1-layer random Llama and prompt/answer rows of the given (length, answer tokens)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aim_ds.data.dataset import IGNORE
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    items = []
+    for n, lab in label_lengths:
+        ids = torch.randint(3, 97, (n,))
+        labels = ids.clone()
+        labels[: n - lab] = IGNORE
+        items.append({"input_ids": ids, "labels": labels})
+    return model, items
+
+
 def test_rows_loss_is_the_models_loss_on_those_rows():
     """aim_ds.rows_loss (the forgetting signal read from a training batch's memory rows) is the model's own
     shifted cross-entropy: all rows give the model's loss, row groups add up, with and without label windows."""
     import pytest
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import aim_ds
     from aim_ds.data.dataset import IGNORE, collate
 
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=2)).eval()
-    items = []
-    for n, lab in [(12, 2), (7, 3), (15, 1), (9, 4), (11, 2)]:
-        ids = torch.randint(3, 97, (n,))
-        labels = ids.clone()
-        labels[: n - lab] = IGNORE
-        items.append({"input_ids": ids, "labels": labels})
+    model, items = _tiny_lm_and_rows(1, [(12, 2), (7, 3), (15, 1), (9, 4), (11, 2)])
+    model.eval()
     for window in (False, True):
         b = collate(items, 0, label_logits_only=window)
         with torch.no_grad():
@@ -374,20 +384,11 @@ def test_mixed_loss_weights_new_and_memory_rows():
     cross-entropy as rows_loss (whose memory figures it returns for the probe); its gradient is that mix."""
     import pytest
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import aim_ds
     from aim_ds.data.dataset import IGNORE, collate
 
-    torch.manual_seed(2)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
-    items = []
-    for n, lab in [(12, 2), (7, 3), (15, 1), (9, 4), (11, 1)]:
-        ids = torch.randint(3, 97, (n,))
-        labels = ids.clone()
-        labels[: n - lab] = IGNORE
-        items.append({"input_ids": ids, "labels": labels})
+    model, items = _tiny_lm_and_rows(2, [(12, 2), (7, 3), (15, 1), (9, 4), (11, 1)])
     for window in (False, True):
         b = collate(items, 0, label_logits_only=window)
         labels = b.pop("labels")
