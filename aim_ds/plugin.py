@@ -592,23 +592,25 @@ def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss [B, W-1] and label mask of a causal-LM batch: the shifted cross-entropy the model's own
+    loss uses (position t predicts label t + 1; -100 ignored, loss 0 there)."""
+    if logits.shape[:2] != labels.shape[:2]:
+        raise AimInputError(f"{who}: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line up; "
+                            "pass the labels at the positions whose logits the model returned.")
+    lg, lb = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    tok = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
+                                            reduction="none").view(lb.shape)
+    return tok, lb != -100
+
+
 @torch.no_grad()
 def rows_loss(logits: torch.Tensor, labels: torch.Tensor, rows) -> tuple[float, int]:
-    """(summed token loss, label tokens) of some rows of a causal-LM batch, from the forward's own logits:
-    the same shifted cross-entropy the model's loss uses (position t predicts label t + 1; -100 ignored).
+    """(summed token loss, label tokens) of some rows of a causal-LM batch, from the forward's own logits.
     ``labels`` are the ones passed to the model (with ``logits_to_keep`` positions, the labels gathered
     there, as aim_ds.data.collate makes them). For ``AimPlugin.record_probe_loss``."""
-    lg, lb = logits[rows], labels[rows]
-    if lg.shape[:2] != lb.shape[:2]:
-        raise AimInputError(f"rows_loss: logits {tuple(lg.shape)} and labels {tuple(lb.shape)} do not line up; "
-                            "pass the labels at the positions whose logits the model returned.")
-    lg, lb = lg[:, :-1].float(), lb[:, 1:].to(lg.device)
-    n = int((lb != -100).sum())
-    if n == 0:
-        return 0.0, 0
-    loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
-                                             reduction="sum")
-    return float(loss), n
+    tok, has = _token_losses(logits[rows], labels[rows], "rows_loss")
+    return float(tok.sum()), int(has.sum())
 
 
 def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, n_new: int, memory_weight: float
@@ -621,13 +623,7 @@ def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, n_new: int, memory_we
     ``rows_loss``."""
     if not (0.0 < memory_weight < 1.0):
         raise AimInputError(f"mixed_loss(memory_weight={memory_weight!r}): must be in (0, 1).")
-    if logits.shape[:2] != labels.shape[:2]:
-        raise AimInputError(f"mixed_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line "
-                            "up; pass the labels at the positions whose logits the model returned.")
-    lg, lb = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
-    tok = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
-                                            reduction="none").view(lb.shape)
-    has = lb != -100
+    tok, has = _token_losses(logits, labels, "mixed_loss")
     new_n, mem_n = has[:n_new].sum(), has[n_new:].sum()
     new_sum, mem_sum = tok[:n_new].sum(), tok[n_new:].sum()
     # a side without label tokens contributes 0 (clamp: no 0/0); the counts stay tensors (no host sync) until here

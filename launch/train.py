@@ -629,6 +629,8 @@ def train_steps(engine, ctx, task_index, batches, losses, progress, mem_batches=
     mem_batches: memory rows appended to every batch (mixed replay). probe: a plugin with probe_source
     "training_batch", given the loss of those rows before each step. start: steps already done (a resumed
     run skips their batches); on_step(s) after step s (1-based)."""
+    from aim_ds import mixed_loss, rows_loss
+
     args = ctx["args"]
     total = len(batches)
     mon = getattr(engine, "monitor", None)
@@ -646,21 +648,17 @@ def train_steps(engine, ctx, task_index, batches, losses, progress, mem_batches=
         ctx["work"]["train_memory_tokens"] += int(mask[n_new:].sum())
         batch = to_device(batch, engine.device)
         set_lr(engine, lr_at(s, total, args.lr, args.warmup))
+        # the forgetting signal (probe) is read off this forward's memory rows: no extra forward
         if mem_batches and args.memory_weight is not None:  # the driver weights new and memory rows itself
-            from aim_ds import mixed_loss
-
             labels = batch.pop("labels")  # no second loss inside the model
             out = engine(**batch)
-            loss, mem_sum, mem_n = mixed_loss(out.logits, labels, n_new, args.memory_weight)
-            if probe is not None:
-                probe.record_probe_loss(mem_sum, mem_n)
+            loss, *mem_rows = mixed_loss(out.logits, labels, n_new, args.memory_weight)
         else:
             out = engine(**batch)
             loss = out.loss
-            if probe is not None:  # the forgetting signal from this batch's memory rows: no extra forward
-                from aim_ds import rows_loss
-
-                probe.record_probe_loss(*rows_loss(out.logits, batch["labels"], slice(n_new, None)))
+            mem_rows = rows_loss(out.logits, batch["labels"], slice(n_new, None)) if probe is not None else None
+        if probe is not None:
+            probe.record_probe_loss(*mem_rows)
         engine.backward(loss)
         engine.step()
         lv = float(loss.detach())
