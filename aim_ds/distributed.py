@@ -195,20 +195,10 @@ def barrier() -> None:
 
 
 def agree_error(message: str | None) -> None:
-    """Raise the same error on every rank if ANY rank has one (collective; every rank must call)."""
-    import torch
-    import torch.distributed as dist
+    """aim_ds.statistics.agree raising SystemExit (the name launch/train.py still calls)."""
+    from .statistics import agree
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        if message:
-            raise SystemExit(f"error: {message}")
-        return
-    msgs: list = [None] * dist.get_world_size()
-    dist.all_gather_object(msgs, message)
-    first = next((m for m in msgs if m), None)
-    if first:
-        raise SystemExit(f"error: {first}")
-    del torch
+    agree(message, exc_type=SystemExit)
 
 
 def prebuild_ops() -> list[str]:

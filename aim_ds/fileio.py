@@ -12,6 +12,23 @@ import tempfile
 from typing import Iterable
 
 TMP_PREFIX = ".tmp-"
+
+
+class OutputDirError(ValueError):
+    """An output folder that would overwrite something; raised before anything is written."""
+
+
+def check_output_dir(path: str, overwrite: bool = False, fix: str = "choose another folder") -> None:
+    """Refuse an output folder that exists and is not empty (unless overwrite), or that is a file.
+
+    Call it before the first write: the message promises that nothing was written. `fix` is the remedy the
+    message names (e.g. "pass --overwrite or choose another folder").
+    """
+    if os.path.isdir(path):
+        if not overwrite and os.listdir(path):
+            raise OutputDirError(f"{path} exists and is not empty; {fix} (nothing was written)")
+    elif os.path.exists(path):
+        raise OutputDirError(f"{path} exists and is not a folder; {fix} (nothing was written)")
 TRAJECTORY_FIELDS = ["task", "step", "probe_loss", "threshold", "activations", "interval",
                      "learning_signal", "merge", "w_in", "w_out"]
 

@@ -131,7 +131,7 @@ def load_tokenizer(tokenizer_dir: str | None, model: str | None, tasks, cache_di
     else:
         from aim_ds.data import get_tokenizer
 
-        from .distributed import agree_error
+        from .statistics import agree
 
         os.makedirs(cache_dir, exist_ok=True)
         err = None
@@ -140,7 +140,7 @@ def load_tokenizer(tokenizer_dir: str | None, model: str | None, tasks, cache_di
                 tok = get_tokenizer(tasks, cache_dir)
             except Exception as e:  # reported on every rank, not a hang at the barrier
                 err = f"building the tokenizer under {cache_dir} failed: {e!r}"
-        agree_error(err)  # doubles as the barrier: rank 0 has written the cache
+        agree(err, exc_type=SystemExit)  # doubles as the barrier: rank 0 has written the cache
         if rank != 0:
             tok = get_tokenizer(tasks, cache_dir)  # the cache hit rank 0 just wrote
     if tok.pad_token is None:

@@ -39,12 +39,6 @@ class AimInputError(ValueError):
     """Bad input to the plugin (memory, arguments); raised on every rank before any collective hangs."""
 
 
-def _agree(error: str | None) -> None:
-    """Raise on every rank if any rank found an error (one 4-byte all-reduce, reached by all)."""
-    if statistics.any_rank(error is not None):
-        raise AimInputError(error or "aim_merging: another rank rejected its input (see that rank's error).")
-
-
 class _Cursor:
     """Cycles through a list (resumable by position) or re-iterates an iterable."""
 
@@ -138,14 +132,14 @@ class AimPlugin:
             for bufs in self._ema.values():
                 for b in bufs:
                     b.zero_()
-        _agree(None if (self._memory is not None or not self._active()) else
+        statistics.agree(None if (self._memory is not None or not self._active()) else
                f"aim_merging: task {self.task_index} will merge but no memory was given; pass the rehearsal "
-               "memory to attach(engine, memory) or start_task(memory=...).")
+               "memory to attach(engine, memory) or start_task(memory=...).", exc_type=AimInputError)
 
     def set_memory(self, memory) -> None:
         """Replace the rehearsal memory (a list or iterable of model-input dicts, this rank's own)."""
         error = self._check_memory(memory)
-        _agree(error)
+        statistics.agree(error, exc_type=AimInputError)
         self._memory = memory
         self._probe_cursor = _Cursor(memory)
         self._rehearsal_cursor = _Cursor(memory)
@@ -161,8 +155,9 @@ class AimPlugin:
             raise AimInputError(f"merge(rehearsal_steps={rehearsal_steps!r}): expected an integer >= 0.")
         if self.task_index < 0:
             self.start_task()
-        _agree(None if self._memory is not None else
-               "aim_merging: merge() needs a rehearsal memory; pass it to attach() or start_task(memory=...).")
+        statistics.agree(None if self._memory is not None else
+               "aim_merging: merge() needs a rehearsal memory; pass it to attach() or start_task(memory=...).",
+                         exc_type=AimInputError)
         return self._merge(weights=weights, rehearsal_steps=rehearsal_steps, explicit=True)
 
     def record_probe_loss(self, loss_sum: float, count: float) -> None:

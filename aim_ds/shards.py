@@ -202,3 +202,52 @@ def ds_config_dict(engine) -> dict:
 
     with open(cfg) as f:
         return json.load(f)
+
+
+# ---------------------------------------------------------------------- checkpoint layout (ZeRO-3 reads)
+def valid_numel(numel: int, partition_numel: int, rank: int) -> int:
+    """Elements of a flattened parameter that rank `rank` owns: [rank*pn, (rank+1)*pn) cut at numel.
+
+    The rest of the rank's partition_numel() slots are padding (uninitialised; a parameter smaller than
+    the world size leaves whole ranks with padding only).
+    """
+    return max(0, min(partition_numel, numel - rank * partition_numel))
+
+
+def param_shapes(module) -> list[list]:
+    """[[name, full shape], ...] of every parameter, also when ZeRO-3 has partitioned it (ds_shape)."""
+    return [[n, list(getattr(p, "ds_shape", p.shape))] for n, p in module.named_parameters()]
+
+
+def engine_layout(engine) -> dict:
+    """This run's ZeRO-3 partition layout: the optimizer sub-groups, each param's name, shape and numel."""
+    import deepspeed.comm as dist
+
+    opt = engine.optimizer
+    names = getattr(opt, "param_names", None) or {p: n for n, p in engine.module.named_parameters()}
+    groups = []
+    for i, params in enumerate(opt.fp16_groups):
+        groups.append({
+            "param_group": int(opt.sub_group_to_group_id[i]),
+            "partition_count": int(opt.sub_group_partition_counts[i]),
+            "params": [[names[p], list(p.ds_shape), int(p.ds_numel), int(p.partition_numel())] for p in params],
+        })
+    return {"world_size": dist.get_world_size(), "sub_group_size": opt.sub_group_size, "sub_groups": groups}
+
+
+class universal_checkpoint_loading:
+    """Within the block, engine.load_checkpoint reads a universal checkpoint (the ds_config's
+    "checkpoint": {"load_universal": true}, switched on for one load and restored after it)."""
+
+    def __init__(self, engine, on: bool = True):
+        self.config, self.on = engine._config, on
+
+    def __enter__(self):
+        self.before = self.config.load_universal_checkpoint
+        if self.on:
+            self.config.load_universal_checkpoint = True
+        return self
+
+    def __exit__(self, *exc):
+        self.config.load_universal_checkpoint = self.before
+        return False

@@ -107,3 +107,47 @@ def global_quantile(parts: list[tuple[torch.Tensor, list[tuple[int, int]]]], q: 
         if width == 0:
             break
     return lo
+
+
+AGREE_MAX_BYTES = 4096  # per rank: an error message, not a log
+
+
+def agree(error: str | None, exc_type: type[BaseException] = RuntimeError) -> None:
+    """Every rank calls it; when any rank passes a message, every rank raises exc_type naming each failing rank.
+
+    The message joins the failing ranks' messages, each prefixed "rank R: " (a message equal to a lower
+    rank's is shortened to "same as rank Q"). Bad input found on one rank thus stops every rank at the same
+    point instead of leaving the others to hang in their next collective. Wire cost: one all-reduce of
+    `world` int64 lengths; only on error a second one of the messages' bytes (at most AGREE_MAX_BYTES each).
+    Without an initialised process group (or with one rank) it raises on this process alone.
+    """
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        if error is not None:
+            raise exc_type(f"rank 0: {error}")
+        return
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    dev = comm_device()
+    data = b"" if error is None else error.encode("utf-8")[:AGREE_MAX_BYTES]
+    sizes = torch.zeros(world, dtype=torch.int64, device=dev)
+    sizes[rank] = 0 if error is None else len(data) + 1  # +1: an empty message is still an error
+    sizes = all_reduce(sizes).cpu().tolist()
+    if not any(sizes):
+        return
+    lengths = [max(0, s - 1) for s in sizes]
+    buf = torch.zeros(max(1, sum(lengths)), dtype=torch.uint8)
+    start = sum(lengths[:rank])
+    if data:
+        buf[start:start + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = all_reduce(buf.to(dev)).cpu()  # each rank fills only its own slice: the sum is a gather
+    raw = bytes(buf.tolist())
+    messages, parts, offset = {}, [], 0
+    for r, (s, n) in enumerate(zip(sizes, lengths)):
+        if s:
+            msg = raw[offset:offset + n].decode("utf-8", errors="replace")
+            same = next((q for q, m in messages.items() if m == msg), None)
+            parts.append(f"rank {r}: " + (msg if same is None else f"same as rank {same}"))
+            messages[r] = msg
+        offset += n
+    raise exc_type("; ".join(parts))

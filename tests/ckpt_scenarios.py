@@ -7,6 +7,7 @@ import os
 import shutil
 
 import deepspeed
+import pytest
 import torch
 from transformers import LlamaForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
@@ -14,6 +15,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import aim_ds
 from aim_ds import checkpoint as ckpt
+from aim_ds.checkpoint import format as ckpt_format, runtime as ckpt_runtime
 from tests import scenarios as sc
 
 AIM = {"enabled": True, "interval_rule": "fixed", "initial_interval": 3, "min_interval": 2, "max_interval": 16,
@@ -102,17 +104,17 @@ def save_resume(work: str):
     sc.train_steps(e1, 5, seed=300)
     final_w, final_state, final_anchor = sc.full_fp32(e1), _plugin_state(p1), _anchor(p1)
 
-    # crash inside save 'b' after every file of .tmp-b is written, before the rename
-    def boom(tmp_dir):
+    # crash inside save 'b' after every file of .tmp-b is written, before the rename (rank 0 commits)
+    def boom(save_dir, tag, keep_last):
         raise RuntimeError("simulated crash")
 
-    ckpt._before_commit = boom
-    try:
-        ckpt.save_checkpoint(e1, p1, d, tag="b", keep_last=2, task_fingerprint=FP)
-        crashed = False
-    except RuntimeError:
-        crashed = True
-    ckpt._before_commit = lambda tmp_dir: None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ckpt_runtime, "_commit", boom)
+        try:
+            ckpt.save_checkpoint(e1, p1, d, tag="b", keep_last=2, task_fingerprint=FP)
+            crashed = False
+        except RuntimeError:
+            crashed = True
     _barrier()
     with open(os.path.join(d, "latest")) as f:
         latest_after_crash = f.read().strip()
@@ -219,7 +221,7 @@ def reshard_leg(work: str, src: str, out: str, expect_world_error: str | None = 
         res["trajectory_equal"] = (state["trajectory"] == rf["state"]["trajectory"]) if r == 0 else None
         res["scalars_equal"] = all(state[k] == rf["state"][k] for k in ("task_index", "step_in_task", "merge_count"))
     res["layout_matches"] = ckpt.engine_layout(e)["sub_groups"] == \
-        ckpt._read_manifest(os.path.join(src, ckpt.find_latest(src)))["layout"]["sub_groups"]
+        ckpt_format.read_tag_manifest(os.path.join(src, ckpt.find_latest(src)))["layout"]["sub_groups"]
     losses = sc.train_steps(e, 2, seed=700)
     res["losses"] = losses
     res["merges_after"] = p.merge_count
@@ -251,3 +253,68 @@ def _gathered_anchor(engine, plugin):
         deepspeed.comm.all_reduce(flat)
         out[n] = flat[:numel].reshape(shape).clone()
     return out
+
+
+
+# ---------------------------------------------------------------------------------------------- killed saves
+def crash_save_run(d: str, steps: int, switch: int, kill_fraction: float | None = None):
+    """One launch of a run that saves after every step (tags stepNNN, keep_last=2): resumes the newest complete
+    checkpoint in `d` (--resume auto), or starts fresh. Task 0 runs steps [0, switch), task 1 the rest.
+
+    kill_fraction None: train to `steps` and return what the run ended with. Otherwise: time this launch's
+    first save, then, right before its second, rank 0 starts a killer that SIGKILLs the launch's whole process
+    group after kill_fraction x that save's duration, and waits to be killed. Every step's loss (this launch's
+    steps) goes to d/../losses-<launch>-rank<R>.json as it is made, so killed launches keep theirs.
+    """
+    import json
+    import subprocess
+    import sys
+    import time
+
+    r = sc.rank()
+    found = ckpt.resolve_resume("auto", d)
+    done = 0 if found is None else ckpt.read_manifest(*found)["extra"]["step"]
+    e = _engine()
+    p = aim_ds.attach(e, sc.memory() if done <= switch else sc.memory(offset=3000))
+    if found is None:
+        p.start_task()
+    else:
+        ckpt.load_checkpoint(e, p, *found, task_fingerprint=FP)
+    launch = f"{time.time_ns()}"
+    losses, saves = {}, 0
+    log = os.path.join(os.path.dirname(d), f"losses-{launch}-rank{r}.json")
+    for s in range(done, steps):
+        if s == switch:
+            p.start_task(sc.memory(offset=3000))
+        losses[s] = sc.train_steps(e, 1, seed=1000 + 10 * s)[0]
+        with open(log, "w") as f:
+            json.dump(losses, f)
+        if kill_fraction is not None and saves == 1 and r == 0:
+            delay = kill_fraction * first_save_s
+            with open(os.path.join(os.path.dirname(d), f"kill-{launch}.json"), "w") as f:
+                json.dump({"tag": f"step{s + 1:03d}", "previous": f"step{s:03d}", "delay_s": delay,
+                           "first_save_s": first_save_s, "resumed_from": found and found[1]}, f)
+            subprocess.Popen(["sh", "-c", f"sleep {delay:.4f}; kill -KILL -- -{os.getpgid(0)}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.perf_counter()
+        ckpt.save_checkpoint(e, p, d, tag=f"step{s + 1:03d}", keep_last=2, task_fingerprint=FP,
+                             client_state={"step": s + 1}, extra={"step": s + 1})
+        if saves == 0:
+            first_save_s = time.perf_counter() - t0
+        saves += 1
+        if kill_fraction is not None and saves == 2:
+            time.sleep(120)  # the killer ends this launch; a missed kill fails the test by its timeout
+            sys.exit(f"not killed (pid group {os.getpgid(0)})")
+    w = sc.full_fp32(e)
+    return {"resumed_from": found and found[1], "weights": _sha(w[n] for n in sorted(w)), "anchor": _sha(_anchor(p)),
+            "state": _sha([json.dumps(_plugin_state(p), sort_keys=True, default=str)]), "merges": p.merge_count,
+            "task_index": p.task_index}
+
+
+def _sha(items) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for x in items:
+        h.update(x.encode() if isinstance(x, str) else x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

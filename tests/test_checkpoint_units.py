@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from aim_ds import checkpoint as ckpt
+from aim_ds.checkpoint import format as fmt, layout
 
 
 def _layout(world, sub_group_size=None):
@@ -17,7 +18,7 @@ def _layout(world, sub_group_size=None):
     base = {"world_size": 1, "sub_group_size": sub_group_size, "sub_groups": [
         {"param_group": 0, "partition_count": 1, "params": [[n, s, k, k] for n, s, k in params[:4]]},
         {"param_group": 1, "partition_count": 1, "params": [[n, s, k, k] for n, s, k in params[4:]]}]}
-    return ckpt._split_layout(base, world)
+    return layout.split_layout(base, world)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
@@ -29,9 +30,9 @@ def test_scatter_gather_roundtrip(world, size):
             assert pn == math.ceil(k / world) and math.prod(s) == k
     gen = torch.Generator().manual_seed(world)
     full = {n: torch.randn(k, generator=gen) for sg in lay["sub_groups"] for n, _, k, _ in sg["params"]}
-    shards = ckpt._scatter(full, lay)
-    assert [[t.numel() for t in r] for r in shards] == [ckpt._flat_sizes(lay)] * world
-    back = ckpt._gather(shards, lay)
+    shards = layout.scatter(full, lay)
+    assert [[t.numel() for t in r] for r in shards] == [layout.flat_sizes(lay)] * world
+    back = layout.gather(shards, lay)
     assert all(torch.equal(back[n], full[n]) for n in full)
     if size == 4:  # sub-group boundaries follow DeepSpeed's rule (close a group once it reaches the size)
         for sg in lay["sub_groups"][:-1]:
@@ -43,13 +44,13 @@ def test_reshard_plugin_state_3_to_2():
     gen = torch.Generator().manual_seed(0)
     full = {k: {n: torch.randn(x, generator=gen) for sg in old["sub_groups"] for n, _, x, _ in sg["params"]}
             for k in ("anchor", "theta_k", "i_in", "u_out")}
-    sc = {k: ckpt._scatter(v, old) for k, v in full.items()}
+    sc = {k: layout.scatter(v, old) for k, v in full.items()}
     states = [{"enabled": True, "config": {"x": 1}, "task_index": 2, "step_in_task": 5, "merge_count": 3,
                "rank": r, "world_size": 3, "controller": {"S": 4} if r == 0 else None,
                "trajectory": [{"step": 1}] if r == 0 else [], "probe_position": 10 + r, "rehearsal_position": r,
                "anchor": sc["anchor"][r], "theta_k": sc["theta_k"][r],
                "ema": {"i_in": sc["i_in"][r], "u_out": sc["u_out"][r]}} for r in range(3)]
-    out = ckpt._reshard_plugin(states, old, new)
+    out = layout.reshard_plugin(states, old, new)
     assert len(out) == 2
     assert out[0]["controller"] == {"S": 4} and out[1]["controller"] is None
     assert out[0]["trajectory"] == [{"step": 1}] and out[1]["trajectory"] == []
@@ -57,14 +58,14 @@ def test_reshard_plugin_state_3_to_2():
     assert all(o["task_index"] == 2 and o["merge_count"] == 3 for o in out)
     for key, path in (("anchor", ("anchor",)), ("theta_k", ("theta_k",)), ("i_in", ("ema", "i_in")),
                       ("u_out", ("ema", "u_out"))):
-        back = ckpt._gather([ckpt._get(o, path) for o in out], new)
+        back = layout.gather([layout.get_path(o, path) for o in out], new)
         assert all(torch.equal(back[n], full[key][n]) for n in back), key
     assert states[0]["ema"]["i_in"] is sc["i_in"][0]  # inputs untouched
 
 
 def test_unknown_tensor_entry_refused():
     with pytest.raises(ckpt.CheckpointError, match="does not know how to reshard"):
-        list(ckpt._shard_lists({"anchor": [torch.zeros(1)], "odd": torch.zeros(3)}, 1))
+        list(layout.shard_lists({"anchor": [torch.zeros(1)], "odd": torch.zeros(3)}, 1))
 
 
 def test_find_latest_and_tags(tmp_path):
@@ -88,7 +89,7 @@ def test_find_latest_and_tags(tmp_path):
 @pytest.mark.parametrize("tag", ["", ".tmp-a", "a/b", "latest"])
 def test_bad_tags(tag):
     with pytest.raises(ckpt.CheckpointError):
-        ckpt._check_tag(tag)
+        fmt.check_tag(tag)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -130,3 +131,27 @@ def test_rng_state_roundtrip():
     a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     ckpt.set_rng_state(s)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == a
+
+
+def test_check_output_dir(tmp_path):
+    from aim_ds.fileio import OutputDirError, check_output_dir
+
+    check_output_dir(str(tmp_path / "new"))  # missing: fine, and not created
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    check_output_dir(str(tmp_path / "empty"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    with pytest.raises(OutputDirError) as e:
+        check_output_dir(str(tmp_path / "busy"), fix="pass --overwrite")
+    assert str(e.value) == f"{tmp_path / 'busy'} exists and is not empty; pass --overwrite (nothing was written)"
+    assert isinstance(e.value, ValueError)
+    check_output_dir(str(tmp_path / "busy"), overwrite=True)
+    with pytest.raises(OutputDirError, match="is not a folder"):
+        check_output_dir(str(tmp_path / "busy" / "f"), overwrite=True)
+
+
+def test_diff_config():
+    assert ckpt.diff_config({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == ["b: checkpoint 2, now 3",
+                                                                           "c: checkpoint None, now 4"]
+    assert ckpt.diff_config(None, None) == [] and ckpt._diff_keys is ckpt.diff_config
