@@ -457,15 +457,46 @@ def _diff_keys(a: dict | None, b: dict | None) -> list[str]:
     return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+_UNCHECKED = object()
+
+
+def check_compatible(tag_dir: str, manifest: dict, world_size: int | None = None, aim_merging=_UNCHECKED,
+                     task_fingerprint: str | None = None) -> None:
+    """The identity checks of a checkpoint that need no engine: its world size, its aim_merging config (None:
+    saved without a plugin) and its task fingerprint, each skipped when not given. Raises CheckpointError.
+    load_checkpoint makes them too; a driver calls this first to refuse another run's checkpoint before it
+    builds an engine."""
+    mpath = os.path.join(tag_dir, MANIFEST)
+    m = manifest
+    if world_size is not None and m["world_size"] != world_size:
+        load_dir, tag = os.path.split(os.path.normpath(tag_dir))
+        raise CheckpointError(
+            f"{mpath}: checkpoint was saved by {m['world_size']} ranks, this run has {world_size}. Reshard it first: "
+            f"aim-ds reshard {load_dir} --tag {tag} --world-size {world_size} NEW_DIR, then load from NEW_DIR.")
+    if aim_merging is not _UNCHECKED:
+        if (m["aim_merging"] is None) != (aim_merging is None):
+            raise CheckpointError(
+                f"{mpath}: the checkpoint was saved {'without' if m['aim_merging'] is None else 'with'} an AimMerging "
+                "plugin, this load is " + ("with" if aim_merging is not None else "without") + " one; pass plugin="
+                + ("None." if aim_merging is not None else "the attached plugin."))
+        if aim_merging is not None and m["aim_merging"] != aim_merging:
+            raise CheckpointError(f"{mpath}: the checkpoint was made with a different aim_merging config ("
+                                  + "; ".join(_diff_keys(m["aim_merging"], aim_merging)) + "). Resume with the "
+                                  "aim_merging section the run started with.")
+    if task_fingerprint is not None and m.get("task_fingerprint") is not None \
+            and task_fingerprint != m["task_fingerprint"]:
+        raise CheckpointError(f"{mpath}: the checkpoint was made for another task sequence or training setup "
+                              f"(fingerprint {m['task_fingerprint']}, this run {task_fingerprint}); resume with the "
+                              "same benchmark, order, data, seed, model and training settings, or start a new output "
+                              "directory.")
+
+
 def _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world) -> tuple[str, dict]:
     tag = resolve_tag(load_dir, tag)
     tag_dir = os.path.join(load_dir, tag)
     m = _read_manifest(tag_dir)
     mpath = os.path.join(tag_dir, MANIFEST)
-    if m["world_size"] != world:
-        raise CheckpointError(
-            f"{mpath}: checkpoint was saved by {m['world_size']} ranks, this run has {world}. Reshard it first: "
-            f"aim-ds reshard {load_dir} --tag {tag} --world-size {world} NEW_DIR, then load from NEW_DIR.")
+    check_compatible(tag_dir, m, world_size=world)
     now = model_fingerprint(engine)
     saved = m["model"]
     if saved["params_sha256"] != now["params_sha256"]:
@@ -476,20 +507,8 @@ def _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world) -> t
             f"{mpath}: the checkpoint is of another model ({saved['class']}, {saved['param_count']} parameters; this "
             f"engine: {now['class']}, {now['param_count']}); first differences: {diffs[:3]}. Build the model the run "
             "was started with (same model config).")
-    cfg_now = plugin.config.to_dict() if plugin is not None else None
-    if (m["aim_merging"] is None) != (cfg_now is None):
-        raise CheckpointError(f"{mpath}: the checkpoint was saved {'without' if m['aim_merging'] is None else 'with'} "
-                              "an AimMerging plugin, this load is " + ("with" if cfg_now is not None else "without") +
-                              " one; pass plugin=" + ("None." if cfg_now is not None else "the attached plugin."))
-    if cfg_now is not None and m["aim_merging"] != cfg_now:
-        raise CheckpointError(f"{mpath}: the checkpoint was made with a different aim_merging config ("
-                              + "; ".join(_diff_keys(m["aim_merging"], cfg_now)) + "). Resume with the aim_merging "
-                              "section the run started with.")
-    if task_fingerprint is not None and m.get("task_fingerprint") is not None \
-            and task_fingerprint != m["task_fingerprint"]:
-        raise CheckpointError(f"{mpath}: the checkpoint was made for another task sequence (fingerprint "
-                              f"{m['task_fingerprint']}, this run {task_fingerprint}); resume with the same benchmark, "
-                              "order, data and seed, or start a new output directory.")
+    check_compatible(tag_dir, m, aim_merging=plugin.config.to_dict() if plugin is not None else None,
+                     task_fingerprint=task_fingerprint)
     _check_files(tag_dir, m)
     live = engine_layout(engine)
     if live["sub_groups"] != m["layout"]["sub_groups"]:
