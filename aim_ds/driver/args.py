@@ -234,5 +234,7 @@ def check_output_dir(path: str, overwrite: bool) -> None:
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise InputError(f"--output-dir {path} exists and is not a folder")
-        if os.listdir(path) and not overwrite:
+        from .lock import LOCK_NAME  # a dead run's lock file alone does not make a folder "not empty"
+
+        if [n for n in os.listdir(path) if n != LOCK_NAME] and not overwrite:
             raise InputError(f"--output-dir {path} exists and is not empty; choose another folder or pass --overwrite")

@@ -13,9 +13,11 @@ import os
 import random
 import sys
 import time
+from typing import NamedTuple
 
 from .args import (MIXING_METHODS, InputError, RunConfig, check_output_dir, load_ds_config, parse_args,
                    plugin_config)
+from .lock import LOCK_NAME, LockError, OutputLock, check_free
 from .resume import (CKPT_SUBDIR, announce, announce_fresh, check_resume_manifest, check_resume_options,
                      global_batches, resolve_resume_arg, resume_options)
 
@@ -52,10 +54,15 @@ def check_inputs(cfg: RunConfig):
     if resume is None and cfg.resume == "auto" and os.environ.get("RANK", "0") == "0":
         announce_fresh(cfg)
     if cfg.output_dir is not None:
+        try:
+            check_free(cfg.output_dir)  # named first: a live run's folder is also "not empty"
+        except LockError as e:
+            raise InputError(str(e)) from None
         ckpt_root = os.path.abspath(os.path.join(cfg.output_dir, CKPT_SUBDIR))
         if resume is not None and os.path.abspath(resume.load_dir) == ckpt_root:
             pass  # resuming into the run's own directory
-        elif cfg.resume == "auto" and os.path.isdir(cfg.output_dir) and set(os.listdir(cfg.output_dir)) <= {CKPT_SUBDIR}:
+        elif cfg.resume == "auto" and os.path.isdir(cfg.output_dir) and \
+                set(os.listdir(cfg.output_dir)) <= {CKPT_SUBDIR, LOCK_NAME}:
             pass  # a run killed before its first complete checkpoint
         else:
             check_output_dir(cfg.output_dir, cfg.overwrite)
@@ -100,8 +107,6 @@ def default_output_dir(cfg: RunConfig, rank: int) -> str:
 
 
 def run(cfg: RunConfig, t0: float) -> int:
-    from .trainer import CLTrainer, RunState
-
     cfg, ds_config, aim_cfg, resume, tasks = check_inputs(cfg)
     ds_path = cfg.deepspeed_config
 
@@ -110,7 +115,6 @@ def run(cfg: RunConfig, t0: float) -> int:
 
     info = init_distributed(cfg.dist_timeout)
     import torch
-    import torch.distributed as dist
 
     rank, world = info.rank, info.world_size
     torch.manual_seed(cfg.seed)
@@ -171,19 +175,60 @@ def run(cfg: RunConfig, t0: float) -> int:
     if resume is not None:
         check_resume_manifest(resume, world, task_fp, mem_sha, glob)
 
-    if rank == 0:
-        if resume is None:  # a resumed run creates nothing before its checkpoint has loaded
-            os.makedirs(out_dir, exist_ok=True)
-        else:
-            announce(resume)
-        print(f"[aim_ds] method={cfg.method} benchmark={cfg.benchmark} tasks={[t.name for t in tasks]} "
-              f"world={world} micro_batch={micro} steps/task={steps_per_task} out={out_dir}", flush=True)
+    from .trainer import RunState
 
-    state = RunState(cfg=cfg, rank=rank, world=world, tasks=tasks, memories=memories, tokenizer=tokenizer,
-                     ds_run=ds_run, client_opt="optimizer" not in ds_run, micro=micro, mem_bs=mem_bs,
-                     replay_rows=replay_rows, steps_per_task=steps_per_task, aim_cfg=aim_cfg, out_dir=out_dir,
-                     resume=resume, task_fp=task_fp, mem_sha=mem_sha,
-                     setup_s=time.time() - t0)  # imports, process group, tokenizer, data (not engine set-up)
+    lock = OutputLock(out_dir)
+    try:
+        take_lock(lock, rank)
+        if rank == 0:
+            if resume is None:  # a resumed run creates nothing before its checkpoint has loaded
+                os.makedirs(out_dir, exist_ok=True)
+            else:
+                announce(resume)
+            print(f"[aim_ds] method={cfg.method} benchmark={cfg.benchmark} tasks={[t.name for t in tasks]} "
+                  f"world={world} micro_batch={micro} steps/task={steps_per_task} out={out_dir}", flush=True)
+        state = RunState(cfg=cfg, rank=rank, world=world, tasks=tasks, memories=memories, tokenizer=tokenizer,
+                         ds_run=ds_run, client_opt="optimizer" not in ds_run, micro=micro, mem_bs=mem_bs,
+                         replay_rows=replay_rows, steps_per_task=steps_per_task, aim_cfg=aim_cfg, out_dir=out_dir,
+                         resume=resume, task_fp=task_fp, mem_sha=mem_sha,
+                         setup_s=time.time() - t0)  # imports, process group, tokenizer, data (not engine set-up)
+        return train_and_report(state, ds_config, info, FwtReference(ref_key, ref_key_src, ref_path), t0)
+    finally:
+        lock.release()
+
+
+def take_lock(lock: OutputLock, rank: int) -> None:
+    """rank 0 takes the output folder's lock (atomic: of two runs starting together one gets it); every rank
+    raises the same InputError when it could not (collective)."""
+    from aim_ds.distributed import agree_error
+
+    err = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except (LockError, OSError) as e:
+            err = str(e)
+    try:
+        agree_error(err)
+    except SystemExit as e:
+        raise InputError(str(e.code).removeprefix("error: ")) from None
+
+
+class FwtReference(NamedTuple):
+    """Where the single-task scores of this setup are cached: the key, what it hashes, the file."""
+    key: str
+    source: str
+    path: str
+
+
+def train_and_report(state, ds_config: dict, info, ref: FwtReference, t0: float) -> int:
+    """The FWT reference (cached, trained here, or from the checkpoint), the method, the results."""
+    import torch.distributed as dist
+
+    from .trainer import CLTrainer
+
+    cfg, rank, tasks, resume = state.cfg, state.rank, state.tasks, state.resume
+    ref_key, ref_key_src, ref_path = ref
     trainer = CLTrainer(state)
     single_scores, fwt_source, single_res = None, cfg.fwt_reference, None
     if resume is not None:  # resumed: the reference is in the checkpoint
