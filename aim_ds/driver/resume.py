@@ -105,14 +105,21 @@ def check_resume_manifest(resume: ResumePoint, world: int, task_fp: str, mem_sha
     from aim_ds.checkpoint import MANIFEST, CheckpointError, check_compatible
 
     where = os.path.join(resume.tag_dir, MANIFEST)
-    saved = resume.extra.get("global") or {}
-    if saved != glob:
-        diff = "; ".join(f"{k} {saved.get(k)} vs {glob[k]}" for k in glob if saved.get(k) != glob[k])
-        raise InputError(f"{where}: the checkpoint's global sizes differ from this run's (checkpoint vs now: {diff}; "
-                         "per-rank size x ranks); choose --batch-size / --memory-batch-size / --replay-rows so that "
-                         "they match")
+    try:  # the world size first: its error says to reshard, after which the per-rank sizes change
+        check_compatible(resume.tag_dir, resume.manifest, world_size=world)
+    except CheckpointError as e:
+        raise InputError(f"{e} For the driver: --resume NEW_DIR/{resume.tag} --output-dir DIR on {world} ranks, with "
+                         "--batch-size / --memory-batch-size / --replay-rows that keep the global sizes "
+                         f"{resume.extra.get('global')} (launch/README.md, resuming on another number of ranks)") \
+            from None
     try:
-        check_compatible(resume.tag_dir, resume.manifest, world_size=world, task_fingerprint=task_fp)
+        saved = resume.extra.get("global") or {}
+        if saved != glob:
+            diff = "; ".join(f"{k} {saved.get(k)} vs {glob[k]}" for k in glob if saved.get(k) != glob[k])
+            raise InputError(f"{where}: the checkpoint's global sizes differ from this run's (checkpoint vs now: "
+                             f"{diff}; per-rank size x ranks); choose --batch-size / --memory-batch-size / "
+                             "--replay-rows so that they match")
+        check_compatible(resume.tag_dir, resume.manifest, task_fingerprint=task_fp)
     except CheckpointError as e:
         raise InputError(str(e)) from None
     if resume.extra.get("memory_sha") != mem_sha:
