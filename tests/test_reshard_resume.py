@@ -91,7 +91,9 @@ def test_resharded_anchor_and_controller_equal_the_saving_runs(runs, src, dst):
     ref_ckpt, resh = runs["refs"][src] / "checkpoints", runs["tmp"] / f"resh{src}to{dst}"
     for fn in (anchor_state_dict, model_state_dict):
         wa, wb = fn(str(ref_ckpt), TAG), fn(str(resh), TAG)
-        assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa), fn.__name__
+        # the universal checkpoint lists a tied weight once (lm_head.weight is embed_tokens.weight here)
+        assert set(wa) - set(wb) <= {"lm_head.weight"} and set(wb) <= set(wa), fn.__name__
+        assert wb and all(wa[k].equal(wb[k]) for k in wb), fn.__name__
     sa = torch.load(ref_ckpt / TAG / plugin_file(0, src), weights_only=False)
     sb = torch.load(resh / TAG / plugin_file(0, dst), weights_only=False)
     assert sa["controller"] is not None and sb["controller"] == sa["controller"]

@@ -7,6 +7,7 @@ cosine decay set here (no DeepSpeed scheduler). The plugin, when attached, hooks
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 
@@ -43,8 +44,6 @@ class RunState:
 
     @property
     def ckpt_dir(self) -> str:
-        import os
-
         return os.path.join(self.out_dir, CKPT_SUBDIR)
 
     def steps_before(self, task: int) -> int:
@@ -206,8 +205,6 @@ class CLTrainer:
 
         A resharded checkpoint's ranks are not the saving run's, so their RNG streams cannot be restored: each
         rank's streams are seeded from --seed, the global position and the rank instead."""
-        import os
-
         from aim_ds.checkpoint import load_checkpoint, set_rng_state
 
         s, r = self.state, self.state.resume
