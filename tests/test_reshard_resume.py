@@ -109,3 +109,15 @@ def test_data_order_is_a_function_of_the_global_position():
         mem = [sum((memory_batches(examples, per_rank, r, world, seed=5)[s] for r in range(world)), [])
                for s in range(10)]
         assert mem == memory_batches(examples, 4, 0, 1, seed=5)
+
+
+def test_resharded_checkpoint_with_other_global_sizes_is_refused(runs):
+    """The resharded checkpoint on 1 rank with the 2-rank per-rank batch (global 2, not 4): one error naming
+    the sizes and the options to change, nothing written."""
+    tmp = runs["tmp"]
+    cmd = [sys.executable, TRAIN, *COMMON, "--batch-size", "2", "--output-dir", str(tmp / "wrong"), "--resume",
+           str(tmp / "resh2to1" / TAG)]
+    rc, log = run(cmd, tmp, 300)
+    assert rc == 2 and log.count("error:") == 1, log[-3000:]
+    assert "global sizes differ" in log and "batch 4 vs 2" in log and "--batch-size" in log, log[-3000:]
+    assert not (tmp / "wrong").exists()

@@ -112,8 +112,12 @@ def check_resume_manifest(resume: ResumePoint, world: int, task_fp: str, mem_sha
                          "--batch-size / --memory-batch-size / --replay-rows that keep the global sizes "
                          f"{resume.extra.get('global')} (launch/README.md, resuming on another number of ranks)") \
             from None
+    if "global" not in resume.extra:
+        raise InputError(f"{where}: the checkpoint was saved by an earlier version of the driver (no global sizes in "
+                         "its manifest, another task fingerprint); resume it with that version, or start a new "
+                         "--output-dir")
     try:
-        saved = resume.extra.get("global") or {}
+        saved = resume.extra["global"]
         if saved != glob:
             diff = "; ".join(f"{k} {saved.get(k)} vs {glob[k]}" for k in glob if saved.get(k) != glob[k])
             raise InputError(f"{where}: the checkpoint's global sizes differ from this run's (checkpoint vs now: "
