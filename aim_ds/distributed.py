@@ -54,6 +54,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_local_ranks(cmd_for_rank, world: int, log_dir: str, timeout: float, env: dict | None = None,
+                    cwd: str | None = None) -> tuple[list[int | None], bool]:
+    """Start `world` local processes, cmd_for_rank(rank, port) each, with RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR=127.0.0.1 and MASTER_PORT (one free port) set, stdout and stderr in
+    log_dir/rank<R>.log; wait for all of them. Returns (exit codes, timed_out): on timeout every rank is
+    killed, so a rank-asymmetric bug fails in minutes instead of hanging a job."""
+    import subprocess
+    import time
+
+    port = free_port()
+    base = dict(os.environ if env is None else env)
+    base.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    procs, logs = [], []
+    try:
+        for r in range(world):
+            log = open(os.path.join(log_dir, f"rank{r}.log"), "w")
+            logs.append(log)
+            procs.append(subprocess.Popen(cmd_for_rank(r, port), cwd=cwd, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+                                          stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        for p in procs:
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                break
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+        for log in logs:
+            log.close()
+    return [p.returncode for p in procs], timed_out
+
+
 def _mpi_env_present() -> bool:
     keys = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
     return any(k in os.environ for k in keys)
@@ -192,13 +230,6 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def agree_error(message: str | None) -> None:
-    """aim_ds.statistics.agree raising SystemExit (the name launch/train.py still calls)."""
-    from .statistics import agree
-
-    agree(message, exc_type=SystemExit)
 
 
 def prebuild_ops() -> list[str]:

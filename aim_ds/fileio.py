@@ -18,14 +18,16 @@ class OutputDirError(ValueError):
     """An output folder that would overwrite something; raised before anything is written."""
 
 
-def check_output_dir(path: str, overwrite: bool = False, fix: str = "choose another folder") -> None:
+def check_output_dir(path: str, overwrite: bool = False, fix: str = "choose another folder",
+                     ignore: tuple[str, ...] = ()) -> None:
     """Refuse an output folder that exists and is not empty (unless overwrite), or that is a file.
 
     Call it before the first write: the message promises that nothing was written. `fix` is the remedy the
-    message names (e.g. "pass --overwrite or choose another folder").
+    message names (e.g. "pass --overwrite or choose another folder"). Names in `ignore` (a dead run's lock
+    file) do not make a folder "not empty".
     """
     if os.path.isdir(path):
-        if not overwrite and os.listdir(path):
+        if not overwrite and [n for n in os.listdir(path) if n not in ignore]:
             raise OutputDirError(f"{path} exists and is not empty; {fix} (nothing was written)")
     elif os.path.exists(path):
         raise OutputDirError(f"{path} exists and is not a folder; {fix} (nothing was written)")

@@ -90,6 +90,14 @@ def run_dir(a, method, seed) -> Path:
     return ROOT / a.out_root / a.tag / f"{method}-s{seed}"
 
 
+def shown_path(p: Path) -> str:
+    """p relative to the checkout when inside it (shorter command lines), else absolute."""
+    try:
+        return str(p.relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
 def build_jobs(a):
     """(name, cmd, out_dir, depends_on) with single first per seed."""
     jobs = []
@@ -98,7 +106,7 @@ def build_jobs(a):
             out = run_dir(a, m, seed)
             method, extra = VARIANTS.get(m, (m, []))
             cmd = [sys.executable, "launch/train.py", *driver_args(a), "--method", method, *extra, "--seed", str(seed),
-                   "--fwt-reference", "cache", "--output-dir", str(out.relative_to(ROOT)),
+                   "--fwt-reference", "cache", "--output-dir", shown_path(out),
                    "--overwrite", "--no-progress"]
             dep = f"single-s{seed}" if (m != "single" and "single" in a.methods) else None
             jobs.append((f"{m}-s{seed}", cmd, out, dep))

@@ -27,7 +27,6 @@ import functools
 import json
 import os
 import platform
-import socket
 import statistics as _st
 import sys
 import time
@@ -56,17 +55,13 @@ PRESETS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single_rank_env() -> None:
     """Started without a launcher: be rank 0 of 1 on localhost."""
+    from aim_ds.distributed import free_port
+
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
 
 
 def default_out() -> str:

@@ -49,7 +49,6 @@ import functools
 import json
 import os
 import platform
-import socket
 import statistics as _st
 import subprocess
 import sys
@@ -102,46 +101,25 @@ HOOK_REPS = 30
 
 
 # =============================================================================== launching
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(spec: dict, world: int, timeout: float) -> list[dict]:
     """Run `worker(spec)` on `world` local CPU ranks; return each rank's result. Kills all ranks on timeout."""
+    from aim_ds.distributed import run_local_ranks
+
     out = Path(tempfile.mkdtemp(prefix=f"aim_perf_{spec['job']}_w{world}_"))
-    port = _free_port()
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-               WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    procs, logs = [], []
-    for r in range(world):
-        log = open(out / f"rank{r}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec), str(out)], cwd=REPO,
-                                      env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait()
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    codes, timed_out = run_local_ranks(lambda r, port: [sys.executable, __file__, "--worker", json.dumps(spec), str(out)],
+                                       world, str(out), timeout, env=env, cwd=str(REPO))
+    if timed_out:
         raise RuntimeError(f"perf job {spec['job']} on {world} ranks timed out after {timeout:.0f} s; logs in {out}")
-    finally:
-        for log in logs:
-            log.close()
     results = []
     for r in range(world):
         f = out / f"rank{r}.json"
         if not f.exists():
             tail = (out / f"rank{r}.log").read_text()[-3000:]
-            raise RuntimeError(f"perf job {spec['job']} rank {r} wrote no result (exit {procs[r].returncode}):\n{tail}")
+            raise RuntimeError(f"perf job {spec['job']} rank {r} wrote no result (exit {codes[r]}):\n{tail}")
         res = json.loads(f.read_text())
         if res.get("error"):
             raise RuntimeError(f"perf job {spec['job']} rank {r} failed:\n{res['error']}")

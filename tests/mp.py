@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
+from aim_ds.distributed import free_port, run_local_ranks  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["REPO", "RankFailure", "base_env", "driver_env", "free_port", "run_ranks"]
 
 
 def base_env() -> dict:
@@ -55,30 +52,9 @@ def run_ranks(scenario: str, world: int, tmp_path, timeout: float = 240, **kwarg
     """
     out = Path(tmp_path) / f"{scenario.replace(':', '.')}-{world}-{time.monotonic_ns()}"
     out.mkdir(parents=True)
-    port = free_port()
-    procs, logs = [], []
-    for r in range(world):
-        log = open(out / f"rank{r}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), scenario, str(r), str(world), str(port), str(out),
-             json.dumps(kwargs)], cwd=REPO, env=base_env(), stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout
-    timed_out = False
-    for p in procs:
-        left = deadline - time.monotonic()
-        try:
-            p.wait(timeout=max(left, 0.1))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            break
-    if timed_out:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait()
-    for log in logs:
-        log.close()
+    codes, timed_out = run_local_ranks(
+        lambda r, port: [sys.executable, str(Path(__file__).resolve()), scenario, str(r), str(world), str(port),
+                         str(out), json.dumps(kwargs)], world, str(out), timeout, env=base_env(), cwd=str(REPO))
     results, errors = [], []
     for r in range(world):
         f = out / f"rank{r}.json"
@@ -89,7 +65,7 @@ def run_ranks(scenario: str, world: int, tmp_path, timeout: float = 240, **kwarg
             results.append(res.get("result"))
         else:
             tail = (out / f"rank{r}.log").read_text()[-3000:]
-            errors.append(f"rank {r}: no result (exit {procs[r].returncode}); log tail:\n{tail}")
+            errors.append(f"rank {r}: no result (exit {codes[r]}); log tail:\n{tail}")
             results.append(None)
     if timed_out:
         raise RankFailure(f"scenario {scenario} on {world} ranks timed out after {timeout}s (deadlock?)\n"

@@ -417,20 +417,13 @@ def test_mixed_loss_weights_new_and_memory_rows():
 
 
 def test_driver_collate_encodes_each_example_once_and_identically(tok):
-    """launch/train.py caches each example's encoding (memory rows recur in every mixed batch): a cached
+    """The driver caches each example's encoding (memory rows recur in every mixed batch): a cached
     batch equals a freshly encoded one, and an example is tokenized once however often it comes back."""
-    import importlib.util
-    from pathlib import Path
-    from types import SimpleNamespace
-
     import torch
 
     from aim_ds.data import CausalLMExamples, collate
+    from aim_ds.driver import EncodingCache
 
-    path = Path(__file__).resolve().parents[1] / "launch" / "train.py"
-    spec = importlib.util.spec_from_file_location("aim_ds_driver_under_test", path)
-    driver = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(driver)
     exs = load_tasks("default", max_train=12)[1].train
     calls = []
 
@@ -442,10 +435,10 @@ def test_driver_collate_encodes_each_example_once_and_identically(tok):
             calls.append(1)
             return tok.encode(*a, **k)
 
-    ctx = {"tokenizer": Counting(), "args": SimpleNamespace(max_len=24), "keeps_logits": True}
-    first = driver.collate_examples(exs[:8], ctx)
+    cache = EncodingCache(Counting(), max_len=24, keeps_logits=True)
+    first = cache.collate(exs[:8])
     n_first = len(calls)
-    again = driver.collate_examples(exs[4:12] + exs[:4], ctx)  # 4 new, 8 seen
+    again = cache.collate(exs[4:12] + exs[:4])  # 4 new, 8 seen
     assert n_first > 0 and len(calls) == n_first * 3 // 2, (n_first, len(calls))
     ds = CausalLMExamples(exs[4:12] + exs[:4], tok, max_len=24)
     fresh = collate([ds[i] for i in range(len(ds))], tok.pad_token_id, label_logits_only=True)

@@ -101,6 +101,8 @@ BAD = [
                                             ds_config(t, probe_source="training_batch")], "--replay-rows 0"),
     ("memory_weight_out_of_range", lambda t: ["--memory-weight", "1"], "--memory-weight 1.0"),
     ("memory_weight_without_rows", lambda t: ["--method", "seqft", "--memory-weight", "0.5"], "--replay-rows >= 1"),
+    ("memory_fraction_zero", lambda t: ["--memory-fraction", "0"], "--memory-fraction 0.0: must be in (0, 1]"),
+    ("memory_fraction_above_one", lambda t: ["--memory-fraction", "1.5"], "--memory-fraction 1.5"),
 ]
 
 

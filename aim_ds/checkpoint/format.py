@@ -63,6 +63,42 @@ def diff_config(saved: dict | None, now: dict | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- small io
+
+
+_UNCHECKED = object()
+
+
+def check_compatible(tag_dir: str, manifest: dict, world_size: int | None = None, aim_merging=_UNCHECKED,
+                     task_fingerprint: str | None = None) -> None:
+    """The identity checks of a checkpoint that need no engine: its world size, its aim_merging config (None:
+    saved without a plugin) and its task fingerprint, each skipped when not given. Raises CheckpointError.
+    load_checkpoint makes them too; a driver calls this first to refuse another run's checkpoint before it
+    builds an engine."""
+    mpath = os.path.join(tag_dir, MANIFEST)
+    m = manifest
+    if world_size is not None and m["world_size"] != world_size:
+        load_dir, tag = os.path.split(os.path.normpath(tag_dir))
+        raise CheckpointError(
+            f"{mpath}: checkpoint was saved by {m['world_size']} ranks, this run has {world_size}. Reshard it first: "
+            f"aim-ds reshard {load_dir} --tag {tag} --world-size {world_size} NEW_DIR, then load from NEW_DIR.")
+    if aim_merging is not _UNCHECKED:
+        if (m["aim_merging"] is None) != (aim_merging is None):
+            raise CheckpointError(
+                f"{mpath}: the checkpoint was saved {'without' if m['aim_merging'] is None else 'with'} an AimMerging "
+                "plugin, this load is " + ("with" if aim_merging is not None else "without") + " one; pass plugin="
+                + ("None." if aim_merging is not None else "the attached plugin."))
+        if aim_merging is not None and m["aim_merging"] != aim_merging:
+            raise CheckpointError(f"{mpath}: the checkpoint was made with a different aim_merging config ("
+                                  + "; ".join(diff_config(m["aim_merging"], aim_merging)) + "). Resume with the "
+                                  "aim_merging section the run started with.")
+    if task_fingerprint is not None and m.get("task_fingerprint") is not None \
+            and task_fingerprint != m["task_fingerprint"]:
+        raise CheckpointError(f"{mpath}: the checkpoint was made for another task sequence or training setup "
+                              f"(fingerprint {m['task_fingerprint']}, this run {task_fingerprint}); resume with the "
+                              "same benchmark, order, data, seed, model and training settings, or start a new output "
+                              "directory.")
+
+
 def fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

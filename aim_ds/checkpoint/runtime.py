@@ -17,7 +17,7 @@ from .. import shards
 from ..fileio import fsync_dir
 from ..statistics import agree
 from .format import (DEL_PREFIX, FORMAT, HF_SUBDIR, MANIFEST, TMP_PREFIX, VERSION, CheckpointError, check_files,
-                     check_tag, complete_tags, diff_config, fsync_file, list_files, model_fingerprint, plugin_file,
+                     check_compatible, check_tag, complete_tags, fsync_file, list_files, model_fingerprint, plugin_file,
                      read_tag_manifest, resolve_tag, write_json_synced, write_latest)
 
 
@@ -163,10 +163,7 @@ def _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world) -> t
     tag_dir = os.path.join(load_dir, tag)
     m = read_tag_manifest(tag_dir)
     mpath = os.path.join(tag_dir, MANIFEST)
-    if m["world_size"] != world:
-        raise CheckpointError(
-            f"{mpath}: checkpoint was saved by {m['world_size']} ranks, this run has {world}. Reshard it first: "
-            f"aim-ds reshard {load_dir} --tag {tag} --world-size {world} NEW_DIR, then load from NEW_DIR.")
+    check_compatible(tag_dir, m, world_size=world)
     now = model_fingerprint(engine)
     saved = m["model"]
     if saved["params_sha256"] != now["params_sha256"]:
@@ -177,20 +174,8 @@ def _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world) -> t
             f"{mpath}: the checkpoint is of another model ({saved['class']}, {saved['param_count']} parameters; this "
             f"engine: {now['class']}, {now['param_count']}); first differences: {diffs[:3]}. Build the model the run "
             "was started with (same model config).")
-    cfg_now = plugin.config.to_dict() if plugin is not None else None
-    if (m["aim_merging"] is None) != (cfg_now is None):
-        raise CheckpointError(f"{mpath}: the checkpoint was saved {'without' if m['aim_merging'] is None else 'with'} "
-                              "an AimMerging plugin, this load is " + ("with" if cfg_now is not None else "without") +
-                              " one; pass plugin=" + ("None." if cfg_now is not None else "the attached plugin."))
-    if cfg_now is not None and m["aim_merging"] != cfg_now:
-        raise CheckpointError(f"{mpath}: the checkpoint was made with a different aim_merging config ("
-                              + "; ".join(diff_config(m["aim_merging"], cfg_now)) + "). Resume with the aim_merging "
-                              "section the run started with.")
-    if task_fingerprint is not None and m.get("task_fingerprint") is not None \
-            and task_fingerprint != m["task_fingerprint"]:
-        raise CheckpointError(f"{mpath}: the checkpoint was made for another task sequence (fingerprint "
-                              f"{m['task_fingerprint']}, this run {task_fingerprint}); resume with the same benchmark, "
-                              "order, data and seed, or start a new output directory.")
+    check_compatible(tag_dir, m, aim_merging=plugin.config.to_dict() if plugin is not None else None,
+                     task_fingerprint=task_fingerprint)
     check_files(tag_dir, m)
     live = shards.engine_layout(engine)
     if live["sub_groups"] != m["layout"]["sub_groups"]:

@@ -1,0 +1,264 @@
+"""The driver's set-up and entry point: checks, process group, tokenizer, data, sizes, fingerprints, the
+FWT reference, then the method's training and the results.
+
+Everything that can be checked without collectives is checked first and identically on every rank, so a
+bad input gives the same one-line error everywhere before any collective can hang."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import NamedTuple
+
+from .args import (MIXING_METHODS, InputError, RunConfig, check_output_dir, load_ds_config, parse_args,
+                   plugin_config)
+from .lock import LOCK_NAME, LockError, OutputLock, check_free
+from .resume import (CKPT_SUBDIR, announce, announce_fresh, check_resume_manifest, check_resume_options,
+                     global_batches, resolve_resume_arg, resume_options)
+
+
+def main(argv=None, t0: float | None = None) -> int:
+    """t0: the process start, so wall_time_s includes the imports before this call."""
+    t0 = time.time() if t0 is None else t0
+    from aim_ds.checkpoint import CheckpointError
+
+    try:
+        return run(parse_args(argv), t0)
+    except (InputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def data_fingerprint(tasks) -> str:
+    h = hashlib.sha256()
+    for t in tasks:
+        h.update(f"{t.name}|{t.metric}|{t.labels}\n".encode())
+        for split in (t.train, t.eval):
+            for e in split:
+                h.update(f"{e.id}\x00{e.input}\x00{e.output}\n".encode())
+    return h.hexdigest()
+
+
+def check_inputs(cfg: RunConfig):
+    """The collective-free checks: (cfg, ds_config, aim_cfg, resume point, tasks). Raises InputError."""
+    ds_config = load_ds_config(cfg.deepspeed_config)
+    aim_cfg = plugin_config(cfg.method, ds_config, cfg.deepspeed_config)
+    cfg, resume = resolve_resume_arg(cfg)
+    if resume is not None:
+        check_resume_options(resume, cfg, aim_cfg)
+    if resume is None and cfg.resume == "auto" and os.environ.get("RANK", "0") == "0":
+        announce_fresh(cfg)
+    if cfg.output_dir is not None:
+        try:
+            check_free(cfg.output_dir)  # named first: a live run's folder is also "not empty"
+        except LockError as e:
+            raise InputError(str(e)) from None
+        ckpt_root = os.path.abspath(os.path.join(cfg.output_dir, CKPT_SUBDIR))
+        if resume is not None and os.path.abspath(resume.load_dir) == ckpt_root:
+            pass  # resuming into the run's own directory
+        elif cfg.resume == "auto" and os.path.isdir(cfg.output_dir) and \
+                set(os.listdir(cfg.output_dir)) <= {CKPT_SUBDIR, LOCK_NAME}:
+            pass  # a run killed before its first complete checkpoint
+        else:
+            check_output_dir(cfg.output_dir, cfg.overwrite)
+    from aim_ds.modeling import ModelError, describe_model_arg
+
+    try:
+        describe_model_arg(cfg.model)
+    except ModelError as e:
+        raise InputError(str(e)) from e
+    if cfg.tokenizer is not None and not os.path.isdir(cfg.tokenizer):
+        raise InputError(f"--tokenizer {cfg.tokenizer}: no such folder")
+    from aim_ds import data as aim_data
+
+    try:
+        tasks = aim_data.load_tasks(cfg.benchmark, data_dir=cfg.data_dir, order=cfg.order,
+                                    max_train=cfg.max_train, max_eval=cfg.max_eval, seed=cfg.seed)
+    except (aim_data.DataError, FileNotFoundError) as e:
+        raise InputError(str(e)) from e
+    if not tasks:
+        raise InputError(f"--benchmark {cfg.benchmark}: no tasks")
+    for t in tasks:
+        if not t.train or not t.eval:
+            raise InputError(f"task {t.name}: empty {'train' if not t.train else 'eval'} set")
+    return cfg, ds_config, aim_cfg, resume, tasks
+
+
+def default_output_dir(cfg: RunConfig, rank: int) -> str:
+    """rank 0 decides (the name has a timestamp) and tells everybody (collective)."""
+    import torch.distributed as dist
+
+    holder = [None]
+    if rank == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        bname = os.path.splitext(os.path.basename(cfg.benchmark))[0]
+        base = os.path.join("runs", f"{bname}-{cfg.method}-s{cfg.seed}-{stamp}")
+        out, i = base, 1
+        while os.path.exists(out):
+            out, i = f"{base}-{i}", i + 1
+        holder[0] = out
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def run(cfg: RunConfig, t0: float) -> int:
+    cfg, ds_config, aim_cfg, resume, tasks = check_inputs(cfg)
+    ds_path = cfg.deepspeed_config
+
+    # ---- distributed
+    from aim_ds.distributed import init_distributed
+    from aim_ds.statistics import agree
+
+    info = init_distributed(cfg.dist_timeout)
+    import torch
+
+    rank, world = info.rank, info.world_size
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out_dir = cfg.output_dir if cfg.output_dir is not None else default_output_dir(cfg, rank)
+    cache_dir = cfg.cache_dir or os.environ.get("AIM_DS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aim_ds")
+
+    from aim_ds import data as aim_data
+    from aim_ds.modeling import ModelError, load_tokenizer, model_fingerprint
+
+    tok_err = None
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.model, tasks, os.path.join(cache_dir, "tokenizers"), rank)
+    except ModelError as e:
+        tok_err = str(e)
+    agree(tok_err, exc_type=InputError)
+
+    micro = cfg.batch_size or int(ds_config.get("train_micro_batch_size_per_gpu", 8))
+    mem_bs = cfg.memory_batch_size or micro
+    replay_rows = 0
+    if cfg.method in MIXING_METHODS:
+        replay_rows = mem_bs if cfg.replay_rows is None else cfg.replay_rows
+    if aim_cfg is not None and aim_cfg.probe_source == "training_batch" and aim_cfg.interval_rule != "fixed" \
+            and replay_rows == 0:
+        raise InputError(f"{ds_path}: aim_merging.probe_source is \"training_batch\" (the forgetting signal is read "
+                         "from the memory rows of the training batches) but --replay-rows 0 puts none there; give "
+                         "--replay-rows >= 1 or set probe_source \"memory_forward\" in the ds_config")
+    ds_run = json.loads(json.dumps(ds_config))
+    ds_run["train_micro_batch_size_per_gpu"] = micro
+    ds_run["gradient_accumulation_steps"] = 1
+    ds_run["train_batch_size"] = micro * world
+    ds_run.pop("scheduler", None)  # the driver owns the LR schedule
+
+    # memory buffer: the same seeded selection for every method
+    memories = [aim_data.select_memory(t, cfg.memory_fraction, cfg.seed) for t in tasks]
+    steps_per_task = [max(1, int(math.ceil(cfg.epochs * len(t.train) / (micro * world)))) for t in tasks]
+
+    # FWT reference key (hyper-parameters shared by every method; not the method itself)
+    ref_key_src = json.dumps({
+        "benchmark": cfg.benchmark, "order": cfg.order, "data": data_fingerprint(tasks),
+        "model": model_fingerprint(cfg.model), "tokenizer": cfg.tokenizer, "seed": cfg.seed,
+        "epochs": cfg.epochs, "global_batch": micro * world, "world": world, "lr": cfg.lr,
+        "warmup": cfg.warmup, "max_len": cfg.max_len,
+        "ds": {k: v for k, v in ds_run.items() if k != "aim_merging"}}, sort_keys=True)
+    ref_key = hashlib.sha256(ref_key_src.encode()).hexdigest()[:20]
+    ref_path = os.path.join(cache_dir, "fwt", f"{ref_key}.json")
+
+    # checkpoint identity: what decides the trajectory at the global level, so that a checkpoint resharded
+    # to another number of ranks keeps it (the aim_merging section is checked apart)
+    from aim_ds.checkpoint import fingerprint
+
+    glob = global_batches(micro, mem_bs, replay_rows, world)
+    per_rank = ("train_micro_batch_size_per_gpu", "train_batch_size", "aim_merging")
+    task_fp = fingerprint({"options": resume_options(cfg), "data": data_fingerprint(tasks),
+                           "model": model_fingerprint(cfg.model), "steps_per_task": steps_per_task, "global": glob,
+                           "ds": {k: v for k, v in ds_run.items() if k not in per_rank}})
+    mem_sha = fingerprint([[e.id for e in m] for m in memories])
+    if resume is not None:
+        check_resume_manifest(resume, world, task_fp, mem_sha, glob)
+
+    from .trainer import RunState
+
+    lock = OutputLock(out_dir)
+    try:
+        take_lock(lock, rank)
+        if rank == 0:
+            if resume is None:  # a resumed run creates nothing before its checkpoint has loaded
+                os.makedirs(out_dir, exist_ok=True)
+            else:
+                announce(resume)
+            print(f"[aim_ds] method={cfg.method} benchmark={cfg.benchmark} tasks={[t.name for t in tasks]} "
+                  f"world={world} micro_batch={micro} steps/task={steps_per_task} out={out_dir}", flush=True)
+        state = RunState(cfg=cfg, rank=rank, world=world, tasks=tasks, memories=memories, tokenizer=tokenizer,
+                         ds_run=ds_run, client_opt="optimizer" not in ds_run, micro=micro, mem_bs=mem_bs,
+                         replay_rows=replay_rows, steps_per_task=steps_per_task, aim_cfg=aim_cfg, out_dir=out_dir,
+                         resume=resume, task_fp=task_fp, mem_sha=mem_sha,
+                         setup_s=time.time() - t0)  # imports, process group, tokenizer, data (not engine set-up)
+        return train_and_report(state, ds_config, info, FwtReference(ref_key, ref_key_src, ref_path), t0)
+    finally:
+        lock.release()
+
+
+def take_lock(lock: OutputLock, rank: int) -> None:
+    """rank 0 takes the output folder's lock (atomic: of two runs starting together one gets it); every rank
+    raises the same InputError when it could not (collective)."""
+    from aim_ds.statistics import agree
+
+    err = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except (LockError, OSError) as e:
+            err = str(e)
+    agree(err, exc_type=InputError)
+
+
+class FwtReference(NamedTuple):
+    """Where the single-task scores of this setup are cached: the key, what it hashes, the file."""
+    key: str
+    source: str
+    path: str
+
+
+def train_and_report(state, ds_config: dict, info, ref: FwtReference, t0: float) -> int:
+    """The FWT reference (cached, trained here, or from the checkpoint), the method, the results."""
+    import torch.distributed as dist
+
+    from .trainer import CLTrainer
+
+    cfg, rank, tasks, resume = state.cfg, state.rank, state.tasks, state.resume
+    ref_key, ref_key_src, ref_path = ref
+    trainer = CLTrainer(state)
+    single_scores, fwt_source, single_res = None, cfg.fwt_reference, None
+    if resume is not None:  # resumed: the reference is in the checkpoint
+        single_scores, fwt_source = resume.extra["single_scores"], resume.extra["fwt_source"]
+    elif cfg.method == "single" or cfg.fwt_reference == "run":
+        single_res = trainer.single()
+        single_scores = single_res["scores"]
+        if rank == 0:
+            from aim_ds.report import write_json
+
+            write_json(ref_path, {"key": ref_key, "scores": single_scores, "tasks": [t.name for t in tasks],
+                                  "source": json.loads(ref_key_src)})
+        fwt_source = "run"
+    elif cfg.fwt_reference == "cache":
+        if os.path.exists(ref_path):
+            with open(ref_path) as f:
+                single_scores = json.load(f)["scores"]
+            fwt_source = f"cache:{ref_path}"
+        else:
+            fwt_source = "cache-miss (run --method single with the same options to create it)"
+
+    trainer.state = state = dataclasses.replace(state, single_scores=single_scores, fwt_source=fwt_source)
+    if cfg.method == "single":
+        res = single_res
+    elif cfg.method == "multitask":
+        res = trainer.multitask()
+    else:
+        res = trainer.sequential()
+
+    if rank == 0:
+        from .results import write_results
+
+        write_results(state, res, ds_config, info, t0)
+    dist.barrier()
+    return 0
