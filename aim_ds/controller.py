@@ -16,8 +16,14 @@ decides:
 When a decision says merge, the caller measures sum |theta - anchor| and calls
 ``on_merge(abs_change_sum, numel)``: Lambda = abs_change_sum / numel / S (S = the interval planned for
 the segment that just ended, not the steps that elapsed); the interval rule gives the new S; the
-weight policy gives (w_in, w_out) from A and S at merge time (before the update); R = the new S
-(``rehearsal_steps = "interval"``) or the configured constant. m <- j; A, delta and the window reset.
+weight policy gives (w_in, w_out) from A and S at merge time (before the update); R = the interval
+IN FORCE when the merge fires (the S Lambda was divided by, not the one just computed) with
+``rehearsal_steps = "interval"``, or the configured constant. m <- j; A, delta and the window reset.
+
+Why R = S in force, for every interval rule: the released trainer runs its rehearsal loop with the
+interval set at the PREVIOUS merge's update, and updates the interval only after the rehearsal (so
+R = S_0 during the cold start); and it is the natural reading of the paper's "R = S" too: the
+rehearsal balances the segment that just ended, which ran with that S.
 
 The "fixed" interval rule merges every S_0 steps (j >= m + S_0), never probes, never changes S.
 Merging is inactive on task 0 unless ``merge_first_task``: observe() then never asks to merge.
@@ -49,7 +55,7 @@ class StepDecision:
 class MergePlan:
     step: int
     interval: int  # the new S
-    rehearsal_steps: int
+    rehearsal_steps: int  # R, from the S in force when the merge fired (before the update)
     w_in: float
     w_out: float
     learning_signal: float
@@ -155,7 +161,7 @@ class MergeController:
         self._signals = (self._signals + [lam])[-self._keep:]
         new = int(self._rule.next_interval(old, self._signals, self._merges))
         w_in, w_out = self._weights.weights(self._activations, old)
-        plan = MergePlan(self._step, new, rehearsal_steps(self.cfg, new), float(w_in), float(w_out),
+        plan = MergePlan(self._step, new, rehearsal_steps(self.cfg, old), float(w_in), float(w_out),
                          lam, self._weights.name)
         self._interval = new
         self._after_merge(lam)
