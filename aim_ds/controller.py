@@ -62,6 +62,17 @@ class MergePlan:
     policy: str
 
 
+def probe_due(cfg: AimConfig, active: bool, step: int) -> bool:
+    """The probe schedule: is the forgetting signal measured after training step `step` (1-based) of a
+    task? Never on an inactive task or with the "fixed" rule (it does not use the signal); every step
+    with probe_source "training_batch" (the loss is already computed); else every probe_interval-th.
+    A pure function of the config and the step, so every rank evaluates it alike (the probe is a
+    collective) while the controller itself lives on rank 0."""
+    if not active or cfg.interval_rule == "fixed":
+        return False
+    return cfg.probe_source == "training_batch" or step % cfg.probe_interval == 0
+
+
 def threshold_window(interval: int) -> int:
     """Steps after a merge whose probe losses form the threshold: floor(2S/3) + 1."""
     return (2 * interval) // 3 + 1
@@ -106,9 +117,7 @@ class MergeController:
     # ------------------------------------------------------------------ per step
     def wants_probe(self) -> bool:
         """Would the NEXT observe() use a probe loss?"""
-        if self._task_index is None or not self._active or self.cfg.interval_rule == "fixed":
-            return False
-        return (self._step + 1) % self.cfg.probe_interval == 0
+        return self._task_index is not None and probe_due(self.cfg, self._active, self._step + 1)
 
     def observe(self, probe_loss: float | None) -> StepDecision:
         self._require_task()
@@ -260,4 +269,4 @@ class MergeController:
         return tuple(self._signals)
 
 
-__all__ = ["MergeController", "StepDecision", "MergePlan", "threshold_window"]
+__all__ = ["MergeController", "StepDecision", "MergePlan", "probe_due", "threshold_window"]
