@@ -7,8 +7,9 @@ merge and puts them back bit-exactly on failure; the anchor needs no copy becaus
 when the merge commits. The low-precision working copies are derived from the masters (the caller
 refreshes them after a restore).
 
-The masters' copy is theta_k, which the fusion reads anyway. Everything else lives in host memory
-for the duration of the merge only: the plugin's resident memory between merges is unchanged.
+The masters' copy is theta_k, which the fusion reads anyway. The record lives in host memory for the
+duration of the merge only (theta_k and Adam's two moments: 12 bytes per parameter / N ranks at the
+peak), so the plugin's resident memory between merges is unchanged.
 """
 from __future__ import annotations
 
@@ -71,14 +72,12 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 class MergeJournal:
-    def __init__(self, shards, engine, theta_k: list[torch.Tensor] | None = None):
+    def __init__(self, shards, engine):
         self.groups = shards.groups
         self.engine = engine
         self.inner = shards.optimizer.optimizer  # the torch optimizer whose state ZeRO-3 keys by master
-        if theta_k is None:  # scalar policies: a host buffer for the merge's duration
-            theta_k = [torch.empty(g.master.numel(), dtype=g.master.dtype, device="cpu") for g in self.groups]
-        self.theta_k = theta_k
-        for g, k in zip(self.groups, theta_k):
+        self.theta_k = [torch.empty(g.master.numel(), dtype=g.master.dtype, device="cpu") for g in self.groups]
+        for g, k in zip(self.groups, self.theta_k):
             fusion.copy_into(k, g.master)
         self.opt_state = []
         for g in self.groups:
@@ -92,7 +91,7 @@ class MergeJournal:
     @property
     def host_bytes(self) -> int:
         n = sum(v.numel() * v.element_size() for st in self.opt_state if st for v in st.values() if torch.is_tensor(v))
-        return n + sum(k.numel() * k.element_size() for k in self.theta_k if k.device.type == "cpu")
+        return n + sum(k.numel() * k.element_size() for k in self.theta_k)
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -366,7 +366,7 @@ class AimPlugin:
             t_prep0 = time.perf_counter()
             error = None
             try:
-                journal = MergeJournal(self.shards, self.engine, None if scalar else self._theta_k)
+                journal = MergeJournal(self.shards, self.engine)
             except Exception as e:  # e.g. out of host memory for the undo record
                 error = f"recording the merge's undo state failed: {type(e).__name__}: {e}"
             self._agree_merge(error)
@@ -394,7 +394,9 @@ class AimPlugin:
         # commit: the fused masters become the anchor
         for g, a in zip(groups, self.anchor):
             fusion.copy_into(a, g.master)
-        if self._importance:
+        if self._importance:  # the state keeps the last committed merge's theta_k, as checkpoints always did
+            for t, k in zip(self._theta_k, journal.theta_k):
+                fusion.copy_into(t, k)
             for bufs in self._ema.values():
                 for b in bufs:
                     b.zero_()
@@ -552,7 +554,7 @@ class AimPlugin:
                 fusion.fuse_scalar(g.master, a, k, w_in, w_out)
         else:
             policy = make_weight_policy(self.config)
-            for g, a, k, s_in, s_out in zip(groups, self.anchor, self._theta_k, self._ema["u_out"], self._ema["i_out"]):
+            for g, a, k, s_in, s_out in zip(groups, self.anchor, journal.theta_k, self._ema["u_out"], self._ema["i_out"]):
                 fusion.fuse_importance(g.master, a, k, s_in, quantiles[0], s_out, quantiles[1], both=policy.both,
                                        neither=policy.default)
         if not all(fusion.all_finite(g.master, g.ranges) for g in groups):
