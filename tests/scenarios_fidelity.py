@@ -138,3 +138,24 @@ def resume_after_failure(ckpt_dir: str):
     train_steps(engine, 6, seed=61)
     return {"task": plugin.task_index, "step_at_load": steps, "merges": plugin.merge_count,
             "finite": all(torch.isfinite(v).all().item() for v in full_fp32(engine).values())}
+
+
+def trajectory_for_replay(out_dir: str):
+    """A short run with merges that change the interval (reference rule, no cold start) and one explicit
+    merge; rank 0 writes trajectory.csv and the config record `aim-ds replay` reads (as the driver does)."""
+    cfg = dict(AIM, cold_start=0, initial_interval=2, probe_interval=1)
+    engine = make_engine(ds_config(aim=cfg))
+    plugin = aim_ds.attach(engine)
+    plugin.start_task(memory())
+    train_steps(engine, 2)
+    plugin.start_task(memory(offset=3000))
+    train_steps(engine, 24, seed=50)
+    plugin.merge()
+    plugin.start_task(memory(offset=4000))
+    train_steps(engine, 16, seed=70)
+    if rank() == 0:
+        plugin.write_trajectory_csv(str(Path(out_dir) / "trajectory.csv"))
+        from aim_ds.report import write_json
+
+        write_json(str(Path(out_dir) / "results.json"), {"config": {"aim_merging": plugin.config.to_dict()}})
+    return {"merges": plugin.merge_count}
