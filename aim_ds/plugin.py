@@ -11,9 +11,10 @@ One optimizer step, as data flows (see the README's design section):
            if merge:
              learning signal: sum |theta - anchor| on valid shard elements -> all_reduce   16 B
              rank 0: controller.on_merge(signal) -> S, R, weights  -> broadcast            32 B
-             buffer <- (1 - w_in) anchor + (w_in - w_out) theta_k          (scalar policies)
-             rehearsal: R optimizer steps on memory batches, LR schedule frozen
-             theta <- buffer + w_out theta_M ; buffer <- theta (new anchor); refresh working copies
+             undo record: theta_k, optimizer state, counters (host memory, this merge only)
+             rehearsal: R optimizer steps on memory batches, LR schedule frozen  -> 4 B agreement per step
+             theta <- lerp(anchor, theta_k, w_in) + w_out (theta_M - theta_k)   -> 4 B agreement
+             commit: anchor <- theta, refresh working copies   (or, if any rank failed: undo everywhere)
 """
 from __future__ import annotations
 

@@ -27,7 +27,6 @@ class TrajectoryRow:
     abs_change_sum: float | None = None  # sum |theta - anchor| over every rank's valid elements
     numel: int | None = None  # trainable elements behind abs_change_sum
     explicit: int = 0  # 1: plugin.merge() called by the user (its own row), not the controller
-    rolled_back: int = 0  # 1: the controller asked for a merge here but it failed and was undone
 
     def as_dict(self) -> dict:
         return asdict(self)
