@@ -213,7 +213,7 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
     for key in ("importance_beta1", "importance_beta2"):
         out[key] = _float(key, d[key], lambda x: 0.0 <= x < 1.0, "a number in [0, 1)")
     r = d["rehearsal_steps"]
-    r_expected = '"interval" (R = the new interval S) or an integer >= 1'
+    r_expected = '"interval" (R = the interval S in force at the merge) or an integer >= 1'
     if isinstance(r, str):
         if r != "interval":
             raise _fail("rehearsal_steps", r, r_expected, what="is not an accepted value")

@@ -16,8 +16,14 @@ decides:
 When a decision says merge, the caller measures sum |theta - anchor| and calls
 ``on_merge(abs_change_sum, numel)``: Lambda = abs_change_sum / numel / S (S = the interval planned for
 the segment that just ended, not the steps that elapsed); the interval rule gives the new S; the
-weight policy gives (w_in, w_out) from A and S at merge time (before the update); R = the new S
-(``rehearsal_steps = "interval"``) or the configured constant. m <- j; A, delta and the window reset.
+weight policy gives (w_in, w_out) from A and S at merge time (before the update); R = the interval
+IN FORCE when the merge fires (the S Lambda was divided by, not the one just computed) with
+``rehearsal_steps = "interval"``, or the configured constant. m <- j; A, delta and the window reset.
+
+Why R = S in force, for every interval rule: the released trainer runs its rehearsal loop with the
+interval set at the PREVIOUS merge's update, and updates the interval only after the rehearsal (so
+R = S_0 during the cold start); and it is the natural reading of the paper's "R = S" too: the
+rehearsal balances the segment that just ended, which ran with that S.
 
 The "fixed" interval rule merges every S_0 steps (j >= m + S_0), never probes, never changes S.
 Merging is inactive on task 0 unless ``merge_first_task``: observe() then never asks to merge.
@@ -49,11 +55,22 @@ class StepDecision:
 class MergePlan:
     step: int
     interval: int  # the new S
-    rehearsal_steps: int
+    rehearsal_steps: int  # R, from the S in force when the merge fired (before the update)
     w_in: float
     w_out: float
     learning_signal: float
     policy: str
+
+
+def probe_due(cfg: AimConfig, active: bool, step: int) -> bool:
+    """The probe schedule: is the forgetting signal measured after training step `step` (1-based) of a
+    task? Never on an inactive task or with the "fixed" rule (it does not use the signal); every step
+    with probe_source "training_batch" (the loss is already computed); else every probe_interval-th.
+    A pure function of the config and the step, so every rank evaluates it alike (the probe is a
+    collective) while the controller itself lives on rank 0."""
+    if not active or cfg.interval_rule == "fixed":
+        return False
+    return cfg.probe_source == "training_batch" or step % cfg.probe_interval == 0
 
 
 def threshold_window(interval: int) -> int:
@@ -100,9 +117,7 @@ class MergeController:
     # ------------------------------------------------------------------ per step
     def wants_probe(self) -> bool:
         """Would the NEXT observe() use a probe loss?"""
-        if self._task_index is None or not self._active or self.cfg.interval_rule == "fixed":
-            return False
-        return (self._step + 1) % self.cfg.probe_interval == 0
+        return self._task_index is not None and probe_due(self.cfg, self._active, self._step + 1)
 
     def observe(self, probe_loss: float | None) -> StepDecision:
         self._require_task()
@@ -155,7 +170,7 @@ class MergeController:
         self._signals = (self._signals + [lam])[-self._keep:]
         new = int(self._rule.next_interval(old, self._signals, self._merges))
         w_in, w_out = self._weights.weights(self._activations, old)
-        plan = MergePlan(self._step, new, rehearsal_steps(self.cfg, new), float(w_in), float(w_out),
+        plan = MergePlan(self._step, new, rehearsal_steps(self.cfg, old), float(w_in), float(w_out),
                          lam, self._weights.name)
         self._interval = new
         self._after_merge(lam)
@@ -254,4 +269,4 @@ class MergeController:
         return tuple(self._signals)
 
 
-__all__ = ["MergeController", "StepDecision", "MergePlan", "threshold_window"]
+__all__ = ["MergeController", "StepDecision", "MergePlan", "probe_due", "threshold_window"]

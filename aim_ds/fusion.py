@@ -1,16 +1,11 @@
 """Fusion on flat shards: pure tensor math, no collectives, no DeepSpeed.
 
-The scalar-weight fusion theta = a + w_in (k - a) + w_out (M - k) is done with ONE extra buffer:
-before rehearsal the anchor buffer becomes  b = (1 - w_in) a + (w_in - w_out) k,  so that after
-rehearsal  theta = b + w_out M,  and b then takes theta as the next anchor. The buffer is stored
-scaled by 1 / (1 - w_out), which turns both updates into single-pass lerps:
-
-    b' = lerp(a, k, (w_in - w_out) / (1 - w_out))        (before rehearsal)
-    theta = lerp(b', M, w_out)                            (after rehearsal; = b + w_out M)
-
-(w_out = 1 keeps the unscaled two-op form). Each function walks a flat tensor in chunks so that no
-temporary of shard size is ever allocated, and so that an anchor kept in host memory is streamed
-through the device chunk by chunk.
+Scalar-weight fusion theta = a + w_in (k - a) + w_out (M - k) reads the anchor a, the snapshot
+theta_k taken before rehearsal (the merge's undo record, which the fusion needs anyway) and the
+masters M after rehearsal, and writes only the masters: the anchor takes the fused value when the
+merge commits. Each function walks a flat tensor in chunks so that no temporary of shard size is ever
+allocated, and so that a buffer kept in host memory is streamed through the device chunk by chunk.
+The importance policy's EMA statistics are updated here too (``update_importance``).
 """
 from __future__ import annotations
 
@@ -30,15 +25,34 @@ def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device, non_blocking=True)
 
 
+F64_CHUNK = 1 << 20  # elements per float64 piece of the learning-signal sum: two 8 MiB temporaries at most
+
+
 @torch.no_grad()
 def abs_change_sum(theta: torch.Tensor, anchor: torch.Tensor, ranges: list[tuple[int, int]]) -> float:
-    """sum |theta - anchor| over the valid ranges (padding excluded); chunk sums accumulated in fp64."""
-    total = 0.0
+    """sum |theta - anchor| over the valid ranges (padding excluded), in float64 throughout.
+
+    An fp32 reduction over millions of elements drifts by 1e-4 relative, enough to move the interval
+    across an integer boundary (e.g. 64 halved to 32 instead of 63). Each bounded piece is widened to
+    float64 before the subtraction, so the difference and the sum are exact to float64 rounding; the
+    running total stays on the device (one host sync at the end)."""
+    total = torch.zeros((), dtype=torch.float64, device=theta.device)
+    for start, length in ranges:
+        for off, n in chunks(length, F64_CHUNK):
+            a = _on(anchor.narrow(0, start + off, n), theta.device)
+            d = theta.narrow(0, start + off, n).double()
+            total += d.sub_(a.double()).abs_().sum()
+    return float(total)
+
+
+@torch.no_grad()
+def all_finite(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """No NaN/inf among the valid elements (padding is uninitialised and may hold anything)."""
+    ok = torch.ones((), dtype=torch.bool, device=t.device)
     for start, length in ranges:
         for off, n in chunks(length):
-            a = _on(anchor.narrow(0, start + off, n), theta.device)
-            total += float(torch.dist(theta.narrow(0, start + off, n), a, p=1))  # one pass, no temporary
-    return total
+            ok &= torch.isfinite(t.narrow(0, start + off, n)).all()
+    return bool(ok)
 
 
 @torch.no_grad()
@@ -48,41 +62,23 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.narrow(0, off, n).copy_(src.narrow(0, off, n), non_blocking=True)
 
 
-def _scaled(w_out: float) -> bool:
-    return w_out != 1.0
-
-
 @torch.no_grad()
-def prepare_buffer(buf: torch.Tensor, theta_k: torch.Tensor, w_in: float, w_out: float) -> None:
-    """buf (anchor a) <- (1 - w_in) a + (w_in - w_out) theta_k, stored divided by (1 - w_out). One pass."""
-    dev = theta_k.device
-    for off, n in chunks(buf.numel()):
-        b = _on(buf.narrow(0, off, n), dev)
-        k = theta_k.narrow(0, off, n)
-        if _scaled(w_out):
-            b.lerp_(k, (w_in - w_out) / (1.0 - w_out))
-        else:
-            b.mul_(1.0 - w_in).add_(k, alpha=w_in - w_out)
-        if b.data_ptr() != buf.narrow(0, off, n).data_ptr():
-            buf.narrow(0, off, n).copy_(b, non_blocking=True)
+def fuse_scalar(theta: torch.Tensor, anchor: torch.Tensor, theta_k: torch.Tensor, w_in: float, w_out: float) -> None:
+    """theta (= theta_M) <- lerp(a, k, w_in) + w_out (theta_M - k), chunked; the anchor is NOT written.
 
-
-@torch.no_grad()
-def fuse_scalar(theta: torch.Tensor, buf: torch.Tensor, w_out: float) -> None:
-    """theta (= theta_M) <- b + w_out theta_M, then buf <- theta (the new anchor)."""
+    The anchor and theta_k stay untouched until the merge commits (the caller then copies theta into
+    the anchor), so a merge that fails on any rank can be undone bit-exactly. Weights (1, 0) give back
+    theta_k exactly (lerp with weight 1 is its end point; adding 0 (M - k) changes nothing)."""
     dev = theta.device
     for off, n in chunks(theta.numel()):
         t = theta.narrow(0, off, n)
-        b = _on(buf.narrow(0, off, n), dev)
-        if _scaled(w_out):
-            torch.lerp(b, t, w_out, out=t)  # elementwise: writing into an input is safe
-        else:
-            t.add_(b)
-        buf.narrow(0, off, n).copy_(t, non_blocking=True)
+        a = _on(anchor.narrow(0, off, n), dev)
+        k = _on(theta_k.narrow(0, off, n), dev)
+        t.sub_(k).mul_(w_out).add_(torch.lerp(a, k, w_in))
 
 
 # bytes each merge moves through memory per fp32 element of the shard, in the scalar policies:
-# prepare (read a, k; write b) + fuse (read b, M; write theta) + new anchor (read theta; write b)
+# snapshot theta_k (read k; write the copy) + fuse (read a, k, M; write theta) + commit (read theta; write a)
 SCALAR_FUSION_PASSES = 8
 
 
@@ -90,7 +86,7 @@ SCALAR_FUSION_PASSES = 8
 def fuse_importance(theta: torch.Tensor, anchor: torch.Tensor, theta_k: torch.Tensor,
                     score_in: torch.Tensor, q_in: float, score_out: torch.Tensor, q_out: float,
                     both: tuple[float, float], neither: tuple[float, float]) -> None:
-    """Element-wise fusion of the importance policy; theta (= theta_M) <- fused, anchor <- theta.
+    """Element-wise fusion of the importance policy; theta (= theta_M) <- fused (the anchor is not written).
 
     Masks m = score > global quantile. Per element: both masks -> `both` weights, neither ->
     `neither`, otherwise (m_in, m_out) as 0/1 (the released code's rule). Weights are built per
@@ -111,4 +107,25 @@ def fuse_importance(theta: torch.Tensor, anchor: torch.Tensor, theta_k: torch.Te
         w_out.masked_fill_(both_m, both[1]).masked_fill_(neither_m, neither[1])
         # t <- a + w_in (k - a) + w_out (t - k)
         t.sub_(k).mul_(w_out).add_(a).addcmul_(w_in, k - a)
-        anchor.narrow(0, off, n).copy_(t, non_blocking=True)
+
+
+@torch.no_grad()
+def update_importance(ema_i: torch.Tensor, ema_u: torch.Tensor, master: torch.Tensor, grad: torch.Tensor,
+                      beta1: float, beta2: float) -> None:
+    """One step of the importance statistics: I = |theta * grad|, EMA(I) with beta1 and the uncertainty
+    U = EMA(|I - EMA(I)|) with beta2, chunked (the EMAs may live in host memory)."""
+    for off, n in chunks(master.numel()):
+        imp = (master.narrow(0, off, n) * grad.narrow(0, off, n).to(master.dtype)).abs_()
+        ei = _on(ema_i.narrow(0, off, n), master.device)
+        eu = _on(ema_u.narrow(0, off, n), master.device)
+        ei.mul_(beta1).add_(imp, alpha=1 - beta1)
+        eu.mul_(beta2).add_((imp - ei).abs_(), alpha=1 - beta2)
+        if ei.data_ptr() != ema_i.narrow(0, off, n).data_ptr():
+            ema_i.narrow(0, off, n).copy_(ei)
+            ema_u.narrow(0, off, n).copy_(eu)
+
+
+@torch.no_grad()
+def importance_score(out: torch.Tensor, ema_i: torch.Tensor, ema_u: torch.Tensor) -> torch.Tensor:
+    """out <- EMA(I) * U, the score whose global quantile sets the mask (out may be ema_i itself)."""
+    return torch.mul(ema_i, ema_u, out=out)

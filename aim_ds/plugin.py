@@ -11,14 +11,13 @@ One optimizer step, as data flows (see the README's design section):
            if merge:
              learning signal: sum |theta - anchor| on valid shard elements -> all_reduce   16 B
              rank 0: controller.on_merge(signal) -> S, R, weights  -> broadcast            32 B
-             buffer <- (1 - w_in) anchor + (w_in - w_out) theta_k          (scalar policies)
-             rehearsal: R optimizer steps on memory batches, LR schedule frozen
-             theta <- buffer + w_out theta_M ; buffer <- theta (new anchor); refresh working copies
+             undo record: theta_k, optimizer state, counters (host memory, this merge only)
+             rehearsal: R optimizer steps on memory batches, LR schedule frozen  -> 4 B agreement per step
+             theta <- lerp(anchor, theta_k, w_in) + w_out (theta_M - theta_k)   -> 4 B agreement
+             commit: anchor <- theta, refresh working copies   (or, if any rank failed: undo everywhere)
 """
 from __future__ import annotations
 
-import inspect
-import itertools
 import logging
 import math
 import time
@@ -28,46 +27,18 @@ from typing import Any
 import torch
 
 from . import fusion, statistics
-from .fileio import TRAJECTORY_FIELDS, write_csv
 from .config import AimConfig
-from .controller import MergeController
+from .controller import MergeController, probe_due
+from .fileio import write_csv
+from .journal import MergeAborted, MergeJournal, fatal_error
+from .memory import _Cursor, check_memory
+from .policies import make_weight_policy
+from .trajectory import FIELDS as TRAJECTORY_FIELDS, TrajectoryRow
+from .losses import AimInputError, batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
 from .shards import ZeroShards, ds_config_dict
 
 log = logging.getLogger("aim_ds")
 
-class AimInputError(ValueError):
-    """Bad input to the plugin (memory, arguments); raised on every rank before any collective hangs."""
-
-
-class _Cursor:
-    """Cycles through a list (resumable by position) or re-iterates an iterable."""
-
-    def __init__(self, source, position: int = 0):
-        self.source = source
-        self.position = position
-        self._it = None
-        if not isinstance(source, (list, tuple)):
-            self._it = iter(source)
-            for _ in range(position):
-                self._next_from_iterable()
-
-    def _next_from_iterable(self):
-        try:
-            return next(self._it)
-        except StopIteration:
-            self._it = iter(self.source)
-            try:
-                return next(self._it)
-            except StopIteration:
-                raise AimInputError("aim_merging: the memory iterable is empty; give at least one batch.") from None
-
-    def next(self):
-        if self._it is None:
-            item = self.source[self.position % len(self.source)]
-        else:
-            item = self._next_from_iterable()
-        self.position += 1
-        return item
 
 
 class AimPlugin:
@@ -94,7 +65,6 @@ class AimPlugin:
         self._unrecorded_warned = -1  # the task for which a missing record_probe_loss() was reported
         self._original_step = None
         self._remove_grad_hook = None
-        self.after_rehearsal_callback = None  # tests and debugging: called on every rank before fusion
         if not self.enabled:
             return  # nothing touched: training is exactly plain DeepSpeed
         self.shards = ZeroShards(engine)
@@ -138,7 +108,7 @@ class AimPlugin:
 
     def set_memory(self, memory) -> None:
         """Replace the rehearsal memory (a list or iterable of model-input dicts, this rank's own)."""
-        error = self._check_memory(memory)
+        error = check_memory(self.engine, memory, getattr(self, "rank", 0))
         statistics.agree(error, exc_type=AimInputError)
         self._memory = memory
         self._probe_cursor = _Cursor(memory)
@@ -285,13 +255,10 @@ class AimPlugin:
             self._merge(weights=None, rehearsal_steps=None, explicit=False)
 
     def _probe_due(self) -> bool:
-        c = self.config
-        if not self._active() or c.interval_rule == "fixed":
+        due = probe_due(self.config, self._active(), self._step_in_task)
+        if not due or self.config.probe_source != "training_batch":
             self._recorded_probe = None
-            return False
-        if c.probe_source == "training_batch":
-            return True  # every step: the loss is already computed, the all-reduce is 16 bytes
-        return self._memory is not None and self._step_in_task % c.probe_interval == 0
+        return due and (self.config.probe_source == "training_batch" or self._memory is not None)
 
     def _probe_from_batch(self) -> float | None:
         """The recorded memory-row loss of this step's training batch, token-weighted over ranks."""
@@ -350,21 +317,29 @@ class AimPlugin:
         return bool(flag.item())
 
     def _record(self, d, loss) -> None:
-        row = {"task": self.task_index, "step": d.step, "probe_loss": loss, "threshold": d.threshold,
-               "activations": d.activations, "interval": d.interval,
-               "learning_signal": None, "merge": 0, "w_in": None, "w_out": None}
-        self.trajectory.append(row)
+        self.trajectory.append(TrajectoryRow(self.task_index, d.step, loss, d.threshold, d.activations,
+                                             d.interval).as_dict())
         mon = getattr(self.engine, "monitor", None)
         if mon is not None and getattr(mon, "enabled", False) and loss is not None:
             gs = self.engine.global_samples
             mon.write_events([("aim/probe_loss", loss, gs), ("aim/interval", d.interval, gs)])
 
-    # ------------------------------------------------------------------ merge
+    # ------------------------------------------------------------------ merge (a transaction)
     def _merge(self, weights, rehearsal_steps, explicit: bool) -> dict:
+        """Plan, rehearse, fuse; commit on every rank, or undo on every rank.
+
+        Failures found in this rank's own work (the undo record, a rehearsal batch, a non-finite
+        rehearsal loss, the fusion math) are agreed on at the next sync point, which every rank
+        reaches: every rank then restores what the merge changed (see aim_ds/journal.py) and the
+        merge returns {"merged": False}. A failure inside a collective of a rehearsal step (DeepSpeed's
+        gathers in forward/backward/step: its peers are blocked in that collective, so no agreement is
+        possible) is published in the process group's store and re-raised; the peers' collective then
+        fails and they raise naming the failing rank (see _fatal)."""
         t0 = time.perf_counter()
         groups = self.shards.groups
         local = sum(fusion.abs_change_sum(g.master, a, g.ranges) for g, a in zip(groups, self.anchor))
         total = statistics.sum_over_ranks(local)[0]
+        before = self._plugin_state()
         plan = torch.zeros(4, dtype=torch.float64, device=statistics.comm_device())  # S, R, w_in, w_out
         if self.controller is not None:
             if math.isfinite(total):
@@ -372,7 +347,7 @@ class AimPlugin:
                 w_in, w_out = weights if weights is not None else (p.w_in, p.w_out)
                 r = rehearsal_steps if rehearsal_steps is not None else p.rehearsal_steps
                 plan[:] = torch.tensor([p.interval, r, w_in, w_out], dtype=torch.float64)
-                self._mark_merge(p, w_in, w_out, explicit)
+                self._mark_merge(p, w_in, w_out, r, total, explicit)
             else:
                 plan[0] = -1  # skip: never fuse non-finite weights
                 warnings.warn(f"aim_merging: non-finite learning signal at task {self.task_index} step "
@@ -383,26 +358,46 @@ class AimPlugin:
             return {"merged": False, "reason": "non-finite learning signal"}
         r = int(r)
         scalar = not self._importance or weights is not None
-        _sync()
-        t_prep0 = time.perf_counter()
-        if scalar:
-            for g, a in zip(groups, self.anchor):
-                fusion.prepare_buffer(a, g.master, w_in, w_out)
-        else:
-            for g, k in zip(groups, self._theta_k):
-                fusion.copy_into(k, g.master)
-        _sync()
-        t_prep = time.perf_counter() - t_prep0
-        rehearsal_losses = self._rehearse(r)
-        if self.after_rehearsal_callback is not None:
-            self.after_rehearsal_callback(self)
-        _sync()
-        t1 = time.perf_counter()
-        if scalar:
-            for g, a in zip(groups, self.anchor):
-                fusion.fuse_scalar(g.master, a, w_out)
-        else:
-            self._fuse_importance()
+        journal = None
+        try:
+            _sync()
+            t_prep0 = time.perf_counter()
+            error = None
+            try:
+                journal = MergeJournal(self.shards, self.engine)
+            except Exception as e:  # e.g. out of host memory for the undo record
+                error = f"recording the merge's undo state failed: {type(e).__name__}: {e}"
+            self._agree_merge(error)
+            _sync()
+            t_prep = time.perf_counter() - t_prep0
+            rehearsal_losses = self._rehearse(r)
+            _sync()
+            t1 = time.perf_counter()
+            if not scalar:  # the masks' global quantiles are collectives: agree on the local scores first
+                self._agree_merge(self._local(self._importance_scores, "the importance scores"))
+                quantiles = self._importance_quantiles()
+            error = self._local(lambda: self._fuse(scalar, w_in, w_out, journal, None if scalar else quantiles),
+                                "fusion")
+            self._agree_merge(error)
+        except MergeAborted as e:
+            if journal is not None:
+                journal.restore()
+            self._restore_plugin_state(before)
+            self.shards.refresh_working_copies()  # a collective: every rank is on this path
+            if self.rank == 0:
+                warnings.warn(f"aim_merging: the merge at task {self.task_index} step {self._step_in_task} failed "
+                              f"and was undone on every rank (weights, optimizer state, anchor, controller and "
+                              f"trajectory are exactly as before it): {e}", RuntimeWarning)
+            return {"merged": False, "reason": str(e), "task": self.task_index, "step": self._step_in_task}
+        # commit: the fused masters become the anchor
+        for g, a in zip(groups, self.anchor):
+            fusion.copy_into(a, g.master)
+        if self._importance:  # the state keeps the last committed merge's theta_k, as checkpoints always did
+            for t, k in zip(self._theta_k, journal.theta_k):
+                fusion.copy_into(t, k)
+            for bufs in self._ema.values():
+                for b in bufs:
+                    b.zero_()
         _sync()
         t_fuse = time.perf_counter() - t1 + t_prep
         self.shards.refresh_working_copies()
@@ -412,7 +407,37 @@ class AimPlugin:
         return {"merged": True, "task": self.task_index, "step": self._step_in_task, "rehearsal_steps": r,
                 "w_in": w_in, "w_out": w_out, "interval": int(interval), "learning_signal": total,
                 "rehearsal_losses": rehearsal_losses, "fusion_seconds": t_fuse, "fusion_passes": passes,
-                "fusion_bytes": n * 4 * passes, "seconds": time.perf_counter() - t0}
+                "fusion_bytes": n * 4 * passes, "undo_host_bytes": journal.host_bytes,
+                "seconds": time.perf_counter() - t0}
+
+    def _agree_merge(self, error: str | None) -> None:
+        statistics.agree(error, exc_type=MergeAborted)
+
+    def _fatal(self, e: BaseException, where: str) -> RuntimeError:
+        return fatal_error(e, self.rank, f"the merge at task {self.task_index} step {self._step_in_task} ({where})")
+
+    def _plugin_state(self) -> dict:
+        """The plugin-side state a merge changes (host objects only; tensors are in the journal)."""
+        return {"controller": self.controller.state_dict() if self.controller is not None else None,
+                "trajectory": (len(self.trajectory), dict(self.trajectory[-1]) if self.trajectory else None),
+                "rehearsal_position": self._rehearsal_cursor.position if self._rehearsal_cursor else 0,
+                "work": dict(self.work), "merge_count": self.merge_count}
+
+    def _restore_plugin_state(self, s: dict) -> None:
+        if self.controller is not None:
+            self.controller.load_state_dict(s["controller"])
+        n, last = s["trajectory"]
+        del self.trajectory[n:]
+        if last is not None:
+            self.trajectory[-1] = last
+        if self._rehearsal_cursor is not None and self._rehearsal_cursor.position != s["rehearsal_position"]:
+            self._rehearsal_cursor = _Cursor(self._memory, s["rehearsal_position"])
+        self.work.clear()
+        self.work.update(s["work"])
+        self.merge_count = s["merge_count"]
+        if self._importance:  # rehearsal's side of the statistics; the training side is left untouched
+            for b in self._ema["i_out"] + self._ema["u_out"]:
+                b.zero_()
 
     def _plan(self, total: float, explicit: bool):
         c = self.controller
@@ -421,18 +446,19 @@ class AimPlugin:
         # an explicit merge while the controller is inactive (first task): no interval update
         return c.plan_inactive(total, self._global_valid_numel)
 
-    def _mark_merge(self, p, w_in, w_out, explicit) -> None:
+    def _mark_merge(self, p, w_in, w_out, r, total, explicit) -> None:
         if self.trajectory and not explicit and self.trajectory[-1]["task"] == self.task_index:
             row = self.trajectory[-1]
         else:  # an explicit merge gets its own row
-            row = {"task": self.task_index, "step": self._step_in_task, "probe_loss": None, "threshold": None,
-                   "activations": None, "interval": p.interval, "learning_signal": None}
+            row = TrajectoryRow(self.task_index, self._step_in_task, explicit=1).as_dict()
             self.trajectory.append(row)
         row.update({"merge": 1, "learning_signal": p.learning_signal, "w_in": w_in, "w_out": w_out,
-                    "interval": p.interval})
+                    "interval": p.interval, "rehearsal_steps": r, "abs_change_sum": total,
+                    "numel": self._global_valid_numel})
 
     def _rehearse(self, steps: int) -> list[float]:
-        """R ordinary optimizer steps on memory batches through the same engine; LR schedule frozen."""
+        """R ordinary optimizer steps on memory batches through the same engine; LR schedule frozen.
+        Before each step every rank agrees that its batches are ready and the previous loss was finite."""
         engine = self.engine
         scheduler = engine.lr_scheduler
         lrs = [g["lr"] for g in engine.optimizer.param_groups]
@@ -440,28 +466,40 @@ class AimPlugin:
         self._in_rehearsal = True
         engine.lr_scheduler = None  # DeepSpeed steps engine.lr_scheduler in engine.step(): not during rehearsal
         try:
-            for _ in range(steps):
-                total = 0.0
-                for _ in range(engine.gradient_accumulation_steps()):
-                    batch = self._rehearsal_cursor.next()
-                    self.work["rehearsal_tokens"] += batch_tokens(batch)  # on the host copy: no device sync
-                    batch = _to_device(batch, engine.device)
-                    loss = engine(**batch).loss
-                    engine.backward(loss)
-                    self._original_step()
-                    total += float(loss.detach())
-                losses.append(total / engine.gradient_accumulation_steps())
+            for i in range(steps + 1):
+                error = None
+                if losses and not math.isfinite(losses[-1]):
+                    error = f"rehearsal step {i} gave a non-finite loss ({losses[-1]})"
+                elif i < steps:
+                    try:
+                        batches = [self._rehearsal_batch() for _ in range(engine.gradient_accumulation_steps())]
+                    except Exception as e:
+                        error = f"preparing rehearsal step {i + 1}'s batch failed: {type(e).__name__}: {e}"
+                self._agree_merge(error)
+                if i == steps:
+                    break
+                try:
+                    total = 0.0
+                    for batch in batches:
+                        loss = engine(**batch).loss
+                        engine.backward(loss)
+                        self._original_step()
+                        total += float(loss.detach())
+                except Exception as e:
+                    raise self._fatal(e, f"rehearsal step {i + 1}") from e
+                losses.append(total / len(batches))
                 self.work["rehearsal_steps"] += 1
         finally:
             engine.lr_scheduler = scheduler
             for g, lr in zip(engine.optimizer.param_groups, lrs):
                 g["lr"] = lr
             self._in_rehearsal = False
-        if losses and statistics.any_rank(not all(math.isfinite(x) for x in losses)):
-            raise FloatingPointError(
-                "aim_merging: a rehearsal step produced a non-finite loss; the optimizer has already applied it, "
-                "so the merge is aborted. Lower the learning rate or check the memory batches.")
         return losses
+
+    def _rehearsal_batch(self) -> dict:
+        batch = self._rehearsal_cursor.next()
+        self.work["rehearsal_tokens"] += batch_tokens(batch)  # on the host copy: no device sync
+        return _to_device(batch, self.engine.device)
 
     def _snapshot_anchor(self) -> None:
         for g, a in zip(self.shards.groups, self.anchor):
@@ -476,96 +514,50 @@ class AimPlugin:
         return t
 
     # ------------------------------------------------------------------ importance policy
-    @torch.no_grad()
     def _track_importance(self, index: int, master: torch.Tensor, grad: torch.Tensor) -> None:
         if self.task_index < 0:
             return
         side = "out" if self._in_rehearsal else "in"
-        b1, b2 = self.config.importance_beta1, self.config.importance_beta2
-        ema_i, ema_u = self._ema["i_" + side][index], self._ema["u_" + side][index]
-        for off, n in fusion.chunks(master.numel()):
-            imp = (master.narrow(0, off, n) * grad.narrow(0, off, n).to(master.dtype)).abs_()
-            ei = fusion._on(ema_i.narrow(0, off, n), master.device)
-            eu = fusion._on(ema_u.narrow(0, off, n), master.device)
-            ei.mul_(b1).add_(imp, alpha=1 - b1)
-            eu.mul_(b2).add_((imp - ei).abs_(), alpha=1 - b2)
-            if ei.data_ptr() != ema_i.narrow(0, off, n).data_ptr():
-                ema_i.narrow(0, off, n).copy_(ei)
-                ema_u.narrow(0, off, n).copy_(eu)
+        fusion.update_importance(self._ema["i_" + side][index], self._ema["u_" + side][index], master, grad,
+                                 self.config.importance_beta1, self.config.importance_beta2)
+
+    @staticmethod
+    def _local(fn, what: str) -> str | None:
+        """Run this rank's own part of a merge; its error message, or None."""
+        try:
+            return fn()
+        except Exception as e:
+            return f"{what} failed: {type(e).__name__}: {e}"
 
     @torch.no_grad()
-    def _fuse_importance(self) -> None:
+    def _importance_scores(self) -> None:
+        """score = EMA(I) * U, built in the rehearsal side's buffers (score_out in i_out, then score_in in
+        u_out): the training side's statistics stay untouched, so an undone merge keeps them."""
+        e = self._ema
+        for i_out, u_out, i_in, u_in in zip(e["i_out"], e["u_out"], e["i_in"], e["u_in"]):
+            fusion.importance_score(i_out, i_out, u_out)
+            fusion.importance_score(u_out, i_in, u_in)
+
+    def _importance_quantiles(self) -> tuple[float, float]:
+        q, groups = self.config.importance_quantile, self.shards.groups
+        return tuple(statistics.global_quantile([(s, g.ranges) for s, g in zip(self._ema[k], groups)], q)
+                     for k in ("u_out", "i_out"))  # (q_in, q_out)
+
+    @torch.no_grad()
+    def _fuse(self, scalar: bool, w_in: float, w_out: float, journal, quantiles) -> str | None:
+        """This rank's fusion into the masters (the anchor is written only at commit)."""
         groups = self.shards.groups
-        scores = {}
-        for side in ("in", "out"):
-            # score = EMA(I) * U, computed into the EMA(I) buffer (no new shard-sized tensor)
-            for i_buf, u_buf in zip(self._ema["i_" + side], self._ema["u_" + side]):
-                i_buf.mul_(u_buf)
-            scores[side] = self._ema["i_" + side]
-        q = self.config.importance_quantile
-        q_in = statistics.global_quantile([(s, g.ranges) for s, g in zip(scores["in"], groups)], q)
-        q_out = statistics.global_quantile([(s, g.ranges) for s, g in zip(scores["out"], groups)], q)
-        for g, a, k, s_in, s_out in zip(groups, self.anchor, self._theta_k, scores["in"], scores["out"]):
-            fusion.fuse_importance(g.master, a, k, s_in, q_in, s_out, q_out, both=(0.4, 0.6), neither=(0.5, 0.5))
-        for bufs in self._ema.values():
-            for b in bufs:
-                b.zero_()
-
-    # ------------------------------------------------------------------ input checks
-    def _check_memory(self, memory) -> str | None:
-        if memory is None:
-            return "aim_merging: memory is None; give a list or iterable of model-input dicts."
-        if isinstance(memory, dict):
-            return "aim_merging: memory is one dict; give a list (or iterable) of batch dicts."
-        if isinstance(memory, (list, tuple)):
-            batches = list(memory)
+        if scalar:
+            for g, a, k in zip(groups, self.anchor, journal.theta_k):
+                fusion.fuse_scalar(g.master, a, k, w_in, w_out)
         else:
-            try:
-                batches = list(itertools.islice(iter(memory), 1))
-            except TypeError:
-                return f"aim_merging: memory of type {type(memory).__name__} is not iterable; give a list of dicts."
-        if not batches:
-            return ("aim_merging: the rehearsal memory is empty on rank {r}; every rank needs at least one batch "
-                    "(check the memory fraction and the number of ranks).").format(r=getattr(self, "rank", 0))
-        module = self.engine.module
-        sig = inspect.signature(module.forward)
-        accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-        vocab = getattr(getattr(module, "config", None), "vocab_size", None)
-        for i, b in enumerate(batches):
-            where = f"aim_merging: memory batch {i}"
-            if not isinstance(b, dict):
-                return f"{where} is a {type(b).__name__}; each batch must be a dict of model inputs."
-            if "labels" not in b:
-                return f"{where} has no 'labels': the probe and rehearsal need a loss (add labels, -100 = ignore)."
-            # a key the forward does not name would be swallowed by **kwargs (HF models) and ignored
-            unknown = [k for k in b if k not in sig.parameters]
-            if unknown:
-                return (f"{where} has keys {unknown} that {type(module).__name__}.forward does not name"
-                        f"{' (it would silently ignore them via **kwargs)' if accepts_any else ''}; "
-                        "remove them or rename them to the model's input names.")
-            labels, ids = b["labels"], b.get("input_ids")
-            if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
-                return f"{where}: labels must be an integer tensor (token ids, -100 = ignore)."
-            keep = b.get("logits_to_keep")
-            if torch.is_tensor(keep) and keep.dim() == 2:   # labels gathered at the kept logit positions
-                if keep.shape != labels.shape:
-                    return (f"{where}: labels shape {tuple(labels.shape)} differs from logits_to_keep "
-                            f"{tuple(keep.shape)}; gather labels at the kept positions.")
-            elif torch.is_tensor(ids) and ids.shape != labels.shape:
-                return f"{where}: labels shape {tuple(labels.shape)} differs from input_ids {tuple(ids.shape)}."
-            sizes = {k: v.shape[0] for k, v in b.items() if torch.is_tensor(v) and v.dim() > 0}
-            if len(set(sizes.values())) > 1:
-                return f"{where} mixes batch sizes {sizes}; all tensors must share the first dimension."
-            if any(s == 0 for s in sizes.values()):
-                return f"{where} has an empty tensor; every batch needs at least one row."
-            if ids is not None:
-                if not torch.is_tensor(ids) or ids.dtype not in (torch.int64, torch.int32):
-                    return f"{where}: input_ids must be an integer tensor."
-                if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-                    return (f"{where}: input_ids range [{int(ids.min())}, {int(ids.max())}] is outside the model's "
-                            f"vocabulary [0, {vocab}); tokenize with the model's tokenizer.")
+            policy = make_weight_policy(self.config)
+            for g, a, k, s_in, s_out in zip(groups, self.anchor, journal.theta_k, self._ema["u_out"], self._ema["i_out"]):
+                fusion.fuse_importance(g.master, a, k, s_in, quantiles[0], s_out, quantiles[1], both=policy.both,
+                                       neither=policy.default)
+        if not all(fusion.all_finite(g.master, g.ranges) for g in groups):
+            return "the fused weights hold NaN/inf"
         return None
-
 
 def _sync() -> None:
     """Wait for queued device work so the fusion timers measure the work, not its launch."""
@@ -574,56 +566,8 @@ def _sync() -> None:
     get_accelerator().synchronize()
 
 
-def batch_tokens(batch: dict) -> int:
-    """Tokens a forward over this batch processes: the attention mask's ones, else every input id."""
-    mask = batch.get("attention_mask")
-    if torch.is_tensor(mask):
-        return int(mask.sum())
-    ids = batch.get("input_ids")
-    return int(ids.numel()) if torch.is_tensor(ids) else 0
-
-
 def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def _token_losses(logits: torch.Tensor, labels: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss [B, W-1] and label mask of a causal-LM batch: the shifted cross-entropy the model's own
-    loss uses (position t predicts label t + 1; -100 ignored, loss 0 there)."""
-    if logits.shape[:2] != labels.shape[:2]:
-        raise AimInputError(f"{who}: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line up; "
-                            "pass the labels at the positions whose logits the model returned.")
-    lg, lb = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
-    tok = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
-                                            reduction="none").view(lb.shape)
-    return tok, lb != -100
-
-
-@torch.no_grad()
-def rows_loss(logits: torch.Tensor, labels: torch.Tensor, rows) -> tuple[float, int]:
-    """(summed token loss, label tokens) of some rows of a causal-LM batch, from the forward's own logits.
-    ``labels`` are the ones passed to the model (with ``logits_to_keep`` positions, the labels gathered
-    there, as aim_ds.data.collate makes them). For ``AimPlugin.record_probe_loss``."""
-    tok, has = _token_losses(logits[rows], labels[rows], "rows_loss")
-    return float(tok.sum()), int(has.sum())
-
-
-def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, n_new: int, memory_weight: float
-               ) -> tuple[torch.Tensor, float, int]:
-    """The training loss of a mixed batch whose first ``n_new`` rows are the new task's and the rest memory
-    rows: (1 - w) x the new rows' mean token loss + w x the memory rows' mean token loss, w = memory_weight.
-    The memory rows then pull with weight w however few they are (fewer rows = less compute, same expected
-    gradient mix). Also returns the memory rows' (summed token loss, label tokens) for
-    ``AimPlugin.record_probe_loss``, from the same cross-entropy (one pass over the logits). Labels as for
-    ``rows_loss``."""
-    if not (0.0 < memory_weight < 1.0):
-        raise AimInputError(f"mixed_loss(memory_weight={memory_weight!r}): must be in (0, 1).")
-    tok, has = _token_losses(logits, labels, "mixed_loss")
-    new_n, mem_n = has[:n_new].sum(), has[n_new:].sum()
-    new_sum, mem_sum = tok[:n_new].sum(), tok[n_new:].sum()
-    # a side without label tokens contributes 0 (clamp: no 0/0); the counts stay tensors (no host sync) until here
-    loss = (1.0 - memory_weight) * new_sum / new_n.clamp(min=1) + memory_weight * mem_sum / mem_n.clamp(min=1)
-    return loss, float(mem_sum.detach()), int(mem_n)
 
 
 def attach(engine, memory=None, config: AimConfig | dict | None = None) -> AimPlugin:

@@ -174,12 +174,13 @@ def make_weight_policy(cfg: AimConfig):
     raise ValueError(f"unknown weight_policy {cfg.weight_policy!r}")
 
 
-def rehearsal_steps(cfg: AimConfig, new_interval: int) -> int:
-    """R: the configured constant, or ceil(rehearsal_fraction * new interval) (fraction 1 = the released
-    rule R = S; a smaller fraction bounds rehearsal's share of the compute)."""
+def rehearsal_steps(cfg: AimConfig, interval: int) -> int:
+    """R: the configured constant, or ceil(rehearsal_fraction * S) with S the interval in force when the
+    merge fires, before this merge updates it (fraction 1 = the released rule R = S; a smaller fraction
+    bounds rehearsal's share of the compute)."""
     if cfg.rehearsal_steps != "interval":
         return int(cfg.rehearsal_steps)
-    return max(1, math.ceil(cfg.rehearsal_fraction * new_interval - 1e-9))
+    return max(1, math.ceil(cfg.rehearsal_fraction * interval - 1e-9))
 
 
 __all__ = ["PaperRule", "ReferenceRule", "FixedRule", "make_interval_rule", "signals_weights",

@@ -8,12 +8,12 @@
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
 
-from .fileio import TRAJECTORY_FIELDS, atomic_write_bytes, atomic_write_text, write_csv  # noqa: F401
+from .fileio import atomic_write_bytes, atomic_write_text, write_csv  # noqa: F401
+from .trajectory import FIELDS as TRAJECTORY_FIELDS, read_csv as read_trajectory_csv  # noqa: F401
 
 
 
@@ -29,20 +29,6 @@ def _json_safe(x):
 
 def write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
-
-
-def read_trajectory_csv(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-
-    def num(v):
-        if v in ("", None):
-            return None
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return [{k: num(v) for k, v in r.items()} for r in rows]
 
 
 def _save_fig(fig, path: str) -> None:

@@ -138,7 +138,14 @@ def fusion_exact(dtype="fp32", persistence=0, w_in=0.7, w_out=0.2, rehearsal=2, 
     train_steps(engine, 3)
     theta_k = full_fp32(engine)
     seen = {}
-    plugin.after_rehearsal_callback = lambda p: seen.__setitem__("M", full_fp32(engine))
+    rehearse = plugin._rehearse
+
+    def rehearse_and_record(steps):  # theta_M, read on every rank between rehearsal and fusion
+        out = rehearse(steps)
+        seen["M"] = full_fp32(engine)
+        return out
+
+    plugin._rehearse = rehearse_and_record
     rec = plugin.merge(weights=(w_in, w_out), rehearsal_steps=rehearsal)
     theta_m = seen["M"]
     ref = {k: anchor[k] + w_in * (theta_k[k] - anchor[k]) + w_out * (theta_m[k] - theta_k[k]) for k in anchor}

@@ -115,7 +115,7 @@ def test_the_error_message_is_one_line_naming_key_value_and_range():
     ("importance_quantile", 0, "(0, 1)"),
     ("importance_beta1", 1.0, "[0, 1)"),
     ("importance_beta2", -0.5, "[0, 1)"),
-    ("rehearsal_steps", 0, '"interval" (R = the new interval S) or an integer >= 1'),
+    ("rehearsal_steps", 0, '"interval" (R = the interval S in force at the merge) or an integer >= 1'),
     ("rehearsal_steps", "new", '"interval"'),
     ("probe_interval", 0, "an integer >= 1"),
     ("rehearsal_fraction", 0.0, "(0, 1]"),

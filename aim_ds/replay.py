@@ -1,0 +1,145 @@
+"""`aim-ds replay RUN_DIR [--config ds.json]`: re-run the merge controller offline on a run's recorded signals.
+
+The controller is a pure state machine, so feeding it the probe losses and learning-signal sums that a
+run recorded in trajectory.csv reproduces that run's merge schedule exactly (with the run's own config).
+With another config it shows what that config would have scheduled on the SAME signals: a what-if,
+not a prediction, because in a real run the signals move with the schedule (every merge resets the
+anchor, and rehearsal and fusion change the probe losses that follow). At a merge the run did not make,
+the sum |theta - anchor| is unknown; it is estimated from the recorded learning signal of the run's
+segment covering that step (Lambda is a per-step rate, so sum = Lambda x elements x S).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .config import AimConfig
+from .controller import MergeController, probe_due
+from .trajectory import TrajectoryRow, read_csv
+
+HELP = "re-run the merge controller on a run's recorded trajectory (what-if schedules for other configs)"
+
+CAVEAT = ("This is the schedule the controller gives on the RECORDED signals. In a real run the signals move "
+          "with the schedule (each merge resets the anchor; rehearsal and fusion change the probe losses that "
+          "follow), so for another config it is a what-if on fixed signals, not a prediction. At merges the run "
+          "did not make, sum |theta - anchor| is estimated from the recorded learning signal of the segment "
+          "covering that step.")
+
+
+def _rate_lookup(rows: list[dict]):
+    """Recorded learning signals (Lambda, a per-step rate) per task: (step, Lambda) of each merge."""
+    by_task: dict[int, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r.get("merge") == 1 and r.get("learning_signal") is not None:
+            by_task.setdefault(int(r["task"]), []).append((int(r["step"]), float(r["learning_signal"])))
+    everything = [x for v in by_task.values() for x in v]
+
+    def rate(task: int, step: int) -> float:
+        seg = by_task.get(task) or everything
+        if not seg:
+            return 1.0  # nothing recorded: a constant signal (every ratio is 1)
+        after = [lam for s, lam in seg if s >= step]
+        return after[0] if after else seg[-1][1]
+    return rate
+
+
+def replay(rows: list[dict], cfg: AimConfig) -> list[dict]:
+    """The trajectory the controller gives with `cfg` on the recorded signals, as trajectory rows
+    (merge rows carry `estimated` = 1 where the learning-signal sum had to be estimated)."""
+    ctrl = MergeController(cfg)
+    rate = _rate_lookup(rows)
+    numels = [int(r["numel"]) for r in rows if r.get("numel")]
+    numel = numels[0] if numels else 1
+    out: list[dict] = []
+    task = None
+    for r in rows:
+        t, step = int(r["task"]), int(r["step"])
+        if t != task:
+            task = t
+            ctrl.start_task(t)
+        if r.get("explicit") == 1:  # the user's plugin.merge(): merge here whatever the config says
+            row = TrajectoryRow(t, step, explicit=1).as_dict()
+        else:
+            loss = r.get("probe_loss") if probe_due(cfg, ctrl.active, ctrl.step + 1) else None
+            d = ctrl.observe(loss)
+            row = TrajectoryRow(t, d.step, d.probe_loss, d.threshold, d.activations, d.interval).as_dict()
+            if not d.merge:
+                out.append(row)
+                continue
+        recorded = r.get("merge") == 1 and r.get("abs_change_sum") is not None
+        n = int(r["numel"]) if recorded and r.get("numel") else numel
+        total = float(r["abs_change_sum"]) if recorded else rate(t, step) * n * ctrl.interval
+        p = ctrl.on_merge(total, n) if (ctrl.active or not row["explicit"]) else ctrl.plan_inactive(total, n)
+        w_in, w_out = (r["w_in"], r["w_out"]) if row["explicit"] and recorded else (p.w_in, p.w_out)
+        row.update(merge=1, learning_signal=p.learning_signal, w_in=w_in, w_out=w_out, interval=p.interval,
+                   rehearsal_steps=p.rehearsal_steps, abs_change_sum=total, numel=n, estimated=0 if recorded else 1)
+        out.append(row)
+    return out
+
+
+MERGE_KEYS = ("task", "step", "interval", "rehearsal_steps", "w_in", "w_out", "learning_signal")
+
+
+def merges(rows: list[dict]) -> list[tuple]:
+    return [tuple(r.get(k) for k in MERGE_KEYS) for r in rows if r.get("merge") == 1]
+
+
+def _config(args) -> tuple[AimConfig, str]:
+    if args.config:
+        with open(args.config) as f:
+            d = json.load(f)
+        return AimConfig.from_ds_config(d) if "aim_merging" in d else AimConfig.from_dict(d), args.config
+    res = os.path.join(args.run_dir, "results.json")
+    if not os.path.isfile(res):
+        raise ValueError(f"{res} not found: give the run's ds_config with --config (its aim_merging section is used)")
+    with open(res) as f:
+        section = (json.load(f).get("config") or {}).get("aim_merging")
+    if not section:
+        raise ValueError(f"{res} records no aim_merging config (the run did not use the plugin); give one with --config")
+    return AimConfig.from_dict(section), "the run's own config (results.json)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output folder (with trajectory.csv)")
+    p.add_argument("--config", help="a ds_config (its aim_merging section) or an aim_merging JSON; "
+                                    "default: the run's own, from RUN_DIR/results.json")
+    p.add_argument("--plot", metavar="PNG", help="also plot the replayed trajectory like trajectory.png")
+
+
+def run(args) -> int:
+    path = os.path.join(args.run_dir, "trajectory.csv")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found: RUN_DIR must be a run's output folder (the driver writes trajectory.csv)")
+    rows = read_csv(path)
+    if rows and any(r.get("probe_loss") is not None for r in rows) and all(r.get("abs_change_sum") is None for r in rows
+                                                                           if r.get("merge") == 1):
+        raise ValueError(f"{path} has no abs_change_sum column values at its merges (written by an older aim_ds): "
+                         "replay needs the raw learning-signal sums")
+    cfg, source = _config(args)
+    got = replay(rows, cfg)
+    print(f"replay of {path} with {source}")
+    print(f"{'task':>4} {'step':>6} {'S new':>6} {'R':>4} {'w_in':>5} {'w_out':>5} {'Lambda':>12}  note")
+    for r in got:
+        if r.get("merge") == 1:
+            note = ("explicit " if r["explicit"] else "") + ("estimated Lambda" if r.get("estimated") else "")
+            print(f"{r['task']:>4} {r['step']:>6} {r['interval']:>6} {r['rehearsal_steps']:>4} {r['w_in']:>5.2f} "
+                  f"{r['w_out']:>5.2f} {r['learning_signal']:>12.6g}  {note}")
+    want, have = merges(rows), merges(got)
+    print(f"merges: replayed {len(have)}, recorded {len(want)}")
+    if args.plot:
+        from .report import plot_trajectory
+
+        plot_trajectory(args.plot, got, None, f"replay: {os.path.basename(os.path.abspath(args.run_dir))}")
+    if have == want:
+        print("the replay reproduces the recorded merges exactly (steps, intervals, R, weights, learning signals)")
+    else:
+        first = next((i for i, (a, b) in enumerate(zip(have, want)) if a != b), min(len(have), len(want)))
+        print(f"{'differs from' if args.config else 'MISMATCH with'} the recorded merges from merge {first + 1}: "
+              f"replayed {have[first] if first < len(have) else None}, recorded {want[first] if first < len(want) else None}")
+    if args.config:
+        print(CAVEAT)
+        return 0
+    return 0 if have == want else 1  # the run's own config must reproduce its own merges
+
+
+__all__ = ["replay", "merges", "CAVEAT"]

@@ -1,0 +1,161 @@
+"""Multi-rank scenarios for merge transactions: a merge that fails on one rank is undone on every rank,
+bit-exactly; a rank that fails inside a merge's collectives stops every rank with an error naming it.
+Run by tests/mp.py on real DeepSpeed ZeRO-3 engines (CPU, gloo)."""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import aim_ds
+from aim_ds import fusion
+from aim_ds.checkpoint import load_checkpoint, save_checkpoint
+from tests.scenarios import batch, ds_config, full_fp32, full_working, make_engine, memory, rank, train_steps
+
+AIM = {"enabled": True, "initial_interval": 3, "min_interval": 2, "max_interval": 8, "interval_rule": "reference"}
+
+
+def _rank_state(engine, plugin) -> dict:
+    """Everything a merge may touch on this rank, cloned: masters, working flats, optimizer state, engine
+    counters, the plugin's state (anchor, controller, trajectory, cursors, importance buffers)."""
+    opt = engine.optimizer
+    masters = [g.master.detach().clone() for g in plugin.shards.groups]
+    working = [g.working.detach().clone() for g in plugin.shards.groups if g.working is not None]
+    state = [{k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in opt.optimizer.state.get(g.master, {}).items()}
+             for g in plugin.shards.groups]
+    counters = {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
+    return {"masters": masters, "working": working, "opt": state, "counters": counters, "plugin": plugin.state_dict()}
+
+
+def _same(a, b, path="") -> list[str]:
+    """Paths where a and b differ (tensors bit for bit)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        ok = torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype and \
+            torch.equal(a.view(torch.int32) if a.dtype == torch.float32 else a, b.view(torch.int32) if b.dtype == torch.float32 else b)
+        return [] if ok else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path} keys {sorted(a)} != {sorted(b)}"]
+        return [d for k in a for d in _same(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path} length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{path}[{i}]")]
+    return [] if a == b or (a != a and b != b) else [f"{path}: {a!r} != {b!r}"]
+
+
+def merge_undone(case: str, policy: str = "signals", failing: int = 1, gas: int = 1):
+    """case "nan": one rank's rehearsal batch has every label ignored (a NaN loss, whose NaN gradients
+    the optimizer applies everywhere); "raise_rehearsal": one rank's second rehearsal batch raises;
+    "raise_fusion": one rank's fusion corrupts half its masters, then raises. The merge must be undone
+    on every rank, bit-exactly, with one warning; then the run continues and the next merge commits."""
+    engine = make_engine(ds_config(aim=dict(AIM, weight_policy=policy), gas=gas))
+    plugin = aim_ds.attach(engine)
+    plugin.start_task(memory())
+    train_steps(engine, 2)
+    mem = memory(offset=3000)
+    if case == "nan" and rank() == failing:
+        mem[0] = batch(3999, all_ignored=True)
+    plugin.start_task(mem)
+    train_steps(engine, 2, seed=50)  # fewer than S: the controller has not merged yet
+    full_before, working_before = full_fp32(engine), full_working(engine)
+    before = _rank_state(engine, plugin)
+    undo = []
+    if rank() == failing and case == "raise_rehearsal":
+        calls = {"n": 0}
+        real = plugin._rehearsal_batch
+
+        def flaky():
+            calls["n"] += 1
+            if calls["n"] == 2 * gas:  # after one whole rehearsal step: the optimizer state has moved
+                raise RuntimeError("injected: the memory reader lost its file")
+            return real()
+        plugin._rehearsal_batch = flaky
+        undo.append(lambda: setattr(plugin, "_rehearsal_batch", real))
+    if rank() == failing and case == "raise_fusion":
+        name = "fuse_importance" if policy == "importance" else "fuse_scalar"
+        real = getattr(fusion, name)
+
+        def broken(theta, *args, **kwargs):
+            theta.narrow(0, 0, theta.numel() // 2).mul_(3.0)
+            raise MemoryError("injected: out of memory in fusion")
+        setattr(fusion, name, broken)
+        undo.append(lambda: setattr(fusion, name, real))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = plugin.merge()
+    for u in undo:
+        u()
+    after = _rank_state(engine, plugin)
+    full_after, working_after = full_fp32(engine), full_working(engine)
+    result = {"merged": rec["merged"], "reason": rec.get("reason", ""),
+              "diff": _same(before, after, "state"),
+              "full_diff": _same(full_before, full_after, "full_fp32") + _same(working_before, working_after, "working"),
+              "warnings": [str(c.message) for c in caught if "undone" in str(c.message)]}
+    # the run continues: training, then a merge that commits, all finite (a memory without the bad batch)
+    plugin.set_memory(memory(offset=5000))
+    train_steps(engine, 2, seed=80)
+    rec2 = plugin.merge()
+    result["next_merged"] = rec2["merged"]
+    result["finite"] = all(torch.isfinite(v).all().item() for v in full_fp32(engine).values())
+    result["merge_count"] = plugin.merge_count
+    return result
+
+
+def merge_fails_inside_collective(ckpt_dir: str, failing: int = 1):
+    """A checkpoint is saved; then one rank raises inside a rehearsal forward (its peers are blocked in
+    ZeRO-3's parameter gathers), with no catching: every rank must stop with an error naming it."""
+    engine = make_engine(ds_config(aim=AIM))
+    plugin = aim_ds.attach(engine)
+    plugin.start_task(memory())
+    train_steps(engine, 2)
+    plugin.start_task(memory(offset=3000))
+    train_steps(engine, 1, seed=50)
+    save_checkpoint(engine, plugin, ckpt_dir, tag="before-merge")
+    if rank() == failing:
+        mlp = engine.module.model.layers[1].mlp
+        real = mlp.forward
+
+        def forward(*args, **kwargs):
+            if plugin._in_rehearsal:
+                Path(ckpt_dir).parent.joinpath("failed_at").write_text(repr(time.time()))
+                raise ValueError("injected: a kernel failed in rehearsal")
+            return real(*args, **kwargs)
+        mlp.forward = forward
+    train_steps(engine, 20, seed=60)  # the controller's merge comes within these steps
+    return {"unreachable": True}
+
+
+def resume_after_failure(ckpt_dir: str):
+    """The checkpoint saved before the failed merge loads into fresh engines and training continues."""
+    engine = make_engine(ds_config(aim=AIM), seed=1)
+    plugin = aim_ds.attach(engine)
+    load_checkpoint(engine, plugin, ckpt_dir)
+    plugin.set_memory(memory(offset=3000))
+    steps = plugin._step_in_task
+    train_steps(engine, 6, seed=61)
+    return {"task": plugin.task_index, "step_at_load": steps, "merges": plugin.merge_count,
+            "finite": all(torch.isfinite(v).all().item() for v in full_fp32(engine).values())}
+
+
+def trajectory_for_replay(out_dir: str):
+    """A short run with merges that change the interval (reference rule, no cold start) and one explicit
+    merge; rank 0 writes trajectory.csv and the config record `aim-ds replay` reads (as the driver does)."""
+    cfg = dict(AIM, cold_start=0, initial_interval=2, probe_interval=1)
+    engine = make_engine(ds_config(aim=cfg))
+    plugin = aim_ds.attach(engine)
+    plugin.start_task(memory())
+    train_steps(engine, 2)
+    plugin.start_task(memory(offset=3000))
+    train_steps(engine, 24, seed=50)
+    plugin.merge()
+    plugin.start_task(memory(offset=4000))
+    train_steps(engine, 16, seed=70)
+    if rank() == 0:
+        plugin.write_trajectory_csv(str(Path(out_dir) / "trajectory.csv"))
+        from aim_ds.report import write_json
+
+        write_json(str(Path(out_dir) / "results.json"), {"config": {"aim_merging": plugin.config.to_dict()}})
+    return {"merges": plugin.merge_count}
