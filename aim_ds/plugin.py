@@ -302,7 +302,8 @@ class AimPlugin:
         """The recorded memory-row loss of this step's training batch, token-weighted over ranks."""
         s, c = self._recorded_probe or (0.0, 0.0)
         self._recorded_probe = None
-        total, count = statistics.sum_over_ranks(s, c)
+        # tensor-parallel ranks share their data-parallel rank's batch: the probe is reduced over data parallel
+        total, count = statistics.sum_over_ranks(s, c, group=self.shards.dp_group)
         if count <= 0:
             if self.rank == 0 and self._unrecorded_warned != self.task_index:
                 self._unrecorded_warned = self.task_index
@@ -330,7 +331,7 @@ class AimPlugin:
             module.train(was_training)
         self.work["probe_forwards"] += 1
         self.work["probe_tokens"] += batch_tokens(batch)
-        return self._finite_probe(statistics.mean_over_ranks(local, 1.0))
+        return self._finite_probe(statistics.mean_over_ranks(local, 1.0, group=self.shards.dp_group))
 
     def _finite_probe(self, loss: float) -> float | None:
         if not math.isfinite(loss):
