@@ -198,6 +198,10 @@ def engine_layout(engine) -> dict:
     """This run's ZeRO-3 partition layout: the optimizer sub-groups, each param's name, shape and numel."""
     import deepspeed.comm as dist
 
+    if engine.zero_optimization_stage() < 3:  # stages 0-2: the shards adapter's flat layout
+        from .shards import ZeroShards
+
+        return ZeroShards(engine).layout()
     opt = engine.optimizer
     names = getattr(opt, "param_names", None) or {p: n for n, p in engine.module.named_parameters()}
     world = dist.get_world_size()
@@ -251,6 +255,10 @@ def _flat_sizes(layout: dict) -> list[int]:
 
 def _gather(shards_by_rank: list[list[torch.Tensor]], layout: dict) -> dict[str, torch.Tensor]:
     """Per-rank flat sub-group shards -> full flat fp32 tensor per parameter name."""
+    if layout.get("kind") in ("flat", "replicated"):
+        from .shards import gather_shards
+
+        return gather_shards(shards_by_rank, layout)
     world = layout["world_size"]
     full: dict[str, torch.Tensor] = {}
     for gi, g in enumerate(layout["sub_groups"]):
@@ -466,6 +474,11 @@ def _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world) -> t
         raise CheckpointError(
             f"{mpath}: checkpoint was saved by {m['world_size']} ranks, this run has {world}. Reshard it first: "
             f"aim-ds reshard {load_dir} --tag {tag} --world-size {world} NEW_DIR, then load from NEW_DIR.")
+    live = engine_layout(engine)
+    if live.get("tp_size", 1) != m["layout"].get("tp_size", 1):
+        raise CheckpointError(f"{mpath}: checkpoint was saved at tensor-parallel size {m['layout'].get('tp_size', 1)}, "
+                              f"this run has {live.get('tp_size', 1)}; resume with the tensor_parallel settings it was "
+                              "saved with (aim_ds cannot reshard across tensor-parallel sizes).")
     now = model_fingerprint(engine)
     saved = m["model"]
     if saved["params_sha256"] != now["params_sha256"]:
@@ -491,7 +504,6 @@ def _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world) -> t
                               f"{m['task_fingerprint']}, this run {task_fingerprint}); resume with the same benchmark, "
                               "order, data and seed, or start a new output directory.")
     _check_files(tag_dir, m)
-    live = engine_layout(engine)
     if live["sub_groups"] != m["layout"]["sub_groups"]:
         raise CheckpointError(f"{mpath}: the saved ZeRO-3 partition layout differs from this engine's (sub_group_size "
                               f"{m['layout']['sub_group_size']} vs {live['sub_group_size']}, "
@@ -641,7 +653,9 @@ def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.T
         return out
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    # ZeRO-1/2 consolidation returns views of one flat tensor; safetensors needs each on its own storage
+    return {k: v.clone() if v.untyped_storage().nbytes() > v.numel() * v.element_size() else v for k, v in sd.items()}
 
 
 def anchor_state_dict(ckpt_dir: str, tag: str | None = None, key: str = "anchor") -> dict[str, torch.Tensor]:
@@ -734,6 +748,10 @@ def reshard(ckpt_dir: str, out_dir: str, world_size: int, tag: str | None = None
         raise CheckpointError(f"output directory {out_abs} exists and is not empty; choose a new one (nothing was "
                               "written).")
     tag, m = _open_offline(ckpt_dir, tag)
+    if m["layout"].get("kind") in ("flat", "replicated"):
+        raise CheckpointError(f"{os.path.join(ckpt_dir, tag)}: aim-ds reshard handles ZeRO-3 checkpoints; this one is of "
+                              f"ZeRO stage 0-2 ({m['layout'].get('family')}). Resume it at its world size, or "
+                              "convert it (aim-ds convert) and start a new run (nothing was written).")
     src = os.path.join(ckpt_dir, tag)
     tmp = _prepare_out(out_abs)
     try:

@@ -146,6 +146,7 @@ class AimPlugin:
         """Replace the rehearsal memory (a list or iterable of model-input dicts, this rank's own)."""
         error = self._check_memory(memory)
         _agree(error)
+        _agree(self.shards.tp_memory_error(memory))
         self._memory = memory
         self._probe_cursor = _Cursor(memory)
         self._rehearsal_cursor = _Cursor(memory)
@@ -210,7 +211,7 @@ class AimPlugin:
         if not self.enabled:
             return sd
         sd.update({
-            "rank": self.rank, "world_size": self.world_size,
+            "rank": self.rank, "world_size": self.world_size, "position": self.shards.position,
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "anchor": [t.detach().cpu().clone() for t in self.anchor],
             "probe_position": self._probe_cursor.position if self._probe_cursor else 0,
@@ -233,6 +234,11 @@ class AimPlugin:
         if sd["world_size"] != self.world_size or sd["rank"] != self.rank:
             raise AimInputError(f"aim_merging: plugin state of rank {sd['rank']}/{sd['world_size']} loaded on rank "
                                 f"{self.rank}/{self.world_size}; reshard it first (aim-ds reshard).")
+        saved_tp = sd.get("position", {}).get("tp_size", 1)
+        if saved_tp != self.shards.tp_size:
+            raise AimInputError(f"aim_merging: plugin state saved at tensor-parallel size {saved_tp}, this run has "
+                                f"{self.shards.tp_size}; resume with the tensor-parallel size the run was saved with "
+                                "(plugin state cannot be resharded across tensor-parallel sizes).")
         for dst, src in zip(self.anchor, sd["anchor"], strict=True):
             if dst.shape != src.shape:
                 raise AimInputError(f"aim_merging: saved anchor shard has shape {tuple(src.shape)}, this rank's "

@@ -113,8 +113,8 @@ class ZeroShards:
 
     def __init__(self, engine):
         import deepspeed.comm as dist
-        from deepspeed.utils.bwc import (bwc_pipeline_parallel_world_size, bwc_tensor_model_parallel_rank,
-                                         bwc_tensor_model_parallel_world_size)
+        from deepspeed.utils.bwc import (bwc_pipeline_parallel_world_size, bwc_tensor_model_parallel_group,
+                                         bwc_tensor_model_parallel_rank, bwc_tensor_model_parallel_world_size)
 
         self.engine = engine
         self.optimizer = engine.optimizer
@@ -126,10 +126,33 @@ class ZeroShards:
                              "whole model's forward on each rank); use tensor and data parallelism only.")
         self.tp_rank = bwc_tensor_model_parallel_rank(mpu)
         self.tp_size = bwc_tensor_model_parallel_world_size(mpu)
+        self.tp_group = bwc_tensor_model_parallel_group(mpu) if self.tp_size > 1 else None
         self.dp_group = engine.seq_data_parallel_group if hasattr(engine, "seq_data_parallel_group") else None
         self.dp_rank = dist.get_rank(group=self.dp_group)
         self.dp_size = dist.get_world_size(group=self.dp_group)
         self.groups: list[SubGroup] = []
+
+    @property
+    def position(self) -> dict:
+        """Where this rank's shards sit in the run: plugin state saved here loads only at the same place."""
+        return {"tp_rank": self.tp_rank, "tp_size": self.tp_size, "dp_rank": self.dp_rank, "dp_size": self.dp_size}
+
+    def tp_memory_error(self, memory) -> str | None:
+        """Tensor-parallel ranks compute one forward together, so they must probe and rehearse on the same
+        batches: compare a fingerprint of the memory over the tensor-parallel group (one 16-byte all-reduce;
+        of a list every batch, of another iterable its first). Every rank of the group calls it."""
+        if self.tp_size == 1:
+            return None
+        from . import statistics
+
+        fp = _memory_fingerprint(memory)
+        t = torch.tensor([fp, -fp], dtype=torch.float64, device=statistics.comm_device())
+        statistics.all_reduce(t, op="max", group=self.tp_group)
+        if t[0].item() != -t[1].item():
+            return (f"aim_merging: the rehearsal memory differs between the tensor-parallel ranks of data-parallel rank "
+                    f"{self.dp_rank}; give every rank of a tensor-parallel group the same memory batches (those of "
+                    "its data-parallel rank).")
+        return None
 
     def _counted(self, p) -> bool:
         """A parameter every tensor-parallel rank holds whole is counted on tensor-parallel rank 0 only."""
@@ -147,6 +170,19 @@ class ZeroShards:
     @property
     def device(self) -> torch.device:
         return self.groups[0].master.device if self.groups else torch.device("cpu")
+
+    def layout(self) -> dict | None:
+        """The partition layout for checkpoint manifests (stages 0-2; ZeRO-3's is aim_ds.checkpoint's):
+        kind "flat" (each group's flat tensor cut into equal data-parallel partitions) or "replicated"
+        (stage 0: every rank holds each parameter whole), every param as [name, shape, numel, offset]."""
+        if not hasattr(self, "_params_at"):
+            return None
+        names = {p: n for n, p in self.engine.module.named_parameters()}
+        return {"kind": self.layout_kind, "world_size": self.world_size, "tp_size": self.tp_size,
+                "sub_group_size": None, "family": self.family,
+                "sub_groups": [{"param_group": i, "partition_count": count, "partition_size": size,
+                                "params": [[names[p], list(shape), n, off] for p, off, n, shape in params]}
+                               for i, (params, count, size) in enumerate(self._params_at)]}
 
     # ------------------------------------------------------------------ write-back (per family)
     def refresh_working_copies(self) -> None:
@@ -190,6 +226,20 @@ class ZeroShards:
     def _grad_sources(self) -> list[torch.Tensor]:
         """The tensors whose .grad the optimizer reads, one per sub-group."""
         return [g.master for g in self.groups]
+
+
+def _memory_fingerprint(memory) -> float:
+    import itertools
+
+    batches = memory if isinstance(memory, (list, tuple)) else itertools.islice(iter(memory), 1)
+    total = 0.0
+    for i, b in enumerate(batches):
+        for j, k in enumerate(sorted(b)):
+            v = b[k]
+            if torch.is_tensor(v) and v.numel():
+                w = torch.arange(1, v.numel() + 1, dtype=torch.float64) % 9973  # position-sensitive, exact in fp64
+                total += (i + 1) * (j + 1) * float((v.detach().reshape(-1).cpu().double() * w).sum())
+    return total
 
 
 def _adapter_class(engine) -> type:
@@ -305,9 +355,14 @@ class _FlatPartitionShards(ZeroShards):
     """ZeRO-1/2 and BF16_Optimizer: every rank holds each group's whole low-precision flat; the fp32
     master is this rank's equal 1/N slice of it (the last slice padded, boundaries inside parameters)."""
 
-    def _build(self, masters, partitions, dp_groups, spans_of):
+    layout_kind = "flat"
+
+    def _build(self, masters, partitions, dp_groups, params_at):
+        """params_at[i]: (param, offset in the flat, numel, shape) of every parameter of group i."""
         import deepspeed.comm as dist
 
+        self._params_at = [(params_at[i], dist.get_world_size(group=dp_groups[i]), m.numel())
+                           for i, m in enumerate(masters)]
         for i, master in enumerate(masters):
             if master.dtype != torch.float32:
                 raise ShardError(f"aim_merging needs fp32 master weights; this optimizer keeps {master.dtype} "
@@ -317,7 +372,8 @@ class _FlatPartitionShards(ZeroShards):
             if partitions[i][pid].numel() != size:
                 raise ShardError(f"aim_merging: group {i}'s fp32 partition has {size} elements but its low-precision "
                                  f"partition {partitions[i][pid].numel()}; this DeepSpeed layout is not supported.")
-            ranges, valid = _slice_ranges(spans_of(i), pid * size, (pid + 1) * size)
+            spans = [(off, n, self._counted(p)) for p, off, n, _ in params_at[i]]
+            ranges, valid = _slice_ranges(spans, pid * size, (pid + 1) * size)
             self.groups.append(SubGroup(i, master, partitions[i][pid], ranges, valid))
 
     @torch.no_grad()
@@ -337,12 +393,11 @@ class _Stage12Shards(_FlatPartitionShards):
             raise ShardError("aim_merging does not support mixture-of-experts layers at ZeRO stage 1/2 (expert "
                              "parameters live in other data-parallel groups). Disable merging for this model.")
 
-        def spans(i):
-            return [(off, meta.numel(), self._counted(p)) for p, meta, off in
-                    zip(opt.round_robin_bit16_groups[i], opt.round_robin_bit16_meta[i], opt.round_robin_bit16_offsets[i])]
-
+        params_at = [[(p, off, meta.numel(), tuple(meta.shape)) for p, meta, off in
+                      zip(opt.round_robin_bit16_groups[i], opt.round_robin_bit16_meta[i], opt.round_robin_bit16_offsets[i])]
+                     for i in range(len(opt.single_partition_of_fp32_groups))]
         self._build(opt.single_partition_of_fp32_groups, opt.parallel_partitioned_bit16_groups,
-                    opt.real_dp_process_group, spans)
+                    opt.real_dp_process_group, params_at)
 
     @torch.no_grad()
     def refresh_working_copies(self) -> None:
@@ -379,14 +434,13 @@ class _BF16Shards(_FlatPartitionShards):
             raise ShardError("aim_merging does not support mixture-of-experts layers with BF16_Optimizer (expert "
                              "parameters live in other data-parallel groups). Disable merging for this model.")
 
-        def spans(i):
-            out, off = [], 0
-            for p in opt.bf16_groups[i]:
-                out.append((off, p.numel(), self._counted(p)))
-                off += p.numel()
-            return out
-
-        self._build(opt.fp32_groups_flat_partition, opt.bf16_partitioned_groups, opt.real_dp_process_group, spans)
+        params_at = []
+        for group in opt.bf16_groups:  # flattened back to back; only the group's end is padded
+            offsets = [0]
+            for p in group:
+                offsets.append(offsets[-1] + p.numel())
+            params_at.append([(p, off, p.numel(), tuple(p.shape)) for p, off in zip(group, offsets)])
+        self._build(opt.fp32_groups_flat_partition, opt.bf16_partitioned_groups, opt.real_dp_process_group, params_at)
 
     def gradient_hook(self, fn):
         return self._hook_inner_step(fn)
@@ -396,8 +450,11 @@ class _ReplicatedShards(ZeroShards):
     """Stage 0: every data-parallel rank holds every master whole, one sub-group per parameter. Each rank
     counts a 1/N slice of each parameter, so sums over ranks count every element once."""
 
+    layout_kind = "replicated"
+
     def _build(self, masters, workings, params):
         self._masters = list(masters)  # the tensors the optimizer steps (their .grad is the gradient)
+        self._params_at = [([(p, 0, p.numel(), tuple(p.shape))], 1, p.numel()) for p in params]
         for i, (master, working, p) in enumerate(zip(masters, workings, params)):
             flat = master.data.view(-1)
             pn = -(-flat.numel() // self.dp_size)
@@ -444,6 +501,24 @@ class _UnfusedShards(_ReplicatedShards):
         masters = [m for grp in opt.fp32_groups for m in grp]
         params = [p for grp in opt.fp16_groups for p in grp]
         self._build(masters, params, params)
+
+
+def gather_shards(shards_by_rank: list[list[torch.Tensor]], layout: dict) -> dict[str, torch.Tensor]:
+    """Every rank's per-group flat shards (a stage 0-2 layout from `ZeroShards.layout`) -> the full flat
+    fp32 tensor of each parameter. Tensor-parallel slices are not reassembled: refused."""
+    if layout.get("tp_size", 1) != 1:
+        raise ShardError(f"aim_merging: the plugin's shards were saved with tensor-parallel size {layout['tp_size']}; "
+                         "reassembling tensor-parallel slices is not supported (convert the model weights with "
+                         "DeepSpeed's tools instead).")
+    full: dict[str, torch.Tensor] = {}
+    for gi, g in enumerate(layout["sub_groups"]):
+        if layout["kind"] == "replicated":
+            flat = shards_by_rank[0][gi]  # every rank holds it whole
+        else:
+            flat = torch.cat([shards_by_rank[r][gi] for r in range(g["partition_count"])])
+        for name, _, numel, off in g["params"]:
+            full[name] = flat[off:off + numel].clone()
+    return full
 
 
 def ds_config_dict(engine) -> dict:

@@ -3,6 +3,8 @@ engines (CPU, gloo), run by tests/mp.py. The fusion checks themselves are tests/
 here at other stages; several cases share one launch because each launch costs seconds of imports."""
 from __future__ import annotations
 
+import os
+
 import deepspeed
 import torch
 
@@ -155,8 +157,77 @@ def tp_signal(tp: int = 1, mode: str = "none", steps: int = 3, stage: int = 1):
         engine.backward(loss)
         engine.step()
     rec = plugin.merge(weights=(0.7, 0.2), rehearsal_steps=1)
-    return {"probe_losses": [r["probe_loss"] for r in plugin.trajectory], "learning_signal": rec["learning_signal"],
+    try:  # tensor-parallel ranks given different memories: refused on every rank
+        plugin.set_memory([sc.batch(5000 + rank())])
+        mismatch = None
+    except aim_ds.plugin.AimInputError as e:
+        mismatch = str(e)
+    return {"mismatch_error": mismatch,"probe_losses": [r["probe_loss"] for r in plugin.trajectory], "learning_signal": rec["learning_signal"],
             "count": plugin._global_valid_numel, "merged_loss": sc.engine_loss(engine, sc.batch(4242)),
             "tp_size": plugin.shards.tp_size, "tp_rank": plugin.shards.tp_rank, "family": plugin.shards.family,
             "sliced": sum(1 for p in engine.module.parameters() if getattr(p, "tensor_model_parallel", False)),
             "total_params": sum(p.numel() for p in sc.LlamaForCausalLM(sc.tiny_config()).parameters())}
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+CKPT_AIM = {"enabled": True, "interval_rule": "fixed", "initial_interval": 3, "min_interval": 2, "max_interval": 16,
+            "rehearsal_steps": 1, "weight_policy": "importance"}  # importance: theta_k and EMA shards travel too
+
+
+def _equal(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def checkpoint_resume(work: str, stage: int = 2, dtype: str = "bf16"):
+    """Save in the middle of task 1 (after a merge), run on; a fresh engine + plugin loads the checkpoint and
+    runs the same steps (crossing the next merge): weights and plugin state must be bit-identical. Rank 0
+    then converts the checkpoint (model and anchor) to Hugging Face folders and checks them."""
+    from aim_ds import checkpoint as ckpt
+
+    d = os.path.join(work, "run")
+
+    def engine():
+        return sc.make_engine(sc.ds_config(dtype, stage=stage, aim=CKPT_AIM, scheduler=True))
+
+    e1 = engine()
+    p1 = aim_ds.attach(e1, sc.memory())
+    p1.start_task()
+    sc.train_steps(e1, 3)
+    mem1 = sc.memory(offset=3000)
+    p1.start_task(mem1)
+    sc.train_steps(e1, 3, seed=100)  # the fixed interval merges at step 3
+    merges_before_save = p1.merge_count
+    anchor_full = sc.full_fp32(e1)  # right after a merge the anchor is the weights
+    sc.train_steps(e1, 1, seed=200)
+    saved_w = sc.full_fp32(e1)
+    ckpt.save_checkpoint(e1, p1, d, tag="a", task_fingerprint="t")
+    sc.train_steps(e1, 4, seed=300)  # crosses the merge at step 6
+    final_w, final_sd = sc.full_fp32(e1), p1.state_dict()
+    e2 = engine()
+    p2 = aim_ds.attach(e2, mem1)
+    ckpt.load_checkpoint(e2, p2, d, task_fingerprint="t")
+    out = {"merges_before_save": merges_before_save, "loaded_diff": sc.max_abs(sc.full_fp32(e2), saved_w),
+           "family": p2.shards.family}
+    sc.train_steps(e2, 4, seed=300)
+    out.update(resumed_diff=sc.max_abs(sc.full_fp32(e2), final_w), state_equal=_equal(p2.state_dict(), final_sd),
+               merges=p2.merge_count)
+    deepspeed.comm.barrier()
+    if rank() == 0:
+        from transformers import AutoModelForCausalLM
+
+        for what, ref in (("model", saved_w), ("anchor", anchor_full)):
+            path = ckpt.convert(d, os.path.join(work, f"hf_{what}"), what=what)
+            got = {n: p.detach().float() for n, p in AutoModelForCausalLM.from_pretrained(path).named_parameters()}
+            out[f"convert_{what}_diff"] = sc.max_abs(got, ref)
+        try:
+            ckpt.reshard(d, os.path.join(work, "resharded"), 1)
+            out["reshard_error"] = None
+        except ckpt.CheckpointError as e:
+            out["reshard_error"] = str(e)
+    return out

@@ -53,3 +53,16 @@ def test_disabled_identical_importance_and_refusals(tmp_path):
             assert d["finite"] and d["merges"] == 1, (stage, d)
         e = r["unsupported"]["no_optimizer"]
         assert e["type"] == "ShardError" and "no optimizer" in e["message"], e
+
+
+def test_stage2_checkpoint_resume_bit_exact_and_convert(tmp_path):
+    res = run_ranks("tests.scenarios_zero:checkpoint_resume", 2, tmp_path, TIMEOUT, work=str(tmp_path))
+    for r in res:
+        assert r["family"] == "zero1/2" and r["merges_before_save"] == 1, r
+        assert r["loaded_diff"] == 0.0 and r["resumed_diff"] == 0.0, r  # bit-identical weights after resume
+        assert r["state_equal"], r  # anchor, theta_k, EMA shards, controller, cursors, trajectory
+        assert r["merges"] == 2, r  # the resumed run crossed its next merge
+    r0 = res[0]
+    assert r0["convert_model_diff"] == 0.0, r0
+    assert r0["convert_anchor_diff"] == 0.0, r0  # the anchor reassembled from flat partitions cut mid-parameter
+    assert "ZeRO-3" in r0["reshard_error"], r0
