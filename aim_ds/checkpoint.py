@@ -216,9 +216,11 @@ def engine_layout(engine) -> dict:
 
 
 def model_fingerprint(engine) -> dict:
+    from .shards import logical_shape
+
     params = []
     for n, p in engine.module.named_parameters():
-        shape = list(getattr(p, "ds_shape", p.shape))
+        shape = logical_shape(p)  # the same on every rank, also with tensor-parallel slices
         params.append([n, shape])
     count = sum(math.prod(s) for _, s in params)
     return {"class": type(engine.module).__name__, "param_count": int(count), "params_sha256": fingerprint(params),

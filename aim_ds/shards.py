@@ -89,6 +89,15 @@ def _slice_ranges(spans, lo: int, hi: int) -> tuple[list[tuple[int, int]], int]:
     return ranges, sum(n for _, n in ranges)
 
 
+def logical_shape(p) -> list[int]:
+    """A parameter's shape before ZeRO-3 or tensor-parallel partitioning: the same on every rank
+    (AutoTP records it in its universal-checkpoint metadata)."""
+    meta = getattr(p, "ds_autotp_universal_checkpoint_meta", None)
+    if isinstance(meta, dict) and meta.get("logical_shape") is not None:
+        return [int(x) for x in meta["logical_shape"]]
+    return list(getattr(p, "ds_shape", p.shape))
+
+
 def _is_tp_param(p) -> bool:
     from deepspeed.runtime.utils import is_model_parallel_parameter
 
@@ -178,10 +187,15 @@ class ZeroShards:
         if not hasattr(self, "_params_at"):
             return None
         names = {p: n for n, p in self.engine.module.named_parameters()}
+        tp = self.tp_size > 1  # slices may differ between TP ranks: record only what every TP rank shares
+
+        def entry(p, off, n, shape):
+            return [names[p], logical_shape(p), None, None] if tp else [names[p], list(shape), n, off]
+
         return {"kind": self.layout_kind, "world_size": self.world_size, "tp_size": self.tp_size,
                 "sub_group_size": None, "family": self.family,
-                "sub_groups": [{"param_group": i, "partition_count": count, "partition_size": size,
-                                "params": [[names[p], list(shape), n, off] for p, off, n, shape in params]}
+                "sub_groups": [{"param_group": i, "partition_count": count, "partition_size": None if tp else size,
+                                "params": [entry(*x) for x in params]}
                                for i, (params, count, size) in enumerate(self._params_at)]}
 
     # ------------------------------------------------------------------ write-back (per family)
@@ -198,6 +212,26 @@ class ZeroShards:
         Returns a function that removes the hook.
         """
         raise NotImplementedError
+
+    def _hook_group_step(self, fn, masters: list):
+        """gradient_hook for ZeRO optimizers that step one group at a time with `_optimizer_step(i)`,
+        the fp32 gradient of masters[i] set just before."""
+        opt = self.optimizer
+        original = opt._optimizer_step
+
+        def wrapped(i):
+            master = masters[i]
+            if master.grad is not None:
+                fn(i, master, master.grad.view(-1))
+            return original(i)
+
+        opt._optimizer_step = wrapped
+
+        def remove():
+            if opt.__dict__.get("_optimizer_step") is wrapped:
+                del opt.__dict__["_optimizer_step"]
+
+        return remove
 
     def _hook_inner_step(self, fn):
         """gradient_hook for optimizers that step every group with one call of the wrapped torch optimizer."""
@@ -333,22 +367,7 @@ class _Stage3Shards(ZeroShards):
         opt.invalidate_secondary_tensor()
 
     def gradient_hook(self, fn):
-        opt = self.optimizer
-        original = opt._optimizer_step
-
-        def wrapped(sub_group_id):
-            master = opt.fp32_partitioned_groups_flat[sub_group_id]
-            if master.grad is not None:
-                fn(sub_group_id, master, master.grad)
-            return original(sub_group_id)
-
-        opt._optimizer_step = wrapped
-
-        def remove():
-            if opt.__dict__.get("_optimizer_step") is wrapped:
-                del opt.__dict__["_optimizer_step"]
-
-        return remove
+        return self._hook_group_step(fn, self.optimizer.fp32_partitioned_groups_flat)
 
 
 class _FlatPartitionShards(ZeroShards):
@@ -406,22 +425,7 @@ class _Stage12Shards(_FlatPartitionShards):
             self.optimizer._update_model_bit16_weights(i)  # the step's last call: params view the flat again
 
     def gradient_hook(self, fn):
-        opt = self.optimizer
-        original = opt._optimizer_step
-
-        def wrapped(group_no):
-            master = opt.single_partition_of_fp32_groups[group_no]
-            if master.grad is not None:
-                fn(group_no, master, master.grad.view(-1))
-            return original(group_no)
-
-        opt._optimizer_step = wrapped
-
-        def remove():
-            if opt.__dict__.get("_optimizer_step") is wrapped:
-                del opt.__dict__["_optimizer_step"]
-
-        return remove
+        return self._hook_group_step(fn, self.optimizer.single_partition_of_fp32_groups)
 
 
 class _BF16Shards(_FlatPartitionShards):

@@ -133,24 +133,31 @@ class HandMpu:
 TP_AIM = {"enabled": True, "merge_first_task": True, "initial_interval": 1000, "max_interval": 1000}
 
 
-def tp_signal(tp: int = 1, mode: str = "none", steps: int = 3, stage: int = 1):
+def tp_signal(tp: int = 1, mode: str = "none", steps: int = 3, stage: int = 1, work: str | None = None):
     """Train `steps` steps, merge once, and report what the TP=1 run of the same data must reproduce:
     the probe losses, the learning signal, the element count and the merged model's loss.
     mode: "none" (no tensor parallelism: the reference), "autotp" (DeepSpeed AutoTP, tp ranks) or "mpu"
-    (a hand-made Megatron-style mpu). Data-parallel rank d sees the same batches in every mode."""
+    (a hand-made Megatron-style mpu). Data-parallel rank d sees the same batches in every mode.
+    With `work`: the run is also saved there and resumed by a fresh engine, and a checkpoint claiming
+    another tensor-parallel size is refused."""
     cfg = sc.ds_config(stage=stage, aim=TP_AIM)
     mpu = None
     if mode == "autotp":
         cfg["tensor_parallel"] = {"autotp_size": tp}
     elif mode == "mpu":
         mpu = HandMpu(tp)
-    sc.torch.manual_seed(0)
-    sc.unset_hf_deepspeed_config()
-    model = sc.LlamaForCausalLM(sc.tiny_config())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, mpu=mpu)
+
+    def build():
+        torch.manual_seed(0)
+        sc.unset_hf_deepspeed_config()
+        model = sc.LlamaForCausalLM(sc.tiny_config())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        return deepspeed.initialize(model=model, optimizer=opt, config=cfg, mpu=mpu)[0]
+
+    engine = build()
     dp = rank() // tp if mode != "none" else rank()
-    plugin = aim_ds.attach(engine, [sc.batch(1000 + 100 * dp + i) for i in range(4)])
+    mem = [sc.batch(1000 + 100 * dp + i) for i in range(4)]
+    plugin = aim_ds.attach(engine, mem)
     plugin.start_task()
     for i in range(steps):
         loss = engine(**sc.batch(17 * dp + i)).loss
@@ -162,11 +169,52 @@ def tp_signal(tp: int = 1, mode: str = "none", steps: int = 3, stage: int = 1):
         mismatch = None
     except aim_ds.plugin.AimInputError as e:
         mismatch = str(e)
-    return {"mismatch_error": mismatch,"probe_losses": [r["probe_loss"] for r in plugin.trajectory], "learning_signal": rec["learning_signal"],
+    out = _tp_checkpoint(engine, plugin, build, mem, work) if work else {}
+    return {**out, "mismatch_error": mismatch,"probe_losses": [r["probe_loss"] for r in plugin.trajectory], "learning_signal": rec["learning_signal"],
             "count": plugin._global_valid_numel, "merged_loss": sc.engine_loss(engine, sc.batch(4242)),
             "tp_size": plugin.shards.tp_size, "tp_rank": plugin.shards.tp_rank, "family": plugin.shards.family,
             "sliced": sum(1 for p in engine.module.parameters() if getattr(p, "tensor_model_parallel", False)),
             "total_params": sum(p.numel() for p in sc.LlamaForCausalLM(sc.tiny_config()).parameters())}
+
+
+def _tp_checkpoint(engine, plugin, build, mem, work):
+    from aim_ds import checkpoint as ckpt
+
+    plugin.set_memory(mem)
+    d = os.path.join(work, "tp")
+    ckpt.save_checkpoint(engine, plugin, d, tag="a")
+    e2 = build()
+    p2 = aim_ds.attach(e2, mem)
+    ckpt.load_checkpoint(e2, p2, d)
+    same_w = all(torch.equal(a, b) for a, b in zip(engine.module.parameters(), e2.module.parameters()))
+    same_state = _equal(p2.state_dict(), plugin.state_dict())
+    sd = plugin.state_dict()
+    sd["position"] = dict(sd["position"], tp_size=1)
+    try:
+        p2.load_state_dict(sd)
+        plugin_error = None
+    except aim_ds.plugin.AimInputError as e:
+        plugin_error = str(e)
+    # the same checkpoint with a manifest that says TP=1: refused on every rank before DeepSpeed loads
+    if rank() == 0:
+        import json
+        import shutil
+
+        shutil.copytree(d, d + "1")
+        m = os.path.join(d + "1", "a", ckpt.MANIFEST)
+        with open(m) as f:
+            man = json.load(f)
+        man["layout"]["tp_size"] = 1
+        with open(m, "w") as f:
+            json.dump(man, f)
+    deepspeed.comm.barrier()
+    try:
+        ckpt.load_checkpoint(e2, p2, d + "1")
+        ckpt_error = None
+    except ckpt.CheckpointError as e:
+        ckpt_error = str(e)
+    return {"resumed_weights_equal": same_w, "resumed_state_equal": same_state, "plugin_tp_error": plugin_error,
+            "ckpt_tp_error": ckpt_error}
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
