@@ -1,4 +1,10 @@
-"""Model-state memory per GPU and per node for ZeRO-3, with and without the AimMerging plugin.
+"""Model-state memory per GPU and per node for ZeRO stages 1-3, with and without the AimMerging plugin.
+
+ZeRO-1/2 (`--stage 1|2`): DeepSpeed's `deepspeed.runtime.zero.stage_1_and_2.
+estimate_zero2_model_states_mem_needs` unchanged (DeepSpeed has one estimator for stages 1 and 2; it counts
+the 16-bit gradients partitioned, as stage 2 does; stage 1 keeps them whole, 2 P (1 - 1/N) bytes more per
+GPU): GPU = 2 P + 18 P / N, host/node = 4 P g 1.5; with the optimizer offloaded GPU = 2 P,
+host/node = max(4 N, 16) P 1.5. Parameters are never offloaded at these stages.
 
 The ZeRO-3 part is DeepSpeed's own estimator (`deepspeed.runtime.zero.stage3.
 estimate_zero3_model_states_mem_needs`, the function behind `estimate_zero3_model_states_mem_needs_all_cold`),
@@ -32,6 +38,7 @@ import os
 from dataclasses import asdict, dataclass
 
 OFFLOAD_CHOICES = ("none", "optimizer", "param", "both")
+STAGE_CHOICES = (1, 2, 3)
 ANCHOR_CHOICES = ("device", "host")
 POLICY_CHOICES = ("scalar", "importance")
 PLUGIN_BYTES_PER_PARAM = {"scalar": 4, "importance": 24}
@@ -44,6 +51,7 @@ class EstimateError(ValueError):
 
 @dataclass(frozen=True)
 class Estimate:
+    stage: int
     total_params: int
     largest_layer_params: int
     world_size: int
@@ -83,10 +91,15 @@ class Estimate:
 
 
 # ---------------------------------------------------------------------------------------- checks
-def _check(total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor) -> None:
+def _check(total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor,
+           stage=3) -> None:
     def bad(name, value, accepted):
         raise EstimateError(f"{name}={value!r} is invalid: expected {accepted}.")
 
+    if stage not in STAGE_CHOICES:
+        bad("stage", stage, " | ".join(map(str, STAGE_CHOICES)))
+    if stage < 3 and offload in ("param", "both"):
+        bad("offload", offload, f"none | optimizer at ZeRO stage {stage} (parameter offload needs stage 3)")
     if isinstance(total_params, bool) or not isinstance(total_params, (int, float)) or not math.isfinite(total_params) \
             or total_params <= 0:
         bad("params", total_params, "a positive number of parameters (e.g. 13e9)")
@@ -137,6 +150,16 @@ def zero3_model_states(total_params: int, largest_layer_params: int, gpus_per_no
     return int(total_params * per_param * buffer_factor), int(gpu), "derived"
 
 
+def zero12_model_states(total_params: int, gpus_per_node: int, nodes: int, offload: str,
+                        buffer_factor: float = 1.5) -> tuple[int, int, str]:
+    """(host bytes per node, GPU bytes per GPU, source) for ZeRO-1/2 model states, from DeepSpeed's estimator."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as ds_estimate
+
+    cpu, gpu = ds_estimate(total_params=total_params, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
+                           cpu_offload=offload == "optimizer", additional_buffer_factor=buffer_factor)
+    return int(cpu), int(gpu), "deepspeed"
+
+
 # ---------------------------------------------------------------------------------------- plugin part
 def plugin_bytes_per_rank(total_params: int, world_size: int, policy: str = "scalar") -> int:
     """Bytes the plugin holds on each rank: 4 P / N (scalar policies) or 24 P / N (importance)."""
@@ -150,16 +173,19 @@ def plugin_location(offload: str, anchor: str) -> str:
 
 def estimate(total_params, world_size: int, nodes: int = 1, offload: str = "none", anchor: str = "device",
              policy: str = "scalar", largest_layer_params=0, zero_init: bool = True,
-             buffer_factor: float = 1.5) -> Estimate:
-    _check(total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor)
+             buffer_factor: float = 1.5, stage: int = 3) -> Estimate:
+    _check(total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor, stage)
     total_params, largest_layer_params = int(total_params), int(largest_layer_params)
     g = world_size // nodes
-    host, gpu, source = zero3_model_states(total_params, largest_layer_params, g, nodes, offload, zero_init,
-                                           buffer_factor)
+    if stage == 3:
+        host, gpu, source = zero3_model_states(total_params, largest_layer_params, g, nodes, offload, zero_init,
+                                               buffer_factor)
+    else:
+        host, gpu, source = zero12_model_states(total_params, g, nodes, offload, buffer_factor)
     per_rank = plugin_bytes_per_rank(total_params, world_size, policy)
     where = plugin_location(offload, anchor)
     return Estimate(
-        total_params=total_params, largest_layer_params=largest_layer_params, world_size=world_size, nodes=nodes,
+        stage=stage, total_params=total_params, largest_layer_params=largest_layer_params, world_size=world_size, nodes=nodes,
         gpus_per_node=g, offload=offload, anchor=anchor, policy=policy, zero_init=zero_init,
         buffer_factor=buffer_factor, source=source, zero_gpu_bytes=gpu, zero_host_bytes_per_node=host,
         plugin_bytes_per_rank=per_rank, plugin_location=where,
@@ -220,15 +246,22 @@ def format_table(e: Estimate) -> str:
     g = e.gpus_per_node
     plug_word = {"scalar": "scalar policy: 1 fp32 buffer = 4 B/param / N",
                  "importance": "importance policy: anchor + theta_k + 4 EMA buffers = 24 B/param / N"}[e.policy]
+    z = f"ZeRO-{e.stage}"
+    source = {3: "DeepSpeed estimate_zero3_model_states_mem_needs",
+              2: "DeepSpeed estimate_zero2_model_states_mem_needs",
+              1: "DeepSpeed estimate_zero2_model_states_mem_needs (its stage 1-2 estimator: stage 1 keeps the 16-bit "
+                 "gradients whole, 2 B/param x (1 - 1/N) more per GPU)"}[e.stage]
     lines = [
-        f"ZeRO-3 model states: {e.total_params / 1e9:.3f}B params (largest layer {e.largest_layer_params / 1e6:.1f}M), "
-        f"{e.world_size} GPUs = {e.nodes} node(s) x {g}, offload={e.offload}, zero.Init={'on' if e.zero_init else 'off'}, "
-        f"buffer factor {e.buffer_factor:g}",
-        f"ZeRO numbers: {'DeepSpeed estimate_zero3_model_states_mem_needs' if e.source == 'deepspeed' else 'derived from DeepSpeed decomposition (param offload alone is not in its table)'}",
+        f"{z} model states: {e.total_params / 1e9:.3f}B params"
+        + (f" (largest layer {e.largest_layer_params / 1e6:.1f}M)" if e.stage == 3 else "")
+        + f", {e.world_size} GPUs = {e.nodes} node(s) x {g}, offload={e.offload}, "
+        + (f"zero.Init={'on' if e.zero_init else 'off'}, " if e.stage == 3 else "")
+        + f"buffer factor {e.buffer_factor:g}",
+        f"ZeRO numbers: {source if e.source == 'deepspeed' else 'derived from DeepSpeed decomposition (param offload alone is not in its table)'}",
         f"plugin: {plug_word}; anchor={e.anchor} -> buffers on the {e.plugin_location}"
         + (" (the fp32 masters are offloaded)" if e.anchor == "device" and e.plugin_location == "host" else ""),
         "",
-        f"{'GiB':<28}{'ZeRO-3':>10}{'+ plugin':>10}{'plugin':>10}",
+        f"{'GiB':<28}{z:>10}{'+ plugin':>10}{'plugin':>10}",
         f"{'per GPU (device)':<28}{_gib(e.zero_gpu_bytes)} {_gib(e.with_plugin_gpu_bytes)} {_gib(e.plugin_gpu_bytes)}",
         f"{'per node (all GPUs)':<28}{_gib(e.zero_gpu_bytes * g)} {_gib(e.with_plugin_gpu_bytes * g)} "
         f"{_gib(e.plugin_gpu_bytes * g)}",
@@ -241,7 +274,7 @@ def format_table(e: Estimate) -> str:
 
 
 # ---------------------------------------------------------------------------------------- CLI
-HELP = "model-state memory per GPU and per node for ZeRO-3, with and without the plugin"
+HELP = "model-state memory per GPU and per node for ZeRO stages 1-3, with and without the plugin"
 
 
 def add_arguments(p) -> None:
@@ -252,8 +285,10 @@ def add_arguments(p) -> None:
     p.add_argument("--largest-layer-params", type=float, default=None,
                    help="parameters of the largest layer (with --params; default 0, counted with --model-config)")
     p.add_argument("--world-size", type=int, required=True, help="total GPUs (data-parallel ranks)")
+    p.add_argument("--stage", type=int, choices=STAGE_CHOICES, default=3, help="ZeRO stage (default 3)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (must divide the world size; default 1)")
-    p.add_argument("--offload", choices=OFFLOAD_CHOICES, default="none", help="ZeRO-3 offload to CPU (default none)")
+    p.add_argument("--offload", choices=OFFLOAD_CHOICES, default="none",
+                   help="offload to CPU (default none; param and both need stage 3)")
     p.add_argument("--anchor", choices=ANCHOR_CHOICES, default="device",
                    help="aim_merging \"anchor\": device (next to the fp32 masters) or host")
     p.add_argument("--policy", choices=POLICY_CHOICES, default="scalar",
@@ -274,7 +309,7 @@ def run(args) -> int:
         print(json.dumps(e.to_dict(), indent=2))
     else:
         print(format_table(e))
-        if args.model_config is None and args.largest_layer_params is None:
+        if args.stage == 3 and args.model_config is None and args.largest_layer_params is None:
             print("Largest layer not given: 0 assumed (DeepSpeed adds 4 bytes x its parameters per GPU); "
                   "pass --largest-layer-params or --model-config.")
     return 0
@@ -289,4 +324,4 @@ def _estimate_from_args(args) -> Estimate:
         total, largest = args.params, (args.largest_layer_params or 0)
     return estimate(total, args.world_size, nodes=args.nodes, offload=args.offload, anchor=args.anchor,
                     policy=args.policy, largest_layer_params=largest, zero_init=not args.no_zero_init,
-                    buffer_factor=args.buffer_factor)
+                    buffer_factor=args.buffer_factor, stage=args.stage)

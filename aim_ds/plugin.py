@@ -110,6 +110,7 @@ class AimPlugin:
         """Replace the rehearsal memory (a list or iterable of model-input dicts, this rank's own)."""
         error = check_memory(self.engine, memory, getattr(self, "rank", 0))
         statistics.agree(error, exc_type=AimInputError)
+        statistics.agree(self.shards.tp_memory_error(memory), exc_type=AimInputError)
         self._memory = memory
         self._probe_cursor = _Cursor(memory)
         self._rehearsal_cursor = _Cursor(memory)
@@ -175,7 +176,7 @@ class AimPlugin:
         if not self.enabled:
             return sd
         sd.update({
-            "rank": self.rank, "world_size": self.world_size,
+            "rank": self.rank, "world_size": self.world_size, "position": self.shards.position,
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "anchor": [t.detach().cpu().clone() for t in self.anchor],
             "probe_position": self._probe_cursor.position if self._probe_cursor else 0,
@@ -198,6 +199,11 @@ class AimPlugin:
         if sd["world_size"] != self.world_size or sd["rank"] != self.rank:
             raise AimInputError(f"aim_merging: plugin state of rank {sd['rank']}/{sd['world_size']} loaded on rank "
                                 f"{self.rank}/{self.world_size}; reshard it first (aim-ds reshard).")
+        saved_tp = sd.get("position", {}).get("tp_size", 1)
+        if saved_tp != self.shards.tp_size:
+            raise AimInputError(f"aim_merging: plugin state saved at tensor-parallel size {saved_tp}, this run has "
+                                f"{self.shards.tp_size}; resume with the tensor-parallel size the run was saved with "
+                                "(plugin state cannot be resharded across tensor-parallel sizes).")
         for dst, src in zip(self.anchor, sd["anchor"], strict=True):
             if dst.shape != src.shape:
                 raise AimInputError(f"aim_merging: saved anchor shard has shape {tuple(src.shape)}, this rank's "
@@ -264,7 +270,8 @@ class AimPlugin:
         """The recorded memory-row loss of this step's training batch, token-weighted over ranks."""
         s, c = self._recorded_probe or (0.0, 0.0)
         self._recorded_probe = None
-        total, count = statistics.sum_over_ranks(s, c)
+        # tensor-parallel ranks share their data-parallel rank's batch: the probe is reduced over data parallel
+        total, count = statistics.sum_over_ranks(s, c, group=self.shards.dp_group)
         if count <= 0:
             if self.rank == 0 and self._unrecorded_warned != self.task_index:
                 self._unrecorded_warned = self.task_index
@@ -292,7 +299,7 @@ class AimPlugin:
             module.train(was_training)
         self.work["probe_forwards"] += 1
         self.work["probe_tokens"] += batch_tokens(batch)
-        return self._finite_probe(statistics.mean_over_ranks(local, 1.0))
+        return self._finite_probe(statistics.mean_over_ranks(local, 1.0, group=self.shards.dp_group))
 
     def _finite_probe(self, loss: float) -> float | None:
         if not math.isfinite(loss):

@@ -40,17 +40,17 @@ def comm_device() -> torch.device:
     return torch.device("cpu") if acc.device_name() == "cpu" else torch.device(acc.current_device_name())
 
 
-def mean_over_ranks(local_sum: float, local_count: float) -> float:
+def mean_over_ranks(local_sum: float, local_count: float, group=None) -> float:
     """Mean of a per-rank quantity: one all-reduce of two fp64 scalars (16 bytes)."""
     t = torch.tensor([local_sum, local_count], dtype=torch.float64, device=comm_device())
-    all_reduce(t)
+    all_reduce(t, group=group)
     s, c = t.tolist()
     return s / c if c > 0 else float("nan")
 
 
-def sum_over_ranks(*values: float) -> list[float]:
+def sum_over_ranks(*values: float, group=None) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=comm_device())
-    all_reduce(t)
+    all_reduce(t, group=group)
     return t.tolist()
 
 

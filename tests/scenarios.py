@@ -89,7 +89,15 @@ def train_steps(engine, n, seed=0):
 
 
 def full_fp32(engine) -> dict:
-    return {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in engine.module.named_parameters()}
+    # stage 0 has no fp32 fragments: the master is the unfused optimizer's fp32 copy, or the fp32 param itself
+    opt = engine.optimizer
+    copies = {id(lp): hp for lg, hg in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+              for lp, hp in zip(lg, hg)}
+    out = {}
+    for n, p in engine.module.named_parameters():
+        v = safe_get_full_fp32_param(p)
+        out[n] = (v if v is not None else copies.get(id(p), p)).detach().float().cpu().clone()
+    return out
 
 
 def full_working(engine) -> dict:
@@ -128,10 +136,12 @@ def reference_loss(weights: dict, b, dtype) -> float:
 
 
 # ---------------------------------------------------------------------------------------- scenarios
-def fusion_exact(dtype="fp32", persistence=0, w_in=0.7, w_out=0.2, rehearsal=2, offload=False, anchor="device"):
+def fusion_exact(dtype="fp32", persistence=0, w_in=0.7, w_out=0.2, rehearsal=2, offload=False, anchor="device",
+                 stage=3, extra=None):
     """Fusion against a reference computed from gathered full parameters; visibility; lr-0 survival;
     weights (1, 0) undo rehearsal."""
-    engine = make_engine(ds_config(dtype, persistence, aim={"enabled": True, "anchor": anchor}, offload=offload))
+    engine = make_engine({**ds_config(dtype, persistence, stage=stage, aim={"enabled": True, "anchor": anchor},
+                                      offload=offload), **(extra or {})})
     plugin = aim_ds.attach(engine, memory())
     plugin.start_task()
     anchor = full_fp32(engine)
@@ -185,16 +195,16 @@ def fusion_exact(dtype="fp32", persistence=0, w_in=0.7, w_out=0.2, rehearsal=2, 
     return result
 
 
-def disabled_identical(dtype="fp32"):
+def disabled_identical(dtype="fp32", stage=3):
     """enabled: false gives exactly the weights of plain DeepSpeed."""
-    e1 = make_engine(ds_config(dtype, aim={"enabled": False}))
+    e1 = make_engine(ds_config(dtype, stage=stage, aim={"enabled": False}))
     plugin = aim_ds.attach(e1, memory())
     plugin.start_task()
     train_steps(e1, 4)
     plugin.start_task(memory())
     train_steps(e1, 4, seed=50)
     w1 = full_fp32(e1)
-    e2 = make_engine(ds_config(dtype))
+    e2 = make_engine(ds_config(dtype, stage=stage))
     train_steps(e2, 4)
     train_steps(e2, 4, seed=50)
     w2 = full_fp32(e2)
@@ -265,10 +275,7 @@ def expect_errors(cases: list):
 
 def _expect_error(case: str):
     try:
-        if case == "stage2":
-            engine = make_engine(ds_config(stage=2, aim={"enabled": True}))
-            aim_ds.attach(engine, memory())
-        elif case == "empty_memory_one_rank":
+        if case == "empty_memory_one_rank":
             engine = make_engine(ds_config(aim={"enabled": True}))
             aim_ds.attach(engine, [] if rank() == 1 else memory())
         elif case == "bad_key":

@@ -182,3 +182,29 @@ def test_registry_is_the_only_place_to_add_a_command():
     assert cli.SUBCOMMANDS["estimate-memory"] == "aim_ds.estimate"
     rc, out, _ = _cli(["--help"])
     assert rc == 0 and "estimate-memory" in out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("offload", ["none", "optimizer"])
+@pytest.mark.parametrize("params,largest,world,nodes", SETTINGS[:3])
+def test_zero12_numbers_are_deepspeeds(stage, offload, params, largest, world, nodes):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    e = estimate(params, world, nodes=nodes, offload=offload, largest_layer_params=largest, stage=stage)
+    cpu, gpu = estimate_zero2_model_states_mem_needs(int(params), num_gpus_per_node=world // nodes, num_nodes=nodes,
+                                                     cpu_offload=offload == "optimizer", additional_buffer_factor=1.5)
+    assert (e.stage, e.zero_host_bytes_per_node, e.zero_gpu_bytes, e.source) == (stage, int(cpu), int(gpu), "deepspeed")
+    assert e.plugin_bytes_per_rank == int(4 * params / world)  # the plugin's buffer is the same at every stage
+    assert e.plugin_location == ("host" if offload == "optimizer" else "device")
+
+
+def test_stage_option_and_its_errors():
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["estimate-memory", "--params", "7e9", "--world-size", "4", "--stage", "2", "--json"]) == 0
+    d = json.loads(buf.getvalue())
+    assert d["stage"] == 2 and d["zero_gpu_bytes"] == 2 * 7_000_000_000 + int(18 * 7e9 / 4)
+    with pytest.raises(EstimateError, match="parameter offload needs stage 3"):
+        estimate(7e9, 4, offload="param", stage=2)
+    with pytest.raises(EstimateError, match="stage"):
+        estimate(7e9, 4, stage=0)

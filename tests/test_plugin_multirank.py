@@ -82,7 +82,6 @@ def test_non_finite_probe_is_skipped_not_merged(tmp_path):
 
 
 BAD_INPUTS = {
-    "stage2": "ZeRO stage 3",
     "empty_memory_one_rank": "empty",
     "bad_key": "pixel_values",
     "out_of_vocab": "vocabulary",

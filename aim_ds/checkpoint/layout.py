@@ -54,6 +54,8 @@ def _pieces(group: dict, rank: int):
 
 def gather(shards_by_rank: list[list[torch.Tensor]], layout: dict) -> dict[str, torch.Tensor]:
     """Per-rank flat sub-group shards -> full flat tensor per parameter name."""
+    if layout.get("kind") in ("flat", "replicated"):  # ZeRO stages 0-2 (aim_ds.shards.ZeroShards.layout)
+        return _gather_flat(shards_by_rank, layout)
     full: dict[str, torch.Tensor] = {}
     for gi, g in enumerate(layout["sub_groups"]):
         for n, _, numel, _ in g["params"]:
@@ -63,6 +65,24 @@ def gather(shards_by_rank: list[list[torch.Tensor]], layout: dict) -> dict[str, 
             for n, off, start, k in _pieces(g, r):
                 if k:
                     full[n][start:start + k] = flat[off:off + k]
+    return full
+
+
+def _gather_flat(shards_by_rank: list[list[torch.Tensor]], layout: dict) -> dict[str, torch.Tensor]:
+    """Every rank's per-group flat shards (a stage 0-2 layout from `ZeroShards.layout`) -> the full flat
+    fp32 tensor of each parameter. Tensor-parallel slices are not reassembled: refused."""
+    if layout.get("tp_size", 1) != 1:
+        raise CheckpointError(f"aim_merging: the plugin's shards were saved with tensor-parallel size {layout['tp_size']}; "
+                         "reassembling tensor-parallel slices is not supported (convert the model weights with "
+                         "DeepSpeed's tools instead).")
+    full: dict[str, torch.Tensor] = {}
+    for gi, g in enumerate(layout["sub_groups"]):
+        if layout["kind"] == "replicated":
+            flat = shards_by_rank[0][gi]  # every rank holds it whole
+        else:
+            flat = torch.cat([shards_by_rank[r][gi] for r in range(g["partition_count"])])
+        for name, _, numel, off in g["params"]:
+            full[name] = flat[off:off + numel].clone()
     return full
 
 

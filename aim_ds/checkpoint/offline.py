@@ -68,7 +68,9 @@ def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.T
         return out
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    # ZeRO-1/2 consolidation returns views of one flat tensor; safetensors needs each on its own storage
+    return {k: v.clone() if v.untyped_storage().nbytes() > v.numel() * v.element_size() else v for k, v in sd.items()}
 
 
 def anchor_state_dict(ckpt_dir: str, tag: str | None = None, key: str = "anchor") -> dict[str, torch.Tensor]:
@@ -155,6 +157,10 @@ def reshard(ckpt_dir: str, out_dir: str, world_size: int, tag: str | None = None
         raise CheckpointError(f"--world-size {world_size!r}: expected an integer >= 1.")
     out_abs = _output_dir(out_dir)
     tag, m = _open_offline(ckpt_dir, tag)
+    if m["layout"].get("kind") in ("flat", "replicated"):
+        raise CheckpointError(f"{os.path.join(ckpt_dir, tag)}: aim-ds reshard handles ZeRO-3 checkpoints; this one is "
+                              f"of ZeRO stage 0-2 ({m['layout'].get('family')}). Resume it at its world size, or "
+                              "convert it (aim-ds convert) and start a new run (nothing was written).")
     src = os.path.join(ckpt_dir, tag)
     tmp = _prepare_out(out_abs)
     try:

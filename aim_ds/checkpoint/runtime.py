@@ -164,6 +164,11 @@ def _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world) -> t
     m = read_tag_manifest(tag_dir)
     mpath = os.path.join(tag_dir, MANIFEST)
     check_compatible(tag_dir, m, world_size=world)
+    live = shards.engine_layout(engine)
+    if live.get("tp_size", 1) != m["layout"].get("tp_size", 1):
+        raise CheckpointError(f"{mpath}: checkpoint was saved at tensor-parallel size {m['layout'].get('tp_size', 1)}, "
+                              f"this run has {live.get('tp_size', 1)}; resume with the tensor_parallel settings it was "
+                              "saved with (aim_ds cannot reshard across tensor-parallel sizes).")
     now = model_fingerprint(engine)
     saved = m["model"]
     if saved["params_sha256"] != now["params_sha256"]:
@@ -177,7 +182,6 @@ def _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world) -> t
     check_compatible(tag_dir, m, aim_merging=plugin.config.to_dict() if plugin is not None else None,
                      task_fingerprint=task_fingerprint)
     check_files(tag_dir, m)
-    live = shards.engine_layout(engine)
     if live["sub_groups"] != m["layout"]["sub_groups"]:
         raise CheckpointError(f"{mpath}: the saved ZeRO-3 partition layout differs from this engine's (sub_group_size "
                               f"{m['layout']['sub_group_size']} vs {live['sub_group_size']}, "
