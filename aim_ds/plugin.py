@@ -444,10 +444,16 @@ class AimPlugin:
         losses = []
         self._in_rehearsal = True
         engine.lr_scheduler = None  # DeepSpeed steps engine.lr_scheduler in engine.step(): not during rehearsal
+        # Accelerate (HF Trainer) sets the accumulation boundary by hand and DeepSpeed keeps it until set again:
+        # left as it is, every rehearsal micro-batch would be an optimizer step
+        boundary = getattr(engine, "_is_gradient_accumulation_boundary", None)
+        gas = engine.gradient_accumulation_steps()
         try:
             for _ in range(steps):
                 total = 0.0
-                for _ in range(engine.gradient_accumulation_steps()):
+                for micro in range(gas):
+                    if boundary is not None:
+                        engine.set_gradient_accumulation_boundary(micro == gas - 1)
                     batch = self._rehearsal_cursor.next()
                     self.work["rehearsal_tokens"] += batch_tokens(batch)  # on the host copy: no device sync
                     batch = _to_device(batch, engine.device)
@@ -458,6 +464,8 @@ class AimPlugin:
                 losses.append(total / engine.gradient_accumulation_steps())
                 self.work["rehearsal_steps"] += 1
         finally:
+            if boundary is not None:
+                engine.set_gradient_accumulation_boundary(boundary)
             engine.lr_scheduler = scheduler
             for g, lr in zip(engine.optimizer.param_groups, lrs):
                 g["lr"] = lr
@@ -532,7 +540,7 @@ class AimPlugin:
         if not batches:
             return ("aim_merging: the rehearsal memory is empty on rank {r}; every rank needs at least one batch "
                     "(check the memory fraction and the number of ranks).").format(r=getattr(self, "rank", 0))
-        module = self.engine.module
+        module = _input_consumer(self.engine.module)
         sig = inspect.signature(module.forward)
         accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
         vocab = getattr(getattr(module, "config", None), "vocab_size", None)
@@ -570,6 +578,23 @@ class AimPlugin:
                     return (f"{where}: input_ids range [{int(ids.min())}, {int(ids.max())}] is outside the model's "
                             f"vocabulary [0, {vocab}); tokenize with the model's tokenizer.")
         return None
+
+
+def _input_consumer(module):
+    """The module whose forward names the model inputs: pass-through wrappers whose forward takes only
+    (*args, **kwargs), such as peft's PeftModel without a task_type, are followed to the model they call."""
+    for _ in range(8):
+        params = inspect.signature(module.forward).parameters.values()
+        if any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            return module
+        inner = module.get_base_model() if callable(getattr(module, "get_base_model", None)) else None
+        for name in ("base_model", "model", "module"):
+            if inner is None or inner is module:
+                inner = getattr(module, name, None)
+        if not isinstance(inner, torch.nn.Module) or inner is module:
+            return module
+        module = inner
+    return module
 
 
 def _sync() -> None:
