@@ -122,6 +122,13 @@ class AimMergingCallback(TrainerCallback):
         return loss
 
     # ------------------------------------------------------------------ Trainer events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # checked here, in Trainer.__init__ on every rank: DeepSpeed fails later with an IndexError
+        if model is not None and not any(p.requires_grad for p in model.parameters()):
+            raise AimInputError("AimMergingCallback: the model has no trainable parameters (requires_grad is False "
+                                "everywhere); AimMerging merges the trainable ones: unfreeze some (e.g. add LoRA "
+                                "adapters with peft) or drop the callback.")
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         trainer, resume = self._find_trainer()
         engine = trainer.model_wrapped

@@ -21,7 +21,7 @@ def test_contract_three_tasks_and_lora_trainer(tmp_path):
     assert c["work"]["probe_forwards"] > 0  # probe_source memory_forward: the plugin's own probe forwards
     lo = r0["lora"]
     assert lo["merges"] >= 1 and max(lo["fusion_err"]) < 1e-6 and min(lo["moved"]) > 1e-4, lo
-    assert lo["base_compared"] > 10 and lo["base_max_abs"] == 0.0, lo  # frozen base weights bit-unchanged
+    assert lo["base_compared"] == lo["base_total"] and lo["base_max_abs"] == 0.0, lo  # frozen base weights bit-unchanged
     # plugin memory: 4 bytes per TRAINABLE parameter / N (one fp32 anchor shard, padding included)
     assert lo["held"]["device"] == 4 * lo["local_numel"]
     assert lo["valid_numel"] + r1["lora"]["valid_numel"] == lo["trainable"] < 5000, lo
@@ -64,5 +64,4 @@ def test_bad_input_one_error_on_every_rank(tmp_path):
     for r in res:
         assert r["no_memory_task1"]["type"] == "AimInputError" and "no memory" in r["no_memory_task1"]["message"]
         assert "stage" in r["stage2"]["message"].lower() and r["stage2"]["type"] is not None
-        assert r["no_trainable"]["type"] is not None and "trainable" in r["no_trainable"]["message"], r
-        assert r["no_deepspeed"]["type"] == "AimInputError" and "deepspeed" in r["no_deepspeed"]["message"]
+        assert r["no_trainable"]["type"] == "AimInputError" and "no trainable" in r["no_trainable"]["message"], r
