@@ -69,7 +69,7 @@ def main(argv=None):
     def training_args(t):
         return TrainingArguments(
             output_dir=os.path.join(out, f"task{t}"), deepspeed=ds, per_device_train_batch_size=micro,
-            num_train_epochs=args.epochs, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_ratio=0.06,
+            num_train_epochs=args.epochs, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.06,
             weight_decay=0.01, adam_beta2=0.98, max_grad_norm=float(ds.get("gradient_clipping", 1.0)),
             save_strategy="no", logging_steps=50, report_to=[], seed=args.seed, data_seed=args.seed + t,
             use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
