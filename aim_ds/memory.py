@@ -56,7 +56,7 @@ def check_memory(engine, memory, rank: int) -> str | None:
     if not batches:
         return ("aim_merging: the rehearsal memory is empty on rank {r}; every rank needs at least one batch "
                 "(check the memory fraction and the number of ranks).").format(r=rank)
-    module = engine.module
+    module = _input_consumer(engine.module)
     sig = inspect.signature(module.forward)
     accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     vocab = getattr(getattr(module, "config", None), "vocab_size", None)
@@ -97,3 +97,20 @@ def check_memory(engine, memory, rank: int) -> str | None:
 
 
 __all__ = ["check_memory"]
+
+
+def _input_consumer(module):
+    """The module whose forward names the model inputs: pass-through wrappers whose forward takes only
+    (*args, **kwargs), such as peft's PeftModel without a task_type, are followed to the model they call."""
+    for _ in range(8):
+        params = inspect.signature(module.forward).parameters.values()
+        if any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            return module
+        inner = module.get_base_model() if callable(getattr(module, "get_base_model", None)) else None
+        for name in ("base_model", "model", "module"):
+            if inner is None or inner is module:
+                inner = getattr(module, name, None)
+        if not isinstance(inner, torch.nn.Module) or inner is module:
+            return module
+        module = inner
+    return module

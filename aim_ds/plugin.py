@@ -472,6 +472,10 @@ class AimPlugin:
         losses = []
         self._in_rehearsal = True
         engine.lr_scheduler = None  # DeepSpeed steps engine.lr_scheduler in engine.step(): not during rehearsal
+        # Accelerate (HF Trainer) sets the accumulation boundary by hand and DeepSpeed keeps it until set again:
+        # left as it is, every rehearsal micro-batch would be an optimizer step
+        boundary = getattr(engine, "_is_gradient_accumulation_boundary", None)
+        gas = engine.gradient_accumulation_steps()
         try:
             for i in range(steps + 1):
                 error = None
@@ -479,7 +483,7 @@ class AimPlugin:
                     error = f"rehearsal step {i} gave a non-finite loss ({losses[-1]})"
                 elif i < steps:
                     try:
-                        batches = [self._rehearsal_batch() for _ in range(engine.gradient_accumulation_steps())]
+                        batches = [self._rehearsal_batch() for _ in range(gas)]
                     except Exception as e:
                         error = f"preparing rehearsal step {i + 1}'s batch failed: {type(e).__name__}: {e}"
                 self._agree_merge(error)
@@ -487,7 +491,9 @@ class AimPlugin:
                     break
                 try:
                     total = 0.0
-                    for batch in batches:
+                    for micro, batch in enumerate(batches):
+                        if boundary is not None:
+                            engine.set_gradient_accumulation_boundary(micro == gas - 1)
                         loss = engine(**batch).loss
                         engine.backward(loss)
                         self._original_step()
@@ -497,6 +503,8 @@ class AimPlugin:
                 losses.append(total / len(batches))
                 self.work["rehearsal_steps"] += 1
         finally:
+            if boundary is not None:
+                engine.set_gradient_accumulation_boundary(boundary)
             engine.lr_scheduler = scheduler
             for g, lr in zip(engine.optimizer.param_groups, lrs):
                 g["lr"] = lr

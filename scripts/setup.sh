@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${AIM_DS_TORCH:-2.13.0}"
-.venv/bin/python -m pip install -q -e ".[test,mpi]"
+.venv/bin/python -m pip install -q -e ".[test,mpi,hf]"
 # DeepSpeed JIT-compiles its CPU communication op on first use (~45-100 s): do it here, once, into
 # the same cache the runs and tests use, so the first training run does not pay for it.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
