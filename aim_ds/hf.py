@@ -29,7 +29,8 @@ from transformers import Trainer, TrainerCallback, default_data_collator
 from .checkpoint import plugin_file
 from .fileio import atomic_write_bytes
 from . import mixed_loss, rows_loss
-from .plugin import AimInputError, AimPlugin, _agree
+from .plugin import AimInputError, AimPlugin
+from .statistics import agree
 
 STATE_DIR = "aim_merging"  # inside the Trainer's checkpoint-N/: one file per rank
 
@@ -230,9 +231,9 @@ class AimMergingCallback(TrainerCallback):
         rank, world = (plugin.rank, plugin.world_size) if plugin.enabled else (
             self.trainer_args.process_index, self.trainer_args.world_size)
         path = os.path.join(checkpoint, STATE_DIR, plugin_file(rank, world))
-        _agree(None if os.path.isfile(path) else
-               f"AimMergingCallback: {path} is missing: this checkpoint was saved without the callback (or with "
-               "another number of ranks); resume from a checkpoint the callback saved.")
+        agree(None if os.path.isfile(path) else
+              f"AimMergingCallback: {path} is missing: this checkpoint was saved without the callback (or with "
+              "another number of ranks); resume from a checkpoint the callback saved.", exc_type=AimInputError)
         saved = torch.load(path, map_location="cpu", weights_only=False)
         plugin.load_state_dict(saved["plugin"])
         self._replay_position = saved["replay_position"]
