@@ -322,3 +322,16 @@ def _sha(items) -> str:
     for x in items:
         h.update(x.encode() if isinstance(x, str) else x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def plugin_memory_refused():
+    """2 ranks: rank 1 alone gives an empty rehearsal memory to attach(); every rank raises the plugin's
+    AimInputError naming rank 1, and the process group still works afterwards."""
+    e = _engine()
+    try:
+        aim_ds.attach(e, [] if sc.rank() == 1 else sc.memory())
+        error = None
+    except aim_ds.plugin.AimInputError as err:
+        error = str(err)
+    p = aim_ds.attach(e, sc.memory())
+    return {"error": error, "alive": sc.train_steps(e, 1, seed=5)[0] > 0, "attached": p.enabled}
