@@ -62,11 +62,15 @@ def save_checkpoint(engine, plugin, save_dir: str, tag: str | None = None, clien
         raise CheckpointError(f"keep_last={keep_last!r}: expected an integer >= 1 (or None to keep all).")
     tmp_tag = TMP_PREFIX + tag
     tmp_dir = os.path.join(save_dir, tmp_tag)
+    err = None
     if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        if os.path.exists(tmp_dir):  # left by a crashed save of the same tag
-            shutil.rmtree(tmp_dir)
-    dist.barrier()
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            if os.path.exists(tmp_dir):  # left by a crashed save of the same tag
+                shutil.rmtree(tmp_dir)
+        except OSError as e:
+            err = _failure(e)
+    agree(err, exc_type=CheckpointSaveError)  # also the barrier: nobody writes into a stale .tmp-TAG
     engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=dict(client_state or {}), save_latest=False)
     err = None
     try:
