@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(1500)
 
 STEPS, SWITCH = 14, 5
 # of the launch's first save duration: 0 = the killer starts with the save, 3 = well after `latest` is rewritten
-FRACTIONS = [0.0, 0.25, 0.5, 0.75, 1.0, 3.0]
+FRACTIONS = [0.0, 0.1, 0.2, 0.3, 0.45, 3.0]  # the second save is often faster than the first
 
 
 def _launch(tmp: Path, kwargs: dict, timeout: float) -> tuple[list, list]:
