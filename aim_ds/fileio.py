@@ -49,6 +49,23 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def exchange_paths(a: str, b: str) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the C library or the
+    file system cannot, and then nothing was changed. Replacing a non-empty folder otherwise needs two renames,
+    with a moment between them when neither version is in place."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def atomic_write_bytes(path: str, data: bytes, durable_dir: bool = False) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)

@@ -257,18 +257,24 @@ def _gathered_anchor(engine, plugin):
 
 
 # ---------------------------------------------------------------------------------------------- killed saves
-def crash_save_run(d: str, steps: int, switch: int, kill_fraction: float | None = None):
+def crash_save_run(d: str, steps: int, switch: int, kill_fraction: float | None = None, reference: str | None = None):
     """One launch of a run that saves after every step (tags stepNNN, keep_last=2): resumes the newest complete
     checkpoint in `d` (--resume auto), or starts fresh. Task 0 runs steps [0, switch), task 1 the rest.
 
-    kill_fraction None: train to `steps` and return what the run ended with. Otherwise: time this launch's
-    first save, then, right before its second, rank 0 starts a killer that SIGKILLs the launch's whole process
-    group after kill_fraction x that save's duration, and waits to be killed. Every step's loss (this launch's
-    steps) goes to d/../losses-<launch>-rank<R>.json as it is made, so killed launches keep theirs.
+    kill_fraction None: train to `steps` and return what the run ended with; with `reference` (a new folder),
+    then also run the whole schedule uninterrupted from scratch in this launch, saving there, and return both.
+    Otherwise: time this launch's first save, then, right before its second, rank 0 starts a killer that
+    SIGKILLs the launch's whole process group after kill_fraction x that save's duration (written to
+    d/../kill-<launch>.json), and waits to be killed. Each step's loss goes to d/../losses-<launch>-rank<R>.json
+    as soon as it is made, so a killed launch keeps its record.
     """
+    out = _train_from_latest(d, steps, switch, kill_fraction)
+    return out if reference is None else {"run": out, "reference": _train_from_latest(reference, steps, switch)}
+
+
+def _train_from_latest(d: str, steps: int, switch: int, kill_fraction: float | None = None) -> dict:
     import json
     import subprocess
-    import sys
     import time
 
     r = sc.rank()
@@ -280,8 +286,7 @@ def crash_save_run(d: str, steps: int, switch: int, kill_fraction: float | None 
         p.start_task()
     else:
         ckpt.load_checkpoint(e, p, *found, task_fingerprint=FP)
-    launch = f"{time.time_ns()}"
-    losses, saves = {}, 0
+    launch, losses, save_s = f"{time.time_ns()}", {}, []
     log = os.path.join(os.path.dirname(d), f"losses-{launch}-rank{r}.json")
     for s in range(done, steps):
         if s == switch:
@@ -289,26 +294,25 @@ def crash_save_run(d: str, steps: int, switch: int, kill_fraction: float | None 
         losses[s] = sc.train_steps(e, 1, seed=1000 + 10 * s)[0]
         with open(log, "w") as f:
             json.dump(losses, f)
-        if kill_fraction is not None and saves == 1 and r == 0:
-            delay = kill_fraction * first_save_s
+        if kill_fraction is not None and len(save_s) == 1 and r == 0:
+            delay = kill_fraction * save_s[0]
             with open(os.path.join(os.path.dirname(d), f"kill-{launch}.json"), "w") as f:
                 json.dump({"tag": f"step{s + 1:03d}", "previous": f"step{s:03d}", "delay_s": delay,
-                           "first_save_s": first_save_s, "resumed_from": found and found[1]}, f)
-            subprocess.Popen(["sh", "-c", f"sleep {delay:.4f}; kill -KILL -- -{os.getpgid(0)}"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           "first_save_s": save_s[0], "resumed_from": found and found[1]}, f)
+            subprocess.Popen(["sh", "-c", f"sleep {delay:.4f}; kill -KILL -{os.getpgid(0)}"])
         t0 = time.perf_counter()
         ckpt.save_checkpoint(e, p, d, tag=f"step{s + 1:03d}", keep_last=2, task_fingerprint=FP,
                              client_state={"step": s + 1}, extra={"step": s + 1})
-        if saves == 0:
-            first_save_s = time.perf_counter() - t0
-        saves += 1
-        if kill_fraction is not None and saves == 2:
+        save_s.append(time.perf_counter() - t0)
+        if kill_fraction is not None and len(save_s) == 2:
             time.sleep(120)  # the killer ends this launch; a missed kill fails the test by its timeout
-            sys.exit(f"not killed (pid group {os.getpgid(0)})")
+            raise RuntimeError(f"not killed (process group {os.getpgid(0)})")
     w = sc.full_fp32(e)
-    return {"resumed_from": found and found[1], "weights": _sha(w[n] for n in sorted(w)), "anchor": _sha(_anchor(p)),
-            "state": _sha([json.dumps(_plugin_state(p), sort_keys=True, default=str)]), "merges": p.merge_count,
-            "task_index": p.task_index}
+    out = {"resumed_from": found and found[1], "weights": _sha(w[n] for n in sorted(w)), "anchor": _sha(_anchor(p)),
+           "state": _sha([json.dumps(_plugin_state(p), sort_keys=True, default=str)]), "merges": p.merge_count,
+           "task_index": p.task_index, "losses": losses, "save_s": save_s}
+    p.detach()
+    return out
 
 
 def _sha(items) -> str:
@@ -318,3 +322,16 @@ def _sha(items) -> str:
     for x in items:
         h.update(x.encode() if isinstance(x, str) else x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def plugin_memory_refused():
+    """2 ranks: rank 1 alone gives an empty rehearsal memory to attach(); every rank raises the plugin's
+    AimInputError naming rank 1, and the process group still works afterwards."""
+    e = _engine()
+    try:
+        aim_ds.attach(e, [] if sc.rank() == 1 else sc.memory())
+        error = None
+    except aim_ds.plugin.AimInputError as err:
+        error = str(err)
+    p = aim_ds.attach(e, sc.memory())
+    return {"error": error, "alive": sc.train_steps(e, 1, seed=5)[0] > 0, "attached": p.enabled}

@@ -29,3 +29,11 @@ def test_agree_without_process_group():
     agree(None)
     with pytest.raises(KeyError, match="rank 0: nope"):
         agree("nope", exc_type=KeyError)
+
+
+def test_plugin_input_error_on_every_rank(tmp_path):
+    """The plugin's caller keeps its exception type (AimInputError) and every rank names the failing rank."""
+    res = run_ranks("tests.ckpt_scenarios:plugin_memory_refused", 2, tmp_path, timeout=240)
+    assert res[0]["error"] == res[1]["error"], res
+    assert res[0]["error"].startswith("rank 1: aim_merging: the rehearsal memory is empty on rank 1"), res
+    assert all(r["alive"] and r["attached"] for r in res), res

@@ -155,3 +155,30 @@ def test_diff_config():
     assert ckpt.diff_config({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == ["b: checkpoint 2, now 3",
                                                                            "c: checkpoint None, now 4"]
     assert ckpt.diff_config(None, None) == []
+
+
+def test_resave_of_the_latest_tag_swaps_atomically(tmp_path, monkeypatch):
+    """Re-saving the tag `latest` names: the new version replaces the old in one atomic exchange, so no
+    moment exists where `latest` names a missing tag (a crash there used to leave no loadable checkpoint)."""
+    from aim_ds.checkpoint import runtime
+    from aim_ds.fileio import exchange_paths
+
+    for name, text in (("t", "old"), (".tmp-t", "new")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ckpt.MANIFEST).write_text(json.dumps({"format": ckpt.FORMAT, "v": text}))
+    (tmp_path / "latest").write_text("t")
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").mkdir()
+    if not exchange_paths(str(tmp_path / "a"), str(tmp_path / "b")):
+        pytest.skip("this file system cannot swap two paths atomically (the two-rename fallback is used)")
+    assert (tmp_path / "a").is_dir() and (tmp_path / "b").read_text() == "a"
+
+    def no_rename(*a):
+        raise AssertionError("two renames: a window without the tag")
+
+    monkeypatch.setattr(runtime.os, "rename", no_rename)
+    runtime._commit(str(tmp_path), "t", keep_last=None)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "t" / ckpt.MANIFEST).read_text())["v"] == "new"
+    assert ckpt.find_latest(str(tmp_path)) == "t"
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []

@@ -14,7 +14,7 @@ import time
 import torch
 
 from .. import shards
-from ..fileio import fsync_dir
+from ..fileio import exchange_paths, fsync_dir
 from ..statistics import agree
 from .format import (DEL_PREFIX, FORMAT, HF_SUBDIR, MANIFEST, TMP_PREFIX, VERSION, CheckpointError, check_files,
                      check_compatible, check_tag, complete_tags, fsync_file, list_files, model_fingerprint, plugin_file,
@@ -62,11 +62,15 @@ def save_checkpoint(engine, plugin, save_dir: str, tag: str | None = None, clien
         raise CheckpointError(f"keep_last={keep_last!r}: expected an integer >= 1 (or None to keep all).")
     tmp_tag = TMP_PREFIX + tag
     tmp_dir = os.path.join(save_dir, tmp_tag)
+    err = None
     if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        if os.path.exists(tmp_dir):  # left by a crashed save of the same tag
-            shutil.rmtree(tmp_dir)
-    dist.barrier()
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            if os.path.exists(tmp_dir):  # left by a crashed save of the same tag
+                shutil.rmtree(tmp_dir)
+        except OSError as e:
+            err = _failure(e)
+    agree(err, exc_type=CheckpointSaveError)  # also the barrier: nobody writes into a stale .tmp-TAG
     engine.save_checkpoint(save_dir, tag=tmp_tag, client_state=dict(client_state or {}), save_latest=False)
     err = None
     try:
@@ -127,10 +131,14 @@ def _commit(save_dir: str, tag: str, keep_last: int | None) -> None:
     """Rank 0: the complete .tmp-TAG becomes TAG, then `latest` names it, then old tags are pruned."""
     tmp_dir, final = os.path.join(save_dir, TMP_PREFIX + tag), os.path.join(save_dir, tag)
     old = None
-    if os.path.exists(final):  # re-saving an existing tag: move the old one aside first
+    if not os.path.exists(final):
+        os.rename(tmp_dir, final)
+    elif exchange_paths(tmp_dir, final):  # re-saving a tag `latest` may name: it stays complete throughout
+        old = tmp_dir
+    else:  # no atomic swap here: move the old one aside first
         old = os.path.join(save_dir, f"{DEL_PREFIX}{tag}-{time.time_ns()}")
         os.rename(final, old)
-    os.rename(tmp_dir, final)
+        os.rename(tmp_dir, final)
     fsync_dir(save_dir)
     write_latest(save_dir, tag)
     if old is not None:
