@@ -106,6 +106,15 @@ class Instrumented(AimMergingCallback):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.merges, self.rehearsal_steps_taken = [], []
+        self.norms, self.logged = {}, {}  # Trainer step -> (engine grad norm before, after the merge); logged
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self._step = state.global_step + 1  # the step the Trainer logs next
+        super().on_optimizer_step(args, state, control, **kw)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "grad_norm" in logs:
+            self.logged[state.global_step] = logs["grad_norm"]
 
     def on_train_begin(self, args, state, control, **kw):
         super().on_train_begin(args, state, control, **kw)
@@ -126,8 +135,10 @@ class Instrumented(AimMergingCallback):
             return out
 
         def _merge(**kw):
+            before = float(engine.get_global_grad_norm())
             rec = merge(**kw)
             if rec.get("merged"):
+                self.norms[self._step] = (before, float(engine.get_global_grad_norm()))
                 fused = full()
                 a, k, m, wi, wo = self.anchor, self._k, self._m, rec["w_in"], rec["w_out"]
                 ref = {n: a[n] + wi * (k[n] - a[n]) + wo * (m[n] - k[n]) for n in a}
@@ -197,7 +208,8 @@ def replay_gas2(tmp):
     traj = cb.trajectory
     return {"rehearsal": cb.rehearsal_steps_taken, "merges": [r["step"] for r in traj if r["merge"]],
             "probe_rows_task1": sum(1 for r in traj if r["task"] == 1 and r["probe_loss"] is not None),
-            "rows_task1": sum(1 for r in traj if r["task"] == 1), "fusion_err": [m["err"] for m in cb.merges]}
+            "rows_task1": sum(1 for r in traj if r["task"] == 1), "fusion_err": [m["err"] for m in cb.merges],
+            "norms": [[cb.logged.get(k), *v] for k, v in cb.norms.items()]}
 
 
 def disabled(tmp):
