@@ -69,3 +69,25 @@ def test_bad_input_one_error_on_every_rank(tmp_path):
         assert r["no_memory_task1"]["type"] == "AimInputError" and "no memory" in r["no_memory_task1"]["message"]
         assert "stage" in r["stage2"]["message"].lower() and r["stage2"]["type"] is not None
         assert r["no_trainable"]["type"] == "AimInputError" and "no trainable" in r["no_trainable"]["message"], r
+
+
+def test_input_consumer_follows_pass_through_wrappers_only():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from aim_ds.plugin import _input_consumer
+    from tests.scenarios import tiny_config
+
+    base = LlamaForCausalLM(tiny_config())
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))  # no task_type: (*args, **kwargs)
+    assert type(peft_model).__name__ == "PeftModel"
+    assert _input_consumer(peft_model) is base
+    assert _input_consumer(base) is base
+
+    class Swallows(torch.nn.Module):  # takes anything, calls nothing we can follow: stays the one checked
+        def forward(self, **kwargs):
+            return None
+
+    m = Swallows()
+    assert _input_consumer(m) is m
