@@ -348,3 +348,37 @@ def accelerate_loop():
 
 def raw_lora_and_accelerate(tmp):
     return {"raw_lora": raw_lora(), "accelerate": accelerate_loop()}
+
+
+def trl_sft(tmp):
+    """TRL's SFTTrainer with the callback (memory_forward probe): memory rows without labels are collated by
+    SFTTrainer's own collator; task 0 never merges, task 1 does."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<pad>": VOCAB - 1}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                  pad_token="<pad>", eos_token="<pad>")
+
+    def args(t):
+        return SFTConfig(output_dir=os.path.join(tmp, f"t{t}"), deepspeed=ds_cfg(AIM), per_device_train_batch_size=4,
+                         learning_rate=3e-3, num_train_epochs=1, lr_scheduler_type="constant", max_grad_norm=1.0,
+                         save_strategy="no", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
+                         dataloader_drop_last=True, packing=False, max_length=64)
+
+    first = args(0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(tiny_config())
+    cb, memory = AimMergingCallback(), []
+    for t in range(2):
+        rows = [{"input_ids": r["input_ids"].tolist()} for r in task_rows(t)]
+        if memory:
+            cb.set_memory(memory)
+        SFTTrainer(model=model, args=first if t == 0 else args(t), train_dataset=Dataset.from_list(rows),
+                   processing_class=tok, callbacks=[cb]).train()
+        memory += rows[:8]
+    traj = cb.trajectory
+    return {"merges": [sum(r["merge"] for r in traj if r["task"] == t) for t in range(2)],
+            "probe_forwards": cb.plugin.work["probe_forwards"]}

@@ -91,3 +91,9 @@ def test_input_consumer_follows_pass_through_wrappers_only():
 
     m = Swallows()
     assert _input_consumer(m) is m
+
+
+def test_trl_sft_trainer_with_the_callback(tmp_path):
+    pytest.importorskip("trl")
+    r0, _ = run_ranks("tests.scenarios_hf:trl_sft", 2, tmp_path, TIMEOUT, tmp=str(tmp_path))
+    assert r0["merges"][0] == 0 and r0["merges"][1] >= 1 and r0["probe_forwards"] > 0, r0
