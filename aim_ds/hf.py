@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, default_data_collator
 
+from . import mixed_loss, rows_loss
 from .checkpoint import plugin_file
 from .fileio import atomic_write_bytes
-from . import mixed_loss, rows_loss
 from .plugin import AimInputError, AimPlugin, _agree
 
 STATE_DIR = "aim_merging"  # inside the Trainer's checkpoint-N/: one file per rank

@@ -122,7 +122,7 @@ class Instrumented(AimMergingCallback):
         if not p.enabled:
             return
         engine = p.engine
-        full = lambda: {n: safe_get_full_fp32_param(q).detach().float().cpu().clone()  # noqa: E731
+        full = lambda: {n: safe_get_full_fp32_param(q).detach().float().cpu().clone()
                         for n, q in engine.module.named_parameters() if q.requires_grad}
         self.anchor = full()
         merge, rehearse = p._merge, p._rehearse
@@ -163,10 +163,6 @@ def contract(tmp):
             "rows": len(traj), "tasks": sorted({r["task"] for r in traj}), "fusion_err": [m["err"] for m in cb.merges],
             "moved": [m["moved"] for m in cb.merges], "csv": os.path.exists(path),
             "rehearsal": cb.rehearsal_steps_taken, "work": cb.plugin.work}
-
-
-def trainable(model) -> dict:
-    return {n: p for n, p in gathered(model).items() if dict(model.named_parameters())[n].requires_grad}
 
 
 def frozen(model) -> dict:
@@ -262,7 +258,7 @@ def bad_inputs(tmp):
                 model.requires_grad_(False)
                 Trainer(model=model, args=args, train_dataset=tasks[0], callbacks=[AimMergingCallback()]).train()
             out[case] = {"type": None, "message": "no error"}
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the expected path: each case must raise
             out[case] = {"type": type(e).__name__, "message": str(e)[:600]}
     return out
 
@@ -302,7 +298,7 @@ def raw_lora():
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     plugin = aim_ds.attach(engine, _memory())
     plugin.start_task()
-    full = lambda: {n: safe_get_full_fp32_param(q).float().cpu().clone()  # noqa: E731
+    full = lambda: {n: safe_get_full_fp32_param(q).float().cpu().clone()
                     for n, q in engine.module.named_parameters() if q.requires_grad}
     base0, anchor = frozen(engine.module), full()
     _steps(engine, task_rows(1), 3)
