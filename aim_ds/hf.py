@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, default_data_collator
 
+from . import mixed_loss, rows_loss
 from .checkpoint import plugin_file
 from .fileio import atomic_write_bytes
-from . import mixed_loss, rows_loss
 from .plugin import AimInputError, AimPlugin
 from .statistics import agree
 
@@ -63,6 +63,7 @@ class AimMergingCallback(TrainerCallback):
         self._trainer = None
         self._pending = False
         self._engine = None
+        self.trainer_args = None
         if memory is not None:
             self.set_memory(memory)
 
@@ -142,7 +143,8 @@ class AimMergingCallback(TrainerCallback):
         previous, self.plugin = self.plugin, None
         if self._engine is not None and self._engine is not engine:
             # the previous task's engine still has ZeRO-3 hooks on this model (the Trainer never destroys it);
-            # left in place they run beside the new engine's and break its parameter fetching
+            # left in place beside the new engine's, the third task's first forward failed in DeepSpeed's
+            # parameter coordinator. Destroyed only now, so the user can evaluate the finished task with it.
             self._engine.destroy()
         self._engine = engine
         plugin = AimPlugin(engine, memory=None, config=self.config)

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from transformers import TrainerCallback  # noqa: E402
+from transformers import TrainerCallback
 
 
 class StepTimer(TrainerCallback):
@@ -44,7 +44,12 @@ def main(argv=None):
 
     info = init_distributed()
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        Trainer,
+        TrainingArguments,
+    )
 
     from aim_ds.hf import AimMergingCallback
 

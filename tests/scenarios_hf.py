@@ -106,6 +106,15 @@ class Instrumented(AimMergingCallback):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.merges, self.rehearsal_steps_taken = [], []
+        self.norms, self.logged = {}, {}  # Trainer step -> (engine grad norm before, after the merge); logged
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self._step = state.global_step + 1  # the step the Trainer logs next
+        super().on_optimizer_step(args, state, control, **kw)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "grad_norm" in logs:
+            self.logged[state.global_step] = logs["grad_norm"]
 
     def on_train_begin(self, args, state, control, **kw):
         super().on_train_begin(args, state, control, **kw)
@@ -113,7 +122,7 @@ class Instrumented(AimMergingCallback):
         if not p.enabled:
             return
         engine = p.engine
-        full = lambda: {n: safe_get_full_fp32_param(q).detach().float().cpu().clone()  # noqa: E731
+        full = lambda: {n: safe_get_full_fp32_param(q).detach().float().cpu().clone()
                         for n, q in engine.module.named_parameters() if q.requires_grad}
         self.anchor = full()
         merge, rehearse = p._merge, p._rehearse
@@ -126,8 +135,10 @@ class Instrumented(AimMergingCallback):
             return out
 
         def _merge(**kw):
+            before = float(engine.get_global_grad_norm())
             rec = merge(**kw)
             if rec.get("merged"):
+                self.norms[self._step] = (before, float(engine.get_global_grad_norm()))
                 fused = full()
                 a, k, m, wi, wo = self.anchor, self._k, self._m, rec["w_in"], rec["w_out"]
                 ref = {n: a[n] + wi * (k[n] - a[n]) + wo * (m[n] - k[n]) for n in a}
@@ -152,10 +163,6 @@ def contract(tmp):
             "rows": len(traj), "tasks": sorted({r["task"] for r in traj}), "fusion_err": [m["err"] for m in cb.merges],
             "moved": [m["moved"] for m in cb.merges], "csv": os.path.exists(path),
             "rehearsal": cb.rehearsal_steps_taken, "work": cb.plugin.work}
-
-
-def trainable(model) -> dict:
-    return {n: p for n, p in gathered(model).items() if dict(model.named_parameters())[n].requires_grad}
 
 
 def frozen(model) -> dict:
@@ -197,7 +204,8 @@ def replay_gas2(tmp):
     traj = cb.trajectory
     return {"rehearsal": cb.rehearsal_steps_taken, "merges": [r["step"] for r in traj if r["merge"]],
             "probe_rows_task1": sum(1 for r in traj if r["task"] == 1 and r["probe_loss"] is not None),
-            "rows_task1": sum(1 for r in traj if r["task"] == 1), "fusion_err": [m["err"] for m in cb.merges]}
+            "rows_task1": sum(1 for r in traj if r["task"] == 1), "fusion_err": [m["err"] for m in cb.merges],
+            "norms": [[cb.logged.get(k), *v] for k, v in cb.norms.items()]}
 
 
 def disabled(tmp):
@@ -250,7 +258,7 @@ def bad_inputs(tmp):
                 model.requires_grad_(False)
                 Trainer(model=model, args=args, train_dataset=tasks[0], callbacks=[AimMergingCallback()]).train()
             out[case] = {"type": None, "message": "no error"}
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the expected path: each case must raise
             out[case] = {"type": type(e).__name__, "message": str(e)[:600]}
     return out
 
@@ -290,7 +298,7 @@ def raw_lora():
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     plugin = aim_ds.attach(engine, _memory())
     plugin.start_task()
-    full = lambda: {n: safe_get_full_fp32_param(q).float().cpu().clone()  # noqa: E731
+    full = lambda: {n: safe_get_full_fp32_param(q).float().cpu().clone()
                     for n, q in engine.module.named_parameters() if q.requires_grad}
     base0, anchor = frozen(engine.module), full()
     _steps(engine, task_rows(1), 3)
@@ -343,3 +351,37 @@ def accelerate_loop():
 
 def raw_lora_and_accelerate(tmp):
     return {"raw_lora": raw_lora(), "accelerate": accelerate_loop()}
+
+
+def trl_sft(tmp):
+    """TRL's SFTTrainer with the callback (memory_forward probe): memory rows without labels are collated by
+    SFTTrainer's own collator; task 0 never merges, task 1 does."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<pad>": VOCAB - 1}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                  pad_token="<pad>", eos_token="<pad>")
+
+    def args(t):
+        return SFTConfig(output_dir=os.path.join(tmp, f"t{t}"), deepspeed=ds_cfg(AIM), per_device_train_batch_size=4,
+                         learning_rate=3e-3, num_train_epochs=1, lr_scheduler_type="constant", max_grad_norm=1.0,
+                         save_strategy="no", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
+                         dataloader_drop_last=True, packing=False, max_length=64)
+
+    first = args(0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(tiny_config())
+    cb, memory = AimMergingCallback(), []
+    for t in range(2):
+        rows = [{"input_ids": r["input_ids"].tolist()} for r in task_rows(t)]
+        if memory:
+            cb.set_memory(memory)
+        SFTTrainer(model=model, args=first if t == 0 else args(t), train_dataset=Dataset.from_list(rows),
+                   processing_class=tok, callbacks=[cb]).train()
+        memory += rows[:8]
+    traj = cb.trajectory
+    return {"merges": [sum(r["merge"] for r in traj if r["task"] == t) for t in range(2)],
+            "probe_forwards": cb.plugin.work["probe_forwards"]}

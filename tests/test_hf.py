@@ -35,6 +35,10 @@ def test_replay_collator_gas2_and_disabled_identical(tmp_path):
     assert all(r == taken for r, taken in rp["rehearsal"]), rp["rehearsal"]
     assert rp["probe_rows_task1"] == rp["rows_task1"] > 0  # the forgetting signal read off the mixed rows
     assert max(rp["fusion_err"]) < 1e-6
+    # at a merge step the Trainer logs the training step's gradient norm, not the rehearsal's
+    for logged, before, after in rp["norms"]:
+        assert logged == pytest.approx(before, rel=1e-6) and after != pytest.approx(before, rel=1e-3), rp["norms"]
+    assert len(rp["norms"]) == len(rp["merges"])
     d = r0["disabled"]
     assert d["with"] == d["without"] == r1["disabled"]["with"]
 
@@ -65,3 +69,31 @@ def test_bad_input_one_error_on_every_rank(tmp_path):
         assert r["no_memory_task1"]["type"] == "AimInputError" and "no memory" in r["no_memory_task1"]["message"]
         assert "stage" in r["stage2"]["message"].lower() and r["stage2"]["type"] is not None
         assert r["no_trainable"]["type"] == "AimInputError" and "no trainable" in r["no_trainable"]["message"], r
+
+
+def test_input_consumer_follows_pass_through_wrappers_only():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from aim_ds.plugin import _input_consumer
+    from tests.scenarios import tiny_config
+
+    base = LlamaForCausalLM(tiny_config())
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))  # no task_type: (*args, **kwargs)
+    assert type(peft_model).__name__ == "PeftModel"
+    assert _input_consumer(peft_model) is base
+    assert _input_consumer(base) is base
+
+    class Swallows(torch.nn.Module):  # takes anything, calls nothing we can follow: stays the one checked
+        def forward(self, **kwargs):
+            return None
+
+    m = Swallows()
+    assert _input_consumer(m) is m
+
+
+def test_trl_sft_trainer_with_the_callback(tmp_path):
+    pytest.importorskip("trl")
+    r0, _ = run_ranks("tests.scenarios_hf:trl_sft", 2, tmp_path, TIMEOUT, tmp=str(tmp_path))
+    assert r0["merges"][0] == 0 and r0["merges"][1] >= 1 and r0["probe_forwards"] > 0, r0
