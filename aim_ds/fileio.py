@@ -31,8 +31,6 @@ def check_output_dir(path: str, overwrite: bool = False, fix: str = "choose anot
             raise OutputDirError(f"{path} exists and is not empty; {fix} (nothing was written)")
     elif os.path.exists(path):
         raise OutputDirError(f"{path} exists and is not a folder; {fix} (nothing was written)")
-TRAJECTORY_FIELDS = ["task", "step", "probe_loss", "threshold", "activations", "interval",
-                     "learning_signal", "merge", "w_in", "w_out"]
 
 
 def fsync_dir(path: str) -> None:

@@ -9,7 +9,7 @@ The importance policy's EMA statistics are updated here too (``update_importance
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

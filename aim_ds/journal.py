@@ -19,6 +19,7 @@ import torch
 
 from . import fusion
 
+
 class MergeAborted(RuntimeError):
     """A merge failed on some rank and is undone on every rank."""
 
@@ -103,4 +104,4 @@ class MergeJournal:
             vars(self.scaler[0]).update(copy.deepcopy(self.scaler[1]))
 
 
-__all__ = ["MergeJournal", "MergeAborted", "agree_merge", "fatal_error", "ENGINE_COUNTERS"]
+__all__ = ["ENGINE_COUNTERS", "MergeAborted", "MergeJournal", "fatal_error"]

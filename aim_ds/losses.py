@@ -61,4 +61,4 @@ def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, n_new: int, memory_we
     return loss, float(mem_sum.detach()), int(mem_n)
 
 
-__all__ = ["AimInputError", "batch_tokens", "rows_loss", "mixed_loss"]
+__all__ = ["AimInputError", "batch_tokens", "mixed_loss", "rows_loss"]

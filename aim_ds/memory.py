@@ -54,8 +54,8 @@ def check_memory(engine, memory, rank: int) -> str | None:
         except TypeError:
             return f"aim_merging: memory of type {type(memory).__name__} is not iterable; give a list of dicts."
     if not batches:
-        return ("aim_merging: the rehearsal memory is empty on rank {r}; every rank needs at least one batch "
-                "(check the memory fraction and the number of ranks).").format(r=rank)
+        return (f"aim_merging: the rehearsal memory is empty on rank {rank}; every rank needs at least one batch "
+                "(check the memory fraction and the number of ranks).")
     module = _input_consumer(engine.module)
     sig = inspect.signature(module.forward)
     accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())

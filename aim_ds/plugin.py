@@ -31,11 +31,12 @@ from .config import AimConfig
 from .controller import MergeController, probe_due
 from .fileio import write_csv
 from .journal import MergeAborted, MergeJournal, fatal_error
+from .losses import AimInputError, batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
 from .memory import _Cursor, check_memory
 from .policies import make_weight_policy
-from .trajectory import FIELDS as TRAJECTORY_FIELDS, TrajectoryRow
-from .losses import AimInputError, batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
 from .shards import ZeroShards, ds_config_dict
+from .trajectory import FIELDS as TRAJECTORY_FIELDS
+from .trajectory import TrajectoryRow
 
 log = logging.getLogger("aim_ds")
 

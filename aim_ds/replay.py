@@ -142,4 +142,4 @@ def run(args) -> int:
     return 0 if have == want else 1  # the run's own config must reproduce its own merges
 
 
-__all__ = ["replay", "merges", "CAVEAT"]
+__all__ = ["CAVEAT", "merges", "replay"]

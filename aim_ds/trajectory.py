@@ -54,4 +54,4 @@ def read_csv(path: str) -> list[dict]:
     return [{k: num(k, r.get(k)) for k in dict.fromkeys(FIELDS + list(r))} for r in rows]
 
 
-__all__ = ["TrajectoryRow", "FIELDS", "read_csv"]
+__all__ = ["FIELDS", "TrajectoryRow", "read_csv"]

@@ -3,6 +3,7 @@ bit-exactly; a rank that fails inside a merge's collectives stops every rank wit
 Run by tests/mp.py on real DeepSpeed ZeRO-3 engines (CPU, gloo)."""
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -12,9 +13,29 @@ import torch
 import aim_ds
 from aim_ds import fusion
 from aim_ds.checkpoint import load_checkpoint, save_checkpoint
-from tests.scenarios import batch, ds_config, full_fp32, full_working, make_engine, memory, rank, train_steps
+from tests.scenarios import (
+    batch,
+    ds_config,
+    full_fp32,
+    full_working,
+    make_engine,
+    memory,
+    rank,
+    train_steps,
+)
 
 AIM = {"enabled": True, "initial_interval": 3, "min_interval": 2, "max_interval": 8, "interval_rule": "reference"}
+
+
+def _second_task(aim: dict, steps: int, second_memory=None):
+    """An engine with the plugin: 2 steps of task 0, then `steps` steps of task 1 (merging active)."""
+    engine = make_engine(ds_config(aim=aim))
+    plugin = aim_ds.attach(engine)
+    plugin.start_task(memory())
+    train_steps(engine, 2)
+    plugin.start_task(second_memory or memory(offset=3000))
+    train_steps(engine, steps, seed=50)
+    return engine, plugin
 
 
 def _rank_state(engine, plugin) -> dict:
@@ -43,23 +64,19 @@ def _same(a, b, path="") -> list[str]:
         if len(a) != len(b):
             return [f"{path} length {len(a)} != {len(b)}"]
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{path}[{i}]")]
-    return [] if a == b or (a != a and b != b) else [f"{path}: {a!r} != {b!r}"]
+    both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return [] if a == b or both_nan else [f"{path}: {a!r} != {b!r}"]
 
 
-def merge_undone(case: str, policy: str = "signals", failing: int = 1, gas: int = 1):
+def merge_undone(case: str, policy: str = "signals", failing: int = 1):
     """case "nan": one rank's rehearsal batch has every label ignored (a NaN loss, whose NaN gradients
     the optimizer applies everywhere); "raise_rehearsal": one rank's second rehearsal batch raises;
     "raise_fusion": one rank's fusion corrupts half its masters, then raises. The merge must be undone
     on every rank, bit-exactly, with one warning; then the run continues and the next merge commits."""
-    engine = make_engine(ds_config(aim=dict(AIM, weight_policy=policy), gas=gas))
-    plugin = aim_ds.attach(engine)
-    plugin.start_task(memory())
-    train_steps(engine, 2)
     mem = memory(offset=3000)
     if case == "nan" and rank() == failing:
         mem[0] = batch(3999, all_ignored=True)
-    plugin.start_task(mem)
-    train_steps(engine, 2, seed=50)  # fewer than S: the controller has not merged yet
+    engine, plugin = _second_task(dict(AIM, weight_policy=policy), 2, mem)  # 2 < S: no merge yet
     full_before, working_before = full_fp32(engine), full_working(engine)
     before = _rank_state(engine, plugin)
     undo = []
@@ -69,7 +86,7 @@ def merge_undone(case: str, policy: str = "signals", failing: int = 1, gas: int 
 
         def flaky():
             calls["n"] += 1
-            if calls["n"] == 2 * gas:  # after one whole rehearsal step: the optimizer state has moved
+            if calls["n"] == 2:  # after one whole rehearsal step: the optimizer state has moved
                 raise RuntimeError("injected: the memory reader lost its file")
             return real()
         plugin._rehearsal_batch = flaky
@@ -107,12 +124,7 @@ def merge_undone(case: str, policy: str = "signals", failing: int = 1, gas: int 
 def merge_fails_inside_collective(ckpt_dir: str, failing: int = 1):
     """A checkpoint is saved; then one rank raises inside a rehearsal forward (its peers are blocked in
     ZeRO-3's parameter gathers), with no catching: every rank must stop with an error naming it."""
-    engine = make_engine(ds_config(aim=AIM))
-    plugin = aim_ds.attach(engine)
-    plugin.start_task(memory())
-    train_steps(engine, 2)
-    plugin.start_task(memory(offset=3000))
-    train_steps(engine, 1, seed=50)
+    engine, plugin = _second_task(AIM, 1)
     save_checkpoint(engine, plugin, ckpt_dir, tag="before-merge")
     if rank() == failing:
         mlp = engine.module.model.layers[1].mlp
@@ -144,12 +156,7 @@ def trajectory_for_replay(out_dir: str):
     """A short run with merges that change the interval (reference rule, no cold start) and one explicit
     merge; rank 0 writes trajectory.csv and the config record `aim-ds replay` reads (as the driver does)."""
     cfg = dict(AIM, cold_start=0, initial_interval=2, probe_interval=1)
-    engine = make_engine(ds_config(aim=cfg))
-    plugin = aim_ds.attach(engine)
-    plugin.start_task(memory())
-    train_steps(engine, 2)
-    plugin.start_task(memory(offset=3000))
-    train_steps(engine, 24, seed=50)
+    engine, plugin = _second_task(cfg, 24)
     plugin.merge()
     plugin.start_task(memory(offset=4000))
     train_steps(engine, 16, seed=70)

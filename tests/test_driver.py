@@ -63,7 +63,8 @@ def check_outputs(out: Path, method: str, n_tasks: int = 4) -> dict:
     with open(out / "trajectory.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and list(rows[0]) == ["task", "step", "probe_loss", "threshold", "activations", "interval",
-                                      "learning_signal", "merge", "w_in", "w_out"]
+                                      "learning_signal", "merge", "w_in", "w_out", "rehearsal_steps",
+                                      "abs_change_sum", "numel", "explicit"]
     assert sum(int(x["merge"]) for x in rows) == r["merges"]
     return r
 
