@@ -65,9 +65,10 @@ def test_trainer_checkpoint_resume_mid_task(tmp_path):
 
 def test_bad_input_one_error_on_every_rank(tmp_path):
     res = run_ranks("tests.scenarios_hf:bad_inputs", 2, tmp_path, TIMEOUT, tmp=str(tmp_path))
+    assert res[0]["stage2"]["merges"] >= 1, res[0]["stage2"]
     for r in res:
         assert r["no_memory_task1"]["type"] == "AimInputError" and "no memory" in r["no_memory_task1"]["message"]
-        assert "stage" in r["stage2"]["message"].lower() and r["stage2"]["type"] is not None
+        assert r["stage2"]["type"] is None, r["stage2"]  # served since the ZeRO-1/2 adapters
         assert r["no_trainable"]["type"] == "AimInputError" and "no trainable" in r["no_trainable"]["message"], r
 
 
