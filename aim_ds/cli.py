@@ -27,7 +27,7 @@ def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in SUBCOMMANDS.items():
         if names is not None and name not in names:
-            sub.add_parser(name, help="(see aim-ds %s --help)" % name, add_help=False)
+            sub.add_parser(name, help=f"(see aim-ds {name} --help)", add_help=False)
             continue
         module_name, _, attr = module_name.partition(":")
         module = importlib.import_module(module_name)

@@ -16,8 +16,9 @@ import difflib
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 SECTION = "aim_merging"
 

@@ -95,7 +95,7 @@ def score_labels(model_or_engine, tokenizer, prompts: list[list[int]], label_ids
         pos = (start[:, None] + torch.arange(width, device=ids.device)[None, :]).clamp(max=ids.shape[1] - 2)
         logits = fwd(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits.float()
         tok_lp = F.log_softmax(logits, dim=-1).gather(-1, ids.gather(1, pos + 1).unsqueeze(-1)).squeeze(-1)
-        for i, (p, l) in enumerate(chunk):
+        for i, (_, l) in enumerate(chunk):
             scores[b * batch_size + i] = tok_lp[i, :len(label_ids[l])].sum().double().cpu()
     return scores.view(len(prompts), len(label_ids))
 

@@ -9,7 +9,7 @@ import csv
 import io
 import os
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 TMP_PREFIX = ".tmp-"
 

@@ -138,7 +138,7 @@ class AimMergingCallback(TrainerCallback):
 
         if not isinstance(engine, DeepSpeedEngine):
             raise AimInputError("AimMergingCallback: this Trainer does not run DeepSpeed; pass "
-                                "TrainingArguments(deepspeed=ds_config) with ZeRO stage 3.")
+                                "TrainingArguments(deepspeed=ds_config).")
         self.trainer_args = args
         previous, self.plugin = self.plugin, None
         if self._engine is not None and self._engine is not engine:

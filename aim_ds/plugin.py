@@ -280,7 +280,7 @@ class AimPlugin:
                               f"at task {self.task_index} step {self._step_in_task}: the forgetting signal is empty, "
                               "so only forced activations trigger merges. Mix memory rows into the training batches "
                               "and call plugin.record_probe_loss(*aim_ds.rows_loss(...)) before engine.step(), or use "
-                              "probe_source \"memory_forward\". (Reported once per task.)", RuntimeWarning)
+                              "probe_source \"memory_forward\". (Reported once per task.)", RuntimeWarning, stacklevel=2)
             return None
         return self._finite_probe(total / count)
 
@@ -306,7 +306,7 @@ class AimPlugin:
         if not math.isfinite(loss):
             if self.rank == 0:
                 warnings.warn(f"aim_merging: non-finite probe loss at task {self.task_index} step "
-                              f"{self._step_in_task}; this step's forgetting signal is skipped.", RuntimeWarning)
+                              f"{self._step_in_task}; this step's forgetting signal is skipped.", RuntimeWarning, stacklevel=2)
             return None
         return loss
 
@@ -359,7 +359,7 @@ class AimPlugin:
             else:
                 plan[0] = -1  # skip: never fuse non-finite weights
                 warnings.warn(f"aim_merging: non-finite learning signal at task {self.task_index} step "
-                              f"{self._step_in_task}: the weights hold NaN/inf; merge skipped.", RuntimeWarning)
+                              f"{self._step_in_task}: the weights hold NaN/inf; merge skipped.", RuntimeWarning, stacklevel=2)
         statistics.broadcast(plan, src=0)
         interval, r, w_in, w_out = plan.tolist()
         if interval < 0:
@@ -395,7 +395,7 @@ class AimPlugin:
             if self.rank == 0:
                 warnings.warn(f"aim_merging: the merge at task {self.task_index} step {self._step_in_task} failed "
                               f"and was undone on every rank (weights, optimizer state, anchor, controller and "
-                              f"trajectory are exactly as before it): {e}", RuntimeWarning)
+                              f"trajectory are exactly as before it): {e}", RuntimeWarning, stacklevel=2)
             return {"merged": False, "reason": str(e), "task": self.task_index, "step": self._step_in_task}
         # commit: the fused masters become the anchor
         for g, a in zip(groups, self.anchor):

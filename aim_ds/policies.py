@@ -14,8 +14,8 @@ Weight policies map (activations A at merge time, interval S at merge time) to (
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .config import AimConfig
 

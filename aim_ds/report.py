@@ -13,8 +13,7 @@ import json
 import math
 
 from .fileio import atomic_write_bytes, atomic_write_text, write_csv  # noqa: F401
-from .trajectory import FIELDS as TRAJECTORY_FIELDS, read_csv as read_trajectory_csv  # noqa: F401
-
+from .trajectory import FIELDS as TRAJECTORY_FIELDS  # noqa: F401
 
 
 def _json_safe(x):

@@ -122,8 +122,12 @@ class ZeroShards:
 
     def __init__(self, engine):
         import deepspeed.comm as dist
-        from deepspeed.utils.bwc import (bwc_pipeline_parallel_world_size, bwc_tensor_model_parallel_group,
-                                         bwc_tensor_model_parallel_rank, bwc_tensor_model_parallel_world_size)
+        from deepspeed.utils.bwc import (
+            bwc_pipeline_parallel_world_size,
+            bwc_tensor_model_parallel_group,
+            bwc_tensor_model_parallel_rank,
+            bwc_tensor_model_parallel_world_size,
+        )
 
         self.engine = engine
         self.optimizer = engine.optimizer

@@ -161,8 +161,8 @@ class Bench:
     """One engine on this rank, with plain and hooked steps and synthetic task data."""
 
     def __init__(self, spec: dict):
-        import torch
         import deepspeed
+        import torch
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -246,7 +246,7 @@ def _timed_method(obj, name: str, sink: list):
     setattr(obj, name, wrapped)
 
 
-def _alternate(b: "Bench", plugin, counter, n: int, record: bool = False) -> dict:
+def _alternate(b: Bench, plugin, counter, n: int, record: bool = False) -> dict:
     """n pairs on one engine after one warm-up hooked step: DeepSpeed's own step (bypassing the hook), then the
     hooked step on the same batch, so that load from other processes hits both alike. Per pair: both step
     times, the plugin's collective bytes, whether it merged, and the time inside the hook; with record
@@ -296,7 +296,6 @@ def job_memory(b: Bench) -> dict:
 
 def job_full(b: Bench) -> dict:
     import aim_ds
-
     from benchmarks.gpu_check import FusionTimer, Sync, copy_bandwidth
 
     spec, reps = b.spec, b.spec["reps"]
@@ -455,7 +454,7 @@ def _driver_pair(methods, seed, root: Path, env, timeout: float) -> dict:
             for q, _, f in procs.values():
                 q.kill()
                 f.close()
-            raise RuntimeError(f"perf: driver {m} seed {seed} timed out after {timeout:.0f} s; logs in {root}")
+            raise RuntimeError(f"perf: driver {m} seed {seed} timed out after {timeout:.0f} s; logs in {root}") from None
         log_f.close()
         if p.returncode != 0 or not (out / "results.json").exists():
             tail = Path(f"{out}.log").read_text()[-3000:]
@@ -529,8 +528,8 @@ def measure(plan_name: str, log=print) -> dict:
     log("perf: statistics bytes with the tiny model on 2 ranks ...")
     tiny = launch(dict(base, job="memory", model="tiny"), 2, timeout=300)
 
-    import torch  # noqa: F401  (versions)
     import deepspeed
+    import torch  # noqa: F401  (versions)
     import transformers
 
     out["machine"].update(torch=torch.__version__, deepspeed=deepspeed.__version__, transformers=transformers.__version__)

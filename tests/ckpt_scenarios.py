@@ -15,7 +15,8 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import aim_ds
 from aim_ds import checkpoint as ckpt
-from aim_ds.checkpoint import format as ckpt_format, runtime as ckpt_runtime
+from aim_ds.checkpoint import format as ckpt_format
+from aim_ds.checkpoint import runtime as ckpt_runtime
 from tests import scenarios as sc
 
 AIM = {"enabled": True, "interval_rule": "fixed", "initial_interval": 3, "min_interval": 2, "max_interval": 16,
@@ -180,7 +181,7 @@ def _bad_inputs(work: str, d: str) -> dict:
     for name, edit in (("missing_rank_file", missing_rank_file), ("truncated", truncated),
                        ("dangling_latest", dangling_latest)):
         vd = variant(name, edit)
-        errors[name] = _error_of(lambda: ckpt.load_checkpoint(e3, p3, vd, task_fingerprint=FP))
+        errors[name] = _error_of(lambda vd=vd: ckpt.load_checkpoint(e3, p3, vd, task_fingerprint=FP))
     errors["missing_tag"] = _error_of(lambda: ckpt.load_checkpoint(e3, p3, d, tag="nope"))
     errors["task_fingerprint"] = _error_of(lambda: ckpt.load_checkpoint(e3, p3, d, task_fingerprint="tasks-v2"))
     p3.detach()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from aim_ds import checkpoint as ckpt
-from aim_ds.checkpoint import format as fmt, layout
+from aim_ds.checkpoint import format as fmt
+from aim_ds.checkpoint import layout
 
 
 def _layout(world, sub_group_size=None):
@@ -26,7 +27,7 @@ def _layout(world, sub_group_size=None):
 def test_scatter_gather_roundtrip(world, size):
     lay = _layout(world, size)
     for g in lay["sub_groups"]:
-        for n, s, k, pn in g["params"]:
+        for _, s, k, pn in g["params"]:
             assert pn == math.ceil(k / world) and math.prod(s) == k
     gen = torch.Generator().manual_seed(world)
     full = {n: torch.randn(k, generator=gen) for sg in lay["sub_groups"] for n, _, k, _ in sg["params"]}

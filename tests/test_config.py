@@ -173,9 +173,9 @@ def test_direct_construction_validates_and_replace():
 def test_config_module_imports_without_torch():
     # bypass the package __init__ (which may import more) to check these three modules alone
     pkg_dir = str(Path(__file__).resolve().parents[1] / "aim_ds")
-    code = ("import sys, types; pkg = types.ModuleType('aim_ds'); pkg.__path__ = [%r]; "
+    code = (f"import sys, types; pkg = types.ModuleType('aim_ds'); pkg.__path__ = [{pkg_dir!r}]; "
             "sys.modules['aim_ds'] = pkg; import aim_ds.config, aim_ds.policies, aim_ds.controller; "
-            "print('torch' in sys.modules)" % pkg_dir)
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

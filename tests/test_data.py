@@ -7,9 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from aim_ds.data import (CausalLMExamples, DataError, Example, Task, collate, encode_prompt,
-                         encode_target, generate_default_tasks, generate_generation_tasks,
-                         get_tokenizer, load_tasks, select_memory)
+from aim_ds.data import (
+    CausalLMExamples,
+    DataError,
+    Example,
+    Task,
+    collate,
+    encode_prompt,
+    encode_target,
+    generate_generation_tasks,
+    get_tokenizer,
+    load_tasks,
+    select_memory,
+)
 from aim_ds.data.core import ORDERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,6 +190,7 @@ def test_default_benchmark():
         assert t.name in t.train[0].input and set(Counter(e.output for e in t.train)) == set(t.labels)
     # the tasks conflict: the same inputs, label maps that agree on at most one category of four
     from itertools import combinations
+
     from aim_ds.data.default import CLASSIFICATION_RULES
     perms = [p for _, p in CLASSIFICATION_RULES[:4]]
     for p, q in combinations(perms, 2):
@@ -301,7 +312,6 @@ def test_prompt_truncation(tok):
 def test_label_window_loss_equals_full_logits_loss():
     """collate's logits_to_keep window: same loss as full logits, on rows with different prompt and
     label lengths (right padding), and the gathered labels are exactly each row's label tokens."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from aim_ds.data.dataset import IGNORE, collate
@@ -332,7 +342,6 @@ def test_label_window_loss_equals_full_logits_loss():
 
 def _tiny_lm_and_rows(seed: int, label_lengths):
     """A 1-layer random Llama and prompt/answer rows of the given (length, answer tokens)."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from aim_ds.data.dataset import IGNORE
@@ -353,7 +362,6 @@ def test_rows_loss_is_the_models_loss_on_those_rows():
     """aim_ds.rows_loss (the forgetting signal read from a training batch's memory rows) is the model's own
     shifted cross-entropy: all rows give the model's loss, row groups add up, with and without label windows."""
     import pytest
-    import torch
 
     import aim_ds
     from aim_ds.data.dataset import IGNORE, collate
@@ -383,7 +391,6 @@ def test_mixed_loss_weights_new_and_memory_rows():
     """aim_ds.mixed_loss: (1 - w) x the new rows' mean token loss + w x the memory rows', built from the same
     cross-entropy as rows_loss (whose memory figures it returns for the probe); its gradient is that mix."""
     import pytest
-    import torch
 
     import aim_ds
     from aim_ds.data.dataset import IGNORE, collate
@@ -419,7 +426,6 @@ def test_mixed_loss_weights_new_and_memory_rows():
 def test_driver_collate_encodes_each_example_once_and_identically(tok):
     """The driver caches each example's encoding (memory rows recur in every mixed batch): a cached
     batch equals a freshly encoded one, and an example is tokenized once however often it comes back."""
-    import torch
 
     from aim_ds.data import CausalLMExamples, collate
     from aim_ds.driver import EncodingCache

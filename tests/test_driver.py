@@ -19,7 +19,8 @@ BIN = Path(sys.executable).parent
 SMALL = ["--max-train", "32", "--max-eval", "16", "--batch-size", "2", "--eval-batch-size", "16", "--no-progress"]
 
 
-from tests.mp import driver_env as env, free_port  # noqa: E402
+from tests.mp import driver_env as env  # noqa: E402
+from tests.mp import free_port
 
 
 def run(cmd, tmp_path, timeout=240):

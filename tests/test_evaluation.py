@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aim_ds.data import (CausalLMExamples, Example, Task, collate, encode_prompt, get_tokenizer,
-                         load_tasks)
+from aim_ds.data import CausalLMExamples, Task, collate, encode_prompt, get_tokenizer, load_tasks
 from aim_ds.evaluation import cl_metrics, evaluate_task, generate_texts, rouge_l, score_labels
 
 
@@ -159,6 +158,7 @@ def _worker(rank, world, port, tok_dir, out):
 
 def test_two_ranks_match_one(tmp_path):
     import socket
+
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

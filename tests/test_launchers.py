@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
-
 from test_driver import BIN, SMALL, TRAIN, check_outputs, free_port, run
 
 

@@ -137,7 +137,7 @@ def test_the_traces_reach_every_branch():
         numel = rng.choice((1, 1000, 4096))
         for _ in (1, 2, 3):
             losses = trace(kind, 900, rng)
-            for j, a, s, r, lam, w_in, w_out, s_next in released_schedule(losses, signal_sums(sums_kind, 900, rng),
+            for _j, a, s, r, _lam, _w_in, _w_out, s_next in released_schedule(losses, signal_sums(sums_kind, 900, rng),
                                                                         numel):
                 seen.add("R differs from the new S" if r != s_next else "R equals the new S")
                 seen.add(f"A={min(a, 3)}")

@@ -36,8 +36,25 @@ another world size is refused by `load_checkpoint` with the command to run.
 from __future__ import annotations
 
 from ..shards import engine_layout
-from .format import (DEL_PREFIX, FORMAT, HF_SUBDIR, MANIFEST, TMP_PREFIX, VERSION, CheckpointError, check_compatible, complete_tags,
-                     diff_config, find_latest, fingerprint, model_fingerprint, plugin_file, read_manifest, resolve_resume, resolve_tag)
+from .format import (
+                     DEL_PREFIX,
+                     FORMAT,
+                     HF_SUBDIR,
+                     MANIFEST,
+                     TMP_PREFIX,
+                     VERSION,
+                     CheckpointError,
+                     check_compatible,
+                     complete_tags,
+                     diff_config,
+                     find_latest,
+                     fingerprint,
+                     model_fingerprint,
+                     plugin_file,
+                     read_manifest,
+                     resolve_resume,
+                     resolve_tag,
+)
 from .offline import ConvertCommand, ReshardCommand, anchor_state_dict, convert, model_state_dict, reshard
 from .runtime import CheckpointSaveError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 

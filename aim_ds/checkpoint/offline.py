@@ -15,8 +15,19 @@ import time
 import torch
 
 from ..fileio import check_output_dir, fsync_dir
-from .format import (HF_SUBDIR, MANIFEST, TMP_PREFIX, CheckpointError, check_files, fsync_file, list_files,
-                     plugin_file, read_tag_manifest, resolve_tag, write_json_synced)
+from .format import (
+    HF_SUBDIR,
+    MANIFEST,
+    TMP_PREFIX,
+    CheckpointError,
+    check_files,
+    fsync_file,
+    list_files,
+    plugin_file,
+    read_tag_manifest,
+    resolve_tag,
+    write_json_synced,
+)
 from .layout import gather, get_path, reshard_plugin, split_layout
 from .runtime import torch_save_synced
 

@@ -16,9 +16,27 @@ import torch
 from .. import shards
 from ..fileio import exchange_paths, fsync_dir
 from ..statistics import agree
-from .format import (DEL_PREFIX, FORMAT, HF_SUBDIR, MANIFEST, TMP_PREFIX, VERSION, CheckpointError, check_files,
-                     check_compatible, check_tag, complete_tags, fsync_file, list_files, model_fingerprint, plugin_file,
-                     read_tag_manifest, resolve_tag, write_json_synced, write_latest)
+from .format import (
+    DEL_PREFIX,
+    FORMAT,
+    HF_SUBDIR,
+    MANIFEST,
+    TMP_PREFIX,
+    VERSION,
+    CheckpointError,
+    check_compatible,
+    check_files,
+    check_tag,
+    complete_tags,
+    fsync_file,
+    list_files,
+    model_fingerprint,
+    plugin_file,
+    read_tag_manifest,
+    resolve_tag,
+    write_json_synced,
+    write_latest,
+)
 
 
 class CheckpointSaveError(RuntimeError):

@@ -1,6 +1,16 @@
 """Task sequences, benchmark loaders, the generated default benchmark, memory buffer, tokenizer."""
-from .core import (BENCHMARK_ORDERS, ORDERS, DataError, Example, Task, load_olora_tasks,
-                   load_task_list, load_tasks, make_task, read_examples)
+from .core import (
+                   BENCHMARK_ORDERS,
+                   ORDERS,
+                   DataError,
+                   Example,
+                   Task,
+                   load_olora_tasks,
+                   load_task_list,
+                   load_tasks,
+                   make_task,
+                   read_examples,
+)
 from .dataset import CausalLMExamples, collate, encode_example, encode_prompt, encode_target
 from .default import generate_default_tasks, generate_generation_tasks
 from .memory import select_memory

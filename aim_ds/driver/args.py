@@ -231,7 +231,8 @@ def plugin_config(method: str, ds_config: dict, ds_path: str):
 
 
 def check_output_dir(path: str, overwrite: bool) -> None:
-    from aim_ds.fileio import OutputDirError, check_output_dir as check_dir
+    from aim_ds.fileio import OutputDirError
+    from aim_ds.fileio import check_output_dir as check_dir
 
     from .lock import LOCK_NAME  # a dead run's lock file alone does not make a folder "not empty"
 

@@ -15,11 +15,18 @@ import sys
 import time
 from typing import NamedTuple
 
-from .args import (MIXING_METHODS, InputError, RunConfig, check_output_dir, load_ds_config, parse_args,
-                   plugin_config)
+from .args import MIXING_METHODS, InputError, RunConfig, check_output_dir, load_ds_config, parse_args, plugin_config
 from .lock import LOCK_NAME, LockError, OutputLock, check_free
-from .resume import (CKPT_SUBDIR, announce, announce_fresh, check_resume_manifest, check_resume_options,
-                     global_batches, resolve_resume_arg, resume_options)
+from .resume import (
+    CKPT_SUBDIR,
+    announce,
+    announce_fresh,
+    check_resume_manifest,
+    check_resume_options,
+    global_batches,
+    resolve_resume_arg,
+    resume_options,
+)
 
 
 def main(argv=None, t0: float | None = None) -> int:
