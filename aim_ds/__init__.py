@@ -1,4 +1,5 @@
 """aim_ds: AimMerging (adaptive iterative model merging) for continual learning on DeepSpeed ZeRO-3."""
+
 __version__ = "0.1.0"
 
 from .config import AimConfig, ConfigError  # noqa: E402

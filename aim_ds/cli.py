@@ -7,6 +7,7 @@ Adding a subcommand: write a module with
 and add one line to SUBCOMMANDS below. A ValueError from run() is printed as one clear error line
 (`aim-ds NAME: error: ...`, exit status 2), not a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ import sys
 # name -> module (imported lazily: `aim-ds --help` stays fast and one broken command cannot break the others)
 SUBCOMMANDS: dict[str, str] = {
     "estimate-memory": "aim_ds.estimate",
-    "convert": "aim_ds.checkpoint:ConvertCommand",   # "module:attr": an object with HELP/add_arguments/run
+    "convert": "aim_ds.checkpoint:ConvertCommand",  # "module:attr": an object with HELP/add_arguments/run
     "reshard": "aim_ds.checkpoint:ReshardCommand",
     "replay": "aim_ds.replay",
 }

@@ -84,9 +84,12 @@ class AimConfig:
         if section is None:
             return cls(enabled=False)
         if not isinstance(section, Mapping):
-            raise ConfigError(f"{SECTION} = {_show(section)} has the wrong type ({_type_name(section)}): "
-                              f"expected a JSON object of settings (or leave the section out to disable "
-                              f"AimMerging)", None)
+            raise ConfigError(
+                f"{SECTION} = {_show(section)} has the wrong type ({_type_name(section)}): "
+                f"expected a JSON object of settings (or leave the section out to disable "
+                f"AimMerging)",
+                None,
+            )
         known = [f.name for f in dataclasses.fields(cls)]
         for key in section:
             if not isinstance(key, str):
@@ -94,8 +97,7 @@ class AimConfig:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
                 hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ConfigError(f"{SECTION}.{key} is not a known key: {hint}known keys are "
-                                  f"{', '.join(known)}", key)
+                raise ConfigError(f"{SECTION}.{key} is not a known key: {hint}known keys are {', '.join(known)}", key)
         return cls(**dict(section))
 
     @classmethod
@@ -105,8 +107,9 @@ class AimConfig:
             with open(ds_config, encoding="utf-8") as fh:
                 ds_config = json.load(fh)
         if not isinstance(ds_config, Mapping):
-            raise ConfigError(f"the DeepSpeed config has the wrong type ({_type_name(ds_config)}): "
-                              f"expected a JSON object", None)
+            raise ConfigError(
+                f"the DeepSpeed config has the wrong type ({_type_name(ds_config)}): expected a JSON object", None
+            )
         return cls.from_dict(ds_config.get(SECTION))
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,21 +199,28 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
         raise _fail("min_interval", lo, f"an integer >= 1 and <= max_interval ({hi})")
     if not lo <= s0 <= hi:
         raise _fail("initial_interval", s0, f"an integer in [min_interval, max_interval] = [{lo}, {hi}]")
-    out["cold_start"] = _int("cold_start", d["cold_start"], 0, "an integer >= 0 (merges before the "
-                             "reference rule may change the interval)")
+    out["cold_start"] = _int(
+        "cold_start", d["cold_start"], 0, "an integer >= 0 (merges before the reference rule may change the interval)"
+    )
     out["window"] = _int("window", d["window"], 2, "an integer >= 2 (learning-signal values compared)")
     for key in ("gamma_up", "gamma_down"):
         out[key] = _float(key, d[key], lambda x: x >= 1.0, "a finite number >= 1.0")
-    out["threshold_factor"] = _float("threshold_factor", d["threshold_factor"], lambda x: x > 0.0,
-                                     "a finite number > 0")
-    out["forced_activation_multiple"] = _int("forced_activation_multiple", d["forced_activation_multiple"],
-                                             1, "an integer >= 1 (forced activation at m + multiple * S)")
+    out["threshold_factor"] = _float(
+        "threshold_factor", d["threshold_factor"], lambda x: x > 0.0, "a finite number > 0"
+    )
+    out["forced_activation_multiple"] = _int(
+        "forced_activation_multiple",
+        d["forced_activation_multiple"],
+        1,
+        "an integer >= 1 (forced activation at m + multiple * S)",
+    )
     out["activation_cap"] = _int("activation_cap", d["activation_cap"], 1, "an integer >= 1")
     out["weight_policy"] = _choice("weight_policy", d["weight_policy"], WEIGHT_POLICIES)
     for key in ("w_in", "w_out"):
         out[key] = _float(key, d[key], lambda x: 0.0 <= x <= WEIGHT_MAX, f"a number in [0, {WEIGHT_MAX:g}]")
-    out["importance_quantile"] = _float("importance_quantile", d["importance_quantile"],
-                                        lambda x: 0.0 < x < 1.0, "a number in the open interval (0, 1)")
+    out["importance_quantile"] = _float(
+        "importance_quantile", d["importance_quantile"], lambda x: 0.0 < x < 1.0, "a number in the open interval (0, 1)"
+    )
     for key in ("importance_beta1", "importance_beta2"):
         out[key] = _float(key, d[key], lambda x: 0.0 <= x < 1.0, "a number in [0, 1)")
     r = d["rehearsal_steps"]
@@ -221,25 +231,37 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
         out["rehearsal_steps"] = r
     else:
         out["rehearsal_steps"] = _int("rehearsal_steps", r, 1, r_expected)
-    out["rehearsal_fraction"] = _float("rehearsal_fraction", d["rehearsal_fraction"], lambda x: 0.0 < x <= 1.0,
-                                       "a number in (0, 1] (R = ceil(fraction * S))")
+    out["rehearsal_fraction"] = _float(
+        "rehearsal_fraction",
+        d["rehearsal_fraction"],
+        lambda x: 0.0 < x <= 1.0,
+        "a number in (0, 1] (R = ceil(fraction * S))",
+    )
     if out["rehearsal_fraction"] != 1.0 and out["rehearsal_steps"] != "interval":
-        raise _fail("rehearsal_fraction", d["rehearsal_fraction"],
-                    '1.0 when rehearsal_steps is a constant (set R directly, or use rehearsal_steps "interval")',
-                    what="only scales rehearsal_steps \"interval\"")
-    out["probe_interval"] = _int("probe_interval", d["probe_interval"], 1,
-                                 "an integer >= 1 (probe every k-th step)")
-    out["probe_batch_size"] = _int("probe_batch_size", d["probe_batch_size"], 0,
-                                   "an integer >= 0 (0 = the whole memory batch)")
+        raise _fail(
+            "rehearsal_fraction",
+            d["rehearsal_fraction"],
+            '1.0 when rehearsal_steps is a constant (set R directly, or use rehearsal_steps "interval")',
+            what='only scales rehearsal_steps "interval"',
+        )
+    out["probe_interval"] = _int("probe_interval", d["probe_interval"], 1, "an integer >= 1 (probe every k-th step)")
+    out["probe_batch_size"] = _int(
+        "probe_batch_size", d["probe_batch_size"], 0, "an integer >= 0 (0 = the whole memory batch)"
+    )
     out["probe_source"] = _choice("probe_source", d["probe_source"], PROBE_SOURCES)
     if out["probe_source"] == "training_batch":
         # the loss comes from memory rows already in every training batch: there is no probe forward to thin
         for key in ("probe_interval", "probe_batch_size"):
             if out[key] != _DEFAULTS[key]:
-                raise _fail(key, d[key], f"{_DEFAULTS[key]} (the default) when probe_source is \"training_batch\": "
-                            "the forgetting signal is then read from the memory rows of every training batch, "
-                            "with no probe forward of its own to thin out; remove the key or use probe_source "
-                            "\"memory_forward\"", what="only applies to probe_source \"memory_forward\"")
+                raise _fail(
+                    key,
+                    d[key],
+                    f'{_DEFAULTS[key]} (the default) when probe_source is "training_batch": '
+                    "the forgetting signal is then read from the memory rows of every training batch, "
+                    "with no probe forward of its own to thin out; remove the key or use probe_source "
+                    '"memory_forward"',
+                    what='only applies to probe_source "memory_forward"',
+                )
     out["anchor"] = _choice("anchor", d["anchor"], ANCHORS)
     out["merge_first_task"] = _bool("merge_first_task", d["merge_first_task"])
     return out

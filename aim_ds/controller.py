@@ -167,11 +167,12 @@ class MergeController:
         lam = self._signal(abs_change_sum, numel)
         old = self._interval
         self._merges += 1
-        self._signals = (self._signals + [lam])[-self._keep:]
+        self._signals = (self._signals + [lam])[-self._keep :]
         new = int(self._rule.next_interval(old, self._signals, self._merges))
         w_in, w_out = self._weights.weights(self._activations, old)
-        plan = MergePlan(self._step, new, rehearsal_steps(self.cfg, old), float(w_in), float(w_out),
-                         lam, self._weights.name)
+        plan = MergePlan(
+            self._step, new, rehearsal_steps(self.cfg, old), float(w_in), float(w_out), lam, self._weights.name
+        )
         self._interval = new
         self._after_merge(lam)
         return plan
@@ -185,8 +186,9 @@ class MergeController:
         w_in, w_out = self._weights.weights(self._activations, s)
         self._merges += 1
         self._after_merge(lam)
-        return MergePlan(self._step, s, rehearsal_steps(self.cfg, s), float(w_in), float(w_out), lam,
-                         self._weights.name)
+        return MergePlan(
+            self._step, s, rehearsal_steps(self.cfg, s), float(w_in), float(w_out), lam, self._weights.name
+        )
 
     def _after_merge(self, lam: float) -> None:
         self._last_signal = lam
@@ -198,20 +200,31 @@ class MergeController:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "interval_rule": self.cfg.interval_rule,
-                "task_index": self._task_index, "active": self._active, "step": self._step,
-                "last_merge_step": self._last_merge, "interval": self._interval,
-                "threshold": self._threshold, "window_sum": self._window_sum,
-                "window_count": self._window_count, "activations": self._activations,
-                "merges": self._merges, "signals": list(self._signals),
-                "last_learning_signal": self._last_signal}
+        return {
+            "version": STATE_VERSION,
+            "interval_rule": self.cfg.interval_rule,
+            "task_index": self._task_index,
+            "active": self._active,
+            "step": self._step,
+            "last_merge_step": self._last_merge,
+            "interval": self._interval,
+            "threshold": self._threshold,
+            "window_sum": self._window_sum,
+            "window_count": self._window_count,
+            "activations": self._activations,
+            "merges": self._merges,
+            "signals": list(self._signals),
+            "last_learning_signal": self._last_signal,
+        }
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("version") != STATE_VERSION:
             raise ValueError(f"MergeController state version {d.get('version')!r} != {STATE_VERSION}")
         if d.get("interval_rule") != self.cfg.interval_rule:
-            raise ValueError(f"MergeController state was saved with interval_rule={d.get('interval_rule')!r}, "
-                             f"this controller uses {self.cfg.interval_rule!r}")
+            raise ValueError(
+                f"MergeController state was saved with interval_rule={d.get('interval_rule')!r}, "
+                f"this controller uses {self.cfg.interval_rule!r}"
+            )
         opt = lambda v: None if v is None else float(v)  # noqa: E731
         self._task_index = None if d["task_index"] is None else int(d["task_index"])
         self._active = bool(d["active"])
@@ -223,7 +236,7 @@ class MergeController:
         self._window_count = int(d["window_count"])
         self._activations = int(d["activations"])
         self._merges = int(d["merges"])
-        self._signals = [float(x) for x in d["signals"]][-self._keep:]
+        self._signals = [float(x) for x in d["signals"]][-self._keep :]
         self._last_signal = opt(d["last_learning_signal"])
 
     # ------------------------------------------------------------------ read-only views

@@ -24,6 +24,7 @@ happen before torch's intra-op pool starts, so this module also applies it at im
 launcher environment already says how many local ranks there are; ``torch.set_num_threads`` is called
 as well for the case where torch was already imported.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -54,8 +55,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_local_ranks(cmd_for_rank, world: int, log_dir: str, timeout: float, env: dict | None = None,
-                    cwd: str | None = None) -> tuple[list[int | None], bool]:
+def run_local_ranks(
+    cmd_for_rank, world: int, log_dir: str, timeout: float, env: dict | None = None, cwd: str | None = None
+) -> tuple[list[int | None], bool]:
     """Start `world` local processes, cmd_for_rank(rank, port) each, with RANK, LOCAL_RANK, WORLD_SIZE,
     MASTER_ADDR=127.0.0.1 and MASTER_PORT (one free port) set, stdout and stderr in
     log_dir/rank<R>.log; wait for all of them. Returns (exit codes, timed_out): on timeout every rank is
@@ -71,8 +73,15 @@ def run_local_ranks(cmd_for_rank, world: int, log_dir: str, timeout: float, env:
         for r in range(world):
             log = open(os.path.join(log_dir, f"rank{r}.log"), "w")
             logs.append(log)
-            procs.append(subprocess.Popen(cmd_for_rank(r, port), cwd=cwd, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
-                                          stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    cmd_for_rank(r, port),
+                    cwd=cwd,
+                    env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         deadline = time.monotonic() + timeout
         timed_out = False
         for p in procs:
@@ -142,8 +151,13 @@ def _setup_mpi_env() -> None:
     port = os.environ.get("MASTER_PORT")
     if port is None:
         port = comm.bcast(str(free_port()) if rank == 0 else None, root=0)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank),
-                      LOCAL_WORLD_SIZE=str(local_size), MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(size),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(local_size),
+        MASTER_PORT=str(port),
+    )
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 
 
@@ -187,9 +201,13 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
                 import oneccl_bindings_for_pytorch  # noqa: F401
             except ImportError:
                 backend = "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s),
-                                   rank=info.rank, world_size=info.world_size)
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            rank=info.rank,
+            world_size=info.world_size,
+        )
         release_cpu_shm_names()
     return info
 
@@ -199,8 +217,10 @@ def cpu_shm_path(rank: int | None = None) -> str:
     import torch.distributed as dist
 
     rank = dist.get_rank() if rank is None else rank
-    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    return (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{rank}"
+    )
 
 
 def release_cpu_shm_names() -> bool:

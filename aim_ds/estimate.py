@@ -30,6 +30,7 @@ host memory when the optimizer is offloaded, or always in host memory with "anch
 bytes per node are the per-rank bytes times the GPUs per node. Partition padding (< N elements per
 parameter) is ignored, as DeepSpeed's estimator ignores it.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,9 @@ class Estimate:
 
 
 # ---------------------------------------------------------------------------------------- checks
-def _check(total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor,
-           stage=3) -> None:
+def _check(
+    total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor, stage=3
+) -> None:
     def bad(name, value, accepted):
         raise EstimateError(f"{name}={value!r} is invalid: expected {accepted}.")
 
@@ -100,11 +102,19 @@ def _check(total_params, largest_layer_params, world_size, nodes, offload, ancho
         bad("stage", stage, " | ".join(map(str, STAGE_CHOICES)))
     if stage < 3 and offload in ("param", "both"):
         bad("offload", offload, f"none | optimizer at ZeRO stage {stage} (parameter offload needs stage 3)")
-    if isinstance(total_params, bool) or not isinstance(total_params, (int, float)) or not math.isfinite(total_params) \
-            or total_params <= 0:
+    if (
+        isinstance(total_params, bool)
+        or not isinstance(total_params, (int, float))
+        or not math.isfinite(total_params)
+        or total_params <= 0
+    ):
         bad("params", total_params, "a positive number of parameters (e.g. 13e9)")
-    if isinstance(largest_layer_params, bool) or not isinstance(largest_layer_params, (int, float)) \
-            or not math.isfinite(largest_layer_params) or largest_layer_params < 0:
+    if (
+        isinstance(largest_layer_params, bool)
+        or not isinstance(largest_layer_params, (int, float))
+        or not math.isfinite(largest_layer_params)
+        or largest_layer_params < 0
+    ):
         bad("largest_layer_params", largest_layer_params, "a number >= 0")
     if largest_layer_params > total_params:
         bad("largest_layer_params", largest_layer_params, f"at most the total parameters ({int(total_params)})")
@@ -125,16 +135,29 @@ def _check(total_params, largest_layer_params, world_size, nodes, offload, ancho
 
 
 # ---------------------------------------------------------------------------------------- ZeRO part
-def zero3_model_states(total_params: int, largest_layer_params: int, gpus_per_node: int, nodes: int,
-                       offload: str, zero_init: bool = True, buffer_factor: float = 1.5) -> tuple[int, int, str]:
+def zero3_model_states(
+    total_params: int,
+    largest_layer_params: int,
+    gpus_per_node: int,
+    nodes: int,
+    offload: str,
+    zero_init: bool = True,
+    buffer_factor: float = 1.5,
+) -> tuple[int, int, str]:
     """(host bytes per node, GPU bytes per GPU, source) for ZeRO-3 model states, from DeepSpeed's estimator."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as ds_estimate
 
     def ds(cpu_offload: bool, cpu_offload_params: bool) -> tuple[int, int]:
-        cpu, gpu, _ = ds_estimate(total_params=total_params, largest_layer_params=largest_layer_params,
-                                  num_gpus_per_node=gpus_per_node, num_nodes=nodes, cpu_offload=cpu_offload,
-                                  cpu_offload_params=cpu_offload_params, zero_init=zero_init,
-                                  additional_buffer_factor=buffer_factor)
+        cpu, gpu, _ = ds_estimate(
+            total_params=total_params,
+            largest_layer_params=largest_layer_params,
+            num_gpus_per_node=gpus_per_node,
+            num_nodes=nodes,
+            cpu_offload=cpu_offload,
+            cpu_offload_params=cpu_offload_params,
+            zero_init=zero_init,
+            additional_buffer_factor=buffer_factor,
+        )
         return int(cpu), int(gpu)
 
     if offload == "none":
@@ -150,13 +173,19 @@ def zero3_model_states(total_params: int, largest_layer_params: int, gpus_per_no
     return int(total_params * per_param * buffer_factor), int(gpu), "derived"
 
 
-def zero12_model_states(total_params: int, gpus_per_node: int, nodes: int, offload: str,
-                        buffer_factor: float = 1.5) -> tuple[int, int, str]:
+def zero12_model_states(
+    total_params: int, gpus_per_node: int, nodes: int, offload: str, buffer_factor: float = 1.5
+) -> tuple[int, int, str]:
     """(host bytes per node, GPU bytes per GPU, source) for ZeRO-1/2 model states, from DeepSpeed's estimator."""
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as ds_estimate
 
-    cpu, gpu = ds_estimate(total_params=total_params, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
-                           cpu_offload=offload == "optimizer", additional_buffer_factor=buffer_factor)
+    cpu, gpu = ds_estimate(
+        total_params=total_params,
+        num_gpus_per_node=gpus_per_node,
+        num_nodes=nodes,
+        cpu_offload=offload == "optimizer",
+        additional_buffer_factor=buffer_factor,
+    )
     return int(cpu), int(gpu), "deepspeed"
 
 
@@ -171,24 +200,46 @@ def plugin_location(offload: str, anchor: str) -> str:
     return "host" if anchor == "host" or offload in ("optimizer", "both") else "device"
 
 
-def estimate(total_params, world_size: int, nodes: int = 1, offload: str = "none", anchor: str = "device",
-             policy: str = "scalar", largest_layer_params=0, zero_init: bool = True,
-             buffer_factor: float = 1.5, stage: int = 3) -> Estimate:
+def estimate(
+    total_params,
+    world_size: int,
+    nodes: int = 1,
+    offload: str = "none",
+    anchor: str = "device",
+    policy: str = "scalar",
+    largest_layer_params=0,
+    zero_init: bool = True,
+    buffer_factor: float = 1.5,
+    stage: int = 3,
+) -> Estimate:
     _check(total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor, stage)
     total_params, largest_layer_params = int(total_params), int(largest_layer_params)
     g = world_size // nodes
     if stage == 3:
-        host, gpu, source = zero3_model_states(total_params, largest_layer_params, g, nodes, offload, zero_init,
-                                               buffer_factor)
+        host, gpu, source = zero3_model_states(
+            total_params, largest_layer_params, g, nodes, offload, zero_init, buffer_factor
+        )
     else:
         host, gpu, source = zero12_model_states(total_params, g, nodes, offload, buffer_factor)
     per_rank = plugin_bytes_per_rank(total_params, world_size, policy)
     where = plugin_location(offload, anchor)
     return Estimate(
-        stage=stage, total_params=total_params, largest_layer_params=largest_layer_params, world_size=world_size, nodes=nodes,
-        gpus_per_node=g, offload=offload, anchor=anchor, policy=policy, zero_init=zero_init,
-        buffer_factor=buffer_factor, source=source, zero_gpu_bytes=gpu, zero_host_bytes_per_node=host,
-        plugin_bytes_per_rank=per_rank, plugin_location=where,
+        stage=stage,
+        total_params=total_params,
+        largest_layer_params=largest_layer_params,
+        world_size=world_size,
+        nodes=nodes,
+        gpus_per_node=g,
+        offload=offload,
+        anchor=anchor,
+        policy=policy,
+        zero_init=zero_init,
+        buffer_factor=buffer_factor,
+        source=source,
+        zero_gpu_bytes=gpu,
+        zero_host_bytes_per_node=host,
+        plugin_bytes_per_rank=per_rank,
+        plugin_location=where,
         plugin_gpu_bytes=per_rank if where == "device" else 0,
         plugin_host_bytes_per_node=per_rank * g if where == "host" else 0,
     )
@@ -211,8 +262,9 @@ def load_model_config(path: str):
     except (OSError, json.JSONDecodeError) as e:
         raise EstimateError(f"model-config={path!r} is not readable JSON: {e}") from None
     if not isinstance(d, dict) or "model_type" not in d:
-        raise EstimateError(f"model-config={path!r} has no \"model_type\" (e.g. \"llama\"); it must be a "
-                            "transformers config.json.")
+        raise EstimateError(
+            f'model-config={path!r} has no "model_type" (e.g. "llama"); it must be a transformers config.json.'
+        )
     d = dict(d)
     try:
         return AutoConfig.for_model(d.pop("model_type"), **d)
@@ -244,13 +296,17 @@ def _gib(b: int) -> str:
 
 def format_table(e: Estimate) -> str:
     g = e.gpus_per_node
-    plug_word = {"scalar": "scalar policy: 1 fp32 buffer = 4 B/param / N",
-                 "importance": "importance policy: anchor + theta_k + 4 EMA buffers = 24 B/param / N"}[e.policy]
+    plug_word = {
+        "scalar": "scalar policy: 1 fp32 buffer = 4 B/param / N",
+        "importance": "importance policy: anchor + theta_k + 4 EMA buffers = 24 B/param / N",
+    }[e.policy]
     z = f"ZeRO-{e.stage}"
-    source = {3: "DeepSpeed estimate_zero3_model_states_mem_needs",
-              2: "DeepSpeed estimate_zero2_model_states_mem_needs",
-              1: "DeepSpeed estimate_zero2_model_states_mem_needs (its stage 1-2 estimator: stage 1 keeps the 16-bit "
-                 "gradients whole, 2 B/param x (1 - 1/N) more per GPU)"}[e.stage]
+    source = {
+        3: "DeepSpeed estimate_zero3_model_states_mem_needs",
+        2: "DeepSpeed estimate_zero2_model_states_mem_needs",
+        1: "DeepSpeed estimate_zero2_model_states_mem_needs (its stage 1-2 estimator: stage 1 keeps the 16-bit "
+        "gradients whole, 2 B/param x (1 - 1/N) more per GPU)",
+    }[e.stage]
     lines = [
         f"{z} model states: {e.total_params / 1e9:.3f}B params"
         + (f" (largest layer {e.largest_layer_params / 1e6:.1f}M)" if e.stage == 3 else "")
@@ -280,19 +336,38 @@ HELP = "model-state memory per GPU and per node for ZeRO stages 1-3, with and wi
 def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--params", type=float, help="total parameters, e.g. 13e9")
-    src.add_argument("--model-config", metavar="DIR_OR_JSON",
-                     help="a transformers model folder or config.json: parameters counted on the meta device")
-    p.add_argument("--largest-layer-params", type=float, default=None,
-                   help="parameters of the largest layer (with --params; default 0, counted with --model-config)")
+    src.add_argument(
+        "--model-config",
+        metavar="DIR_OR_JSON",
+        help="a transformers model folder or config.json: parameters counted on the meta device",
+    )
+    p.add_argument(
+        "--largest-layer-params",
+        type=float,
+        default=None,
+        help="parameters of the largest layer (with --params; default 0, counted with --model-config)",
+    )
     p.add_argument("--world-size", type=int, required=True, help="total GPUs (data-parallel ranks)")
     p.add_argument("--stage", type=int, choices=STAGE_CHOICES, default=3, help="ZeRO stage (default 3)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (must divide the world size; default 1)")
-    p.add_argument("--offload", choices=OFFLOAD_CHOICES, default="none",
-                   help="offload to CPU (default none; param and both need stage 3)")
-    p.add_argument("--anchor", choices=ANCHOR_CHOICES, default="device",
-                   help="aim_merging \"anchor\": device (next to the fp32 masters) or host")
-    p.add_argument("--policy", choices=POLICY_CHOICES, default="scalar",
-                   help="weight policy: scalar (signals/fixed, 4 B/param/N) or importance (24 B/param/N)")
+    p.add_argument(
+        "--offload",
+        choices=OFFLOAD_CHOICES,
+        default="none",
+        help="offload to CPU (default none; param and both need stage 3)",
+    )
+    p.add_argument(
+        "--anchor",
+        choices=ANCHOR_CHOICES,
+        default="device",
+        help='aim_merging "anchor": device (next to the fp32 masters) or host',
+    )
+    p.add_argument(
+        "--policy",
+        choices=POLICY_CHOICES,
+        default="scalar",
+        help="weight policy: scalar (signals/fixed, 4 B/param/N) or importance (24 B/param/N)",
+    )
     p.add_argument("--no-zero-init", action="store_true", help="model not built under zero.Init (more host memory)")
     p.add_argument("--buffer-factor", type=float, default=1.5, help="DeepSpeed's additional_buffer_factor (1.5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -310,8 +385,10 @@ def run(args) -> int:
     else:
         print(format_table(e))
         if args.stage == 3 and args.model_config is None and args.largest_layer_params is None:
-            print("Largest layer not given: 0 assumed (DeepSpeed adds 4 bytes x its parameters per GPU); "
-                  "pass --largest-layer-params or --model-config.")
+            print(
+                "Largest layer not given: 0 assumed (DeepSpeed adds 4 bytes x its parameters per GPU); "
+                "pass --largest-layer-params or --model-config."
+            )
     return 0
 
 
@@ -322,6 +399,15 @@ def _estimate_from_args(args) -> Estimate:
             largest = args.largest_layer_params
     else:
         total, largest = args.params, (args.largest_layer_params or 0)
-    return estimate(total, args.world_size, nodes=args.nodes, offload=args.offload, anchor=args.anchor,
-                    policy=args.policy, largest_layer_params=largest, zero_init=not args.no_zero_init,
-                    buffer_factor=args.buffer_factor, stage=args.stage)
+    return estimate(
+        total,
+        args.world_size,
+        nodes=args.nodes,
+        offload=args.offload,
+        anchor=args.anchor,
+        policy=args.policy,
+        largest_layer_params=largest,
+        zero_init=not args.no_zero_init,
+        buffer_factor=args.buffer_factor,
+        stage=args.stage,
+    )

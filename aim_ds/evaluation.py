@@ -6,6 +6,7 @@ r, r+W, r+2W, ... and the (sum, count) pairs are all-reduced. Under ZeRO-3 every
 collective, so all ranks run the same number of batches: a rank with fewer examples repeats one
 and drops its score.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -62,8 +63,14 @@ def _pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def score_labels(model_or_engine, tokenizer, prompts: list[list[int]], label_ids: list[list[int]],
-                 batch_size: int, n_batches: int | None = None) -> torch.Tensor:
+def score_labels(
+    model_or_engine,
+    tokenizer,
+    prompts: list[list[int]],
+    label_ids: list[list[int]],
+    batch_size: int,
+    n_batches: int | None = None,
+) -> torch.Tensor:
     """Summed log-likelihood of every label continuation after every prompt: [n_prompts, n_labels].
 
     Pairs are scored in batches of ``batch_size`` sequences; ``n_batches`` (>= needed) forces
@@ -75,7 +82,7 @@ def score_labels(model_or_engine, tokenizer, prompts: list[list[int]], label_ids
     scores = torch.zeros(len(prompts) * len(label_ids), dtype=torch.float64)
     dummy = [(prompts[0] if prompts else [tokenizer.bos_token_id]) + label_ids[0]]
     for b in range(n_batches):
-        chunk = pairs[b * batch_size:(b + 1) * batch_size]
+        chunk = pairs[b * batch_size : (b + 1) * batch_size]
         if not chunk:
             ids, mask = _pad_right(dummy, tokenizer.pad_token_id, device)
             fwd(input_ids=ids, attention_mask=mask)
@@ -96,21 +103,27 @@ def score_labels(model_or_engine, tokenizer, prompts: list[list[int]], label_ids
         logits = fwd(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits.float()
         tok_lp = F.log_softmax(logits, dim=-1).gather(-1, ids.gather(1, pos + 1).unsqueeze(-1)).squeeze(-1)
         for i, (_, l) in enumerate(chunk):
-            scores[b * batch_size + i] = tok_lp[i, :len(label_ids[l])].sum().double().cpu()
+            scores[b * batch_size + i] = tok_lp[i, : len(label_ids[l])].sum().double().cpu()
     return scores.view(len(prompts), len(label_ids))
 
 
 @torch.no_grad()
-def generate_texts(model_or_engine, tokenizer, prompts: list[list[int]], batch_size: int,
-                   max_new_tokens: int, n_batches: int | None = None, synced_gpus: bool = False
-                   ) -> list[str]:
+def generate_texts(
+    model_or_engine,
+    tokenizer,
+    prompts: list[list[int]],
+    batch_size: int,
+    max_new_tokens: int,
+    n_batches: int | None = None,
+    synced_gpus: bool = False,
+) -> list[str]:
     """Greedy continuations (left-padded batches), decoded and cut at eos."""
     _, module, device = _unwrap(model_or_engine)
     need = math.ceil(len(prompts) / batch_size)
     n_batches = need if n_batches is None else n_batches
     out: list[str] = []
     for b in range(n_batches):
-        chunk = prompts[b * batch_size:(b + 1) * batch_size]
+        chunk = prompts[b * batch_size : (b + 1) * batch_size]
         real = len(chunk)
         if not chunk:
             chunk = [prompts[0] if prompts else [tokenizer.bos_token_id]]
@@ -118,12 +131,18 @@ def generate_texts(model_or_engine, tokenizer, prompts: list[list[int]], batch_s
         ids = torch.full((len(chunk), n), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), n), dtype=torch.long)
         for i, s in enumerate(chunk):
-            ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, n - len(s):] = 1
-        gen = module.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus)
+            ids[i, n - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, n - len(s) :] = 1
+        gen = module.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced_gpus,
+        )
         for i in range(real):
             new = gen[i, n:].tolist()
             if tokenizer.eos_token_id in new:
@@ -140,6 +159,7 @@ def rouge_l(prediction: str, reference: str) -> float:
     global _ROUGE
     if _ROUGE is None:
         from rouge_score import rouge_scorer
+
         _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     p, r = _normalise(prediction), _normalise(reference)
     if not p or not r:
@@ -149,19 +169,28 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 def _all_reduce_sum_count(total: float, count: int, device, world_size: int) -> tuple[float, float]:
     import torch.distributed as dist
+
     if world_size > 1:
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"evaluate_task: world_size={world_size} but torch.distributed is not "
-                               f"initialised")
+            raise RuntimeError(f"evaluate_task: world_size={world_size} but torch.distributed is not initialised")
         t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         total, count = t[0].item(), t[1].item()
     return total, count
 
 
-def evaluate_task(model_or_engine, tokenizer, task: Task, *, batch_size: int = 32, rank: int = 0,
-                  world_size: int = 1, max_new_tokens: int = 32, max_prompt_len: int = 160,
-                  synced_gpus: bool | None = None) -> float:
+def evaluate_task(
+    model_or_engine,
+    tokenizer,
+    task: Task,
+    *,
+    batch_size: int = 32,
+    rank: int = 0,
+    world_size: int = 1,
+    max_new_tokens: int = 32,
+    max_prompt_len: int = 160,
+    synced_gpus: bool | None = None,
+) -> float:
     """Score ``task.eval`` in percent (0-100); every rank must call it.
 
     Classification (``task.labels`` set): the label with the highest summed log-likelihood of
@@ -186,8 +215,7 @@ def evaluate_task(model_or_engine, tokenizer, task: Task, *, batch_size: int = 3
         if task.labels is not None:
             labels = list(task.labels)
             label_ids = [encode_target(tokenizer, l) for l in labels]
-            nb = _n_batches(lambda r: len(_rank_slice(n, r, world_size)) * len(labels), world_size,
-                            batch_size)
+            nb = _n_batches(lambda r: len(_rank_slice(n, r, world_size)) * len(labels), world_size, batch_size)
             scores = score_labels(model_or_engine, tokenizer, prompts, label_ids, batch_size, nb)
             for e, row in zip(mine, scores):
                 pred = labels[int(torch.argmax(row))]
@@ -195,8 +223,7 @@ def evaluate_task(model_or_engine, tokenizer, task: Task, *, batch_size: int = 3
         else:
             nb = _n_batches(lambda r: len(_rank_slice(n, r, world_size)), world_size, batch_size)
             sync = (world_size > 1) if synced_gpus is None else synced_gpus
-            preds = generate_texts(model_or_engine, tokenizer, prompts, batch_size, max_new_tokens,
-                                   nb, sync)
+            preds = generate_texts(model_or_engine, tokenizer, prompts, batch_size, max_new_tokens, nb, sync)
             for e, p in zip(mine, preds):
                 if task.metric == "rougeL":
                     total += rouge_l(p, e.output)

@@ -3,6 +3,7 @@
 Write to a temporary file in the target's folder, fsync, then os.replace: a reader (or a crash)
 sees the old file or the new one, never a partial one. Kept free of torch so every module can use it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,8 +19,9 @@ class OutputDirError(ValueError):
     """An output folder that would overwrite something; raised before anything is written."""
 
 
-def check_output_dir(path: str, overwrite: bool = False, fix: str = "choose another folder",
-                     ignore: tuple[str, ...] = ()) -> None:
+def check_output_dir(
+    path: str, overwrite: bool = False, fix: str = "choose another folder", ignore: tuple[str, ...] = ()
+) -> None:
     """Refuse an output folder that exists and is not empty (unless overwrite), or that is a file.
 
     Call it before the first write: the message promises that nothing was written. `fix` is the remedy the

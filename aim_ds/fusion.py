@@ -7,6 +7,7 @@ merge commits. Each function walks a flat tensor in chunks so that no temporary 
 allocated, and so that a buffer kept in host memory is streamed through the device chunk by chunk.
 The importance policy's EMA statistics are updated here too (``update_importance``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -83,9 +84,17 @@ SCALAR_FUSION_PASSES = 8
 
 
 @torch.no_grad()
-def fuse_importance(theta: torch.Tensor, anchor: torch.Tensor, theta_k: torch.Tensor,
-                    score_in: torch.Tensor, q_in: float, score_out: torch.Tensor, q_out: float,
-                    both: tuple[float, float], neither: tuple[float, float]) -> None:
+def fuse_importance(
+    theta: torch.Tensor,
+    anchor: torch.Tensor,
+    theta_k: torch.Tensor,
+    score_in: torch.Tensor,
+    q_in: float,
+    score_out: torch.Tensor,
+    q_out: float,
+    both: tuple[float, float],
+    neither: tuple[float, float],
+) -> None:
     """Element-wise fusion of the importance policy; theta (= theta_M) <- fused (the anchor is not written).
 
     Masks m = score > global quantile. Per element: both masks -> `both` weights, neither ->
@@ -110,8 +119,9 @@ def fuse_importance(theta: torch.Tensor, anchor: torch.Tensor, theta_k: torch.Te
 
 
 @torch.no_grad()
-def update_importance(ema_i: torch.Tensor, ema_u: torch.Tensor, master: torch.Tensor, grad: torch.Tensor,
-                      beta1: float, beta2: float) -> None:
+def update_importance(
+    ema_i: torch.Tensor, ema_u: torch.Tensor, master: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float
+) -> None:
     """One step of the importance statistics: I = |theta * grad|, EMA(I) with beta1 and the uncertainty
     U = EMA(|I - EMA(I)|) with beta2, chunked (the EMAs may live in host memory)."""
     for off, n in chunks(master.numel()):

@@ -16,6 +16,7 @@ Under Accelerate the engine steps inside `accelerator.backward`, before the Trai
 norm; the plugin's work (probe, merge, rehearsal) therefore waits until `on_optimizer_step`, so the Trainer logs
 the training step's gradient norm, not the rehearsal's.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -45,10 +46,18 @@ class AimMergingCallback(TrainerCallback):
     replay_rows, memory_weight: mixed replay, used by `replay_collator()` and `compute_loss_func`.
     """
 
-    def __init__(self, memory=None, config=None, memory_batch_size: int | None = None, replay_rows: int = 0,
-                 memory_weight: float | None = None):
+    def __init__(
+        self,
+        memory=None,
+        config=None,
+        memory_batch_size: int | None = None,
+        replay_rows: int = 0,
+        memory_weight: float | None = None,
+    ):
         if memory_batch_size is not None and (not isinstance(memory_batch_size, int) or memory_batch_size < 1):
-            raise AimInputError(f"AimMergingCallback(memory_batch_size={memory_batch_size!r}): expected an integer >= 1.")
+            raise AimInputError(
+                f"AimMergingCallback(memory_batch_size={memory_batch_size!r}): expected an integer >= 1."
+            )
         if not isinstance(replay_rows, int) or replay_rows < 0:
             raise AimInputError(f"AimMergingCallback(replay_rows={replay_rows!r}): expected an integer >= 0.")
         if memory_weight is not None and not 0.0 < memory_weight < 1.0:
@@ -71,8 +80,10 @@ class AimMergingCallback(TrainerCallback):
     def set_memory(self, rows) -> None:
         """The rehearsal memory for the next train() call: a list of rows like train_dataset items."""
         if isinstance(rows, dict) or not hasattr(rows, "__len__") or not hasattr(rows, "__getitem__"):
-            raise AimInputError(f"set_memory: expected a list (or dataset) of rows like train_dataset items, got a "
-                                f"{type(rows).__name__}.")
+            raise AimInputError(
+                f"set_memory: expected a list (or dataset) of rows like train_dataset items, got a "
+                f"{type(rows).__name__}."
+            )
         self._rows = rows
 
     def bind(self, trainer) -> AimMergingCallback:
@@ -103,8 +114,10 @@ class AimMergingCallback(TrainerCallback):
         loss (or, with memory_weight w, (1 - w) x new rows + w x memory rows), normalised as the Trainer expects
         (by num_items_in_batch); hands the memory rows' loss to the plugin as the forgetting signal."""
         if labels is None:
-            raise AimInputError("compute_loss_func: the batch has no labels; the Trainer pops them from the inputs "
-                                "only when they are there.")
+            raise AimInputError(
+                "compute_loss_func: the batch has no labels; the Trainer pops them from the inputs "
+                "only when they are there."
+            )
         k = self._rows_in_batch()
         n_new = labels.shape[0] - k
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
@@ -114,12 +127,13 @@ class AimMergingCallback(TrainerCallback):
             loss = loss * tokens  # a token-weighted share of the window, like the plain loss below
         else:
             lg, lb = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
-            loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
-                                                     reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100, reduction="sum"
+            )
             mem_sum, mem_n = rows_loss(logits, labels, slice(n_new, None)) if k else (0.0, 0)
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(tokens, 1))
         p = self.plugin
-        if (torch.is_grad_enabled() and p is not None and p.enabled and p.config.probe_source == "training_batch"):
+        if torch.is_grad_enabled() and p is not None and p.enabled and p.config.probe_source == "training_batch":
             p.record_probe_loss(mem_sum, mem_n)  # training forwards only (evaluation runs without grad)
         return loss
 
@@ -127,9 +141,11 @@ class AimMergingCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         # checked here, in Trainer.__init__ on every rank: DeepSpeed fails later with an IndexError
         if model is not None and not any(p.requires_grad for p in model.parameters()):
-            raise AimInputError("AimMergingCallback: the model has no trainable parameters (requires_grad is False "
-                                "everywhere); AimMerging merges the trainable ones: unfreeze some (e.g. add LoRA "
-                                "adapters with peft) or drop the callback.")
+            raise AimInputError(
+                "AimMergingCallback: the model has no trainable parameters (requires_grad is False "
+                "everywhere); AimMerging merges the trainable ones: unfreeze some (e.g. add LoRA "
+                "adapters with peft) or drop the callback."
+            )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         trainer, resume = self._find_trainer()
@@ -137,8 +153,9 @@ class AimMergingCallback(TrainerCallback):
         from deepspeed import DeepSpeedEngine
 
         if not isinstance(engine, DeepSpeedEngine):
-            raise AimInputError("AimMergingCallback: this Trainer does not run DeepSpeed; pass "
-                                "TrainingArguments(deepspeed=ds_config).")
+            raise AimInputError(
+                "AimMergingCallback: this Trainer does not run DeepSpeed; pass TrainingArguments(deepspeed=ds_config)."
+            )
         self.trainer_args = args
         previous, self.plugin = self.plugin, None
         if self._engine is not None and self._engine is not engine:
@@ -200,8 +217,10 @@ class AimMergingCallback(TrainerCallback):
             frame = frame.f_back
         del frame
         if trainer is None:
-            raise AimInputError("AimMergingCallback: no Trainer found calling on_train_begin; call "
-                                "callback.bind(trainer) before train().")
+            raise AimInputError(
+                "AimMergingCallback: no Trainer found calling on_train_begin; call "
+                "callback.bind(trainer) before train()."
+            )
         return trainer, resume
 
     def _memory_batches(self, trainer) -> list[dict]:
@@ -211,7 +230,7 @@ class AimMergingCallback(TrainerCallback):
         size = self.memory_batch_size or trainer.args.per_device_train_batch_size
         batches = []
         for i in range(0, len(rows), size):
-            b = trainer.data_collator(rows[i:i + size])
+            b = trainer.data_collator(rows[i : i + size])
             batches.append({k: v for k, v in b.items() if torch.is_tensor(v)})
         return batches
 
@@ -230,12 +249,19 @@ class AimMergingCallback(TrainerCallback):
         return rows
 
     def _load(self, plugin, checkpoint: str) -> None:
-        rank, world = (plugin.rank, plugin.world_size) if plugin.enabled else (
-            self.trainer_args.process_index, self.trainer_args.world_size)
+        rank, world = (
+            (plugin.rank, plugin.world_size)
+            if plugin.enabled
+            else (self.trainer_args.process_index, self.trainer_args.world_size)
+        )
         path = os.path.join(checkpoint, STATE_DIR, plugin_file(rank, world))
-        agree(None if os.path.isfile(path) else
-              f"AimMergingCallback: {path} is missing: this checkpoint was saved without the callback (or with "
-              "another number of ranks); resume from a checkpoint the callback saved.", exc_type=AimInputError)
+        agree(
+            None
+            if os.path.isfile(path)
+            else f"AimMergingCallback: {path} is missing: this checkpoint was saved without the callback (or with "
+            "another number of ranks); resume from a checkpoint the callback saved.",
+            exc_type=AimInputError,
+        )
         saved = torch.load(path, map_location="cpu", weights_only=False)
         plugin.load_state_dict(saved["plugin"])
         self._replay_position = saved["replay_position"]

@@ -11,6 +11,7 @@ The masters' copy is theta_k, which the fusion reads anyway. The record lives in
 duration of the merge only (theta_k and Adam's two moments: 12 bytes per parameter / N ranks at the
 peak), so the plugin's resident memory between merges is unchanged.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,10 @@ def fatal_error(e: BaseException, rank: int, what: str) -> RuntimeError:
         if store.check([FAILURE_KEY]):
             first = store.get(FAILURE_KEY).decode()
             if not first.startswith(f"rank {rank}:"):
-                return RuntimeError(f"aim_merging: {what} failed on {first}; this rank stopped too ({mine}). "
-                                    "Restart from the last checkpoint.")
+                return RuntimeError(
+                    f"aim_merging: {what} failed on {first}; this rank stopped too ({mine}). "
+                    "Restart from the last checkpoint."
+                )
         else:
             store.set(FAILURE_KEY, mine)
     except Exception:  # the store lives in rank 0's process: gone when rank 0 is the one that failed
@@ -69,8 +72,11 @@ class MergeJournal:
         self.opt_state = []
         for g in self.groups:
             st = self.inner.state.get(g.master)
-            self.opt_state.append(None if st is None else
-                                  {k: (_host_copy(v) if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in st.items()})
+            self.opt_state.append(
+                None
+                if st is None
+                else {k: (_host_copy(v) if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in st.items()}
+            )
         self.counters = {n: getattr(engine, n) for n in ENGINE_COUNTERS if hasattr(engine, n)}
         scaler = getattr(shards.optimizer, "loss_scaler", None)
         self.scaler = (scaler, copy.deepcopy(vars(scaler))) if scaler is not None else None

@@ -4,6 +4,7 @@ The forgetting signal can be read from a training batch's own memory rows (``row
 batch can weight its memory rows however few they are (``mixed_loss``); both use one shifted
 cross-entropy (``_token_losses``), the one the model's own loss uses.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,11 +27,14 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor, who: str) -> tuple
     """Per-token loss [B, W-1] and label mask of a causal-LM batch: the shifted cross-entropy the model's own
     loss uses (position t predicts label t + 1; -100 ignored, loss 0 there)."""
     if logits.shape[:2] != labels.shape[:2]:
-        raise AimInputError(f"{who}: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line up; "
-                            "pass the labels at the positions whose logits the model returned.")
+        raise AimInputError(
+            f"{who}: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line up; "
+            "pass the labels at the positions whose logits the model returned."
+        )
     lg, lb = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
-    tok = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
-                                            reduction="none").view(lb.shape)
+    tok = torch.nn.functional.cross_entropy(
+        lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(lb.shape)
     return tok, lb != -100
 
 
@@ -43,8 +47,9 @@ def rows_loss(logits: torch.Tensor, labels: torch.Tensor, rows) -> tuple[float, 
     return float(tok.sum()), int(has.sum())
 
 
-def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, n_new: int, memory_weight: float
-               ) -> tuple[torch.Tensor, float, int]:
+def mixed_loss(
+    logits: torch.Tensor, labels: torch.Tensor, n_new: int, memory_weight: float
+) -> tuple[torch.Tensor, float, int]:
     """The training loss of a mixed batch whose first ``n_new`` rows are the new task's and the rest memory
     rows: (1 - w) x the new rows' mean token loss + w x the memory rows' mean token loss, w = memory_weight.
     The memory rows then pull with weight w however few they are (fewer rows = less compute, same expected

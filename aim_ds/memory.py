@@ -1,4 +1,5 @@
 """The rehearsal memory: input checks and the cursors that walk it (probe and rehearsal batches)."""
+
 from __future__ import annotations
 
 import inspect
@@ -54,8 +55,10 @@ def check_memory(engine, memory, rank: int) -> str | None:
         except TypeError:
             return f"aim_merging: memory of type {type(memory).__name__} is not iterable; give a list of dicts."
     if not batches:
-        return (f"aim_merging: the rehearsal memory is empty on rank {rank}; every rank needs at least one batch "
-                "(check the memory fraction and the number of ranks).")
+        return (
+            f"aim_merging: the rehearsal memory is empty on rank {rank}; every rank needs at least one batch "
+            "(check the memory fraction and the number of ranks)."
+        )
     module = _input_consumer(engine.module)
     sig = inspect.signature(module.forward)
     accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
@@ -69,17 +72,21 @@ def check_memory(engine, memory, rank: int) -> str | None:
         # a key the forward does not name would be swallowed by **kwargs (HF models) and ignored
         unknown = [k for k in b if k not in sig.parameters]
         if unknown:
-            return (f"{where} has keys {unknown} that {type(module).__name__}.forward does not name"
-                    f"{' (it would silently ignore them via **kwargs)' if accepts_any else ''}; "
-                    "remove them or rename them to the model's input names.")
+            return (
+                f"{where} has keys {unknown} that {type(module).__name__}.forward does not name"
+                f"{' (it would silently ignore them via **kwargs)' if accepts_any else ''}; "
+                "remove them or rename them to the model's input names."
+            )
         labels, ids = b["labels"], b.get("input_ids")
         if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
             return f"{where}: labels must be an integer tensor (token ids, -100 = ignore)."
         keep = b.get("logits_to_keep")
-        if torch.is_tensor(keep) and keep.dim() == 2:   # labels gathered at the kept logit positions
+        if torch.is_tensor(keep) and keep.dim() == 2:  # labels gathered at the kept logit positions
             if keep.shape != labels.shape:
-                return (f"{where}: labels shape {tuple(labels.shape)} differs from logits_to_keep "
-                        f"{tuple(keep.shape)}; gather labels at the kept positions.")
+                return (
+                    f"{where}: labels shape {tuple(labels.shape)} differs from logits_to_keep "
+                    f"{tuple(keep.shape)}; gather labels at the kept positions."
+                )
         elif torch.is_tensor(ids) and ids.shape != labels.shape:
             return f"{where}: labels shape {tuple(labels.shape)} differs from input_ids {tuple(ids.shape)}."
         sizes = {k: v.shape[0] for k, v in b.items() if torch.is_tensor(v) and v.dim() > 0}
@@ -91,8 +98,10 @@ def check_memory(engine, memory, rank: int) -> str | None:
             if not torch.is_tensor(ids) or ids.dtype not in (torch.int64, torch.int32):
                 return f"{where}: input_ids must be an integer tensor."
             if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-                return (f"{where}: input_ids range [{int(ids.min())}, {int(ids.max())}] is outside the model's "
-                        f"vocabulary [0, {vocab}); tokenize with the model's tokenizer.")
+                return (
+                    f"{where}: input_ids range [{int(ids.min())}, {int(ids.max())}] is outside the model's "
+                    f"vocabulary [0, {vocab}); tokenize with the model's tokenizer."
+                )
     return None
 
 

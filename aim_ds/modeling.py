@@ -16,6 +16,7 @@ Tokenizer (``--tokenizer``): a local tokenizer folder, or the same folder as ``-
 or ``aim_ds.data.get_tokenizer`` (a byte-level BPE trained locally on the task texts, cached under a
 content-hash key).  Rank 0 builds the cache first, the others wait at a barrier and then load it.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,27 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_CONFIG = REPO_ROOT / "configs" / "tiny_llama.json"
 _EMBEDDED_TINY = {
-    "model_type": "llama", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
-    "hidden_act": "silu", "rms_norm_eps": 1e-6, "initializer_range": 0.02, "rope_theta": 10000.0,
-    "tie_word_embeddings": True, "attention_dropout": 0.0, "use_cache": False,
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.02,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "attention_dropout": 0.0,
+    "use_cache": False,
 }
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class ModelError(ValueError):
@@ -93,8 +108,10 @@ def build_model(model: str | None, tokenizer, ds_config: dict) -> tuple[Any, Any
     if kind == "pretrained":
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         if tokenizer is not None and len(tokenizer) > m.config.vocab_size:
-            raise ModelError(f"--model {path}: tokenizer has {len(tokenizer)} tokens but the model's vocab is "
-                             f"{m.config.vocab_size}; pass the model's own tokenizer (--tokenizer {path})")
+            raise ModelError(
+                f"--model {path}: tokenizer has {len(tokenizer)} tokens but the model's vocab is "
+                f"{m.config.vocab_size}; pass the model's own tokenizer (--tokenizer {path})"
+            )
         return m, keepalive
     cfg_dict = dict(_EMBEDDED_TINY)
     if path:
@@ -105,7 +122,9 @@ def build_model(model: str | None, tokenizer, ds_config: dict) -> tuple[Any, Any
         cfg_dict["vocab_size"] = len(tokenizer)
         cfg_dict["pad_token_id"] = tokenizer.pad_token_id
         cfg_dict["eos_token_id"] = tokenizer.eos_token_id
-        cfg_dict["bos_token_id"] = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        cfg_dict["bos_token_id"] = (
+            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        )
     try:
         cfg = AutoConfig.for_model(model_type, **cfg_dict)
     except (ValueError, TypeError) as e:
@@ -121,8 +140,12 @@ def load_tokenizer(tokenizer_dir: str | None, model: str | None, tasks, cache_di
     from transformers import AutoTokenizer
 
     src = tokenizer_dir
-    if src is None and model is not None and Path(model).is_dir() and (
-            (Path(model) / "tokenizer.json").exists() or (Path(model) / "tokenizer_config.json").exists()):
+    if (
+        src is None
+        and model is not None
+        and Path(model).is_dir()
+        and ((Path(model) / "tokenizer.json").exists() or (Path(model) / "tokenizer_config.json").exists())
+    ):
         src = model
     if src is not None:
         if not Path(src).is_dir():

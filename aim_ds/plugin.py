@@ -16,6 +16,7 @@ One optimizer step, as data flows (see the README's design section):
              theta <- lerp(anchor, theta_k, w_in) + w_out (theta_M - theta_k)   -> 4 B agreement
              commit: anchor <- theta, refresh working copies   (or, if any rank failed: undo everywhere)
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,7 +40,6 @@ from .trajectory import FIELDS as TRAJECTORY_FIELDS
 from .trajectory import TrajectoryRow
 
 log = logging.getLogger("aim_ds")
-
 
 
 class AimPlugin:
@@ -79,8 +79,10 @@ class AimPlugin:
         self.anchor = [self._alloc_like(g.master) for g in self.shards.groups]
         if self._importance:
             self._theta_k = [self._alloc_like(g.master) for g in self.shards.groups]
-            self._ema = {k: [self._alloc_like(g.master, zero=True) for g in self.shards.groups]
-                         for k in ("i_in", "u_in", "i_out", "u_out")}
+            self._ema = {
+                k: [self._alloc_like(g.master, zero=True) for g in self.shards.groups]
+                for k in ("i_in", "u_in", "i_out", "u_out")
+            }
             self._remove_grad_hook = self.shards.gradient_hook(self._track_importance)
         if memory is not None:
             self.set_memory(memory)
@@ -103,9 +105,13 @@ class AimPlugin:
             for bufs in self._ema.values():
                 for b in bufs:
                     b.zero_()
-        statistics.agree(None if (self._memory is not None or not self._active()) else
-               f"aim_merging: task {self.task_index} will merge but no memory was given; pass the rehearsal "
-               "memory to attach(engine, memory) or start_task(memory=...).", exc_type=AimInputError)
+        statistics.agree(
+            None
+            if (self._memory is not None or not self._active())
+            else f"aim_merging: task {self.task_index} will merge but no memory was given; pass the rehearsal "
+            "memory to attach(engine, memory) or start_task(memory=...).",
+            exc_type=AimInputError,
+        )
 
     def set_memory(self, memory) -> None:
         """Replace the rehearsal memory (a list or iterable of model-input dicts, this rank's own)."""
@@ -119,7 +125,7 @@ class AimPlugin:
     def merge(self, weights: tuple[float, float] | None = None, rehearsal_steps: int | None = None) -> dict:
         """Merge now, on every rank (all ranks must call it). None = the controller's choice."""
         if not self.enabled:
-            raise AimInputError("aim_merging is disabled (\"enabled\": false); merge() needs it enabled.")
+            raise AimInputError('aim_merging is disabled ("enabled": false); merge() needs it enabled.')
         if weights is not None:
             if len(weights) != 2 or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
                 raise AimInputError(f"merge(weights={weights!r}): expected a pair of finite numbers (w_in, w_out).")
@@ -127,9 +133,12 @@ class AimPlugin:
             raise AimInputError(f"merge(rehearsal_steps={rehearsal_steps!r}): expected an integer >= 0.")
         if self.task_index < 0:
             self.start_task()
-        statistics.agree(None if self._memory is not None else
-               "aim_merging: merge() needs a rehearsal memory; pass it to attach() or start_task(memory=...).",
-                         exc_type=AimInputError)
+        statistics.agree(
+            None
+            if self._memory is not None
+            else "aim_merging: merge() needs a rehearsal memory; pass it to attach() or start_task(memory=...).",
+            exc_type=AimInputError,
+        )
         return self._merge(weights=weights, rehearsal_steps=rehearsal_steps, explicit=True)
 
     def record_probe_loss(self, loss_sum: float, count: float) -> None:
@@ -140,13 +149,17 @@ class AimPlugin:
         the signal costs one 16-byte all-reduce per step. It is the loss before the step's update, in the
         model's training mode (the released code's probe also ran with dropout on)."""
         if not self.enabled or self.config.probe_source != "training_batch":
-            raise AimInputError("record_probe_loss() needs aim_merging.probe_source = \"training_batch\" (this "
-                                f"config has {self.config.probe_source!r}); set it in the ds_config, or drop the call "
-                                "and let the plugin probe with its own forward.")
+            raise AimInputError(
+                'record_probe_loss() needs aim_merging.probe_source = "training_batch" (this '
+                f"config has {self.config.probe_source!r}); set it in the ds_config, or drop the call "
+                "and let the plugin probe with its own forward."
+            )
         s, c = float(loss_sum), float(count)
         if c < 0 or (c == 0 and s != 0):
-            raise AimInputError(f"record_probe_loss({loss_sum!r}, {count!r}): count is the number of label tokens "
-                                "behind loss_sum (>= 0; 0 only with loss_sum 0).")
+            raise AimInputError(
+                f"record_probe_loss({loss_sum!r}, {count!r}): count is the number of label tokens "
+                "behind loss_sum (>= 0; 0 only with loss_sum 0)."
+            )
         prev = self._recorded_probe or (0.0, 0.0)
         self._recorded_probe = (prev[0] + s, prev[1] + c)  # gradient accumulation: micro-steps add up
 
@@ -159,8 +172,9 @@ class AimPlugin:
         if self._importance:
             tensors += self._theta_k + [b for bufs in self._ema.values() for b in bufs]
         for t in tensors:
-            out["host" if t.device.type == "cpu" and self.shards.device.type != "cpu" else "device"] += \
+            out["host" if t.device.type == "cpu" and self.shards.device.type != "cpu" else "device"] += (
                 t.numel() * t.element_size()
+            )
         return out
 
     def write_trajectory_csv(self, path: str) -> None:
@@ -171,18 +185,28 @@ class AimPlugin:
 
     def state_dict(self) -> dict:
         """Everything the plugin holds on this rank (tensors are this rank's shards)."""
-        sd = {"config": self.config.to_dict(), "task_index": self.task_index, "step_in_task": self._step_in_task,
-              "merge_count": self.merge_count, "trajectory": list(self.trajectory), "enabled": self.enabled,
-              "work": dict(self.work)}
+        sd = {
+            "config": self.config.to_dict(),
+            "task_index": self.task_index,
+            "step_in_task": self._step_in_task,
+            "merge_count": self.merge_count,
+            "trajectory": list(self.trajectory),
+            "enabled": self.enabled,
+            "work": dict(self.work),
+        }
         if not self.enabled:
             return sd
-        sd.update({
-            "rank": self.rank, "world_size": self.world_size, "position": self.shards.position,
-            "controller": self.controller.state_dict() if self.controller is not None else None,
-            "anchor": [t.detach().cpu().clone() for t in self.anchor],
-            "probe_position": self._probe_cursor.position if self._probe_cursor else 0,
-            "rehearsal_position": self._rehearsal_cursor.position if self._rehearsal_cursor else 0,
-        })
+        sd.update(
+            {
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "position": self.shards.position,
+                "controller": self.controller.state_dict() if self.controller is not None else None,
+                "anchor": [t.detach().cpu().clone() for t in self.anchor],
+                "probe_position": self._probe_cursor.position if self._probe_cursor else 0,
+                "rehearsal_position": self._rehearsal_cursor.position if self._rehearsal_cursor else 0,
+            }
+        )
         if self._importance:
             sd["theta_k"] = [t.detach().cpu().clone() for t in self._theta_k]
             sd["ema"] = {k: [t.detach().cpu().clone() for t in v] for k, v in self._ema.items()}
@@ -190,25 +214,33 @@ class AimPlugin:
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("config") != self.config.to_dict():
-            raise AimInputError("aim_merging: the saved plugin state was made with a different aim_merging config; "
-                                "resume with the config the run started with.")
+            raise AimInputError(
+                "aim_merging: the saved plugin state was made with a different aim_merging config; "
+                "resume with the config the run started with."
+            )
         self.task_index, self._step_in_task = sd["task_index"], sd["step_in_task"]
         self.merge_count, self.trajectory = sd["merge_count"], list(sd["trajectory"])
         self.work.update(sd.get("work", {}))  # absent in checkpoints of aim_ds <= 0.1 (counts restart at 0)
         if not self.enabled:
             return
         if sd["world_size"] != self.world_size or sd["rank"] != self.rank:
-            raise AimInputError(f"aim_merging: plugin state of rank {sd['rank']}/{sd['world_size']} loaded on rank "
-                                f"{self.rank}/{self.world_size}; reshard it first (aim-ds reshard).")
+            raise AimInputError(
+                f"aim_merging: plugin state of rank {sd['rank']}/{sd['world_size']} loaded on rank "
+                f"{self.rank}/{self.world_size}; reshard it first (aim-ds reshard)."
+            )
         saved_tp = sd.get("position", {}).get("tp_size", 1)
         if saved_tp != self.shards.tp_size:
-            raise AimInputError(f"aim_merging: plugin state saved at tensor-parallel size {saved_tp}, this run has "
-                                f"{self.shards.tp_size}; resume with the tensor-parallel size the run was saved with "
-                                "(plugin state cannot be resharded across tensor-parallel sizes).")
+            raise AimInputError(
+                f"aim_merging: plugin state saved at tensor-parallel size {saved_tp}, this run has "
+                f"{self.shards.tp_size}; resume with the tensor-parallel size the run was saved with "
+                "(plugin state cannot be resharded across tensor-parallel sizes)."
+            )
         for dst, src in zip(self.anchor, sd["anchor"], strict=True):
             if dst.shape != src.shape:
-                raise AimInputError(f"aim_merging: saved anchor shard has shape {tuple(src.shape)}, this rank's "
-                                    f"partition is {tuple(dst.shape)}: the checkpoint is of another model or layout.")
+                raise AimInputError(
+                    f"aim_merging: saved anchor shard has shape {tuple(src.shape)}, this rank's "
+                    f"partition is {tuple(dst.shape)}: the checkpoint is of another model or layout."
+                )
             dst.copy_(src)
         if self.controller is not None and sd["controller"] is not None:
             self.controller.load_state_dict(sd["controller"])
@@ -276,11 +308,15 @@ class AimPlugin:
         if count <= 0:
             if self.rank == 0 and self._unrecorded_warned != self.task_index:
                 self._unrecorded_warned = self.task_index
-                warnings.warn(f"aim_merging: probe_source is \"training_batch\" but no rank recorded a memory loss "
-                              f"at task {self.task_index} step {self._step_in_task}: the forgetting signal is empty, "
-                              "so only forced activations trigger merges. Mix memory rows into the training batches "
-                              "and call plugin.record_probe_loss(*aim_ds.rows_loss(...)) before engine.step(), or use "
-                              "probe_source \"memory_forward\". (Reported once per task.)", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f'aim_merging: probe_source is "training_batch" but no rank recorded a memory loss '
+                    f"at task {self.task_index} step {self._step_in_task}: the forgetting signal is empty, "
+                    "so only forced activations trigger merges. Mix memory rows into the training batches "
+                    "and call plugin.record_probe_loss(*aim_ds.rows_loss(...)) before engine.step(), or use "
+                    'probe_source "memory_forward". (Reported once per task.)',
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return None
         return self._finite_probe(total / count)
 
@@ -305,8 +341,12 @@ class AimPlugin:
     def _finite_probe(self, loss: float) -> float | None:
         if not math.isfinite(loss):
             if self.rank == 0:
-                warnings.warn(f"aim_merging: non-finite probe loss at task {self.task_index} step "
-                              f"{self._step_in_task}; this step's forgetting signal is skipped.", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"aim_merging: non-finite probe loss at task {self.task_index} step "
+                    f"{self._step_in_task}; this step's forgetting signal is skipped.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return None
         return loss
 
@@ -325,8 +365,9 @@ class AimPlugin:
         return bool(flag.item())
 
     def _record(self, d, loss) -> None:
-        self.trajectory.append(TrajectoryRow(self.task_index, d.step, loss, d.threshold, d.activations,
-                                             d.interval).as_dict())
+        self.trajectory.append(
+            TrajectoryRow(self.task_index, d.step, loss, d.threshold, d.activations, d.interval).as_dict()
+        )
         mon = getattr(self.engine, "monitor", None)
         if mon is not None and getattr(mon, "enabled", False) and loss is not None:
             gs = self.engine.global_samples
@@ -358,8 +399,12 @@ class AimPlugin:
                 self._mark_merge(p, w_in, w_out, r, total, explicit)
             else:
                 plan[0] = -1  # skip: never fuse non-finite weights
-                warnings.warn(f"aim_merging: non-finite learning signal at task {self.task_index} step "
-                              f"{self._step_in_task}: the weights hold NaN/inf; merge skipped.", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"aim_merging: non-finite learning signal at task {self.task_index} step "
+                    f"{self._step_in_task}: the weights hold NaN/inf; merge skipped.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         statistics.broadcast(plan, src=0)
         interval, r, w_in, w_out = plan.tolist()
         if interval < 0:
@@ -384,8 +429,9 @@ class AimPlugin:
             if not scalar:  # the masks' global quantiles are collectives: agree on the local scores first
                 self._agree_merge(self._local(self._importance_scores, "the importance scores"))
                 quantiles = self._importance_quantiles()
-            error = self._local(lambda: self._fuse(scalar, w_in, w_out, journal, None if scalar else quantiles),
-                                "fusion")
+            error = self._local(
+                lambda: self._fuse(scalar, w_in, w_out, journal, None if scalar else quantiles), "fusion"
+            )
             self._agree_merge(error)
         except MergeAborted as e:
             if journal is not None:
@@ -393,9 +439,13 @@ class AimPlugin:
             self._restore_plugin_state(before)
             self.shards.refresh_working_copies()  # a collective: every rank is on this path
             if self.rank == 0:
-                warnings.warn(f"aim_merging: the merge at task {self.task_index} step {self._step_in_task} failed "
-                              f"and was undone on every rank (weights, optimizer state, anchor, controller and "
-                              f"trajectory are exactly as before it): {e}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"aim_merging: the merge at task {self.task_index} step {self._step_in_task} failed "
+                    f"and was undone on every rank (weights, optimizer state, anchor, controller and "
+                    f"trajectory are exactly as before it): {e}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return {"merged": False, "reason": str(e), "task": self.task_index, "step": self._step_in_task}
         # commit: the fused masters become the anchor
         for g, a in zip(groups, self.anchor):
@@ -412,11 +462,22 @@ class AimPlugin:
         self.merge_count += 1
         n = self.shards.local_numel
         passes = fusion.SCALAR_FUSION_PASSES if scalar else 12
-        return {"merged": True, "task": self.task_index, "step": self._step_in_task, "rehearsal_steps": r,
-                "w_in": w_in, "w_out": w_out, "interval": int(interval), "learning_signal": total,
-                "rehearsal_losses": rehearsal_losses, "fusion_seconds": t_fuse, "fusion_passes": passes,
-                "fusion_bytes": n * 4 * passes, "undo_host_bytes": journal.host_bytes,
-                "seconds": time.perf_counter() - t0}
+        return {
+            "merged": True,
+            "task": self.task_index,
+            "step": self._step_in_task,
+            "rehearsal_steps": r,
+            "w_in": w_in,
+            "w_out": w_out,
+            "interval": int(interval),
+            "learning_signal": total,
+            "rehearsal_losses": rehearsal_losses,
+            "fusion_seconds": t_fuse,
+            "fusion_passes": passes,
+            "fusion_bytes": n * 4 * passes,
+            "undo_host_bytes": journal.host_bytes,
+            "seconds": time.perf_counter() - t0,
+        }
 
     def _agree_merge(self, error: str | None) -> None:
         statistics.agree(error, exc_type=MergeAborted)
@@ -426,10 +487,13 @@ class AimPlugin:
 
     def _plugin_state(self) -> dict:
         """The plugin-side state a merge changes (host objects only; tensors are in the journal)."""
-        return {"controller": self.controller.state_dict() if self.controller is not None else None,
-                "trajectory": (len(self.trajectory), dict(self.trajectory[-1]) if self.trajectory else None),
-                "rehearsal_position": self._rehearsal_cursor.position if self._rehearsal_cursor else 0,
-                "work": dict(self.work), "merge_count": self.merge_count}
+        return {
+            "controller": self.controller.state_dict() if self.controller is not None else None,
+            "trajectory": (len(self.trajectory), dict(self.trajectory[-1]) if self.trajectory else None),
+            "rehearsal_position": self._rehearsal_cursor.position if self._rehearsal_cursor else 0,
+            "work": dict(self.work),
+            "merge_count": self.merge_count,
+        }
 
     def _restore_plugin_state(self, s: dict) -> None:
         if self.controller is not None:
@@ -460,9 +524,18 @@ class AimPlugin:
         else:  # an explicit merge gets its own row
             row = TrajectoryRow(self.task_index, self._step_in_task, explicit=1).as_dict()
             self.trajectory.append(row)
-        row.update({"merge": 1, "learning_signal": p.learning_signal, "w_in": w_in, "w_out": w_out,
-                    "interval": p.interval, "rehearsal_steps": r, "abs_change_sum": total,
-                    "numel": self._global_valid_numel})
+        row.update(
+            {
+                "merge": 1,
+                "learning_signal": p.learning_signal,
+                "w_in": w_in,
+                "w_out": w_out,
+                "interval": p.interval,
+                "rehearsal_steps": r,
+                "abs_change_sum": total,
+                "numel": self._global_valid_numel,
+            }
+        )
 
     def _rehearse(self, steps: int) -> list[float]:
         """R ordinary optimizer steps on memory batches through the same engine; LR schedule frozen.
@@ -534,8 +607,14 @@ class AimPlugin:
         if self.task_index < 0:
             return
         side = "out" if self._in_rehearsal else "in"
-        fusion.update_importance(self._ema["i_" + side][index], self._ema["u_" + side][index], master, grad,
-                                 self.config.importance_beta1, self.config.importance_beta2)
+        fusion.update_importance(
+            self._ema["i_" + side][index],
+            self._ema["u_" + side][index],
+            master,
+            grad,
+            self.config.importance_beta1,
+            self.config.importance_beta2,
+        )
 
     @staticmethod
     def _local(fn, what: str) -> str | None:
@@ -556,8 +635,10 @@ class AimPlugin:
 
     def _importance_quantiles(self) -> tuple[float, float]:
         q, groups = self.config.importance_quantile, self.shards.groups
-        return tuple(statistics.global_quantile([(s, g.ranges) for s, g in zip(self._ema[k], groups)], q)
-                     for k in ("u_out", "i_out"))  # (q_in, q_out)
+        return tuple(
+            statistics.global_quantile([(s, g.ranges) for s, g in zip(self._ema[k], groups)], q)
+            for k in ("u_out", "i_out")
+        )  # (q_in, q_out)
 
     @torch.no_grad()
     def _fuse(self, scalar: bool, w_in: float, w_out: float, journal, quantiles) -> str | None:
@@ -568,12 +649,16 @@ class AimPlugin:
                 fusion.fuse_scalar(g.master, a, k, w_in, w_out)
         else:
             policy = make_weight_policy(self.config)
-            for g, a, k, s_in, s_out in zip(groups, self.anchor, journal.theta_k, self._ema["u_out"], self._ema["i_out"]):
-                fusion.fuse_importance(g.master, a, k, s_in, quantiles[0], s_out, quantiles[1], both=policy.both,
-                                       neither=policy.default)
+            for g, a, k, s_in, s_out in zip(
+                groups, self.anchor, journal.theta_k, self._ema["u_out"], self._ema["i_out"]
+            ):
+                fusion.fuse_importance(
+                    g.master, a, k, s_in, quantiles[0], s_out, quantiles[1], both=policy.both, neither=policy.default
+                )
         if not all(fusion.all_finite(g.master, g.ranges) for g in groups):
             return "the fused weights hold NaN/inf"
         return None
+
 
 def _sync() -> None:
     """Wait for queued device work so the fusion timers measure the work, not its launch."""

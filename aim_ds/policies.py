@@ -45,7 +45,7 @@ class PaperRule:
 
     def trend(self, signals: Sequence[float]) -> tuple[int, int]:
         """(rises, falls) over the last ``window`` values."""
-        w = list(signals)[-self.window:]
+        w = list(signals)[-self.window :]
         u = sum(1 for a, b in zip(w, w[1:]) if b > a)
         d = sum(1 for a, b in zip(w, w[1:]) if b < a)
         return u, d
@@ -183,5 +183,15 @@ def rehearsal_steps(cfg: AimConfig, interval: int) -> int:
     return max(1, math.ceil(cfg.rehearsal_fraction * interval - 1e-9))
 
 
-__all__ = ["PaperRule", "ReferenceRule", "FixedRule", "make_interval_rule", "signals_weights",
-           "SignalsWeights", "FixedWeights", "ImportanceWeights", "make_weight_policy", "rehearsal_steps"]
+__all__ = [
+    "PaperRule",
+    "ReferenceRule",
+    "FixedRule",
+    "make_interval_rule",
+    "signals_weights",
+    "SignalsWeights",
+    "FixedWeights",
+    "ImportanceWeights",
+    "make_weight_policy",
+    "rehearsal_steps",
+]

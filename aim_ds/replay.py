@@ -8,6 +8,7 @@ anchor, and rehearsal and fusion change the probe losses that follow). At a merg
 the sum |theta - anchor| is unknown; it is estimated from the recorded learning signal of the run's
 segment covering that step (Lambda is a per-step rate, so sum = Lambda x elements x S).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,11 +20,13 @@ from .trajectory import TrajectoryRow, read_csv
 
 HELP = "re-run the merge controller on a run's recorded trajectory (what-if schedules for other configs)"
 
-CAVEAT = ("This is the schedule the controller gives on the RECORDED signals. In a real run the signals move "
-          "with the schedule (each merge resets the anchor; rehearsal and fusion change the probe losses that "
-          "follow), so for another config it is a what-if on fixed signals, not a prediction. At merges the run "
-          "did not make, sum |theta - anchor| is estimated from the recorded learning signal of the segment "
-          "covering that step.")
+CAVEAT = (
+    "This is the schedule the controller gives on the RECORDED signals. In a real run the signals move "
+    "with the schedule (each merge resets the anchor; rehearsal and fusion change the probe losses that "
+    "follow), so for another config it is a what-if on fixed signals, not a prediction. At merges the run "
+    "did not make, sum |theta - anchor| is estimated from the recorded learning signal of the segment "
+    "covering that step."
+)
 
 
 def _rate_lookup(rows: list[dict]):
@@ -40,6 +43,7 @@ def _rate_lookup(rows: list[dict]):
             return 1.0  # nothing recorded: a constant signal (every ratio is 1)
         after = [lam for s, lam in seg if s >= step]
         return after[0] if after else seg[-1][1]
+
     return rate
 
 
@@ -71,8 +75,17 @@ def replay(rows: list[dict], cfg: AimConfig) -> list[dict]:
         total = float(r["abs_change_sum"]) if recorded else rate(t, step) * n * ctrl.interval
         p = ctrl.on_merge(total, n) if (ctrl.active or not row["explicit"]) else ctrl.plan_inactive(total, n)
         w_in, w_out = (r["w_in"], r["w_out"]) if row["explicit"] and recorded else (p.w_in, p.w_out)
-        row.update(merge=1, learning_signal=p.learning_signal, w_in=w_in, w_out=w_out, interval=p.interval,
-                   rehearsal_steps=p.rehearsal_steps, abs_change_sum=total, numel=n, estimated=0 if recorded else 1)
+        row.update(
+            merge=1,
+            learning_signal=p.learning_signal,
+            w_in=w_in,
+            w_out=w_out,
+            interval=p.interval,
+            rehearsal_steps=p.rehearsal_steps,
+            abs_change_sum=total,
+            numel=n,
+            estimated=0 if recorded else 1,
+        )
         out.append(row)
     return out
 
@@ -95,14 +108,19 @@ def _config(args) -> tuple[AimConfig, str]:
     with open(res) as f:
         section = (json.load(f).get("config") or {}).get("aim_merging")
     if not section:
-        raise ValueError(f"{res} records no aim_merging config (the run did not use the plugin); give one with --config")
+        raise ValueError(
+            f"{res} records no aim_merging config (the run did not use the plugin); give one with --config"
+        )
     return AimConfig.from_dict(section), "the run's own config (results.json)"
 
 
 def add_arguments(p) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output folder (with trajectory.csv)")
-    p.add_argument("--config", help="a ds_config (its aim_merging section) or an aim_merging JSON; "
-                                    "default: the run's own, from RUN_DIR/results.json")
+    p.add_argument(
+        "--config",
+        help="a ds_config (its aim_merging section) or an aim_merging JSON; "
+        "default: the run's own, from RUN_DIR/results.json",
+    )
     p.add_argument("--plot", metavar="PNG", help="also plot the replayed trajectory like trajectory.png")
 
 
@@ -111,10 +129,15 @@ def run(args) -> int:
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found: RUN_DIR must be a run's output folder (the driver writes trajectory.csv)")
     rows = read_csv(path)
-    if rows and any(r.get("probe_loss") is not None for r in rows) and all(r.get("abs_change_sum") is None for r in rows
-                                                                           if r.get("merge") == 1):
-        raise ValueError(f"{path} has no abs_change_sum column values at its merges (written by an older aim_ds): "
-                         "replay needs the raw learning-signal sums")
+    if (
+        rows
+        and any(r.get("probe_loss") is not None for r in rows)
+        and all(r.get("abs_change_sum") is None for r in rows if r.get("merge") == 1)
+    ):
+        raise ValueError(
+            f"{path} has no abs_change_sum column values at its merges (written by an older aim_ds): "
+            "replay needs the raw learning-signal sums"
+        )
     cfg, source = _config(args)
     got = replay(rows, cfg)
     print(f"replay of {path} with {source}")
@@ -122,8 +145,10 @@ def run(args) -> int:
     for r in got:
         if r.get("merge") == 1:
             note = ("explicit " if r["explicit"] else "") + ("estimated Lambda" if r.get("estimated") else "")
-            print(f"{r['task']:>4} {r['step']:>6} {r['interval']:>6} {r['rehearsal_steps']:>4} {r['w_in']:>5.2f} "
-                  f"{r['w_out']:>5.2f} {r['learning_signal']:>12.6g}  {note}")
+            print(
+                f"{r['task']:>4} {r['step']:>6} {r['interval']:>6} {r['rehearsal_steps']:>4} {r['w_in']:>5.2f} "
+                f"{r['w_out']:>5.2f} {r['learning_signal']:>12.6g}  {note}"
+            )
     want, have = merges(rows), merges(got)
     print(f"merges: replayed {len(have)}, recorded {len(want)}")
     if args.plot:
@@ -134,8 +159,10 @@ def run(args) -> int:
         print("the replay reproduces the recorded merges exactly (steps, intervals, R, weights, learning signals)")
     else:
         first = next((i for i, (a, b) in enumerate(zip(have, want)) if a != b), min(len(have), len(want)))
-        print(f"{'differs from' if args.config else 'MISMATCH with'} the recorded merges from merge {first + 1}: "
-              f"replayed {have[first] if first < len(have) else None}, recorded {want[first] if first < len(want) else None}")
+        print(
+            f"{'differs from' if args.config else 'MISMATCH with'} the recorded merges from merge {first + 1}: "
+            f"replayed {have[first] if first < len(have) else None}, recorded {want[first] if first < len(want) else None}"
+        )
     if args.config:
         print(CAVEAT)
         return 0

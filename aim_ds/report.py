@@ -6,6 +6,7 @@
   boundaries as dashed lines.  Methods without a plugin have empty probe columns; the plot then shows
   the training loss only (from ``losses``).
 """
+
 from __future__ import annotations
 
 import io
@@ -55,8 +56,15 @@ def plot_accuracy(path: str, matrix: list[list[float | None]], task_names: list[
     for r in range(k):
         for c in range(n):
             if not np.isnan(data[r, c]):
-                ax.text(c, r, f"{data[r, c]:.1f}", ha="center", va="center",
-                        color="white" if data[r, c] < 60 else "black", fontsize=8)
+                ax.text(
+                    c,
+                    r,
+                    f"{data[r, c]:.1f}",
+                    ha="center",
+                    va="center",
+                    color="white" if data[r, c] < 60 else "black",
+                    fontsize=8,
+                )
     ax.set_xticks(range(n), task_names, rotation=30, ha="right")
     ax.set_yticks(range(k), [f"after {task_names[r] if r < n else r}" for r in range(k)])
     ax.set_xlabel("evaluated task")
@@ -95,7 +103,9 @@ def plot_trajectory(path: str, rows: list[dict], losses: list[dict] | None = Non
         a1.plot([g(r) for r in losses], [f(r["loss"]) for r in losses], lw=0.6, color="0.6", label="train loss")
     pr = [r for r in rows if f(r.get("probe_loss")) is not None]
     if pr:
-        a1.plot([g(r) for r in pr], [f(r["probe_loss"]) for r in pr], ".", ms=2, color="C0", label="probe loss (memory)")
+        a1.plot(
+            [g(r) for r in pr], [f(r["probe_loss"]) for r in pr], ".", ms=2, color="C0", label="probe loss (memory)"
+        )
     th = [r for r in rows if f(r.get("threshold")) is not None]
     if th:
         a1.plot([g(r) for r in th], [f(r["threshold"]) for r in th], "-", lw=0.8, color="C3", label="threshold delta")
@@ -108,7 +118,9 @@ def plot_trajectory(path: str, rows: list[dict], losses: list[dict] | None = Non
     ls = [r for r in rows if f(r.get("learning_signal")) is not None]
     if ls:
         a3 = a2.twinx()
-        a3.plot([g(r) for r in ls], [f(r["learning_signal"]) for r in ls], "o-", ms=3, color="C1", label="learning signal")
+        a3.plot(
+            [g(r) for r in ls], [f(r["learning_signal"]) for r in ls], "o-", ms=3, color="C1", label="learning signal"
+        )
         a3.set_ylabel("learning signal", color="C1")
     merges = [g(r) for r in rows if f(r.get("merge")) == 1]
     for ax in (a1, a2):

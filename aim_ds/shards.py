@@ -19,6 +19,7 @@ data-parallel rank, by each rank for its 1/N slice.
 Private attributes of DeepSpeed's optimizers are read here and nowhere else; the supported
 DeepSpeed range is pinned below and checked at attach time.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -135,8 +136,10 @@ class ZeroShards:
         self.rank = dist.get_rank()
         mpu = getattr(engine, "mpu", None)
         if mpu is not None and bwc_pipeline_parallel_world_size(mpu) > 1:
-            raise ShardError("aim_merging does not support pipeline parallelism (the probe and rehearsal run the "
-                             "whole model's forward on each rank); use tensor and data parallelism only.")
+            raise ShardError(
+                "aim_merging does not support pipeline parallelism (the probe and rehearsal run the "
+                "whole model's forward on each rank); use tensor and data parallelism only."
+            )
         self.tp_rank = bwc_tensor_model_parallel_rank(mpu)
         self.tp_size = bwc_tensor_model_parallel_world_size(mpu)
         self.tp_group = bwc_tensor_model_parallel_group(mpu) if self.tp_size > 1 else None
@@ -162,9 +165,11 @@ class ZeroShards:
         t = torch.tensor([fp, -fp], dtype=torch.float64, device=statistics.comm_device())
         statistics.all_reduce(t, op="max", group=self.tp_group)
         if t[0].item() != -t[1].item():
-            return (f"aim_merging: the rehearsal memory differs between the tensor-parallel ranks of data-parallel rank "
-                    f"{self.dp_rank}; give every rank of a tensor-parallel group the same memory batches (those of "
-                    "its data-parallel rank).")
+            return (
+                f"aim_merging: the rehearsal memory differs between the tensor-parallel ranks of data-parallel rank "
+                f"{self.dp_rank}; give every rank of a tensor-parallel group the same memory batches (those of "
+                "its data-parallel rank)."
+            )
         return None
 
     def _counted(self, p) -> bool:
@@ -196,11 +201,22 @@ class ZeroShards:
         def entry(p, off, n, shape):
             return [names[p], logical_shape(p), None, None] if tp else [names[p], list(shape), n, off]
 
-        return {"kind": self.layout_kind, "world_size": self.world_size, "tp_size": self.tp_size,
-                "sub_group_size": None, "family": self.family,
-                "sub_groups": [{"param_group": i, "partition_count": count, "partition_size": None if tp else size,
-                                "params": [entry(*x) for x in params]}
-                               for i, (params, count, size) in enumerate(self._params_at)]}
+        return {
+            "kind": self.layout_kind,
+            "world_size": self.world_size,
+            "tp_size": self.tp_size,
+            "sub_group_size": None,
+            "family": self.family,
+            "sub_groups": [
+                {
+                    "param_group": i,
+                    "partition_count": count,
+                    "partition_size": None if tp else size,
+                    "params": [entry(*x) for x in params],
+                }
+                for i, (params, count, size) in enumerate(self._params_at)
+            ],
+        }
 
     # ------------------------------------------------------------------ write-back (per family)
     def refresh_working_copies(self) -> None:
@@ -284,17 +300,23 @@ def _adapter_class(engine) -> type:
     stage = engine.zero_optimization_stage()
     opt = engine.optimizer
     if opt is None:
-        raise ShardError("aim_merging found no optimizer on the engine (was deepspeed.initialize given an optimizer "
-                         "or an \"optimizer\" section?). Merging needs the optimizer's fp32 master weights.")
+        raise ShardError(
+            "aim_merging found no optimizer on the engine (was deepspeed.initialize given an optimizer "
+            'or an "optimizer" section?). Merging needs the optimizer\'s fp32 master weights.'
+        )
     name = type(opt).__name__
     if stage == 3:
         if not hasattr(opt, "fp32_partitioned_groups_flat"):
-            raise ShardError(f"aim_merging: ZeRO stage 3 with optimizer {name}, not DeepSpeed's ZeRO-3 optimizer; "
-                             "this combination is not supported.")
+            raise ShardError(
+                f"aim_merging: ZeRO stage 3 with optimizer {name}, not DeepSpeed's ZeRO-3 optimizer; "
+                "this combination is not supported."
+            )
         return _Stage3Shards
     if "ZenFlow" in name:
-        raise ShardError("aim_merging does not support ZenFlow (its optimizer updates parameters asynchronously); "
-                         "disable zenflow or merging (\"aim_merging\": {\"enabled\": false}).")
+        raise ShardError(
+            "aim_merging does not support ZenFlow (its optimizer updates parameters asynchronously); "
+            'disable zenflow or merging ("aim_merging": {"enabled": false}).'
+        )
     if hasattr(opt, "single_partition_of_fp32_groups"):
         return _Stage12Shards
     if hasattr(opt, "fp32_groups_flat_partition"):
@@ -303,9 +325,11 @@ def _adapter_class(engine) -> type:
         return _UnfusedShards
     if isinstance(opt, torch.optim.Optimizer) and not engine.bfloat16_enabled() and not engine.fp16_enabled():
         return _Fp32ParamShards
-    raise ShardError(f"aim_merging: stage {stage} with optimizer {name} is not supported (supported: ZeRO-1/2/3, "
-                     "BF16_Optimizer, stage 0 in fp32 or with the unfused bf16/fp16 optimizer). Use ZeRO stage 1-3 "
-                     "or disable merging with \"aim_merging\": {\"enabled\": false}.")
+    raise ShardError(
+        f"aim_merging: stage {stage} with optimizer {name} is not supported (supported: ZeRO-1/2/3, "
+        "BF16_Optimizer, stage 0 in fp32 or with the unfused bf16/fp16 optimizer). Use ZeRO stage 1-3 "
+        'or disable merging with "aim_merging": {"enabled": false}.'
+    )
 
 
 class _Stage3Shards(ZeroShards):
@@ -318,8 +342,8 @@ class _Stage3Shards(ZeroShards):
         opt = self.optimizer
         if getattr(opt, "swap_optimizer", False) or getattr(opt, "params_in_nvme_and_cpu", False):
             raise ShardError(
-                "aim_merging does not support NVMe offload (offload_optimizer/offload_param device \"nvme\"): "
-                "the master partitions are swapped out between steps. Use device \"cpu\" or none."
+                'aim_merging does not support NVMe offload (offload_optimizer/offload_param device "nvme"): '
+                'the master partitions are swapped out between steps. Use device "cpu" or none.'
             )
         for i, params in enumerate(opt.fp16_groups):
             master = opt.fp32_partitioned_groups_flat[i]
@@ -384,17 +408,22 @@ class _FlatPartitionShards(ZeroShards):
         """params_at[i]: (param, offset in the flat, numel, shape) of every parameter of group i."""
         import deepspeed.comm as dist
 
-        self._params_at = [(params_at[i], dist.get_world_size(group=dp_groups[i]), m.numel())
-                           for i, m in enumerate(masters)]
+        self._params_at = [
+            (params_at[i], dist.get_world_size(group=dp_groups[i]), m.numel()) for i, m in enumerate(masters)
+        ]
         for i, master in enumerate(masters):
             if master.dtype != torch.float32:
-                raise ShardError(f"aim_merging needs fp32 master weights; this optimizer keeps {master.dtype} "
-                                 "(fp16_master_weights_and_gradients?). Turn that option off.")
+                raise ShardError(
+                    f"aim_merging needs fp32 master weights; this optimizer keeps {master.dtype} "
+                    "(fp16_master_weights_and_gradients?). Turn that option off."
+                )
             pid = dist.get_rank(group=dp_groups[i])
             size = master.numel()
             if partitions[i][pid].numel() != size:
-                raise ShardError(f"aim_merging: group {i}'s fp32 partition has {size} elements but its low-precision "
-                                 f"partition {partitions[i][pid].numel()}; this DeepSpeed layout is not supported.")
+                raise ShardError(
+                    f"aim_merging: group {i}'s fp32 partition has {size} elements but its low-precision "
+                    f"partition {partitions[i][pid].numel()}; this DeepSpeed layout is not supported."
+                )
             spans = [(off, n, self._counted(p)) for p, off, n, _ in params_at[i]]
             ranges, valid = _slice_ranges(spans, pid * size, (pid + 1) * size)
             self.groups.append(SubGroup(i, master, partitions[i][pid], ranges, valid))
@@ -413,14 +442,26 @@ class _Stage12Shards(_FlatPartitionShards):
         super().__init__(engine)
         opt = self.optimizer
         if getattr(opt, "has_moe_layers", False):
-            raise ShardError("aim_merging does not support mixture-of-experts layers at ZeRO stage 1/2 (expert "
-                             "parameters live in other data-parallel groups). Disable merging for this model.")
+            raise ShardError(
+                "aim_merging does not support mixture-of-experts layers at ZeRO stage 1/2 (expert "
+                "parameters live in other data-parallel groups). Disable merging for this model."
+            )
 
-        params_at = [[(p, off, meta.numel(), tuple(meta.shape)) for p, meta, off in
-                      zip(opt.round_robin_bit16_groups[i], opt.round_robin_bit16_meta[i], opt.round_robin_bit16_offsets[i])]
-                     for i in range(len(opt.single_partition_of_fp32_groups))]
-        self._build(opt.single_partition_of_fp32_groups, opt.parallel_partitioned_bit16_groups,
-                    opt.real_dp_process_group, params_at)
+        params_at = [
+            [
+                (p, off, meta.numel(), tuple(meta.shape))
+                for p, meta, off in zip(
+                    opt.round_robin_bit16_groups[i], opt.round_robin_bit16_meta[i], opt.round_robin_bit16_offsets[i]
+                )
+            ]
+            for i in range(len(opt.single_partition_of_fp32_groups))
+        ]
+        self._build(
+            opt.single_partition_of_fp32_groups,
+            opt.parallel_partitioned_bit16_groups,
+            opt.real_dp_process_group,
+            params_at,
+        )
 
     @torch.no_grad()
     def refresh_working_copies(self) -> None:
@@ -439,8 +480,10 @@ class _BF16Shards(_FlatPartitionShards):
         super().__init__(engine)
         opt = self.optimizer
         if getattr(opt, "has_moe_layers", False):
-            raise ShardError("aim_merging does not support mixture-of-experts layers with BF16_Optimizer (expert "
-                             "parameters live in other data-parallel groups). Disable merging for this model.")
+            raise ShardError(
+                "aim_merging does not support mixture-of-experts layers with BF16_Optimizer (expert "
+                "parameters live in other data-parallel groups). Disable merging for this model."
+            )
 
         params_at = []
         for group in opt.bf16_groups:  # flattened back to back; only the group's end is padded
@@ -552,11 +595,13 @@ def engine_layout(engine) -> dict:
     names = getattr(opt, "param_names", None) or {p: n for n, p in engine.module.named_parameters()}
     groups = []
     for i, params in enumerate(opt.fp16_groups):
-        groups.append({
-            "param_group": int(opt.sub_group_to_group_id[i]),
-            "partition_count": int(opt.sub_group_partition_counts[i]),
-            "params": [[names[p], list(p.ds_shape), int(p.ds_numel), int(p.partition_numel())] for p in params],
-        })
+        groups.append(
+            {
+                "param_group": int(opt.sub_group_to_group_id[i]),
+                "partition_count": int(opt.sub_group_partition_counts[i]),
+                "params": [[names[p], list(p.ds_shape), int(p.ds_numel), int(p.partition_numel())] for p in params],
+            }
+        )
     return {"world_size": dist.get_world_size(), "sub_group_size": opt.sub_group_size, "sub_groups": groups}
 
 

@@ -4,6 +4,7 @@ Every collective the plugin issues goes through `all_reduce` / `broadcast` here,
 communicates can be counted by wrapping these two functions (benchmarks/perf.py does). None of them
 ever carries a tensor whose size depends on the model: scalars, short vectors, fixed histograms.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,7 +103,7 @@ def global_quantile(parts: list[tuple[torch.Tensor, list[tuple[int, int]]]], q: 
         cum = torch.cumsum(hist, 0) + below
         b = int(torch.searchsorted(cum, torch.tensor(target, dtype=torch.float64), right=True).item())
         b = min(b, HIST_BINS - 1)
-        below = (cum[b - 1].item() if b > 0 else below)
+        below = cum[b - 1].item() if b > 0 else below
         lo, hi = lo + b * width, lo + (b + 1) * width
         if width == 0:
             break
@@ -139,13 +140,13 @@ def agree(error: str | None, exc_type: type[BaseException] = RuntimeError) -> No
     buf = torch.zeros(max(1, sum(lengths)), dtype=torch.uint8)
     start = sum(lengths[:rank])
     if data:
-        buf[start:start + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        buf[start : start + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     buf = all_reduce(buf.to(dev)).cpu()  # each rank fills only its own slice: the sum is a gather
     raw = bytes(buf.tolist())
     messages, parts, offset = {}, [], 0
     for r, (s, n) in enumerate(zip(sizes, lengths)):
         if s:
-            msg = raw[offset:offset + n].decode("utf-8", errors="replace")
+            msg = raw[offset : offset + n].decode("utf-8", errors="replace")
             same = next((q for q, m in messages.items() if m == msg), None)
             parts.append(f"rank {r}: " + (msg if same is None else f"same as rank {same}"))
             messages[r] = msg

@@ -5,6 +5,7 @@ The row type is the single definition of the trajectory's layout: the plugin bui
 A merge row also carries the raw learning-signal inputs (sum |theta - anchor| over all ranks and the
 element count), so the controller can be re-run offline on exactly the values it saw.
 """
+
 from __future__ import annotations
 
 import csv
@@ -51,6 +52,7 @@ def read_csv(path: str) -> list[dict]:
         except ValueError:
             return None
         return int(x) if k in _INTS else x
+
     return [{k: num(k, r.get(k)) for k in dict.fromkeys(FIELDS + list(r))} for r in rows]
 
 

@@ -13,6 +13,7 @@ single-task scores in the driver's FWT cache (``--fwt-reference cache``), which 
 same seed and settings then read for FWT. Training is never reimplemented here: this file only builds
 command lines, schedules them, reads ``results.json`` and formats markdown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,17 +36,28 @@ VARIANTS = {"aim_alone": ("aim", ["--replay-rows", "0", "--deepspeed_config", "d
 MERGING = ("aim", "aim_alone", "fixed_merge")
 # Settings chosen for Standard CL on the 2-core CPU machine (see BENCHMARKS.md for why).
 STANDARD_PRESET = {
-    "order": 4, "data_dir": "../shared/data/longsequence", "model": "configs/llama_2x256.json",
-    "epochs": 2.0, "max_train": 800, "max_eval": 100, "lr": 1e-3, "batch_size": 16, "max_len": 128,
+    "order": 4,
+    "data_dir": "../shared/data/longsequence",
+    "model": "configs/llama_2x256.json",
+    "epochs": 2.0,
+    "max_train": 800,
+    "max_eval": 100,
+    "lr": 1e-3,
+    "batch_size": 16,
+    "max_len": 128,
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--benchmark", default="standard",
-                   help="'standard' (Standard CL, preset sizes below) or 'default' (the driver's "
-                        "embedded benchmark with the driver's own defaults), or anything the driver takes")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--benchmark",
+        default="standard",
+        help="'standard' (Standard CL, preset sizes below) or 'default' (the driver's "
+        "embedded benchmark with the driver's own defaults), or anything the driver takes",
+    )
     p.add_argument("--order", type=int, default=None, help="task order (standard: 4)")
     p.add_argument("--data-dir", default=None, help="O-LoRA data folder (standard: ../shared/data/longsequence)")
     p.add_argument("--model", default=None, help="model config JSON (standard: configs/llama_2x256.json)")
@@ -77,10 +89,18 @@ def parse_args(argv=None):
 
 def driver_args(a) -> list[str]:
     out = ["--benchmark", a.benchmark]
-    for opt, val in [("--order", a.order), ("--data-dir", a.data_dir), ("--model", a.model),
-                     ("--deepspeed_config", a.deepspeed_config), ("--epochs", a.epochs),
-                     ("--max-train", a.max_train), ("--max-eval", a.max_eval), ("--lr", a.lr),
-                     ("--batch-size", a.batch_size), ("--max-len", a.max_len)]:
+    for opt, val in [
+        ("--order", a.order),
+        ("--data-dir", a.data_dir),
+        ("--model", a.model),
+        ("--deepspeed_config", a.deepspeed_config),
+        ("--epochs", a.epochs),
+        ("--max-train", a.max_train),
+        ("--max-eval", a.max_eval),
+        ("--lr", a.lr),
+        ("--batch-size", a.batch_size),
+        ("--max-len", a.max_len),
+    ]:
         if val is not None:
             out += [opt, str(val)]
     return out + shlex.split(a.extra)
@@ -105,9 +125,22 @@ def build_jobs(a):
         for m in (["single"] if "single" in a.methods else []) + [m for m in a.methods if m != "single"]:
             out = run_dir(a, m, seed)
             method, extra = VARIANTS.get(m, (m, []))
-            cmd = [sys.executable, "launch/train.py", *driver_args(a), "--method", method, *extra, "--seed", str(seed),
-                   "--fwt-reference", "cache", "--output-dir", shown_path(out),
-                   "--overwrite", "--no-progress"]
+            cmd = [
+                sys.executable,
+                "launch/train.py",
+                *driver_args(a),
+                "--method",
+                method,
+                *extra,
+                "--seed",
+                str(seed),
+                "--fwt-reference",
+                "cache",
+                "--output-dir",
+                shown_path(out),
+                "--overwrite",
+                "--no-progress",
+            ]
             dep = f"single-s{seed}" if (m != "single" and "single" in a.methods) else None
             jobs.append((f"{m}-s{seed}", cmd, out, dep))
     # singles of all seeds first so the pool starts on references; others keep seed order
@@ -136,8 +169,11 @@ def run_all(a) -> dict[str, float]:
                 log.close()
                 walls[name] = time.time() - start
                 ok = proc.returncode == 0 and (out / "results.json").exists()
-                print(f"[{time.time() - t0:7.0f}s] {name}: {'ok' if ok else f'FAILED rc={proc.returncode}'} "
-                      f"({walls[name]:.0f} s; log {log.name})", flush=True)
+                print(
+                    f"[{time.time() - t0:7.0f}s] {name}: {'ok' if ok else f'FAILED rc={proc.returncode}'} "
+                    f"({walls[name]:.0f} s; log {log.name})",
+                    flush=True,
+                )
                 done.add(name)
                 del running[name]
         for job in list(pending):
@@ -157,11 +193,14 @@ def run_all(a) -> dict[str, float]:
         time.sleep(2)
     total = time.time() - t0
     print(f"all runs finished in {total:.0f} s wall", flush=True)
-    (ROOT / a.out_root / a.tag / "walls.json").write_text(json.dumps({"started": started, "total_s": total, "runs": walls}, indent=1))
+    (ROOT / a.out_root / a.tag / "walls.json").write_text(
+        json.dumps({"started": started, "total_s": total, "runs": walls}, indent=1)
+    )
     return walls
 
 
 # ----------------------------------------------------------------------------------------- tables
+
 
 def _fmt(vals, digits=1):
     vals = [v for v in vals if v is not None]
@@ -213,24 +252,32 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
     cfg["batch_size"] = cfg.get("batch_size") or full.get("micro_batch")
     L = []
     L.append(f"Command: `{cmdline}`  ")
-    L.append(f"Runs started {started or '?'}; table written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu_count()}-core CPU "
-             f"({platform.machine()}), shared with other jobs; every run ONE process (world size 1, "
-             f"OMP_NUM_THREADS=1), {a.parallel} runs side by side"
-             + (f"; all {len(res)} runs took {total_wall / 60:.1f} min wall." if total_wall else "."))
+    L.append(
+        f"Runs started {started or '?'}; table written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu_count()}-core CPU "
+        f"({platform.machine()}), shared with other jobs; every run ONE process (world size 1, "
+        f"OMP_NUM_THREADS=1), {a.parallel} runs side by side"
+        + (f"; all {len(res)} runs took {total_wall / 60:.1f} min wall." if total_wall else ".")
+    )
     steps = any_r.get("steps", {}).get("per_task")
     model = cfg.get("model") or "configs/tiny_llama.json (driver default)"
-    L.append(f"Model `{model}`; per task: {steps} driver steps "
-             f"(epochs {cfg.get('epochs')}, batch {cfg.get('batch_size')}, max-train {cfg.get('max_train')}), "
-             f"lr {cfg.get('lr')}, max-len {cfg.get('max_len')}, eval examples per task {cfg.get('max_eval') or 'all'}; "
-             f"memory fraction {cfg.get('memory_fraction')}; ds_config "
-             f"`{os.path.relpath(full.get('deepspeed_config_path') or '?', ROOT)}`; seeds {' '.join(map(str, seeds))}.")
+    L.append(
+        f"Model `{model}`; per task: {steps} driver steps "
+        f"(epochs {cfg.get('epochs')}, batch {cfg.get('batch_size')}, max-train {cfg.get('max_train')}), "
+        f"lr {cfg.get('lr')}, max-len {cfg.get('max_len')}, eval examples per task {cfg.get('max_eval') or 'all'}; "
+        f"memory fraction {cfg.get('memory_fraction')}; ds_config "
+        f"`{os.path.relpath(full.get('deepspeed_config_path') or '?', ROOT)}`; seeds {' '.join(map(str, seeds))}."
+    )
     L.append("")
-    L.append("Mean ± sample std over seeds (n = number of seeds; per-seed values in the last columns, seed order "
-             f"{' / '.join(map(str, seeds))}). OP = mean final accuracy; BWT = mean (final − just-learned) over "
-             "tasks 1..T-1; FWT against the `single` run of the same seed (driver's FWT cache).")
+    L.append(
+        "Mean ± sample std over seeds (n = number of seeds; per-seed values in the last columns, seed order "
+        f"{' / '.join(map(str, seeds))}). OP = mean final accuracy; BWT = mean (final − just-learned) over "
+        "tasks 1..T-1; FWT against the `single` run of the same seed (driver's FWT cache)."
+    )
     L.append("")
-    L.append("| method | n | OP | BWT | FWT | OP per seed | BWT per seed | merges | engine steps | memory rows per batch "
-             "| k tokens fwd+bwd (+ fwd only) | wall/run (s) |")
+    L.append(
+        "| method | n | OP | BWT | FWT | OP per seed | BWT per seed | merges | engine steps | memory rows per batch "
+        "| k tokens fwd+bwd (+ fwd only) | wall/run (s) |"
+    )
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m in a.methods:
         rs = [res.get((m, s)) for s in seeds]
@@ -246,14 +293,20 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
         rows = _seeds(sorted({r.get("config", {}).get("replay_rows", 0) for r in got}), 0)
         tok = _tokens(got)
         if m == "single":
-            L.append(f"| single (diagonal, reference) | {len(got)} | {_fmt(ops)} | — | — | {_seeds(ops)} | — | — | "
-                     f"{eng} | {rows} | {tok} | {wall} |")
+            L.append(
+                f"| single (diagonal, reference) | {len(got)} | {_fmt(ops)} | — | — | {_seeds(ops)} | — | — | "
+                f"{eng} | {rows} | {tok} | {wall} |"
+            )
             continue
-        L.append(f"| {m} | {len(got)} | {_fmt(ops)} | {_fmt(bwt)} | {_fmt(fwt)} | {_seeds(ops)} | "
-                 f"{_seeds(bwt)} | {merges} | {eng} | {rows} | {tok} | {wall} |")
+        L.append(
+            f"| {m} | {len(got)} | {_fmt(ops)} | {_fmt(bwt)} | {_fmt(fwt)} | {_seeds(ops)} | "
+            f"{_seeds(bwt)} | {merges} | {eng} | {rows} | {tok} | {wall} |"
+        )
     L.append("")
-    L.append("Final row per task (accuracy after the last task; `single`: each task's own score; mean over seeds, "
-             "per-seed values in brackets):")
+    L.append(
+        "Final row per task (accuracy after the last task; `single`: each task's own score; mean over seeds, "
+        "per-seed values in brackets):"
+    )
     L.append("")
     L.append("| method | " + " | ".join(tasks) + " |")
     L.append("|---|" + "---|" * len(tasks))
@@ -277,8 +330,7 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
         L.append(f"| {m} | " + " | ".join(cells) + " |")
     L.append("")
     # just-learned diagonal (what each task reached right after training on it) for the sequential methods
-    seq = [m for m in a.methods if m not in ("single", "multitask")
-           and any(res.get((m, s)) for s in seeds)]
+    seq = [m for m in a.methods if m not in ("single", "multitask") and any(res.get((m, s)) for s in seeds)]
     if seq:
         L.append("Just-learned accuracy a[k][k] (mean over seeds), for reading BWT:")
         L.append("")
@@ -312,7 +364,7 @@ def write_markdown(path: Path, tag: str, body: str):
 def main(argv=None):
     a = parse_args(argv)
     argv_shown, skip = [], False
-    for x in (sys.argv[1:] if argv is None else argv):
+    for x in sys.argv[1:] if argv is None else argv:
         if skip:
             skip = False
         elif x == "--note":

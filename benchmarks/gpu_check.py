@@ -19,6 +19,7 @@ and torch.cuda.max_memory_allocated() before and after the plugin.
 
 Writes JSON to --out (default: $OUT/gpu_check.json when OUT is set, else ./gpu_check.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,15 +38,41 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # ~1.1B parameters (TinyLlama-1.1B's shape), built from this config: no weights are downloaded
-LLAMA_1B = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
+LLAMA_1B = dict(
+    model_type="llama",
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 # small enough for two shared CPU cores, large enough that the fusion is more than call overhead
-LLAMA_CPU = dict(model_type="llama", vocab_size=2048, hidden_size=256, intermediate_size=688,
-                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                 max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
-LLAMA_TINY = dict(LLAMA_CPU, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+LLAMA_CPU = dict(
+    model_type="llama",
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+LLAMA_TINY = dict(
+    LLAMA_CPU,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 PRESETS = {
     # name: (model, micro batch, sequence length, warm-up, plain steps, probe steps, merges, rehearsal steps)
@@ -60,8 +87,9 @@ def _single_rank_env() -> None:
     from aim_ds.distributed import free_port
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
 
 
 def default_out() -> str:
@@ -207,8 +235,11 @@ def run(args) -> dict:
 
     def batch():
         ids = torch.randint(0, mcfg.vocab_size, (mb, seq), generator=gen)
-        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                "labels": ids.clone().to(device)}
+        return {
+            "input_ids": ids.to(device),
+            "attention_mask": torch.ones_like(ids).to(device),
+            "labels": ids.clone().to(device),
+        }
 
     def train_step(b):
         sync()
@@ -229,9 +260,18 @@ def run(args) -> dict:
 
     # ---- phase 2: plugin attached, a probe on every step
     memory = [{k: v.cpu() for k, v in batch().items()} for _ in range(2)]
-    aim_cfg = {"enabled": True, "interval_rule": "paper", "merge_first_task": True, "probe_interval": 1,
-               "initial_interval": 128, "max_interval": 128, "weight_policy": "fixed", "w_in": 0.5, "w_out": 0.5,
-               "anchor": "host" if args.anchor_host else "device"}
+    aim_cfg = {
+        "enabled": True,
+        "interval_rule": "paper",
+        "merge_first_task": True,
+        "probe_interval": 1,
+        "initial_interval": 128,
+        "max_interval": 128,
+        "weight_policy": "fixed",
+        "w_in": 0.5,
+        "w_out": 0.5,
+        "anchor": "host" if args.anchor_host else "device",
+    }
     plugin = aim_ds.attach(engine, memory, config=aim_cfg)
     plugin.start_task()
     sync()
@@ -283,35 +323,53 @@ def run(args) -> dict:
     result = {
         "schema": "aim_ds.gpu_check/1",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "device": torch.cuda.get_device_name() if cuda else "cpu",
-                    "cuda": cuda, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                    "transformers": transformers.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "cuda": cuda,
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__,
+        },
         "preset": preset,
         "model": {"params": int(n_params), **{k: v for k, v in model_cfg.items()}},
         "dtype": "fp32" if args.fp32 else "bf16",
         "world_size": engine.world_size if hasattr(engine, "world_size") else 1,
-        "micro_batch": mb, "seq_len": seq, "warmup_steps": warm,
+        "micro_batch": mb,
+        "seq_len": seq,
+        "warmup_steps": warm,
         "anchor": aim_cfg["anchor"],
         # timings
-        "step_seconds": step, "step_seconds_all": plain,
-        "probe_step_seconds": probe_step, "probe_step_seconds_all": probe_steps,
+        "step_seconds": step,
+        "step_seconds_all": plain,
+        "probe_step_seconds": probe_step,
+        "probe_step_seconds_all": probe_steps,
         "probe_cost": (probe_step / step) if probe_step else None,
-        "probes_seen": probes_seen, "controller_merges_during_probe_phase": merged_steps,
-        "merges": n_merge, "rehearsal_steps": rehearsal, "merge_seconds_all": merge_wall,
-        "fusion_seconds": f_sec, "fusion_bytes": f_bytes,
-        "fusion_seconds_plugin_record": plug_sec, "fusion_bytes_plugin_record": plug_bytes,
+        "probes_seen": probes_seen,
+        "controller_merges_during_probe_phase": merged_steps,
+        "merges": n_merge,
+        "rehearsal_steps": rehearsal,
+        "merge_seconds_all": merge_wall,
+        "fusion_seconds": f_sec,
+        "fusion_bytes": f_bytes,
+        "fusion_seconds_plugin_record": plug_sec,
+        "fusion_bytes_plugin_record": plug_bytes,
         "fusion_passes_plugin_record": records[0].get("fusion_passes") if records else None,
         "fusion_bytes_per_second": (f_bytes / f_sec) if f_sec else None,
-        "copy_bytes_per_second": copy_bps, "copy_numel": shard_numel,
+        "copy_bytes_per_second": copy_bps,
+        "copy_numel": shard_numel,
         "copy_seconds_same_bytes": copy_same,
         "fusion_vs_copy": (f_sec / copy_same) if f_sec and copy_same else None,
         "fusion_over_step": (f_sec / step) if f_sec else None,
         "merge_records": records,
         # memory
-        "plugin_bytes": held, "plugin_device_bytes": held["device"], "plugin_host_bytes": held["host"],
+        "plugin_bytes": held,
+        "plugin_device_bytes": held["device"],
+        "plugin_host_bytes": held["host"],
         "plugin_bytes_per_param": (held["device"] + held["host"]) / n_params,
         "allocated_growth_at_attach_bytes": (alloc_after - alloc_before) if cuda else None,
-        "peak_memory_bytes": peak_all, "peak_memory_plain_bytes": peak_plain,
+        "peak_memory_bytes": peak_all,
+        "peak_memory_plain_bytes": peak_plain,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "seconds_total": time.perf_counter() - t_start,
     }
@@ -322,7 +380,9 @@ def run(args) -> dict:
     alloc0 = torch.cuda.memory_allocated() if cuda else None
     plugin = aim_ds.attach(engine, memory, config=dict(aim_cfg, anchor=other))
     result[f"plugin_bytes_anchor_{other}"] = plugin.held_bytes()
-    result[f"allocated_growth_at_attach_anchor_{other}_bytes"] = (torch.cuda.memory_allocated() - alloc0) if cuda else None
+    result[f"allocated_growth_at_attach_anchor_{other}_bytes"] = (
+        (torch.cuda.memory_allocated() - alloc0) if cuda else None
+    )
     plugin.detach()
     return result
 
@@ -348,8 +408,16 @@ def main(argv=None) -> int:
         with open(tmp, "w") as f:
             json.dump(result, f, indent=2)
         os.replace(tmp, out)
-        keys = ["preset", "step_seconds", "probe_cost", "fusion_vs_copy", "fusion_over_step", "plugin_device_bytes",
-                "plugin_bytes_per_param", "peak_memory_bytes"]
+        keys = [
+            "preset",
+            "step_seconds",
+            "probe_cost",
+            "fusion_vs_copy",
+            "fusion_over_step",
+            "plugin_device_bytes",
+            "plugin_bytes_per_param",
+            "peak_memory_bytes",
+        ]
         print(json.dumps({k: result[k] for k in keys}))
         print(f"wrote {out}")
     return 0

@@ -9,6 +9,7 @@ run, so no probe and no merge happen. A timing callback records each optimizer s
 to on_step_end); "ratio" is median(with) / median(without) over all rounds, and "callback_share" the median time
 inside the callback's on_optimizer_step over the median step with it. Prints one JSON line on rank 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,17 +55,38 @@ def main(argv=None):
     from aim_ds.hf import AimMergingCallback
 
     micro, world = 8, info.world_size
-    ds = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "train_batch_size": micro * world,
-          "gradient_clipping": 1.0, "steps_per_print": 10**9, "zero_allow_untested_optimizer": True,
-          "zero_optimization": {"stage": 3}}
-    aim = {"enabled": True, "interval_rule": "fixed", "initial_interval": 10**6, "min_interval": 1,
-           "max_interval": 10**6}
+    ds = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro * world,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3},
+    }
+    aim = {
+        "enabled": True,
+        "interval_rule": "fixed",
+        "initial_interval": 10**6,
+        "min_interval": 1,
+        "max_interval": 10**6,
+    }
     out = tempfile.mkdtemp(prefix="hf_overhead_")
 
     def targs():
-        return TrainingArguments(output_dir=out, deepspeed=ds, per_device_train_batch_size=micro, max_steps=a.steps,
-                                 learning_rate=1e-3, lr_scheduler_type="constant", save_strategy="no", report_to=[],
-                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True, logging_steps=10**6)
+        return TrainingArguments(
+            output_dir=out,
+            deepspeed=ds,
+            per_device_train_batch_size=micro,
+            max_steps=a.steps,
+            learning_rate=1e-3,
+            lr_scheduler_type="constant",
+            save_strategy="no",
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+            logging_steps=10**6,
+        )
 
     first = targs()
     cfg = AutoConfig.from_pretrained(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_llama.json"))
@@ -94,7 +116,7 @@ def main(argv=None):
     cb.set_memory(rows[: micro * world])
     spent.clear()
     for r in range(a.rounds):
-        for kind in (("with", "without") if r % 2 == 0 else ("without", "with")):
+        for kind in ("with", "without") if r % 2 == 0 else ("without", "with"):
             timer = StepTimer()
             callbacks = [cb, timer] if kind == "with" else [timer]
             Trainer(model=model, args=targs(), train_dataset=rows, callbacks=callbacks).train()
@@ -103,9 +125,22 @@ def main(argv=None):
         w, wo = statistics.median(times["with"]), statistics.median(times["without"])
         merges = sum(x["merge"] for x in cb.trajectory)
         own = statistics.median(spent)
-        print(json.dumps({"ratio": w / wo, "callback_share": own / w, "median_callback_s": own, "median_step_s_with": w, "median_step_s_without": wo,
-                          "steps_each": len(times["with"]), "merges": merges, "rounds": a.rounds,
-                          "world": world, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
+        print(
+            json.dumps(
+                {
+                    "ratio": w / wo,
+                    "callback_share": own / w,
+                    "median_callback_s": own,
+                    "median_step_s_with": w,
+                    "median_step_s_without": wo,
+                    "steps_each": len(times["with"]),
+                    "merges": merges,
+                    "rounds": a.rounds,
+                    "world": world,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

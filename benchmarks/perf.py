@@ -40,6 +40,7 @@ Plain and hooked steps are interleaved on one engine (the plain step calls DeepS
 `type(engine).step`, the hooked one the plugin's instance hook), so machine noise hits both alike.
 Without --json a table is printed; --json PATH also writes the full record.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,17 +75,41 @@ MODELS = {
     # and 3 ranks and DeepSpeed adds no partition padding, as on real models over 8 GPUs (13B Llama: 5120 = 8 x
     # 640); the padding on uneven tensors is reported apart (plugin_bytes_per_partition_element_per_rank).
     # ~4.8M parameters: --quick
-    "small": dict(model_type="llama", vocab_size=2048, hidden_size=288, intermediate_size=768,
-                  num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3,
-                  max_position_embeddings=512, tie_word_embeddings=False),
+    "small": dict(
+        model_type="llama",
+        vocab_size=2048,
+        hidden_size=288,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
     # ~31M parameters: the full run
-    "medium": dict(model_type="llama", vocab_size=8192, hidden_size=576, intermediate_size=1536,
-                   num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
-                   max_position_embeddings=512, tie_word_embeddings=False),
+    "medium": dict(
+        model_type="llama",
+        vocab_size=8192,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
     # for "the same for every model size"
-    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
-                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=128, tie_word_embeddings=False),
+    "tiny": dict(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    ),
 }
 
 PLANS = {
@@ -93,8 +118,9 @@ PLANS = {
     # so fewer steps would time the probes but never a merge
     # driver_seeds: seeds of the seqft/aim driver pairs behind end_to_end_aim_over_seqft
     "quick": dict(model="small", mb=2, seq=64, reps=6, merges=5, task_steps=24, e2e_reps=1, driver_seeds=[0, 1, 2, 3]),
-    "full": dict(model="medium", mb=4, seq=128, reps=16, merges=6, task_steps=48, e2e_reps=2,
-                 driver_seeds=[0, 1, 2, 3, 4, 5]),
+    "full": dict(
+        model="medium", mb=4, seq=128, reps=16, merges=6, task_steps=48, e2e_reps=2, driver_seeds=[0, 1, 2, 3, 4, 5]
+    ),
 }
 # the hook and batch-probe phases compare cheap steps whose ratios are noisy: at least this many pairs
 HOOK_REPS = 30
@@ -107,11 +133,21 @@ def launch(spec: dict, world: int, timeout: float) -> list[dict]:
 
     out = Path(tempfile.mkdtemp(prefix=f"aim_perf_{spec['job']}_w{world}_"))
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-    codes, timed_out = run_local_ranks(lambda r, port: [sys.executable, __file__, "--worker", json.dumps(spec), str(out)],
-                                       world, str(out), timeout, env=env, cwd=str(REPO))
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    codes, timed_out = run_local_ranks(
+        lambda r, port: [sys.executable, __file__, "--worker", json.dumps(spec), str(out)],
+        world,
+        str(out),
+        timeout,
+        env=env,
+        cwd=str(REPO),
+    )
     if timed_out:
         raise RuntimeError(f"perf job {spec['job']} on {world} ranks timed out after {timeout:.0f} s; logs in {out}")
     results = []
@@ -178,8 +214,11 @@ class Bench:
         cfg = dict(MODELS[spec["model"]])
         self.mcfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         self.ds_config = {
-            "train_micro_batch_size_per_gpu": spec["mb"], "gradient_accumulation_steps": 1,
-            "steps_per_print": 10**9, "gradient_clipping": 1.0, "bf16": {"enabled": spec.get("bf16", True)},
+            "train_micro_batch_size_per_gpu": spec["mb"],
+            "gradient_accumulation_steps": 1,
+            "steps_per_print": 10**9,
+            "gradient_clipping": 1.0,
+            "bf16": {"enabled": spec.get("bf16", True)},
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0, "torch_adam": True}},
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
             "aim_merging": {"enabled": True},  # the paper defaults: what the alternated end to end measures
@@ -187,8 +226,9 @@ class Bench:
         self._hf = HfDeepSpeedConfig(self.ds_config)
         model = AutoModelForCausalLM.from_config(self.mcfg)
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                               config=self.ds_config)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=list(model.parameters()), config=self.ds_config
+        )
         self.batches = {t: [self.task_batch(t, i) for i in range(4)] for t in (0, 1)}
         self.memory = [self.task_batch(0, 100 + i) for i in range(2)]
 
@@ -215,7 +255,9 @@ class Bench:
             import aim_ds
 
             t1 = time.perf_counter()
-            record.record_probe_loss(*aim_ds.rows_loss(out.logits, batch["labels"], slice(batch["labels"].shape[0] // 2, None)))
+            record.record_probe_loss(
+                *aim_ds.rows_loss(out.logits, batch["labels"], slice(batch["labels"].shape[0] // 2, None))
+            )
             record_times.append(time.perf_counter() - t1)
         e.backward(loss)
         if hooked:
@@ -287,11 +329,18 @@ def job_memory(b: Bench) -> dict:
     counter.restore()
     # the plugin's buffers are shaped like the rank's partitions, which DeepSpeed pads to ceil(numel / N)
     # per parameter: 4 bytes per partition element is the floor for a buffer of that shape
-    padded = sum(p.partition_numel() if hasattr(p, "partition_numel") else p.numel()
-                 for p in b.engine.module.parameters())
-    return {"params": b.n_params, "partition_numel": padded, "held_bytes_at_attach": held_attach, "held_bytes": held,
-            "bytes_per_param": (held["device"] + held["host"]) / b.n_params,
-            "stat_bytes_probe_steps": per_step, "stat_bytes_explicit_merge": merge_bytes}
+    padded = sum(
+        p.partition_numel() if hasattr(p, "partition_numel") else p.numel() for p in b.engine.module.parameters()
+    )
+    return {
+        "params": b.n_params,
+        "partition_numel": padded,
+        "held_bytes_at_attach": held_attach,
+        "held_bytes": held,
+        "bytes_per_param": (held["device"] + held["host"]) / b.n_params,
+        "stat_bytes_probe_steps": per_step,
+        "stat_bytes_explicit_merge": merge_bytes,
+    }
 
 
 def job_full(b: Bench) -> dict:
@@ -322,9 +371,15 @@ def job_full(b: Bench) -> dict:
     for _ in range(spec["merges"]):
         s0, by0 = timer.seconds, timer.bytes
         rec = plugin.merge(weights=(0.5, 0.5), rehearsal_steps=0)
-        fusion.append({"seconds": timer.seconds - s0, "bytes": timer.bytes - by0,
-                       "plugin_seconds": rec.get("fusion_seconds"), "plugin_bytes": rec.get("fusion_bytes"),
-                       "plugin_passes": rec.get("fusion_passes")})
+        fusion.append(
+            {
+                "seconds": timer.seconds - s0,
+                "bytes": timer.bytes - by0,
+                "plugin_seconds": rec.get("fusion_seconds"),
+                "plugin_bytes": rec.get("fusion_bytes"),
+                "plugin_passes": rec.get("fusion_passes"),
+            }
+        )
     timer.restore()
     shard_numel = timer.largest_numel
     # the copy reads + writes as many bytes as one fusion touches (the issue's definition), the fastest of
@@ -346,8 +401,14 @@ def job_full(b: Bench) -> dict:
     # the hook, with its probes, rehearsal and fusion): load from other processes hits both sums alike.
     # Both steps update the same weights, so the controller sees a model trained twice as fast as in a real
     # run; the merge/rehearsal/probe counts are reported beside the ratio (and end_to_end_alternated_from_counts).
-    e2e = {"seqft": [], "aim": [], "aim_merges": [], "aim_rehearsal_steps": [], "aim_probes": [],
-           "mode": "alternated per step on one engine (SeqFT = DeepSpeed's step, AimMerging = the hooked step)"}
+    e2e = {
+        "seqft": [],
+        "aim": [],
+        "aim_merges": [],
+        "aim_rehearsal_steps": [],
+        "aim_probes": [],
+        "mode": "alternated per step on one engine (SeqFT = DeepSpeed's step, AimMerging = the hooked step)",
+    }
     for _ in range(spec["e2e_reps"]):
         t_seq = t_aim = 0.0
         t0 = time.perf_counter()
@@ -377,30 +438,45 @@ def job_full(b: Bench) -> dict:
     step = _st.median(plain)
     f_sec = min(f["seconds"] for f in fusion)  # fastest merge: see the copy above
     f_bytes = _st.median(f["bytes"] for f in fusion)
-    res.update({
-        "plain_step_seconds": plain, "hooked_step_seconds": no_probe["hooked"], "hook_seconds": hook_times,
-        "merges_in_hook_phase": merges_in_hook_phase, "stat_bytes_no_probe_steps": no_probe["bytes"],
-        "plain_step_seconds_probe_phase": pr["plain"], "probed_step_seconds": probed,
-        "stat_bytes_probed_steps": probe_bytes,
-        "fusion": fusion, "fusion_shard_numel": shard_numel, "copy_bytes_per_second": copy_bps,
-        "batch_probe": {"hook_seconds": tb["hook"], "rows_loss_seconds": tb["rows"], "plain_step_seconds": tb["plain"],
-                        "step_seconds": tb["hooked"], "stat_bytes": tb["bytes"], "probes_seen": tb_probes},
-        "e2e": e2e,
-        "summary": {
-            "step_seconds": step,
-            "hook_overhead_no_probe": 1 + _st.median(hook_times) / step,
-            "hook_overhead_no_probe_ab": _st.median(no_probe["hooked"]) / step,
-            "probe_cost": _st.median(probed) / _st.median(pr["plain"]) if probed else None,
-            "batch_probe_cost": 1 + (_st.median(tb["hook"]) + _st.median(tb["rows"])) / _st.median(tb["plain"]),
-            "batch_probe_cost_ab": _st.median(tb["hooked"]) / _st.median(tb["plain"]),
-            "fusion_seconds": f_sec, "fusion_seconds_median": _st.median(f["seconds"] for f in fusion),
-            "fusion_bytes": f_bytes,
-            "fusion_passes": f_bytes / (4 * shard_numel) if shard_numel else None,
-            "fusion_vs_copy": f_sec / (f_bytes / copy_bps),
-            "fusion_over_step": f_sec / step,
-            "end_to_end_alternated_paper_defaults": _st.median(e2e["aim"]) / _st.median(e2e["seqft"]),
-        },
-    })
+    res.update(
+        {
+            "plain_step_seconds": plain,
+            "hooked_step_seconds": no_probe["hooked"],
+            "hook_seconds": hook_times,
+            "merges_in_hook_phase": merges_in_hook_phase,
+            "stat_bytes_no_probe_steps": no_probe["bytes"],
+            "plain_step_seconds_probe_phase": pr["plain"],
+            "probed_step_seconds": probed,
+            "stat_bytes_probed_steps": probe_bytes,
+            "fusion": fusion,
+            "fusion_shard_numel": shard_numel,
+            "copy_bytes_per_second": copy_bps,
+            "batch_probe": {
+                "hook_seconds": tb["hook"],
+                "rows_loss_seconds": tb["rows"],
+                "plain_step_seconds": tb["plain"],
+                "step_seconds": tb["hooked"],
+                "stat_bytes": tb["bytes"],
+                "probes_seen": tb_probes,
+            },
+            "e2e": e2e,
+            "summary": {
+                "step_seconds": step,
+                "hook_overhead_no_probe": 1 + _st.median(hook_times) / step,
+                "hook_overhead_no_probe_ab": _st.median(no_probe["hooked"]) / step,
+                "probe_cost": _st.median(probed) / _st.median(pr["plain"]) if probed else None,
+                "batch_probe_cost": 1 + (_st.median(tb["hook"]) + _st.median(tb["rows"])) / _st.median(tb["plain"]),
+                "batch_probe_cost_ab": _st.median(tb["hooked"]) / _st.median(tb["plain"]),
+                "fusion_seconds": f_sec,
+                "fusion_seconds_median": _st.median(f["seconds"] for f in fusion),
+                "fusion_bytes": f_bytes,
+                "fusion_passes": f_bytes / (4 * shard_numel) if shard_numel else None,
+                "fusion_vs_copy": f_sec / (f_bytes / copy_bps),
+                "fusion_over_step": f_sec / step,
+                "end_to_end_alternated_paper_defaults": _st.median(e2e["aim"]) / _st.median(e2e["seqft"]),
+            },
+        }
+    )
     return res
 
 
@@ -442,8 +518,21 @@ def _driver_pair(methods, seed, root: Path, env, timeout: float) -> dict:
     procs = {}
     for m in methods:
         out = root / f"{m}-s{seed}-{len(list(root.glob(f'{m}-s{seed}-*.log')))}"
-        cmd = [sys.executable, str(DRIVER), "--method", m, "--seed", str(seed), "--batch-size", "16",
-               "--fwt-reference", "none", "--no-progress", "--output-dir", str(out)]
+        cmd = [
+            sys.executable,
+            str(DRIVER),
+            "--method",
+            m,
+            "--seed",
+            str(seed),
+            "--batch-size",
+            "16",
+            "--fwt-reference",
+            "none",
+            "--no-progress",
+            "--output-dir",
+            str(out),
+        ]
         log_f = open(f"{out}.log", "w")
         procs[m] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_f, stderr=subprocess.STDOUT), out, log_f)
     res = {}
@@ -454,7 +543,9 @@ def _driver_pair(methods, seed, root: Path, env, timeout: float) -> dict:
             for q, _, f in procs.values():
                 q.kill()
                 f.close()
-            raise RuntimeError(f"perf: driver {m} seed {seed} timed out after {timeout:.0f} s; logs in {root}") from None
+            raise RuntimeError(
+                f"perf: driver {m} seed {seed} timed out after {timeout:.0f} s; logs in {root}"
+            ) from None
         log_f.close()
         if p.returncode != 0 or not (out / "results.json").exists():
             tail = Path(f"{out}.log").read_text()[-3000:]
@@ -473,9 +564,18 @@ def _summary(r: dict) -> dict:
 
     w = r.get("work") or {}
     fwd_bwd, fwd_only = work_tokens(w)
-    return {"train_s": r["train_wall_s"], "OP": r["OP"], "BWT": r["BWT"], "engine_steps": r["steps"]["engine"],
-            "merges": r["merges"], "probes": r.get("probes"), "replay_rows": r["config"].get("replay_rows"),
-            "tokens_fwd_bwd": fwd_bwd, "tokens_fwd_only": fwd_only, "work": w}
+    return {
+        "train_s": r["train_wall_s"],
+        "OP": r["OP"],
+        "BWT": r["BWT"],
+        "engine_steps": r["steps"]["engine"],
+        "merges": r["merges"],
+        "probes": r.get("probes"),
+        "replay_rows": r["config"].get("replay_rows"),
+        "tokens_fwd_bwd": fwd_bwd,
+        "tokens_fwd_only": fwd_only,
+        "work": w,
+    }
 
 
 def driver_end_to_end(seeds, log=print, timeout: float = 600) -> list[dict]:
@@ -493,17 +593,27 @@ def driver_end_to_end(seeds, log=print, timeout: float = 600) -> list[dict]:
         a = _driver_pair(("seqft", "aim"), seed, root, env, timeout)
         b = _driver_pair(("replay", "aim"), seed, root, env, timeout)
         q, aim, rep, aim2 = (_summary(x) for x in (a["seqft"], a["aim"], b["replay"], b["aim"]))
-        run = {"seed": seed, "seqft_train_s": q["train_s"], "aim_train_s": aim["train_s"],
-               "ratio": aim["train_s"] / q["train_s"], "replay_train_s": rep["train_s"],
-               "aim_train_s_beside_replay": aim2["train_s"], "ratio_over_replay": aim2["train_s"] / rep["train_s"],
-               "tokens_ratio": aim["tokens_fwd_bwd"] / q["tokens_fwd_bwd"],
-               "tokens_ratio_over_replay": aim["tokens_fwd_bwd"] / rep["tokens_fwd_bwd"],
-               "seqft": q, "aim": aim, "replay": rep}
+        run = {
+            "seed": seed,
+            "seqft_train_s": q["train_s"],
+            "aim_train_s": aim["train_s"],
+            "ratio": aim["train_s"] / q["train_s"],
+            "replay_train_s": rep["train_s"],
+            "aim_train_s_beside_replay": aim2["train_s"],
+            "ratio_over_replay": aim2["train_s"] / rep["train_s"],
+            "tokens_ratio": aim["tokens_fwd_bwd"] / q["tokens_fwd_bwd"],
+            "tokens_ratio_over_replay": aim["tokens_fwd_bwd"] / rep["tokens_fwd_bwd"],
+            "seqft": q,
+            "aim": aim,
+            "replay": rep,
+        }
         runs.append(run)
-        log(f"perf:   seed {seed}: seqft {q['train_s']:.1f} s, aim {aim['train_s']:.1f} s (ratio {run['ratio']:.2f}); "
+        log(
+            f"perf:   seed {seed}: seqft {q['train_s']:.1f} s, aim {aim['train_s']:.1f} s (ratio {run['ratio']:.2f}); "
             f"replay {rep['train_s']:.1f} s, aim {aim2['train_s']:.1f} s (ratio {run['ratio_over_replay']:.2f}); "
             f"tokens aim/seqft {run['tokens_ratio']:.2f}; OP/BWT aim {aim['OP']:.1f}/{aim['BWT']:.1f}, "
-            f"replay {rep['OP']:.1f}/{rep['BWT']:.1f}, seqft {q['OP']:.1f}/{q['BWT']:.1f}")
+            f"replay {rep['OP']:.1f}/{rep['BWT']:.1f}, seqft {q['OP']:.1f}/{q['BWT']:.1f}"
+        )
     return runs
 
 
@@ -511,10 +621,15 @@ def measure(plan_name: str, log=print) -> dict:
     plan = PLANS[plan_name]
     t_start = time.perf_counter()
     base = dict(plan, bf16=True)
-    out: dict = {"schema": "aim_ds.perf/1", "plan": plan_name, "plan_settings": plan,
-                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-                 "backend": "gloo (CPU)", "goals": {k: v[0] for k, v in GOALS.items()}}
+    out: dict = {
+        "schema": "aim_ds.perf/1",
+        "plan": plan_name,
+        "plan_settings": plan,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "backend": "gloo (CPU)",
+        "goals": {k: v[0] for k, v in GOALS.items()},
+    }
     per_world = {}
     out["load_average"] = {"start": _loadavg()}
     # memory (and stat bytes) at N = 1 and 3; everything at N = 2
@@ -532,20 +647,28 @@ def measure(plan_name: str, log=print) -> dict:
     import torch  # noqa: F401  (versions)
     import transformers
 
-    out["machine"].update(torch=torch.__version__, deepspeed=deepspeed.__version__, transformers=transformers.__version__)
+    out["machine"].update(
+        torch=torch.__version__, deepspeed=deepspeed.__version__, transformers=transformers.__version__
+    )
     params = per_world[2][0]["params"]
     out["model"] = dict(MODELS[plan["model"]], params=params)
-    out["world_sizes"] = {"plugin_bytes_per_param_per_rank": [1, 2, 3], "stat_bytes_per_step": [1, 2, 3],
-                          "timings": [2]}
+    out["world_sizes"] = {
+        "plugin_bytes_per_param_per_rank": [1, 2, 3],
+        "stat_bytes_per_step": [1, 2, 3],
+        "timings": [2],
+    }
     out["plugin_bytes_per_param_per_rank"] = {
-        str(w): max(r["bytes_per_param"] for r in per_world[w]) for w in (1, 2, 3)}
+        str(w): max(r["bytes_per_param"] for r in per_world[w]) for w in (1, 2, 3)
+    }
     out["plugin_bytes_per_param_per_rank_goal"] = {str(w): 4 / w for w in (1, 2, 3)}
     # 4 bytes per element of the rank's padded partition (ceil(numel / N) per parameter) / total params
     out["plugin_bytes_per_param_per_rank_padded_bound"] = {
-        str(w): max(4 * r["partition_numel"] / r["params"] for r in per_world[w]) for w in (1, 2, 3)}
+        str(w): max(4 * r["partition_numel"] / r["params"] for r in per_world[w]) for w in (1, 2, 3)
+    }
     out["plugin_bytes_per_partition_element_per_rank"] = {
         str(w): max((r["held_bytes"]["device"] + r["held_bytes"]["host"]) / r["partition_numel"] for r in per_world[w])
-        for w in (1, 2, 3)}
+        for w in (1, 2, 3)
+    }
     out["partition_numel_by_world"] = {str(w): max(r["partition_numel"] for r in per_world[w]) for w in (1, 2, 3)}
     out["plugin_held_bytes_by_rank"] = {str(w): [r["held_bytes"] for r in per_world[w]] for w in (1, 2, 3)}
 
@@ -553,18 +676,29 @@ def measure(plan_name: str, log=print) -> dict:
         return max((max(r["stat_bytes_probe_steps"], default=0) for r in results), default=0)
 
     # probed steps of both probe sources (a probe forward; the loss read off the training batch: the default)
-    out["stat_bytes_per_step"] = max(max(stat(per_world[w]) for w in (1, 2, 3)),
-                                     max(max(r["batch_probe"]["stat_bytes"], default=0) for r in per_world[2]))
+    out["stat_bytes_per_step"] = max(
+        max(stat(per_world[w]) for w in (1, 2, 3)),
+        max(max(r["batch_probe"]["stat_bytes"], default=0) for r in per_world[2]),
+    )
     out["stat_bytes_per_step_by_world"] = {str(w): stat(per_world[w]) for w in (1, 2, 3)}
     out["stat_bytes_per_step_by_model_params"] = {str(params): stat(per_world[2]), str(tiny[0]["params"]): stat(tiny)}
     out["stat_bytes_explicit_merge"] = per_world[2][0]["stat_bytes_explicit_merge"]
     full0 = per_world[2][0]
     summaries = [r["summary"] for r in per_world[2]]
     # the slowest rank sets the pace of a collective step: take the max over ranks of each ratio
-    for k in ("hook_overhead_no_probe", "hook_overhead_no_probe_ab", "probe_cost", "batch_probe_cost",
-              "batch_probe_cost_ab", "fusion_vs_copy", "fusion_over_step", "end_to_end_alternated_paper_defaults"):
+    for k in (
+        "hook_overhead_no_probe",
+        "hook_overhead_no_probe_ab",
+        "probe_cost",
+        "batch_probe_cost",
+        "batch_probe_cost_ab",
+        "fusion_vs_copy",
+        "fusion_over_step",
+        "end_to_end_alternated_paper_defaults",
+    ):
         vals = [s[k] for s in summaries if s[k] is not None]
         out[k] = max(vals) if vals else None
+
     # Except for the hook's own time: the hook ends in a collective (the 8-byte decision broadcast), so a rank
     # that reaches it first waits there for the others, skew the step would spend in its next collective anyway,
     # not hook work. Per step, the rank that arrived last waited least: its hook time is what the hook adds to
@@ -575,11 +709,13 @@ def measure(plan_name: str, log=print) -> dict:
 
     for k in ("hook_overhead_no_probe", "batch_probe_cost"):
         out[f"{k}_max_over_ranks"] = out[k]
-    out["hook_overhead_no_probe"] = 1 + last_arrival(lambda r: r["hook_seconds"]) / \
-        max(_st.median(r["plain_step_seconds"]) for r in per_world[2])
-    out["batch_probe_cost"] = 1 + (last_arrival(lambda r: r["batch_probe"]["hook_seconds"])
-                                   + max(_st.median(r["batch_probe"]["rows_loss_seconds"]) for r in per_world[2])) / \
-        max(_st.median(r["batch_probe"]["plain_step_seconds"]) for r in per_world[2])
+    out["hook_overhead_no_probe"] = 1 + last_arrival(lambda r: r["hook_seconds"]) / max(
+        _st.median(r["plain_step_seconds"]) for r in per_world[2]
+    )
+    out["batch_probe_cost"] = 1 + (
+        last_arrival(lambda r: r["batch_probe"]["hook_seconds"])
+        + max(_st.median(r["batch_probe"]["rows_loss_seconds"]) for r in per_world[2])
+    ) / max(_st.median(r["batch_probe"]["plain_step_seconds"]) for r in per_world[2])
     out["step_seconds"] = full0["summary"]["step_seconds"]
     out["fusion_seconds"] = max(s["fusion_seconds"] for s in summaries)
     out["fusion_bytes"] = full0["summary"]["fusion_bytes"]
@@ -592,8 +728,9 @@ def measure(plan_name: str, log=print) -> dict:
     # step, each probe (probe_cost - 1) of one; the measured ratio should agree when the machine is quiet
     e, train = full0["e2e"], 2 * plan["task_steps"]
     if out.get("probe_cost") and e["aim"]:
-        out["end_to_end_alternated_from_counts"] = 1 + (_st.median(e["aim_rehearsal_steps"])
-                                                        + _st.median(e["aim_probes"]) * (out["probe_cost"] - 1)) / train
+        out["end_to_end_alternated_from_counts"] = (
+            1 + (_st.median(e["aim_rehearsal_steps"]) + _st.median(e["aim_probes"]) * (out["probe_cost"] - 1)) / train
+        )
     log(f"perf: end to end, driver seqft / replay vs aim on the default benchmark, seeds {plan['driver_seeds']} ...")
     runs = driver_end_to_end(plan["driver_seeds"], log)
     out["end_to_end_runs"] = runs
@@ -605,11 +742,14 @@ def measure(plan_name: str, log=print) -> dict:
     out["end_to_end_tokens_aim_over_seqft"] = _st.median(r["tokens_ratio"] for r in runs)
     out["end_to_end_tokens_aim_over_replay"] = _st.median(r["tokens_ratio_over_replay"] for r in runs)
     out["end_to_end_config"] = "ds_configs/cpu_zero3.json (the driver's default; quality in BENCHMARKS.md)"
-    out["repetitions"] = {"interleaved_step_pairs": plan["reps"],
-                          "hook_and_batch_probe_step_pairs": max(plan["reps"], HOOK_REPS),
-                          "explicit_merges": plan["merges"],
-                          "e2e_repetitions": plan["e2e_reps"], "steps_per_task": plan["task_steps"],
-                          "driver_seeds": plan["driver_seeds"]}
+    out["repetitions"] = {
+        "interleaved_step_pairs": plan["reps"],
+        "hook_and_batch_probe_step_pairs": max(plan["reps"], HOOK_REPS),
+        "explicit_merges": plan["merges"],
+        "e2e_repetitions": plan["e2e_reps"],
+        "steps_per_task": plan["task_steps"],
+        "driver_seeds": plan["driver_seeds"],
+    }
     out["raw"] = {"world2_rank0": full0}
     out["load_average"]["end"] = _loadavg()
     out["seconds_total"] = time.perf_counter() - t_start
@@ -634,50 +774,86 @@ def goals_met(d: dict) -> dict:
 
 
 def table(d: dict) -> str:
-    rows = [("plugin bytes / param / rank",
-             ", ".join(f"N={w}: {v:.6f} (<= {4 / int(w):.6f})" for w, v in d["plugin_bytes_per_param_per_rank"].items()),
-             d["goals_met"].get("plugin_bytes_per_param_per_rank")),
-            ("plugin bytes / padded partition element", ", ".join(
+    rows = [
+        (
+            "plugin bytes / param / rank",
+            ", ".join(f"N={w}: {v:.6f} (<= {4 / int(w):.6f})" for w, v in d["plugin_bytes_per_param_per_rank"].items()),
+            d["goals_met"].get("plugin_bytes_per_param_per_rank"),
+        ),
+        (
+            "plugin bytes / padded partition element",
+            ", ".join(
                 f"N={w}: {v:.4f} (<= 4 = 4/N per padded param)"
-                for w, v in d.get("plugin_bytes_per_partition_element_per_rank", {}).items()),
-             d["goals_met"].get("plugin_bytes_per_partition_element_per_rank")),
-            ("stat bytes / step (probed, no merge)", f"{d['stat_bytes_per_step']} (<= 64; by model size "
-             f"{d['stat_bytes_per_step_by_model_params']})", d["goals_met"].get("stat_bytes_per_step")),
-            ("fusion / copy of same bytes", f"{d['fusion_vs_copy']:.3f} (<= 1.5)", d["goals_met"].get("fusion_vs_copy")),
-            ("hook overhead, no probe", f"{d['hook_overhead_no_probe']:.4f} (<= 1.01; with the waiting of the first-arriving "
-             f"rank {d.get('hook_overhead_no_probe_max_over_ranks', float('nan')):.4f}; A/B {d['hook_overhead_no_probe_ab']:.3f})",
-             d["goals_met"].get("hook_overhead_no_probe")),
-            ("end to end AimMerging / SeqFT (driver, default config)", f"{d['end_to_end_aim_over_seqft']:.3f} (<= 1.3; "
-             f"per seed {', '.join(f'{x:.2f}' for x in d['end_to_end_aim_over_seqft_per_seed'])})",
-             d["goals_met"].get("end_to_end_aim_over_seqft")),
-            ("end to end AimMerging / replay (same mixed memory rows)", f"{d['end_to_end_aim_over_replay']:.3f}", None),
-            ("tokens fwd+bwd AimMerging / SeqFT (/ replay)", f"{d['end_to_end_tokens_aim_over_seqft']:.3f} "
-             f"(/ replay {d['end_to_end_tokens_aim_over_replay']:.3f})", None),
-            ("end to end, alternated, paper defaults", f"{d['end_to_end_alternated_paper_defaults']:.3f}", None),
-            ("probe step / plain step (probe forward every step)", f"{d['probe_cost']:.3f}" if d["probe_cost"] else "n/a",
-             None),
-            ("step with the loss read off the batch / plain step", f"{d['batch_probe_cost']:.4f} (A/B "
-             f"{d['batch_probe_cost_ab']:.3f})", None),
-            ("fusion per merge / step", f"{d['fusion_over_step']:.4f}", None),
-            ("fusion shard passes (measured / plugin)", f"{d['fusion_passes']:.2f} / {d['fusion_passes_plugin_record']}", None)]
+                for w, v in d.get("plugin_bytes_per_partition_element_per_rank", {}).items()
+            ),
+            d["goals_met"].get("plugin_bytes_per_partition_element_per_rank"),
+        ),
+        (
+            "stat bytes / step (probed, no merge)",
+            f"{d['stat_bytes_per_step']} (<= 64; by model size {d['stat_bytes_per_step_by_model_params']})",
+            d["goals_met"].get("stat_bytes_per_step"),
+        ),
+        ("fusion / copy of same bytes", f"{d['fusion_vs_copy']:.3f} (<= 1.5)", d["goals_met"].get("fusion_vs_copy")),
+        (
+            "hook overhead, no probe",
+            f"{d['hook_overhead_no_probe']:.4f} (<= 1.01; with the waiting of the first-arriving "
+            f"rank {d.get('hook_overhead_no_probe_max_over_ranks', float('nan')):.4f}; A/B {d['hook_overhead_no_probe_ab']:.3f})",
+            d["goals_met"].get("hook_overhead_no_probe"),
+        ),
+        (
+            "end to end AimMerging / SeqFT (driver, default config)",
+            f"{d['end_to_end_aim_over_seqft']:.3f} (<= 1.3; "
+            f"per seed {', '.join(f'{x:.2f}' for x in d['end_to_end_aim_over_seqft_per_seed'])})",
+            d["goals_met"].get("end_to_end_aim_over_seqft"),
+        ),
+        ("end to end AimMerging / replay (same mixed memory rows)", f"{d['end_to_end_aim_over_replay']:.3f}", None),
+        (
+            "tokens fwd+bwd AimMerging / SeqFT (/ replay)",
+            f"{d['end_to_end_tokens_aim_over_seqft']:.3f} (/ replay {d['end_to_end_tokens_aim_over_replay']:.3f})",
+            None,
+        ),
+        ("end to end, alternated, paper defaults", f"{d['end_to_end_alternated_paper_defaults']:.3f}", None),
+        (
+            "probe step / plain step (probe forward every step)",
+            f"{d['probe_cost']:.3f}" if d["probe_cost"] else "n/a",
+            None,
+        ),
+        (
+            "step with the loss read off the batch / plain step",
+            f"{d['batch_probe_cost']:.4f} (A/B {d['batch_probe_cost_ab']:.3f})",
+            None,
+        ),
+        ("fusion per merge / step", f"{d['fusion_over_step']:.4f}", None),
+        (
+            "fusion shard passes (measured / plugin)",
+            f"{d['fusion_passes']:.2f} / {d['fusion_passes_plugin_record']}",
+            None,
+        ),
+    ]
     w = max(len(r[0]) for r in rows)
-    lines = [f"AimMerging perf ({d['plan']}): model {d['model']['params'] / 1e6:.1f}M params, gloo CPU ranks, "
-             f"plain step {d['step_seconds']:.3f} s at N=2, {d['date']}, load average {d.get('load_average')}"]
+    lines = [
+        f"AimMerging perf ({d['plan']}): model {d['model']['params'] / 1e6:.1f}M params, gloo CPU ranks, "
+        f"plain step {d['step_seconds']:.3f} s at N=2, {d['date']}, load average {d.get('load_average')}"
+    ]
     for name, val, ok in rows:
         mark = "" if ok is None else ("  ok" if ok else "  MISSED")
         lines.append(f"  {name:<{w}}  {val}{mark}")
     for r in d.get("end_to_end_runs", []):
-        lines.append(f"  end to end, seed {r['seed']}: SeqFT {r['seqft_train_s']:.1f} s (OP {r['seqft']['OP']:.1f}, "
-                     f"BWT {r['seqft']['BWT']:.1f}), AimMerging {r['aim_train_s']:.1f} s (OP {r['aim']['OP']:.1f}, "
-                     f"BWT {r['aim']['BWT']:.1f}; {r['aim']['engine_steps']} engine steps vs {r['seqft']['engine_steps']}, "
-                     f"{r['aim']['merges']} merges, {r['aim']['replay_rows']} memory rows per batch); replay "
-                     f"{r['replay_train_s']:.1f} s beside AimMerging {r['aim_train_s_beside_replay']:.1f} s (OP "
-                     f"{r['replay']['OP']:.1f}, BWT {r['replay']['BWT']:.1f}); tokens fwd+bwd {r['seqft']['tokens_fwd_bwd']} "
-                     f"/ {r['replay']['tokens_fwd_bwd']} / {r['aim']['tokens_fwd_bwd']} (seqft / replay / aim)")
+        lines.append(
+            f"  end to end, seed {r['seed']}: SeqFT {r['seqft_train_s']:.1f} s (OP {r['seqft']['OP']:.1f}, "
+            f"BWT {r['seqft']['BWT']:.1f}), AimMerging {r['aim_train_s']:.1f} s (OP {r['aim']['OP']:.1f}, "
+            f"BWT {r['aim']['BWT']:.1f}; {r['aim']['engine_steps']} engine steps vs {r['seqft']['engine_steps']}, "
+            f"{r['aim']['merges']} merges, {r['aim']['replay_rows']} memory rows per batch); replay "
+            f"{r['replay_train_s']:.1f} s beside AimMerging {r['aim_train_s_beside_replay']:.1f} s (OP "
+            f"{r['replay']['OP']:.1f}, BWT {r['replay']['BWT']:.1f}); tokens fwd+bwd {r['seqft']['tokens_fwd_bwd']} "
+            f"/ {r['replay']['tokens_fwd_bwd']} / {r['aim']['tokens_fwd_bwd']} (seqft / replay / aim)"
+        )
     e = d["e2e"]
-    lines.append(f"  end to end, alternated, paper defaults: SeqFT {e['seqft']} s, AimMerging {e['aim']} s, merges "
-                 f"{e['aim_merges']}, rehearsal steps {e['aim_rehearsal_steps']}, probes {e['aim_probes']}; from counted "
-                 f"work {d.get('end_to_end_alternated_from_counts', float('nan')):.3f}")
+    lines.append(
+        f"  end to end, alternated, paper defaults: SeqFT {e['seqft']} s, AimMerging {e['aim']} s, merges "
+        f"{e['aim_merges']}, rehearsal steps {e['aim_rehearsal_steps']}, probes {e['aim_probes']}; from counted "
+        f"work {d.get('end_to_end_alternated_from_counts', float('nan')):.3f}"
+    )
     return "\n".join(lines)
 
 

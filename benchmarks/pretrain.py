@@ -38,10 +38,14 @@ FORMAT = "aim_ds-pretrain-v1"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "longsequence"),
-                   help="O-LoRA data folder; only train/<task>_T5.json inputs are read")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--data-dir",
+        default=str(ROOT.parent / "shared" / "data" / "longsequence"),
+        help="O-LoRA data folder; only train/<task>_T5.json inputs are read",
+    )
     p.add_argument("--model", default="configs/llama_2x256.json", help="model config JSON")
     p.add_argument("--out-root", default="runs/pretrained", help="the folder goes to OUT_ROOT/<key>")
     p.add_argument("--seed", type=int, default=0)
@@ -84,7 +88,7 @@ def pack(tokenizer, texts: list[str], block: int) -> list[list[int]]:
     stream = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         stream += ids + [tokenizer.eos_token_id]
-    return [stream[i:i + block] for i in range(0, len(stream) - block + 1, block)]
+    return [stream[i : i + block] for i in range(0, len(stream) - block + 1, block)]
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -119,8 +123,9 @@ def main(argv=None) -> int:
 
     cfg = {k: v for k, v in model_cfg.items() if k not in ("architectures", "transformers_version")}
     model_type = cfg.pop("model_type", "llama")
-    cfg.update(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-               bos_token_id=tok.bos_token_id)
+    cfg.update(
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id
+    )
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
     steps_per_epoch = len(train) // a.batch_size
@@ -128,8 +133,11 @@ def main(argv=None) -> int:
     warmup = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     gen = torch.Generator().manual_seed(a.seed)
-    print(f"[pretrain] {len(texts)} inputs -> {len(train)} train / {len(val)} held-out blocks of {a.block} tokens; "
-          f"{total} steps of {a.batch_size}", flush=True)
+    print(
+        f"[pretrain] {len(texts)} inputs -> {len(train)} train / {len(val)} held-out blocks of {a.block} tokens; "
+        f"{total} steps of {a.batch_size}",
+        flush=True,
+    )
 
     def val_loss() -> float:
         model.eval()
@@ -145,7 +153,7 @@ def main(argv=None) -> int:
     for step in range(total):
         if pos + a.batch_size > len(order):
             order, pos = torch.randperm(len(train), generator=gen), 0
-        batch = train[order[pos:pos + a.batch_size]]
+        batch = train[order[pos : pos + a.batch_size]]
         pos += a.batch_size
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -155,18 +163,29 @@ def main(argv=None) -> int:
         opt.zero_grad(set_to_none=True)
         if (step + 1) % max(1, total // 10) == 0 or step + 1 == total:
             curve.append({"step": step + 1, "train_loss": loss.item(), "val_loss": val_loss()})
-            print(f"[pretrain] step {step + 1}/{total}  train {loss.item():.3f}  held-out {curve[-1]['val_loss']:.3f}  "
-                  f"{time.time() - t0:.0f} s", flush=True)
+            print(
+                f"[pretrain] step {step + 1}/{total}  train {loss.item():.3f}  held-out {curve[-1]['val_loss']:.3f}  "
+                f"{time.time() - t0:.0f} s",
+                flush=True,
+            )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        record = {"format": FORMAT, "settings": vars(a), "model_config": model_cfg, "inputs": len(texts),
-                  "train_blocks": len(train), "held_out_blocks": len(val), "steps": total,
-                  "wall_s": round(time.time() - t0, 1), "curve": curve,
-                  "text": "inputs of the Long Sequence train splits only (no outputs, no dev/test)"}
+        record = {
+            "format": FORMAT,
+            "settings": vars(a),
+            "model_config": model_cfg,
+            "inputs": len(texts),
+            "train_blocks": len(train),
+            "held_out_blocks": len(val),
+            "steps": total,
+            "wall_s": round(time.time() - t0, 1),
+            "curve": curve,
+            "text": "inputs of the Long Sequence train splits only (no outputs, no dev/test)",
+        }
         (tmp / "pretrain.json").write_text(json.dumps(record, indent=1))
         os.rename(tmp, out)
     finally:

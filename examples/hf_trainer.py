@@ -9,6 +9,7 @@ every batch of a later task carries memory rows (mixed replay, as the driver's -
 the forgetting signal; with "memory_forward" the plugin probes on its own. Writes results.json (the accuracy
 matrix, OP, BWT) and trajectory.csv to --output-dir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmark", default="default", help="as launch/train.py --benchmark")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="ds_config",
-                   default=os.path.join(REPO, "ds_configs", "cpu_zero3.json"))
-    p.add_argument("--model", default=os.path.join(REPO, "configs", "tiny_llama.json"),
-                   help="a model config .json (random init) or a Hugging Face model folder")
+    p.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        dest="ds_config",
+        default=os.path.join(REPO, "ds_configs", "cpu_zero3.json"),
+    )
+    p.add_argument(
+        "--model",
+        default=os.path.join(REPO, "configs", "tiny_llama.json"),
+        help="a model config .json (random init) or a Hugging Face model folder",
+    )
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--memory-fraction", type=float, default=0.02)
@@ -68,11 +76,24 @@ def main(argv=None):
 
     def training_args(t):
         return TrainingArguments(
-            output_dir=os.path.join(out, f"task{t}"), deepspeed=ds, per_device_train_batch_size=micro,
-            num_train_epochs=args.epochs, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.06,
-            weight_decay=0.01, adam_beta2=0.98, max_grad_norm=float(ds.get("gradient_clipping", 1.0)),
-            save_strategy="no", logging_steps=50, report_to=[], seed=args.seed, data_seed=args.seed + t,
-            use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+            output_dir=os.path.join(out, f"task{t}"),
+            deepspeed=ds,
+            per_device_train_batch_size=micro,
+            num_train_epochs=args.epochs,
+            learning_rate=args.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.06,
+            weight_decay=0.01,
+            adam_beta2=0.98,
+            max_grad_norm=float(ds.get("gradient_clipping", 1.0)),
+            save_strategy="no",
+            logging_steps=50,
+            report_to=[],
+            seed=args.seed,
+            data_seed=args.seed + t,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+        )
 
     first = training_args(0)  # before the model: ZeRO-3 partitions it at construction
     torch.manual_seed(args.seed)
@@ -84,23 +105,40 @@ def main(argv=None):
     for t, task in enumerate(tasks):
         if memory:
             cb.set_memory(memory)  # rows of every earlier task; each rank takes its share
-        trainer = Trainer(model=model, args=first if t == 0 else training_args(t),
-                          train_dataset=aim_data.CausalLMExamples(task.train, tokenizer, args.max_len),
-                          data_collator=cb.replay_collator(collate) if replay else collate,
-                          compute_loss_func=cb.compute_loss_func, callbacks=[cb])
+        trainer = Trainer(
+            model=model,
+            args=first if t == 0 else training_args(t),
+            train_dataset=aim_data.CausalLMExamples(task.train, tokenizer, args.max_len),
+            data_collator=cb.replay_collator(collate) if replay else collate,
+            compute_loss_func=cb.compute_loss_func,
+            callbacks=[cb],
+        )
         trainer.train()
-        matrix.append([evaluate_task(model, tokenizer, tasks[i], rank=rank, world_size=world,
-                                     max_prompt_len=args.max_len) for i in range(t + 1)])
-        memory += aim_data.CausalLMExamples(aim_data.select_memory(task, args.memory_fraction, args.seed),
-                                            tokenizer, args.max_len).items
+        matrix.append(
+            [
+                evaluate_task(model, tokenizer, tasks[i], rank=rank, world_size=world, max_prompt_len=args.max_len)
+                for i in range(t + 1)
+            ]
+        )
+        memory += aim_data.CausalLMExamples(
+            aim_data.select_memory(task, args.memory_fraction, args.seed), tokenizer, args.max_len
+        ).items
         if rank == 0:
             print(f"task {t} ({task.name}): " + " ".join(f"{a:.1f}" for a in matrix[-1]), flush=True)
     metrics = cl_metrics(matrix)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         merges = sum(r["merge"] for r in cb.trajectory)
-        result = {"tasks": [t.name for t in tasks], "matrix": matrix, "OP": metrics["OP"], "BWT": metrics["BWT"],
-                  "merges": merges, "seconds": time.time() - t0, "world": world, "ds_config": args.ds_config}
+        result = {
+            "tasks": [t.name for t in tasks],
+            "matrix": matrix,
+            "OP": metrics["OP"],
+            "BWT": metrics["BWT"],
+            "merges": merges,
+            "seconds": time.time() - t0,
+            "world": world,
+            "ds_config": args.ds_config,
+        }
         atomic_write_text(os.path.join(out, "results.json"), json.dumps(result, indent=1))
         print(f"OP {metrics['OP']:.1f}  BWT {metrics['BWT']:.1f}  merges {merges}  -> {out}", flush=True)
     cb.write_trajectory_csv(os.path.join(out, "trajectory.csv"))

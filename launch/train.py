@@ -30,6 +30,7 @@ per-task linear warm-up (6%) and cosine decay set by the driver (no DeepSpeed sc
 Checkpoints: ``--checkpoint-every N`` saves under <output-dir>/checkpoints every N driver steps and at every task
 boundary; ``--resume auto|DIR`` continues a killed run to exactly the uninterrupted result (launch/README.md).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Multi-rank scenario for aim_ds.statistics.agree (run by tests/mp.py); imports only torch and DeepSpeed."""
+
 from __future__ import annotations
 
 import deepspeed

@@ -1,6 +1,7 @@
 """Multi-rank checkpoint scenarios (run by tests/mp.py): save/load/resume, crash during save, keep-last,
 bad inputs on every rank, and the legs of 2 -> 1 -> 2 resharding. Reference tensors for the pytest side
 (conversion checks) are written with torch.save into the scenario's `work` directory."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,15 @@ from aim_ds.checkpoint import format as ckpt_format
 from aim_ds.checkpoint import runtime as ckpt_runtime
 from tests import scenarios as sc
 
-AIM = {"enabled": True, "interval_rule": "fixed", "initial_interval": 3, "min_interval": 2, "max_interval": 16,
-       "rehearsal_steps": 1, "weight_policy": "importance"}  # importance: theta_k and EMA shards travel too
+AIM = {
+    "enabled": True,
+    "interval_rule": "fixed",
+    "initial_interval": 3,
+    "min_interval": 2,
+    "max_interval": 16,
+    "rehearsal_steps": 1,
+    "weight_policy": "importance",
+}  # importance: theta_k and EMA shards travel too
 FP = "tasks-v1"
 
 
@@ -94,9 +102,17 @@ def save_resume(work: str):
     sc.train_steps(e1, 1, seed=200)
     saved_w = sc.full_fp32(e1)
     saved_state, saved_anchor = _plugin_state(p1), _anchor(p1)
-    path = ckpt.save_checkpoint(e1, p1, d, tag="a", client_state={"rank": r, "note": "x"}, keep_last=2,
-                                task_fingerprint=FP, tokenizer=tiny_tokenizer(),
-                                extra={"task": 1, "step": 4})
+    path = ckpt.save_checkpoint(
+        e1,
+        p1,
+        d,
+        tag="a",
+        client_state={"rank": r, "note": "x"},
+        keep_last=2,
+        task_fingerprint=FP,
+        tokenizer=tiny_tokenizer(),
+        extra={"task": 1, "step": 4},
+    )
     gathered = _gathered_anchor(e1, p1)
     if r == 0:  # checkpoint 'a' and its reference go to the conversion and resharding checks
         shutil.copytree(d, os.path.join(work, "two"), ignore=shutil.ignore_patterns(".tmp-*"))
@@ -130,15 +146,22 @@ def save_resume(work: str):
     loaded_w = sc.full_fp32(e2)
     sc.train_steps(e2, 5, seed=300)
     res = {
-        "path": path, "crashed": crashed, "anchor_gather_vs_after_merge": _same_dicts(gathered, anchor_full), "latest_after_crash": latest_after_crash, "found": found, "extra": extra,
-        "tmp_b_complete": tmp_b_complete, "client": {k: client.get(k) for k in ("rank", "note")},
-        "loaded_state_equal": loaded_state == saved_state, "loaded_anchor_equal": _same_tensors(loaded_anchor,
-                                                                                                saved_anchor),
+        "path": path,
+        "crashed": crashed,
+        "anchor_gather_vs_after_merge": _same_dicts(gathered, anchor_full),
+        "latest_after_crash": latest_after_crash,
+        "found": found,
+        "extra": extra,
+        "tmp_b_complete": tmp_b_complete,
+        "client": {k: client.get(k) for k in ("rank", "note")},
+        "loaded_state_equal": loaded_state == saved_state,
+        "loaded_anchor_equal": _same_tensors(loaded_anchor, saved_anchor),
         "loaded_weights_diff": _same_dicts(loaded_w, saved_w),
         "resumed_weights_diff": _same_dicts(sc.full_fp32(e2), final_w),
         "resumed_state_equal": _plugin_state(p2) == final_state,
         "resumed_anchor_equal": _same_tensors(_anchor(p2), final_anchor),
-        "merges": p2.merge_count, "task_index": p2.task_index,
+        "merges": p2.merge_count,
+        "task_index": p2.task_index,
         "global_steps": [e1.global_steps, e2.global_steps],
         "lr": [e1.optimizer.param_groups[0]["lr"], e2.optimizer.param_groups[0]["lr"]],
     }
@@ -178,8 +201,11 @@ def _bad_inputs(work: str, d: str) -> dict:
         with open(os.path.join(vd, "latest"), "w") as fh:
             fh.write("global_step999")
 
-    for name, edit in (("missing_rank_file", missing_rank_file), ("truncated", truncated),
-                       ("dangling_latest", dangling_latest)):
+    for name, edit in (
+        ("missing_rank_file", missing_rank_file),
+        ("truncated", truncated),
+        ("dangling_latest", dangling_latest),
+    ):
         vd = variant(name, edit)
         errors[name] = _error_of(lambda vd=vd: ckpt.load_checkpoint(e3, p3, vd, task_fingerprint=FP))
     errors["missing_tag"] = _error_of(lambda: ckpt.load_checkpoint(e3, p3, d, tag="nope"))
@@ -198,8 +224,14 @@ def _bad_inputs(work: str, d: str) -> dict:
     return errors
 
 
-def reshard_leg(work: str, src: str, out: str, expect_world_error: str | None = None, ref: str | None = None,
-                save_ref: str | None = None):
+def reshard_leg(
+    work: str,
+    src: str,
+    out: str,
+    expect_world_error: str | None = None,
+    ref: str | None = None,
+    save_ref: str | None = None,
+):
     """Load the resharded checkpoint `src` into a fresh engine+plugin on this world size; check weights and
     gathered anchor against `ref` (saved by the previous leg); train 2 steps; save a checkpoint to `out`
     and (rank 0) its reference weights/anchor/plugin state to `save_ref`."""
@@ -221,8 +253,10 @@ def reshard_leg(work: str, src: str, out: str, expect_world_error: str | None = 
         res["controller_equal"] = (state.get("controller") == rf["state"].get("controller")) if r == 0 else None
         res["trajectory_equal"] = (state["trajectory"] == rf["state"]["trajectory"]) if r == 0 else None
         res["scalars_equal"] = all(state[k] == rf["state"][k] for k in ("task_index", "step_in_task", "merge_count"))
-    res["layout_matches"] = ckpt.engine_layout(e)["sub_groups"] == \
-        ckpt_format.read_tag_manifest(os.path.join(src, ckpt.find_latest(src)))["layout"]["sub_groups"]
+    res["layout_matches"] = (
+        ckpt.engine_layout(e)["sub_groups"]
+        == ckpt_format.read_tag_manifest(os.path.join(src, ckpt.find_latest(src)))["layout"]["sub_groups"]
+    )
     losses = sc.train_steps(e, 2, seed=700)
     res["losses"] = losses
     res["merges_after"] = p.merge_count
@@ -246,7 +280,7 @@ def _gathered_anchor(engine, plugin):
         for prm in engine.optimizer.fp16_groups[g.index]:
             pn = prm.partition_numel()
             flat = torch.zeros(pn * world)
-            flat[r * pn:(r + 1) * pn] = a[off:off + pn].cpu()
+            flat[r * pn : (r + 1) * pn] = a[off : off + pn].cpu()
             full[names[prm]] = (flat, prm.ds_numel, tuple(prm.ds_shape))
             off += pn
     out = {}
@@ -254,7 +288,6 @@ def _gathered_anchor(engine, plugin):
         deepspeed.comm.all_reduce(flat)
         out[n] = flat[:numel].reshape(shape).clone()
     return out
-
 
 
 # ---------------------------------------------------------------------------------------------- killed saves
@@ -298,20 +331,43 @@ def _train_from_latest(d: str, steps: int, switch: int, kill_fraction: float | N
         if kill_fraction is not None and len(save_s) == 1 and r == 0:
             delay = kill_fraction * save_s[0]
             with open(os.path.join(os.path.dirname(d), f"kill-{launch}.json"), "w") as f:
-                json.dump({"tag": f"step{s + 1:03d}", "previous": f"step{s:03d}", "delay_s": delay,
-                           "first_save_s": save_s[0], "resumed_from": found and found[1]}, f)
+                json.dump(
+                    {
+                        "tag": f"step{s + 1:03d}",
+                        "previous": f"step{s:03d}",
+                        "delay_s": delay,
+                        "first_save_s": save_s[0],
+                        "resumed_from": found and found[1],
+                    },
+                    f,
+                )
             subprocess.Popen(["sh", "-c", f"sleep {delay:.4f}; kill -KILL -{os.getpgid(0)}"])
         t0 = time.perf_counter()
-        ckpt.save_checkpoint(e, p, d, tag=f"step{s + 1:03d}", keep_last=2, task_fingerprint=FP,
-                             client_state={"step": s + 1}, extra={"step": s + 1})
+        ckpt.save_checkpoint(
+            e,
+            p,
+            d,
+            tag=f"step{s + 1:03d}",
+            keep_last=2,
+            task_fingerprint=FP,
+            client_state={"step": s + 1},
+            extra={"step": s + 1},
+        )
         save_s.append(time.perf_counter() - t0)
         if kill_fraction is not None and len(save_s) == 2:
             time.sleep(120)  # the killer ends this launch; a missed kill fails the test by its timeout
             raise RuntimeError(f"not killed (process group {os.getpgid(0)})")
     w = sc.full_fp32(e)
-    out = {"resumed_from": found and found[1], "weights": _sha(w[n] for n in sorted(w)), "anchor": _sha(_anchor(p)),
-           "state": _sha([json.dumps(_plugin_state(p), sort_keys=True, default=str)]), "merges": p.merge_count,
-           "task_index": p.task_index, "losses": losses, "save_s": save_s}
+    out = {
+        "resumed_from": found and found[1],
+        "weights": _sha(w[n] for n in sorted(w)),
+        "anchor": _sha(_anchor(p)),
+        "state": _sha([json.dumps(_plugin_state(p), sort_keys=True, default=str)]),
+        "merges": p.merge_count,
+        "task_index": p.task_index,
+        "losses": losses,
+        "save_s": save_s,
+    }
     p.detach()
     return out
 
@@ -321,7 +377,9 @@ def _sha(items) -> str:
 
     h = hashlib.sha256()
     for x in items:
-        h.update(x.encode() if isinstance(x, str) else x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(
+            x.encode() if isinstance(x, str) else x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        )
     return h.hexdigest()
 
 

@@ -5,6 +5,7 @@ torch.distributed through deepspeed with a short timeout, runs `tests.scenarios.
 and writes its return value (JSON) or its exception to OUTDIR/rank<R>.json. The parent kills every
 rank when the timeout passes, so a rank-asymmetric bug fails the test in minutes instead of hanging CI.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,13 @@ __all__ = ["REPO", "RankFailure", "base_env", "driver_env", "free_port", "run_ra
 
 def base_env() -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     return env
 
 
@@ -53,8 +58,22 @@ def run_ranks(scenario: str, world: int, tmp_path, timeout: float = 240, **kwarg
     out = Path(tmp_path) / f"{scenario.replace(':', '.')}-{world}-{time.monotonic_ns()}"
     out.mkdir(parents=True)
     codes, timed_out = run_local_ranks(
-        lambda r, port: [sys.executable, str(Path(__file__).resolve()), scenario, str(r), str(world), str(port),
-                         str(out), json.dumps(kwargs)], world, str(out), timeout, env=base_env(), cwd=str(REPO))
+        lambda r, port: [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            scenario,
+            str(r),
+            str(world),
+            str(port),
+            str(out),
+            json.dumps(kwargs),
+        ],
+        world,
+        str(out),
+        timeout,
+        env=base_env(),
+        cwd=str(REPO),
+    )
     results, errors = [], []
     for r in range(world):
         f = out / f"rank{r}.json"
@@ -68,16 +87,23 @@ def run_ranks(scenario: str, world: int, tmp_path, timeout: float = 240, **kwarg
             errors.append(f"rank {r}: no result (exit {codes[r]}); log tail:\n{tail}")
             results.append(None)
     if timed_out:
-        raise RankFailure(f"scenario {scenario} on {world} ranks timed out after {timeout}s (deadlock?)\n"
-                          + "\n".join(errors))
+        raise RankFailure(
+            f"scenario {scenario} on {world} ranks timed out after {timeout}s (deadlock?)\n" + "\n".join(errors)
+        )
     if errors:
         raise RankFailure("\n".join(errors))
     return results
 
 
 def _child(scenario, rank, world, port, outdir, kwargs):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     payload = {}
     try:
         from datetime import timedelta

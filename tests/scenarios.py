@@ -3,6 +3,7 @@
 Each returns a JSON-able dict of measured values; the pytest side asserts on them, so a failure
 message shows the numbers. Models are tiny Llamas built from a config on the fly.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,17 @@ _keep = []  # HfDeepSpeedConfig must stay alive while zero.Init builds the model
 
 def tiny_config() -> LlamaConfig:
     # sizes chosen so that most tensors are not divisible by 3: 3 ranks pad the last partitions
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=70, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       tie_word_embeddings=False, attention_dropout=0.0)
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=70,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+    )
 
 
 def ds_config(dtype="fp32", persistence=0, stage=3, aim=None, gas=1, scheduler=False, offload=False):
@@ -47,8 +56,10 @@ def ds_config(dtype="fp32", persistence=0, stage=3, aim=None, gas=1, scheduler=F
     if aim is not None:
         cfg["aim_merging"] = aim
     if scheduler:
-        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3,
-                                                            "warmup_num_steps": 100}}
+        cfg["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 100},
+        }
     return cfg
 
 
@@ -91,8 +102,11 @@ def train_steps(engine, n, seed=0):
 def full_fp32(engine) -> dict:
     # stage 0 has no fp32 fragments: the master is the unfused optimizer's fp32 copy, or the fp32 param itself
     opt = engine.optimizer
-    copies = {id(lp): hp for lg, hg in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
-              for lp, hp in zip(lg, hg)}
+    copies = {
+        id(lp): hp
+        for lg, hg in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+        for lp, hp in zip(lg, hg)
+    }
     out = {}
     for n, p in engine.module.named_parameters():
         v = safe_get_full_fp32_param(p)
@@ -136,12 +150,17 @@ def reference_loss(weights: dict, b, dtype) -> float:
 
 
 # ---------------------------------------------------------------------------------------- scenarios
-def fusion_exact(dtype="fp32", persistence=0, w_in=0.7, w_out=0.2, rehearsal=2, offload=False, anchor="device",
-                 stage=3, extra=None):
+def fusion_exact(
+    dtype="fp32", persistence=0, w_in=0.7, w_out=0.2, rehearsal=2, offload=False, anchor="device", stage=3, extra=None
+):
     """Fusion against a reference computed from gathered full parameters; visibility; lr-0 survival;
     weights (1, 0) undo rehearsal."""
-    engine = make_engine({**ds_config(dtype, persistence, stage=stage, aim={"enabled": True, "anchor": anchor},
-                                      offload=offload), **(extra or {})})
+    engine = make_engine(
+        {
+            **ds_config(dtype, persistence, stage=stage, aim={"enabled": True, "anchor": anchor}, offload=offload),
+            **(extra or {}),
+        }
+    )
     plugin = aim_ds.attach(engine, memory())
     plugin.start_task()
     anchor = full_fp32(engine)
@@ -213,8 +232,13 @@ def disabled_identical(dtype="fp32", stage=3):
 
 def controller_loop(dtype="fp32", steps0=6, steps1=40, lr=3e-3, aim=None, scheduler=False, gas=1):
     """The controller itself fires merges in an ordinary loop (no explicit merge())."""
-    aim = aim or {"enabled": True, "initial_interval": 4, "min_interval": 2, "max_interval": 16,
-                  "threshold_factor": 1.05}
+    aim = aim or {
+        "enabled": True,
+        "initial_interval": 4,
+        "min_interval": 2,
+        "max_interval": 16,
+        "threshold_factor": 1.05,
+    }
     engine = make_engine(ds_config(dtype, aim=aim, scheduler=scheduler, gas=gas), lr=lr)
     plugin = aim_ds.attach(engine)
     plugin.start_task()
@@ -261,10 +285,13 @@ def nan_probe():
         except FloatingPointError as e:  # rehearsal on an all-ignored batch has a NaN loss too
             err = str(e)
     w = full_fp32(engine)
-    return {"warned": sum("non-finite probe loss" in str(c.message) for c in caught),
-            "finite": all(torch.isfinite(v).all().item() for v in w.values()),
-            "skipped_rows": sum(1 for r in plugin.trajectory if r["task"] == 1 and r["probe_loss"] is None),
-            "merges": plugin.merge_count, "error": err}
+    return {
+        "warned": sum("non-finite probe loss" in str(c.message) for c in caught),
+        "finite": all(torch.isfinite(v).all().item() for v in w.values()),
+        "skipped_rows": sum(1 for r in plugin.trajectory if r["task"] == 1 and r["probe_loss"] is None),
+        "merges": plugin.merge_count,
+        "error": err,
+    }
 
 
 def expect_errors(cases: list):
@@ -327,11 +354,22 @@ def quantile_and_importance(q=0.8):
     everything = torch.cat([b[:n] for b, n in zip(bufs, sizes)])
     exact = torch.quantile(everything, q, interpolation="lower").item()
     frac_above = (everything > approx).float().mean().item()
-    aim = {"enabled": True, "weight_policy": "importance", "initial_interval": 3, "min_interval": 2,
-           "max_interval": 8, "threshold_factor": 1.05}
+    aim = {
+        "enabled": True,
+        "weight_policy": "importance",
+        "initial_interval": 3,
+        "min_interval": 2,
+        "max_interval": 8,
+        "threshold_factor": 1.05,
+    }
     loop = controller_loop(aim=aim, steps1=16)
-    return {"approx": approx, "exact": exact, "frac_above": frac_above, "merges": loop["merges"],
-            "finite": loop["finite"]}
+    return {
+        "approx": approx,
+        "exact": exact,
+        "frac_above": frac_above,
+        "merges": loop["merges"],
+        "finite": loop["finite"],
+    }
 
 
 def host_anchor():
@@ -359,8 +397,15 @@ def batch_probe(steps1=12, skip_rank1_every=3):
     recorded with record_probe_loss(); no probe forward runs. Rank 1 leaves some steps unrecorded (0, 0)."""
     from aim_ds import statistics
 
-    aim = {"enabled": True, "probe_source": "training_batch", "initial_interval": 4, "min_interval": 2,
-           "max_interval": 8, "threshold_factor": 1.05, "rehearsal_steps": 2}
+    aim = {
+        "enabled": True,
+        "probe_source": "training_batch",
+        "initial_interval": 4,
+        "min_interval": 2,
+        "max_interval": 8,
+        "threshold_factor": 1.05,
+        "rehearsal_steps": 2,
+    }
     engine = make_engine(ds_config(aim=aim), lr=3e-3)
     forwards = [0]
     engine.module.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
@@ -397,10 +442,15 @@ def batch_probe(steps1=12, skip_rank1_every=3):
     except aim_ds.plugin.AimInputError as e:
         bad_count = str(e)
     plugin._recorded_probe = None
-    return {"probe_losses": [r["probe_loss"] for r in traj], "expected": expected,
-            "merges": merges, "forwards": forwards_task1,
-            "rehearsal_steps": sum(2 for r in traj if r["merge"]), "train_steps": steps1,
-            "global_steps_task1": steps_run,
-            "unrecorded_probe_losses": [r["probe_loss"] for r in traj2],
-            "warned": sum("no rank recorded a memory loss" in str(c.message) for c in caught),
-            "bad_count": bad_count}
+    return {
+        "probe_losses": [r["probe_loss"] for r in traj],
+        "expected": expected,
+        "merges": merges,
+        "forwards": forwards_task1,
+        "rehearsal_steps": sum(2 for r in traj if r["merge"]),
+        "train_steps": steps1,
+        "global_steps_task1": steps_run,
+        "unrecorded_probe_losses": [r["probe_loss"] for r in traj2],
+        "warned": sum("no rank recorded a memory loss" in str(c.message) for c in caught),
+        "bad_count": bad_count,
+    }

@@ -1,6 +1,7 @@
 """Multi-rank scenarios for merge transactions: a merge that fails on one rank is undone on every rank,
 bit-exactly; a rank that fails inside a merge's collectives stops every rank with an error naming it.
 Run by tests/mp.py on real DeepSpeed ZeRO-3 engines (CPU, gloo)."""
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,10 @@ def _rank_state(engine, plugin) -> dict:
     opt = engine.optimizer
     masters = [g.master.detach().clone() for g in plugin.shards.groups]
     working = [g.working.detach().clone() for g in plugin.shards.groups if g.working is not None]
-    state = [{k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in opt.optimizer.state.get(g.master, {}).items()}
-             for g in plugin.shards.groups]
+    state = [
+        {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in opt.optimizer.state.get(g.master, {}).items()}
+        for g in plugin.shards.groups
+    ]
     counters = {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
     return {"masters": masters, "working": working, "opt": state, "counters": counters, "plugin": plugin.state_dict()}
 
@@ -53,8 +56,16 @@ def _rank_state(engine, plugin) -> dict:
 def _same(a, b, path="") -> list[str]:
     """Paths where a and b differ (tensors bit for bit)."""
     if torch.is_tensor(a) or torch.is_tensor(b):
-        ok = torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype and \
-            torch.equal(a.view(torch.int32) if a.dtype == torch.float32 else a, b.view(torch.int32) if b.dtype == torch.float32 else b)
+        ok = (
+            torch.is_tensor(a)
+            and torch.is_tensor(b)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(
+                a.view(torch.int32) if a.dtype == torch.float32 else a,
+                b.view(torch.int32) if b.dtype == torch.float32 else b,
+            )
+        )
         return [] if ok else [path]
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
@@ -89,6 +100,7 @@ def merge_undone(case: str, policy: str = "signals", failing: int = 1):
             if calls["n"] == 2:  # after one whole rehearsal step: the optimizer state has moved
                 raise RuntimeError("injected: the memory reader lost its file")
             return real()
+
         plugin._rehearsal_batch = flaky
         undo.append(lambda: setattr(plugin, "_rehearsal_batch", real))
     if rank() == failing and case == "raise_fusion":
@@ -98,6 +110,7 @@ def merge_undone(case: str, policy: str = "signals", failing: int = 1):
         def broken(theta, *args, **kwargs):
             theta.narrow(0, 0, theta.numel() // 2).mul_(3.0)
             raise MemoryError("injected: out of memory in fusion")
+
         setattr(fusion, name, broken)
         undo.append(lambda: setattr(fusion, name, real))
     with warnings.catch_warnings(record=True) as caught:
@@ -107,10 +120,13 @@ def merge_undone(case: str, policy: str = "signals", failing: int = 1):
         u()
     after = _rank_state(engine, plugin)
     full_after, working_after = full_fp32(engine), full_working(engine)
-    result = {"merged": rec["merged"], "reason": rec.get("reason", ""),
-              "diff": _same(before, after, "state"),
-              "full_diff": _same(full_before, full_after, "full_fp32") + _same(working_before, working_after, "working"),
-              "warnings": [str(c.message) for c in caught if "undone" in str(c.message)]}
+    result = {
+        "merged": rec["merged"],
+        "reason": rec.get("reason", ""),
+        "diff": _same(before, after, "state"),
+        "full_diff": _same(full_before, full_after, "full_fp32") + _same(working_before, working_after, "working"),
+        "warnings": [str(c.message) for c in caught if "undone" in str(c.message)],
+    }
     # the run continues: training, then a merge that commits, all finite (a memory without the bad batch)
     plugin.set_memory(memory(offset=5000))
     train_steps(engine, 2, seed=80)
@@ -135,6 +151,7 @@ def merge_fails_inside_collective(ckpt_dir: str, failing: int = 1):
                 Path(ckpt_dir).parent.joinpath("failed_at").write_text(repr(time.time()))
                 raise ValueError("injected: a kernel failed in rehearsal")
             return real(*args, **kwargs)
+
         mlp.forward = forward
     train_steps(engine, 20, seed=60)  # the controller's merge comes within these steps
     return {"unreachable": True}
@@ -148,8 +165,12 @@ def resume_after_failure(ckpt_dir: str):
     plugin.set_memory(memory(offset=3000))
     steps = plugin._step_in_task
     train_steps(engine, 6, seed=61)
-    return {"task": plugin.task_index, "step_at_load": steps, "merges": plugin.merge_count,
-            "finite": all(torch.isfinite(v).all().item() for v in full_fp32(engine).values())}
+    return {
+        "task": plugin.task_index,
+        "step_at_load": steps,
+        "merges": plugin.merge_count,
+        "finite": all(torch.isfinite(v).all().item() for v in full_fp32(engine).values()),
+    }
 
 
 def trajectory_for_replay(out_dir: str):

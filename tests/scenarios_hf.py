@@ -1,5 +1,6 @@
 """Multi-rank scenarios for aim_ds.hf: a real HF Trainer (and Accelerate, peft) over real DeepSpeed ZeRO-3 on CPU
 ranks (gloo), run by tests/mp.py. Each returns measured values; tests/test_hf.py asserts on them."""
+
 from __future__ import annotations
 
 import hashlib
@@ -25,9 +26,15 @@ def world() -> int:
 
 
 def ds_cfg(aim=None, gas=1, stage=3, micro=4):
-    cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
-           "train_batch_size": micro * gas * world(), "gradient_clipping": 1.0, "steps_per_print": 10**9,
-           "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * world(),
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage},
+    }
     if stage == 3:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     if aim is not None:
@@ -48,11 +55,24 @@ def task_rows(task: int, n: int = 64, length: int = 12) -> list[dict]:
 
 def args_for(out, cfg, gas=1, steps=None, lr=3e-3, **kw):
     kw = {"save_strategy": "no", **kw}
-    return TrainingArguments(output_dir=str(out), deepspeed=cfg, per_device_train_batch_size=4,
-                             gradient_accumulation_steps=gas, learning_rate=lr, num_train_epochs=1,
-                             max_steps=steps or -1, lr_scheduler_type="constant", max_grad_norm=1.0,
-                             logging_steps=1, report_to=[], seed=0, use_cpu=True,
-                             dataloader_drop_last=True, disable_tqdm=True, **kw)
+    return TrainingArguments(
+        output_dir=str(out),
+        deepspeed=cfg,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=gas,
+        learning_rate=lr,
+        num_train_epochs=1,
+        max_steps=steps or -1,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+        **kw,
+    )
 
 
 def new_model(args, seed=0, peft=None):
@@ -93,8 +113,7 @@ def run_tasks(out, cfg, tasks, cb=None, gas=1, memory_rows=8, seed=0, trainer_kw
         args = args_for(os.path.join(out, f"t{t}"), cfg, gas=gas, **args_kw)
         if cb is not None and memory:
             cb.set_memory(memory)
-        Trainer(model=model, args=args, train_dataset=rows, callbacks=[cb] if cb else [],
-                **(trainer_kw or {})).train()
+        Trainer(model=model, args=args, train_dataset=rows, callbacks=[cb] if cb else [], **(trainer_kw or {})).train()
         memory = memory + rows[:memory_rows]
     return model
 
@@ -122,8 +141,11 @@ class Instrumented(AimMergingCallback):
         if not p.enabled:
             return
         engine = p.engine
-        full = lambda: {n: safe_get_full_fp32_param(q).detach().float().cpu().clone()
-                        for n, q in engine.module.named_parameters() if q.requires_grad}
+        full = lambda: {
+            n: safe_get_full_fp32_param(q).detach().float().cpu().clone()
+            for n, q in engine.module.named_parameters()
+            if q.requires_grad
+        }
         self.anchor = full()
         merge, rehearse = p._merge, p._rehearse
 
@@ -159,10 +181,17 @@ def contract(tmp):
     path = os.path.join(tmp, "trajectory.csv")
     cb.write_trajectory_csv(path)
     traj = cb.trajectory
-    return {"digest": digest(w), "merges_by_task": [sum(r["merge"] for r in traj if r["task"] == t) for t in range(3)],
-            "rows": len(traj), "tasks": sorted({r["task"] for r in traj}), "fusion_err": [m["err"] for m in cb.merges],
-            "moved": [m["moved"] for m in cb.merges], "csv": os.path.exists(path),
-            "rehearsal": cb.rehearsal_steps_taken, "work": cb.plugin.work}
+    return {
+        "digest": digest(w),
+        "merges_by_task": [sum(r["merge"] for r in traj if r["task"] == t) for t in range(3)],
+        "rows": len(traj),
+        "tasks": sorted({r["task"] for r in traj}),
+        "fusion_err": [m["err"] for m in cb.merges],
+        "moved": [m["moved"] for m in cb.merges],
+        "csv": os.path.exists(path),
+        "rehearsal": cb.rehearsal_steps_taken,
+        "work": cb.plugin.work,
+    }
 
 
 def frozen(model) -> dict:
@@ -178,13 +207,21 @@ def lora_trainer(tmp):
     torch.manual_seed(0)
     ref = gathered(LlamaForCausalLM._from_config(tiny_config()))  # same seed, same init: the untouched base
     p = cb.plugin
-    n_trainable = sum(q.ds_numel if hasattr(q, "ds_numel") else q.numel()
-                      for q in model.parameters() if q.requires_grad)
-    return {"base_max_abs": max(((ref[k] - v).abs().max().item() for k, v in base0.items() if k in ref), default=-1),
-            "base_compared": sum(1 for k in base0 if k in ref), "base_total": len(ref), "merges": len(cb.merges),
-            "fusion_err": [m["err"] for m in cb.merges], "moved": [m["moved"] for m in cb.merges],
-            "held": p.held_bytes(), "local_numel": p.shards.local_numel,
-            "valid_numel": p.shards.local_valid_numel, "trainable": n_trainable}
+    n_trainable = sum(
+        q.ds_numel if hasattr(q, "ds_numel") else q.numel() for q in model.parameters() if q.requires_grad
+    )
+    return {
+        "base_max_abs": max(((ref[k] - v).abs().max().item() for k, v in base0.items() if k in ref), default=-1),
+        "base_compared": sum(1 for k in base0 if k in ref),
+        "base_total": len(ref),
+        "merges": len(cb.merges),
+        "fusion_err": [m["err"] for m in cb.merges],
+        "moved": [m["moved"] for m in cb.merges],
+        "held": p.held_bytes(),
+        "local_numel": p.shards.local_numel,
+        "valid_numel": p.shards.local_valid_numel,
+        "trainable": n_trainable,
+    }
 
 
 def contract_and_lora(tmp):
@@ -199,20 +236,31 @@ def replay_gas2(tmp):
     aim = dict(AIM, probe_source="training_batch")
     cb = Instrumented(replay_rows=2)
     tasks = [task_rows(t, n=96) for t in range(2)]
-    run_tasks(tmp, ds_cfg(aim, gas=2), tasks, cb, gas=2,
-              trainer_kw={"data_collator": cb.replay_collator(), "compute_loss_func": cb.compute_loss_func})
+    run_tasks(
+        tmp,
+        ds_cfg(aim, gas=2),
+        tasks,
+        cb,
+        gas=2,
+        trainer_kw={"data_collator": cb.replay_collator(), "compute_loss_func": cb.compute_loss_func},
+    )
     traj = cb.trajectory
-    return {"rehearsal": cb.rehearsal_steps_taken, "merges": [r["step"] for r in traj if r["merge"]],
-            "probe_rows_task1": sum(1 for r in traj if r["task"] == 1 and r["probe_loss"] is not None),
-            "rows_task1": sum(1 for r in traj if r["task"] == 1), "fusion_err": [m["err"] for m in cb.merges],
-            "norms": [[cb.logged.get(k), *v] for k, v in cb.norms.items()]}
+    return {
+        "rehearsal": cb.rehearsal_steps_taken,
+        "merges": [r["step"] for r in traj if r["merge"]],
+        "probe_rows_task1": sum(1 for r in traj if r["task"] == 1 and r["probe_loss"] is not None),
+        "rows_task1": sum(1 for r in traj if r["task"] == 1),
+        "fusion_err": [m["err"] for m in cb.merges],
+        "norms": [[cb.logged.get(k), *v] for k, v in cb.norms.items()],
+    }
 
 
 def disabled(tmp):
-    """"enabled": false with the callback: the weights of a run without the callback, bit for bit."""
+    """ "enabled": false with the callback: the weights of a run without the callback, bit for bit."""
     tasks = [task_rows(t) for t in range(2)]
-    with_cb = digest(gathered(run_tasks(os.path.join(tmp, "a"), ds_cfg({"enabled": False}), tasks,
-                                        AimMergingCallback())))
+    with_cb = digest(
+        gathered(run_tasks(os.path.join(tmp, "a"), ds_cfg({"enabled": False}), tasks, AimMergingCallback()))
+    )
     without = digest(gathered(run_tasks(os.path.join(tmp, "b"), ds_cfg(), tasks)))
     return {"with": with_cb, "without": without}
 
@@ -237,9 +285,15 @@ def resume(tmp):
     cb_b = AimMergingCallback()
     cb_b.set_memory(tasks[0][:8])
     Trainer(model=model_b, args=args, train_dataset=tasks[1], callbacks=[cb_b]).train(resume_from_checkpoint=ckpt)
-    return {"full": full, "resumed": digest(gathered(model_b)), "traj_a": traj_a, "traj_b": cb_b.trajectory,
-            "saved": saved, "files": sorted(os.listdir(os.path.join(ckpt, "aim_merging"))),
-            "merges": sum(r["merge"] for r in traj_a)}
+    return {
+        "full": full,
+        "resumed": digest(gathered(model_b)),
+        "traj_a": traj_a,
+        "traj_b": cb_b.trajectory,
+        "saved": saved,
+        "files": sorted(os.listdir(os.path.join(ckpt, "aim_merging"))),
+        "merges": sum(r["merge"] for r in traj_a),
+    }
 
 
 def bad_inputs(tmp):
@@ -268,7 +322,7 @@ def bad_inputs(tmp):
 
 def _steps(engine, rows, n, gas=1, accelerator=None, optimizer=None):
     for i in range(n * gas):
-        b = {k: torch.stack([r[k] for r in rows[(4 * i) % len(rows):][:4]]) for k in rows[0]}
+        b = {k: torch.stack([r[k] for r in rows[(4 * i) % len(rows) :][:4]]) for k in rows[0]}
         if accelerator is None:
             engine.backward(engine(**b).loss)
             engine.step()
@@ -281,8 +335,8 @@ def _steps(engine, rows, n, gas=1, accelerator=None, optimizer=None):
 
 def _memory():
     rows = task_rows(0, n=16)
-    mine = rows[deepspeed.comm.get_rank()::world()]
-    return [{k: torch.stack([r[k] for r in mine[i:i + 4]]) for k in mine[0]} for i in range(0, len(mine), 4)]
+    mine = rows[deepspeed.comm.get_rank() :: world()]
+    return [{k: torch.stack([r[k] for r in mine[i : i + 4]]) for k in mine[0]} for i in range(0, len(mine), 4)]
 
 
 def raw_lora():
@@ -295,14 +349,18 @@ def raw_lora():
     unset_hf_deepspeed_config()
     keep = HfDeepSpeedConfig(cfg)
     torch.manual_seed(0)
-    model = get_peft_model(LlamaForCausalLM._from_config(tiny_config()),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        LlamaForCausalLM._from_config(tiny_config()), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     plugin = aim_ds.attach(engine, _memory())
     plugin.start_task()
-    full = lambda: {n: safe_get_full_fp32_param(q).float().cpu().clone()
-                    for n, q in engine.module.named_parameters() if q.requires_grad}
+    full = lambda: {
+        n: safe_get_full_fp32_param(q).float().cpu().clone()
+        for n, q in engine.module.named_parameters()
+        if q.requires_grad
+    }
     base0, anchor = frozen(engine.module), full()
     _steps(engine, task_rows(1), 3)
     theta_k, seen = full(), {}
@@ -320,10 +378,15 @@ def raw_lora():
     ref = {n: anchor[n] + w_in * (theta_k[n] - anchor[n]) + w_out * (m[n] - theta_k[n]) for n in anchor}
     n_trainable = sum(q.ds_numel for q in model.parameters() if q.requires_grad)
     del keep
-    return {"fusion_err": max_abs(full(), ref), "moved": max_abs(theta_k, anchor),
-            "base_max_abs": max_abs(frozen(engine.module), base0), "held": plugin.held_bytes(),
-            "local_numel": plugin.shards.local_numel, "valid_numel": plugin.shards.local_valid_numel,
-            "trainable": n_trainable}
+    return {
+        "fusion_err": max_abs(full(), ref),
+        "moved": max_abs(theta_k, anchor),
+        "base_max_abs": max_abs(frozen(engine.module), base0),
+        "held": plugin.held_bytes(),
+        "local_numel": plugin.shards.local_numel,
+        "valid_numel": plugin.shards.local_valid_numel,
+        "trainable": n_trainable,
+    }
 
 
 def accelerate_loop():
@@ -338,8 +401,8 @@ def accelerate_loop():
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(tiny_config())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    engine, opt = accelerator.prepare(model, opt)        # engine: the DeepSpeedEngine
-    plugin = aim_ds.attach(engine)                        # the added lines: attach, then start_task per task
+    engine, opt = accelerator.prepare(model, opt)  # engine: the DeepSpeedEngine
+    plugin = aim_ds.attach(engine)  # the added lines: attach, then start_task per task
     plugin.start_task()
     _steps(engine, task_rows(0), 4, gas=2, accelerator=accelerator, optimizer=opt)
     plugin.start_task(memory=_memory())
@@ -348,8 +411,13 @@ def accelerate_loop():
     g1 = engine.global_steps
     auto = plugin.work["rehearsal_steps"]
     rec = plugin.merge(rehearsal_steps=3)
-    return {"task1_steps": g1 - g0 - auto, "auto_rehearsal": auto, "explicit_r": rec["rehearsal_steps"],
-            "explicit_steps": engine.global_steps - g1, "merges": plugin.merge_count}
+    return {
+        "task1_steps": g1 - g0 - auto,
+        "auto_rehearsal": auto,
+        "explicit_r": rec["rehearsal_steps"],
+        "explicit_steps": engine.global_steps - g1,
+        "merges": plugin.merge_count,
+    }
 
 
 def raw_lora_and_accelerate(tmp):
@@ -365,14 +433,28 @@ def trl_sft(tmp):
     from trl import SFTConfig, SFTTrainer
 
     vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<pad>": VOCAB - 1}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-                                  pad_token="<pad>", eos_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="<pad>", eos_token="<pad>"
+    )
 
     def args(t):
-        return SFTConfig(output_dir=os.path.join(tmp, f"t{t}"), deepspeed=ds_cfg(AIM), per_device_train_batch_size=4,
-                         learning_rate=3e-3, num_train_epochs=1, lr_scheduler_type="constant", max_grad_norm=1.0,
-                         save_strategy="no", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
-                         dataloader_drop_last=True, packing=False, max_length=64)
+        return SFTConfig(
+            output_dir=os.path.join(tmp, f"t{t}"),
+            deepspeed=ds_cfg(AIM),
+            per_device_train_batch_size=4,
+            learning_rate=3e-3,
+            num_train_epochs=1,
+            lr_scheduler_type="constant",
+            max_grad_norm=1.0,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            logging_steps=1,
+            disable_tqdm=True,
+            dataloader_drop_last=True,
+            packing=False,
+            max_length=64,
+        )
 
     first = args(0)
     torch.manual_seed(0)
@@ -382,9 +464,16 @@ def trl_sft(tmp):
         rows = [{"input_ids": r["input_ids"].tolist()} for r in task_rows(t)]
         if memory:
             cb.set_memory(memory)
-        SFTTrainer(model=model, args=first if t == 0 else args(t), train_dataset=Dataset.from_list(rows),
-                   processing_class=tok, callbacks=[cb]).train()
+        SFTTrainer(
+            model=model,
+            args=first if t == 0 else args(t),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            callbacks=[cb],
+        ).train()
         memory += rows[:8]
     traj = cb.trajectory
-    return {"merges": [sum(r["merge"] for r in traj if r["task"] == t) for t in range(2)],
-            "probe_forwards": cb.plugin.work["probe_forwards"]}
+    return {
+        "merges": [sum(r["merge"] for r in traj if r["task"] == t) for t in range(2)],
+        "probe_forwards": cb.plugin.work["probe_forwards"],
+    }

@@ -1,6 +1,7 @@
 """Multi-rank scenarios for ZeRO stages 0, 1 and 2 (and tensor-parallel statistics) on real DeepSpeed
 engines (CPU, gloo), run by tests/mp.py. The fusion checks themselves are tests/scenarios.py's, run
 here at other stages; several cases share one launch because each launch costs seconds of imports."""
+
 from __future__ import annotations
 
 import os
@@ -14,9 +15,9 @@ from tests import scenarios as sc
 # (name, fusion_exact kwargs): every optimizer family the plugin has an adapter for, below ZeRO-3
 BF16_OPTIMIZER = {"data_types": {"grad_accum_dtype": "fp32"}}  # stage 1 + bf16 + fp32 accumulation
 FUSION_CASES = {
-    "stage0_fp32": {"stage": 0},                          # torch optimizer: the params are the masters
-    "stage0_bf16": {"stage": 0, "dtype": "bf16"},         # FP16_UnfusedOptimizer (bf16 params, fp32 copies)
-    "stage1_fp32": {"stage": 1},                          # DeepSpeedZeroOptimizer
+    "stage0_fp32": {"stage": 0},  # torch optimizer: the params are the masters
+    "stage0_bf16": {"stage": 0, "dtype": "bf16"},  # FP16_UnfusedOptimizer (bf16 params, fp32 copies)
+    "stage1_fp32": {"stage": 1},  # DeepSpeedZeroOptimizer
     "stage1_bf16": {"stage": 1, "dtype": "bf16", "extra": BF16_OPTIMIZER},  # BF16_Optimizer
     "stage2_fp32": {"stage": 2},
     "stage2_bf16": {"stage": 2, "dtype": "bf16"},
@@ -37,20 +38,30 @@ def fusion_cases(cases: list):
 
 def layout(stage, dtype, offload, extra):
     """The adapter family; whether a partition boundary cuts a parameter on this rank; master devices."""
-    engine = sc.make_engine({**sc.ds_config(dtype, stage=stage, offload=offload, aim={"enabled": True}), **(extra or {})})
+    engine = sc.make_engine(
+        {**sc.ds_config(dtype, stage=stage, offload=offload, aim={"enabled": True}), **(extra or {})}
+    )
     plugin = aim_ds.attach(engine, sc.memory())
     opt = engine.optimizer
     cut = any(int(x) > 0 for x in getattr(opt, "first_offset", []))  # ZeRO-1/2: a param began on the previous rank
-    return {"family": plugin.shards.family, "optimizer": type(opt).__name__, "cut": cut,
-            "cpu_offload": bool(getattr(opt, "cpu_offload", False)),
-            "master_device": str(plugin.shards.device), "groups": len(plugin.shards.groups)}
+    return {
+        "family": plugin.shards.family,
+        "optimizer": type(opt).__name__,
+        "cut": cut,
+        "cpu_offload": bool(getattr(opt, "cpu_offload", False)),
+        "master_device": str(plugin.shards.device),
+        "groups": len(plugin.shards.groups),
+    }
 
 
 def stage_checks(stages: list):
     """Per stage: enabled false is bit-identical to plain DeepSpeed (tests/scenarios.disabled_identical);
     the importance policy's gradient hook fires and its fusion stays finite. Then the refused setups."""
-    return {"disabled": {str(s): sc.disabled_identical(stage=s) for s in stages},
-            "importance": _importance(stages), "unsupported": _unsupported()}
+    return {
+        "disabled": {str(s): sc.disabled_identical(stage=s) for s in stages},
+        "importance": _importance(stages),
+        "unsupported": _unsupported(),
+    }
 
 
 def _importance(stages: list):
@@ -63,8 +74,11 @@ def _importance(stages: list):
         ema = sum(float(b.abs().sum()) for b in plugin._ema["i_in"])
         plugin.merge(rehearsal_steps=2)
         w = sc.full_fp32(engine)
-        out[str(s)] = {"ema_in": ema, "finite": all(torch.isfinite(v).all().item() for v in w.values()),
-                       "merges": plugin.merge_count}
+        out[str(s)] = {
+            "ema_in": ema,
+            "finite": all(torch.isfinite(v).all().item() for v in w.values()),
+            "merges": plugin.merge_count,
+        }
     return out
 
 
@@ -170,11 +184,19 @@ def tp_signal(tp: int = 1, mode: str = "none", steps: int = 3, stage: int = 1, w
     except aim_ds.plugin.AimInputError as e:
         mismatch = str(e)
     out = _tp_checkpoint(engine, plugin, build, mem, work) if work else {}
-    return {**out, "mismatch_error": mismatch,"probe_losses": [r["probe_loss"] for r in plugin.trajectory], "learning_signal": rec["learning_signal"],
-            "count": plugin._global_valid_numel, "merged_loss": sc.engine_loss(engine, sc.batch(4242)),
-            "tp_size": plugin.shards.tp_size, "tp_rank": plugin.shards.tp_rank, "family": plugin.shards.family,
-            "sliced": sum(1 for p in engine.module.parameters() if getattr(p, "tensor_model_parallel", False)),
-            "total_params": sum(p.numel() for p in sc.LlamaForCausalLM(sc.tiny_config()).parameters())}
+    return {
+        **out,
+        "mismatch_error": mismatch,
+        "probe_losses": [r["probe_loss"] for r in plugin.trajectory],
+        "learning_signal": rec["learning_signal"],
+        "count": plugin._global_valid_numel,
+        "merged_loss": sc.engine_loss(engine, sc.batch(4242)),
+        "tp_size": plugin.shards.tp_size,
+        "tp_rank": plugin.shards.tp_rank,
+        "family": plugin.shards.family,
+        "sliced": sum(1 for p in engine.module.parameters() if getattr(p, "tensor_model_parallel", False)),
+        "total_params": sum(p.numel() for p in sc.LlamaForCausalLM(sc.tiny_config()).parameters()),
+    }
 
 
 def _tp_checkpoint(engine, plugin, build, mem, work):
@@ -213,13 +235,24 @@ def _tp_checkpoint(engine, plugin, build, mem, work):
         ckpt_error = None
     except ckpt.CheckpointError as e:
         ckpt_error = str(e)
-    return {"resumed_weights_equal": same_w, "resumed_state_equal": same_state, "plugin_tp_error": plugin_error,
-            "ckpt_tp_error": ckpt_error}
+    return {
+        "resumed_weights_equal": same_w,
+        "resumed_state_equal": same_state,
+        "plugin_tp_error": plugin_error,
+        "ckpt_tp_error": ckpt_error,
+    }
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-CKPT_AIM = {"enabled": True, "interval_rule": "fixed", "initial_interval": 3, "min_interval": 2, "max_interval": 16,
-            "rehearsal_steps": 1, "weight_policy": "importance"}  # importance: theta_k and EMA shards travel too
+CKPT_AIM = {
+    "enabled": True,
+    "interval_rule": "fixed",
+    "initial_interval": 3,
+    "min_interval": 2,
+    "max_interval": 16,
+    "rehearsal_steps": 1,
+    "weight_policy": "importance",
+}  # importance: theta_k and EMA shards travel too
 
 
 def _equal(a, b) -> bool:
@@ -260,11 +293,17 @@ def checkpoint_resume(work: str, stage: int = 2, dtype: str = "bf16"):
     e2 = engine()
     p2 = aim_ds.attach(e2, mem1)
     ckpt.load_checkpoint(e2, p2, d, task_fingerprint="t")
-    out = {"merges_before_save": merges_before_save, "loaded_diff": sc.max_abs(sc.full_fp32(e2), saved_w),
-           "family": p2.shards.family}
+    out = {
+        "merges_before_save": merges_before_save,
+        "loaded_diff": sc.max_abs(sc.full_fp32(e2), saved_w),
+        "family": p2.shards.family,
+    }
     sc.train_steps(e2, 4, seed=300)
-    out.update(resumed_diff=sc.max_abs(sc.full_fp32(e2), final_w), state_equal=_equal(p2.state_dict(), final_sd),
-               merges=p2.merge_count)
+    out.update(
+        resumed_diff=sc.max_abs(sc.full_fp32(e2), final_w),
+        state_equal=_equal(p2.state_dict(), final_sd),
+        merges=p2.merge_count,
+    )
     deepspeed.comm.barrier()
     if rank() == 0:
         from transformers import AutoModelForCausalLM

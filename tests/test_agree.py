@@ -1,4 +1,5 @@
 """aim_ds.statistics.agree: one cross-rank error agreement (2 real gloo ranks, and without a process group)."""
+
 from __future__ import annotations
 
 import pytest

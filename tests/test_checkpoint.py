@@ -4,6 +4,7 @@ conversion to a Hugging Face folder (model and anchor), and 2 -> 1 -> 2 reshardi
 Three multi-rank launches (2, 1, 2 CPU ranks) share one module-scoped work directory; the offline tools
 (convert, reshard) run in the pytest process between them.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,15 +52,18 @@ def test_keep_last(saved):
     assert [n for n in res["dir_after_keep"] if n.startswith(".")] == [], res
 
 
-@pytest.mark.parametrize("case,words", [
-    ("missing_rank_file", ["aim_plugin_rank00001_of_00002.pt", "missing"]),
-    ("truncated", ["optim_states.pt", "truncated"]),
-    ("dangling_latest", ["latest", "global_step999", "Complete tags"]),
-    ("missing_tag", ["'nope'", "does not exist"]),
-    ("task_fingerprint", ["task sequence", "tasks-v2"]),
-    ("aim_config", ["aim_merging", "initial_interval"]),
-    ("other_model", ["another model", "mlp", "[32, 70]"]),
-])
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("missing_rank_file", ["aim_plugin_rank00001_of_00002.pt", "missing"]),
+        ("truncated", ["optim_states.pt", "truncated"]),
+        ("dangling_latest", ["latest", "global_step999", "Complete tags"]),
+        ("missing_tag", ["'nope'", "does not exist"]),
+        ("task_fingerprint", ["task sequence", "tasks-v2"]),
+        ("aim_config", ["aim_merging", "initial_interval"]),
+        ("other_model", ["another model", "mlp", "[32, 70]"]),
+    ],
+)
 def test_bad_input_errors_on_every_rank(saved, case, words):
     msgs = [res["errors"][case] for res in saved]
     for m in msgs:
@@ -87,8 +91,24 @@ def test_convert_model_and_anchor(saved, work):
     outa = work / "hf_anchor"
     tok_dir = work / "tok"
     AutoTokenizer.from_pretrained(out).save_pretrained(tok_dir)
-    assert cli.main(["convert", str(work / "two"), str(outa), "--tag", "a", "--what", "anchor",
-                     "--tokenizer", str(tok_dir), "--dtype", "float32"]) == 0
+    assert (
+        cli.main(
+            [
+                "convert",
+                str(work / "two"),
+                str(outa),
+                "--tag",
+                "a",
+                "--what",
+                "anchor",
+                "--tokenizer",
+                str(tok_dir),
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     assert (outa / "tokenizer.json").exists()
     ma = AutoModelForCausalLM.from_pretrained(outa)
     sa = {k: v.float() for k, v in ma.state_dict().items()}
@@ -105,16 +125,33 @@ def test_reshard_2_1_2(saved, work):
     from aim_ds import cli
 
     assert cli.main(["reshard", str(work / "two"), str(work / "r1"), "--world-size", "1"]) == 0
-    one = run_ranks("tests.ckpt_scenarios:reshard_leg", 1, work, timeout=300, work=str(work), src=str(work / "r1"),
-                    out=str(work / "one"), expect_world_error=str(work / "two"), ref=str(work / "ref_two.pt"),
-                    save_ref=str(work / "ref_one.pt"))[0]
+    one = run_ranks(
+        "tests.ckpt_scenarios:reshard_leg",
+        1,
+        work,
+        timeout=300,
+        work=str(work),
+        src=str(work / "r1"),
+        out=str(work / "one"),
+        expect_world_error=str(work / "two"),
+        ref=str(work / "ref_two.pt"),
+        save_ref=str(work / "ref_one.pt"),
+    )[0]
     assert "aim-ds reshard" in one["world_error"] and "2 ranks" in one["world_error"], one
     assert one["weights_diff"] == 0.0 and one["anchor_diff"] == 0.0, one
     assert one["controller_equal"] and one["trajectory_equal"] and one["scalars_equal"], one
     assert one["layout_matches"] and one["finite"], one
     assert cli.main(["reshard", str(work / "one"), str(work / "r2"), "--world-size", "2"]) == 0
-    two = run_ranks("tests.ckpt_scenarios:reshard_leg", 2, work, timeout=300, work=str(work), src=str(work / "r2"),
-                    out=None, ref=str(work / "ref_one.pt"))
+    two = run_ranks(
+        "tests.ckpt_scenarios:reshard_leg",
+        2,
+        work,
+        timeout=300,
+        work=str(work),
+        src=str(work / "r2"),
+        out=None,
+        ref=str(work / "ref_one.pt"),
+    )
     for res in two:
         assert res["weights_diff"] == 0.0 and res["anchor_diff"] == 0.0, res
         assert res["scalars_equal"] and res["layout_matches"] and res["finite"], res

@@ -8,6 +8,7 @@ process group of their own and the whole group gets a real SIGKILL, so the kill 
 or torch's writes. What the kill left on disk (the moment of the save it interrupted) is classified and
 printed. The final launch also runs the uninterrupted reference, so N kills cost N + 1 launches.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,25 @@ def _launch(tmp: Path, kwargs: dict, timeout: float) -> tuple[list, list]:
     port, procs = mp.free_port(), []
     for r in range(2):
         with open(out / f"rank{r}.log", "w") as log:
-            procs.append(subprocess.Popen(
-                [sys.executable, str(Path(mp.__file__).resolve()), "tests.ckpt_scenarios:crash_save_run", str(r), "2",
-                 str(port), str(out), json.dumps(kwargs)], cwd=mp.REPO, env=mp.base_env(), stdout=log,
-                stderr=subprocess.STDOUT, process_group=0 if r == 0 else procs[0].pid))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(Path(mp.__file__).resolve()),
+                        "tests.ckpt_scenarios:crash_save_run",
+                        str(r),
+                        "2",
+                        str(port),
+                        str(out),
+                        json.dumps(kwargs),
+                    ],
+                    cwd=mp.REPO,
+                    env=mp.base_env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    process_group=0 if r == 0 else procs[0].pid,
+                )
+            )
     deadline = time.monotonic() + timeout
     try:
         for p in procs:
@@ -106,8 +122,10 @@ def test_sigkill_during_save_resumes_exactly(tmp_path):
     # the last launch resumes and finishes, then runs the whole schedule uninterrupted from scratch
     codes, res = _launch(run_dir, dict(args, reference=str(ref_dir / "ckpt")), 400)
     assert codes == [0, 0], codes
-    print(f"\nkills (fraction of the launch's first save, delay s, phase): {phases}; first saves "
-          f"{res[0]['run']['save_s'][0]:.3f} s; {time.time() - t0:.0f} s in all")
+    print(
+        f"\nkills (fraction of the launch's first save, delay s, phase): {phases}; first saves "
+        f"{res[0]['run']['save_s'][0]:.3f} s; {time.time() - t0:.0f} s in all"
+    )
     for r in range(2):
         end, ref = res[r]["run"], res[r]["reference"]
         for key in ("weights", "anchor", "state", "merges", "task_index"):

@@ -1,5 +1,6 @@
 """Offline parts of aim_ds.checkpoint (no process group): partition layout arithmetic, plugin-state
 resharding, tag resolution, CLI errors."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,14 @@ from aim_ds.checkpoint import layout
 
 def _layout(world, sub_group_size=None):
     params = [("a", [1], 1), ("b", [2], 2), ("c", [3, 1], 3), ("d", [7], 7), ("e", [10, 10], 100), ("f", [33], 33)]
-    base = {"world_size": 1, "sub_group_size": sub_group_size, "sub_groups": [
-        {"param_group": 0, "partition_count": 1, "params": [[n, s, k, k] for n, s, k in params[:4]]},
-        {"param_group": 1, "partition_count": 1, "params": [[n, s, k, k] for n, s, k in params[4:]]}]}
+    base = {
+        "world_size": 1,
+        "sub_group_size": sub_group_size,
+        "sub_groups": [
+            {"param_group": 0, "partition_count": 1, "params": [[n, s, k, k] for n, s, k in params[:4]]},
+            {"param_group": 1, "partition_count": 1, "params": [[n, s, k, k] for n, s, k in params[4:]]},
+        ],
+    }
     return layout.split_layout(base, world)
 
 
@@ -43,22 +49,42 @@ def test_scatter_gather_roundtrip(world, size):
 def test_reshard_plugin_state_3_to_2():
     old, new = _layout(3, 4), _layout(2, 40)
     gen = torch.Generator().manual_seed(0)
-    full = {k: {n: torch.randn(x, generator=gen) for sg in old["sub_groups"] for n, _, x, _ in sg["params"]}
-            for k in ("anchor", "theta_k", "i_in", "u_out")}
+    full = {
+        k: {n: torch.randn(x, generator=gen) for sg in old["sub_groups"] for n, _, x, _ in sg["params"]}
+        for k in ("anchor", "theta_k", "i_in", "u_out")
+    }
     sc = {k: layout.scatter(v, old) for k, v in full.items()}
-    states = [{"enabled": True, "config": {"x": 1}, "task_index": 2, "step_in_task": 5, "merge_count": 3,
-               "rank": r, "world_size": 3, "controller": {"S": 4} if r == 0 else None,
-               "trajectory": [{"step": 1}] if r == 0 else [], "probe_position": 10 + r, "rehearsal_position": r,
-               "anchor": sc["anchor"][r], "theta_k": sc["theta_k"][r],
-               "ema": {"i_in": sc["i_in"][r], "u_out": sc["u_out"][r]}} for r in range(3)]
+    states = [
+        {
+            "enabled": True,
+            "config": {"x": 1},
+            "task_index": 2,
+            "step_in_task": 5,
+            "merge_count": 3,
+            "rank": r,
+            "world_size": 3,
+            "controller": {"S": 4} if r == 0 else None,
+            "trajectory": [{"step": 1}] if r == 0 else [],
+            "probe_position": 10 + r,
+            "rehearsal_position": r,
+            "anchor": sc["anchor"][r],
+            "theta_k": sc["theta_k"][r],
+            "ema": {"i_in": sc["i_in"][r], "u_out": sc["u_out"][r]},
+        }
+        for r in range(3)
+    ]
     out = layout.reshard_plugin(states, old, new)
     assert len(out) == 2
     assert out[0]["controller"] == {"S": 4} and out[1]["controller"] is None
     assert out[0]["trajectory"] == [{"step": 1}] and out[1]["trajectory"] == []
     assert [o["rank"] for o in out] == [0, 1] and all(o["world_size"] == 2 for o in out)
     assert all(o["task_index"] == 2 and o["merge_count"] == 3 for o in out)
-    for key, path in (("anchor", ("anchor",)), ("theta_k", ("theta_k",)), ("i_in", ("ema", "i_in")),
-                      ("u_out", ("ema", "u_out"))):
+    for key, path in (
+        ("anchor", ("anchor",)),
+        ("theta_k", ("theta_k",)),
+        ("i_in", ("ema", "i_in")),
+        ("u_out", ("ema", "u_out")),
+    ):
         back = layout.gather([layout.get_path(o, path) for o in out], new)
         assert all(torch.equal(back[n], full[key][n]) for n in back), key
     assert states[0]["ema"]["i_in"] is sc["i_in"][0]  # inputs untouched
@@ -120,7 +146,7 @@ def test_resolve_resume(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="no such directory"):
         ckpt.resolve_resume(str(tmp_path / "missing"), d)
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
-        ckpt.resolve_resume(str(tmp_path / "ckpt" / "t1" / ".."/ ".." ), d)
+        ckpt.resolve_resume(str(tmp_path / "ckpt" / "t1" / ".." / ".."), d)
 
 
 def test_rng_state_roundtrip():
@@ -153,8 +179,10 @@ def test_check_output_dir(tmp_path):
 
 
 def test_diff_config():
-    assert ckpt.diff_config({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == ["b: checkpoint 2, now 3",
-                                                                           "c: checkpoint None, now 4"]
+    assert ckpt.diff_config({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == [
+        "b: checkpoint 2, now 3",
+        "c: checkpoint None, now 4",
+    ]
     assert ckpt.diff_config(None, None) == []
 
 

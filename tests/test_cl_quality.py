@@ -1,4 +1,5 @@
 """benchmarks/cl_quality.py: the job list it builds (no training runs)."""
+
 import sys
 from pathlib import Path
 
@@ -21,6 +22,6 @@ def test_out_root_outside_the_checkout(tmp_path):
 
 def test_out_root_inside_the_checkout_stays_relative():
     a = cl_quality.parse_args(["--seeds", "1", "--methods", "aim"])
-    (_, cmd, out, _), = cl_quality.build_jobs(a)
+    ((_, cmd, out, _),) = cl_quality.build_jobs(a)
     assert _output_dirs([(None, cmd, out, None)]) == [str(Path("runs/quality", a.tag, "aim-s1"))]
     assert out == REPO / "runs" / "quality" / a.tag / "aim-s1"

@@ -10,12 +10,31 @@ import pytest
 from aim_ds.config import AimConfig, ConfigError
 
 DEFAULTS = {
-    "enabled": True, "interval_rule": "paper", "initial_interval": 8, "min_interval": 2,
-    "max_interval": 128, "cold_start": 3, "window": 3, "gamma_up": 2.0, "gamma_down": 2.0,
-    "threshold_factor": 2.0, "forced_activation_multiple": 2, "activation_cap": 3,
-    "weight_policy": "signals", "w_in": 0.5, "w_out": 0.5, "importance_quantile": 0.8,
-    "importance_beta1": 0.85, "importance_beta2": 0.85, "rehearsal_steps": "interval",
-    "rehearsal_fraction": 1.0, "probe_interval": 1, "probe_batch_size": 0, "probe_source": "memory_forward", "anchor": "device", "merge_first_task": False,
+    "enabled": True,
+    "interval_rule": "paper",
+    "initial_interval": 8,
+    "min_interval": 2,
+    "max_interval": 128,
+    "cold_start": 3,
+    "window": 3,
+    "gamma_up": 2.0,
+    "gamma_down": 2.0,
+    "threshold_factor": 2.0,
+    "forced_activation_multiple": 2,
+    "activation_cap": 3,
+    "weight_policy": "signals",
+    "w_in": 0.5,
+    "w_out": 0.5,
+    "importance_quantile": 0.8,
+    "importance_beta1": 0.85,
+    "importance_beta2": 0.85,
+    "rehearsal_steps": "interval",
+    "rehearsal_fraction": 1.0,
+    "probe_interval": 1,
+    "probe_batch_size": 0,
+    "probe_source": "memory_forward",
+    "anchor": "device",
+    "merge_first_task": False,
 }
 
 
@@ -47,13 +66,31 @@ def test_from_ds_config_reads_the_section_and_files(tmp_path):
 
 def test_round_trip_of_every_field_changed():
     section = {
-        "enabled": False, "interval_rule": "fixed", "initial_interval": 5, "min_interval": 3,
-        "max_interval": 9, "cold_start": 0, "window": 4, "gamma_up": 1.5, "gamma_down": 3,
-        "threshold_factor": 1.25, "forced_activation_multiple": 3, "activation_cap": 1,
-        "weight_policy": "fixed", "w_in": 0.7, "w_out": 1.2, "importance_quantile": 0.5,
-        "importance_beta1": 0.0, "importance_beta2": 0.5, "rehearsal_steps": "interval",
-        "rehearsal_fraction": 0.5, "probe_interval": 2,
-        "probe_batch_size": 16, "probe_source": "memory_forward", "anchor": "host", "merge_first_task": True,
+        "enabled": False,
+        "interval_rule": "fixed",
+        "initial_interval": 5,
+        "min_interval": 3,
+        "max_interval": 9,
+        "cold_start": 0,
+        "window": 4,
+        "gamma_up": 1.5,
+        "gamma_down": 3,
+        "threshold_factor": 1.25,
+        "forced_activation_multiple": 3,
+        "activation_cap": 1,
+        "weight_policy": "fixed",
+        "w_in": 0.7,
+        "w_out": 1.2,
+        "importance_quantile": 0.5,
+        "importance_beta1": 0.0,
+        "importance_beta2": 0.5,
+        "rehearsal_steps": "interval",
+        "rehearsal_fraction": 0.5,
+        "probe_interval": 2,
+        "probe_batch_size": 16,
+        "probe_source": "memory_forward",
+        "anchor": "host",
+        "merge_first_task": True,
     }
     cfg = AimConfig.from_dict(section)
     d = cfg.to_dict()
@@ -76,13 +113,23 @@ def test_unknown_key_suggests_the_closest():
     assert "did you mean" not in str(e) and "known keys are enabled, interval_rule" in str(e)
 
 
-@pytest.mark.parametrize("key,value,typename", [
-    ("enabled", 1, "int"), ("merge_first_task", "yes", "string"),
-    ("window", True, "bool"), ("initial_interval", 8.0, "float"), ("activation_cap", "3", "string"),
-    ("gamma_up", True, "bool"), ("threshold_factor", "2", "string"), ("w_in", None, "null"),
-    ("interval_rule", 1, "int"), ("anchor", ["device"], "list"), ("rehearsal_steps", 2.0, "float"),
-    ("probe_batch_size", False, "bool"),
-])
+@pytest.mark.parametrize(
+    "key,value,typename",
+    [
+        ("enabled", 1, "int"),
+        ("merge_first_task", "yes", "string"),
+        ("window", True, "bool"),
+        ("initial_interval", 8.0, "float"),
+        ("activation_cap", "3", "string"),
+        ("gamma_up", True, "bool"),
+        ("threshold_factor", "2", "string"),
+        ("w_in", None, "null"),
+        ("interval_rule", 1, "int"),
+        ("anchor", ["device"], "list"),
+        ("rehearsal_steps", 2.0, "float"),
+        ("probe_batch_size", False, "bool"),
+    ],
+)
 def test_wrong_types(key, value, typename):
     e = err({key: value})
     assert e.key == key
@@ -91,38 +138,44 @@ def test_wrong_types(key, value, typename):
 
 def test_the_error_message_is_one_line_naming_key_value_and_range():
     e = err({"min_interval": 0})
-    assert str(e) == ("aim_merging.min_interval = 0 is out of range: expected an integer >= 1 "
-                      "(and min_interval <= initial_interval <= max_interval)")
+    assert str(e) == (
+        "aim_merging.min_interval = 0 is out of range: expected an integer >= 1 "
+        "(and min_interval <= initial_interval <= max_interval)"
+    )
     assert str(err({"interval_rule": "papr"})) == (
-        'aim_merging.interval_rule = "papr" is not an accepted value: expected one of "paper", "reference", "fixed"')
+        'aim_merging.interval_rule = "papr" is not an accepted value: expected one of "paper", "reference", "fixed"'
+    )
     assert str(err({"w_out": 2.5})) == "aim_merging.w_out = 2.5 is out of range: expected a number in [0, 2]"
 
 
-@pytest.mark.parametrize("key,value,fragment", [
-    ("initial_interval", 0, "an integer >= 1"),
-    ("max_interval", -1, "an integer >= 1"),
-    ("cold_start", -1, "an integer >= 0"),
-    ("window", 1, "an integer >= 2"),
-    ("gamma_up", 0.5, "a finite number >= 1.0"),
-    ("gamma_down", float("inf"), "a finite number >= 1.0"),
-    ("threshold_factor", 0, "a finite number > 0"),
-    ("threshold_factor", float("nan"), "a finite number > 0"),
-    ("forced_activation_multiple", 0, "an integer >= 1"),
-    ("activation_cap", 0, "an integer >= 1"),
-    ("weight_policy", "ties", 'one of "signals", "fixed", "importance"'),
-    ("w_in", -0.1, "a number in [0, 2]"),
-    ("importance_quantile", 1.0, "(0, 1)"),
-    ("importance_quantile", 0, "(0, 1)"),
-    ("importance_beta1", 1.0, "[0, 1)"),
-    ("importance_beta2", -0.5, "[0, 1)"),
-    ("rehearsal_steps", 0, '"interval" (R = the interval S in force at the merge) or an integer >= 1'),
-    ("rehearsal_steps", "new", '"interval"'),
-    ("probe_interval", 0, "an integer >= 1"),
-    ("rehearsal_fraction", 0.0, "(0, 1]"),
-    ("rehearsal_fraction", 1.5, "(0, 1]"),
-    ("probe_batch_size", -1, "an integer >= 0"),
-    ("anchor", "cpu", 'one of "device", "host"'),
-])
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("initial_interval", 0, "an integer >= 1"),
+        ("max_interval", -1, "an integer >= 1"),
+        ("cold_start", -1, "an integer >= 0"),
+        ("window", 1, "an integer >= 2"),
+        ("gamma_up", 0.5, "a finite number >= 1.0"),
+        ("gamma_down", float("inf"), "a finite number >= 1.0"),
+        ("threshold_factor", 0, "a finite number > 0"),
+        ("threshold_factor", float("nan"), "a finite number > 0"),
+        ("forced_activation_multiple", 0, "an integer >= 1"),
+        ("activation_cap", 0, "an integer >= 1"),
+        ("weight_policy", "ties", 'one of "signals", "fixed", "importance"'),
+        ("w_in", -0.1, "a number in [0, 2]"),
+        ("importance_quantile", 1.0, "(0, 1)"),
+        ("importance_quantile", 0, "(0, 1)"),
+        ("importance_beta1", 1.0, "[0, 1)"),
+        ("importance_beta2", -0.5, "[0, 1)"),
+        ("rehearsal_steps", 0, '"interval" (R = the interval S in force at the merge) or an integer >= 1'),
+        ("rehearsal_steps", "new", '"interval"'),
+        ("probe_interval", 0, "an integer >= 1"),
+        ("rehearsal_fraction", 0.0, "(0, 1]"),
+        ("rehearsal_fraction", 1.5, "(0, 1]"),
+        ("probe_batch_size", -1, "an integer >= 0"),
+        ("anchor", "cpu", 'one of "device", "host"'),
+    ],
+)
 def test_out_of_range(key, value, fragment):
     e = err({key: value})
     assert e.key == key
@@ -137,8 +190,10 @@ def test_cross_field_interval_chain():
     assert e.key == "min_interval" and "<= max_interval (128)" in str(e)
     e = err({"initial_interval": 1})  # < min_interval 2
     assert e.key == "initial_interval"
-    assert str(e) == ("aim_merging.initial_interval = 1 is out of range: expected an integer in "
-                      "[min_interval, max_interval] = [2, 128]")
+    assert str(e) == (
+        "aim_merging.initial_interval = 1 is out of range: expected an integer in "
+        "[min_interval, max_interval] = [2, 128]"
+    )
     e = err({"initial_interval": 129})
     assert e.key == "initial_interval"
     # the chain may be tight
@@ -147,8 +202,18 @@ def test_cross_field_interval_chain():
 
 
 def test_boundaries_accepted():
-    cfg = AimConfig.from_dict({"w_in": 0, "w_out": 2, "importance_beta1": 0, "gamma_up": 1,
-                               "cold_start": 0, "window": 2, "probe_batch_size": 0, "rehearsal_steps": 1})
+    cfg = AimConfig.from_dict(
+        {
+            "w_in": 0,
+            "w_out": 2,
+            "importance_beta1": 0,
+            "gamma_up": 1,
+            "cold_start": 0,
+            "window": 2,
+            "probe_batch_size": 0,
+            "rehearsal_steps": 1,
+        }
+    )
     assert (cfg.w_in, cfg.w_out, cfg.gamma_up, cfg.importance_beta1) == (0.0, 2.0, 1.0, 0.0)
 
 
@@ -173,9 +238,11 @@ def test_direct_construction_validates_and_replace():
 def test_config_module_imports_without_torch():
     # bypass the package __init__ (which may import more) to check these three modules alone
     pkg_dir = str(Path(__file__).resolve().parents[1] / "aim_ds")
-    code = (f"import sys, types; pkg = types.ModuleType('aim_ds'); pkg.__path__ = [{pkg_dir!r}]; "
-            "sys.modules['aim_ds'] = pkg; import aim_ds.config, aim_ds.policies, aim_ds.controller; "
-            "print('torch' in sys.modules)")
+    code = (
+        f"import sys, types; pkg = types.ModuleType('aim_ds'); pkg.__path__ = [{pkg_dir!r}]; "
+        "sys.modules['aim_ds'] = pkg; import aim_ds.config, aim_ds.policies, aim_ds.controller; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -34,8 +34,19 @@ def run(ctrl, until, losses=None, sums=None, default=1.0, record=None):
         if d.merge:
             p = ctrl.on_merge(sums[ctrl.merges + 1], 1)
             assert p.step == d.step
-            merges.append((d.step, d.interval, d.activations, d.forced, p.interval, p.rehearsal_steps,
-                           p.w_in, p.w_out, p.learning_signal))
+            merges.append(
+                (
+                    d.step,
+                    d.interval,
+                    d.activations,
+                    d.forced,
+                    p.interval,
+                    p.rehearsal_steps,
+                    p.w_in,
+                    p.w_out,
+                    p.learning_signal,
+                )
+            )
     return decisions, merges
 
 
@@ -44,51 +55,59 @@ def test_threshold_window_is_floor_two_thirds_plus_one():
     assert [threshold_window(s) for s in (1, 2, 3, 4, 8, 40, 64, 128)] == [1, 2, 3, 3, 6, 27, 43, 86]
 
 
-@pytest.mark.parametrize("a,s,expected", [
-    (2, 70, (0.5, 0.5)), (2, 71, (0.4, 0.6)), (1, 70, (0.6, 0.4)), (1, 71, (0.5, 0.5)),
-    (0, 8, (0.6, 0.4)), (3, 128, (0.4, 0.6)), (5, 2, (0.5, 0.5)),
-])
+@pytest.mark.parametrize(
+    "a,s,expected",
+    [
+        (2, 70, (0.5, 0.5)),
+        (2, 71, (0.4, 0.6)),
+        (1, 70, (0.6, 0.4)),
+        (1, 71, (0.5, 0.5)),
+        (0, 8, (0.6, 0.4)),
+        (3, 128, (0.4, 0.6)),
+        (5, 2, (0.5, 0.5)),
+    ],
+)
 def test_signals_table(a, s, expected):
     assert signals_weights(a, s) == expected
 
 
 def test_paper_rule_pure():
     r = PaperRule(min_interval=2, max_interval=128, window=3, gamma_up=2.0, gamma_down=2.0)
-    assert r.next_interval(8, [1.0, 2.0], 2) == 8            # fewer than L_w values: no change
-    assert r.next_interval(8, [1.0, 2.0, 3.0], 3) == 4       # u=2 > d=0: shrink
-    assert r.next_interval(8, [3.0, 2.0, 1.0], 3) == 16      # d=2 > u=0: grow
-    assert r.next_interval(8, [1.0, 3.0, 2.0], 3) == 8       # u=1 == d=1: keep
-    assert r.next_interval(8, [1.0, 1.0, 1.0], 3) == 8       # equal neighbours are neither
-    assert r.next_interval(8, [1.0, 2.0, 2.0], 3) == 4       # u=1, d=0
+    assert r.next_interval(8, [1.0, 2.0], 2) == 8  # fewer than L_w values: no change
+    assert r.next_interval(8, [1.0, 2.0, 3.0], 3) == 4  # u=2 > d=0: shrink
+    assert r.next_interval(8, [3.0, 2.0, 1.0], 3) == 16  # d=2 > u=0: grow
+    assert r.next_interval(8, [1.0, 3.0, 2.0], 3) == 8  # u=1 == d=1: keep
+    assert r.next_interval(8, [1.0, 1.0, 1.0], 3) == 8  # equal neighbours are neither
+    assert r.next_interval(8, [1.0, 2.0, 2.0], 3) == 4  # u=1, d=0
     assert r.next_interval(8, [9.0, 9.0, 1.0, 2.0, 3.0], 5) == 4  # only the last 3 count
-    assert r.next_interval(3, [1.0, 2.0, 3.0], 3) == 2       # int(1.5)=1 -> S_min 2
-    assert r.next_interval(100, [3.0, 2.0, 1.0], 3) == 128   # 200 -> S_max
+    assert r.next_interval(3, [1.0, 2.0, 3.0], 3) == 2  # int(1.5)=1 -> S_min 2
+    assert r.next_interval(100, [3.0, 2.0, 1.0], 3) == 128  # 200 -> S_max
     g = PaperRule(min_interval=2, max_interval=128, window=4, gamma_up=1.5, gamma_down=1.5)
     assert g.next_interval(8, [1.0, 2.0, 1.0, 0.0], 4) == 12  # u=1 < d=2: int(8*1.5)
     assert g.next_interval(12, [0.0, 1.0, 2.0, 1.0], 4) == 8  # u=2 > d=1: int(12/1.5)
-    assert g.next_interval(9, [0.0, 1.0, 2.0, 1.0], 4) == 6   # int(9/1.5)=6
+    assert g.next_interval(9, [0.0, 1.0, 2.0, 1.0], 4) == 6  # int(9/1.5)=6
 
 
 def test_reference_rule_pure():
     r = ReferenceRule(min_interval=2, max_interval=128, cold_start=3)
-    assert r.next_interval(8, [1.0, 4.0], 4) == 8            # merge 4: still cold
-    assert r.next_interval(8, [1.0, 4.0], 5) == 2            # merge 5: floor(8/4)=2
-    assert r.next_interval(8, [4.0, 1.0], 5) == 40           # floor(8*(4+1))
-    assert r.next_interval(63, [1.25, 1.0], 5) == 128        # c=1 (63<64): floor(63*2.25)=141 -> 128
-    assert r.next_interval(60, [1.25, 1.0], 5) == 128        # floor(60*2.25)=135 -> 128
-    assert r.next_interval(40, [1.25, 1.0], 5) == 90         # floor(40*2.25)
-    assert r.next_interval(64, [1.25, 1.0], 5) == 112        # c=0.5 (S>=64): floor(64*1.75)
-    assert r.next_interval(128, [1.0, 1.0], 5) == 64         # r=1: floor(128/1)=128 >= 64 -> halved
-    assert r.next_interval(64, [1.0, 1.0], 5) == 32          # exactly 64 is halved
-    assert r.next_interval(63, [1.0, 1.0], 5) == 63          # 63 is not
-    assert r.next_interval(127, [1.0, 1.25], 5) == 50        # floor(127/1.25)=101 -> 50
-    assert r.next_interval(8, [1.0, 100.0], 5) == 2          # floor(0.08)=0 -> S_min
-    assert r.next_interval(8, [0.0, 0.0], 5) == 8            # 0/0: keep
-    assert r.next_interval(8, [0.0, 1.0], 5) == 2            # infinite rise: S_min
-    assert r.next_interval(8, [1.0, 0.0], 5) == 128          # infinite fall: S_max
+    assert r.next_interval(8, [1.0, 4.0], 4) == 8  # merge 4: still cold
+    assert r.next_interval(8, [1.0, 4.0], 5) == 2  # merge 5: floor(8/4)=2
+    assert r.next_interval(8, [4.0, 1.0], 5) == 40  # floor(8*(4+1))
+    assert r.next_interval(63, [1.25, 1.0], 5) == 128  # c=1 (63<64): floor(63*2.25)=141 -> 128
+    assert r.next_interval(60, [1.25, 1.0], 5) == 128  # floor(60*2.25)=135 -> 128
+    assert r.next_interval(40, [1.25, 1.0], 5) == 90  # floor(40*2.25)
+    assert r.next_interval(64, [1.25, 1.0], 5) == 112  # c=0.5 (S>=64): floor(64*1.75)
+    assert r.next_interval(128, [1.0, 1.0], 5) == 64  # r=1: floor(128/1)=128 >= 64 -> halved
+    assert r.next_interval(64, [1.0, 1.0], 5) == 32  # exactly 64 is halved
+    assert r.next_interval(63, [1.0, 1.0], 5) == 63  # 63 is not
+    assert r.next_interval(127, [1.0, 1.25], 5) == 50  # floor(127/1.25)=101 -> 50
+    assert r.next_interval(8, [1.0, 100.0], 5) == 2  # floor(0.08)=0 -> S_min
+    assert r.next_interval(8, [0.0, 0.0], 5) == 8  # 0/0: keep
+    assert r.next_interval(8, [0.0, 1.0], 5) == 2  # infinite rise: S_min
+    assert r.next_interval(8, [1.0, 0.0], 5) == 128  # infinite fall: S_max
     r0 = ReferenceRule(min_interval=2, max_interval=128, cold_start=0)
-    assert r0.next_interval(8, [2.0], 1) == 8                # nothing to compare with
-    assert r0.next_interval(8, [1.0, 2.0], 2) == 4           # cold_start 0: from the 2nd merge
+    assert r0.next_interval(8, [2.0], 1) == 8  # nothing to compare with
+    assert r0.next_interval(8, [1.0, 2.0], 2) == 4  # cold_start 0: from the 2nd merge
 
 
 # ---------------------------------------------------------------------- forgetting signal
@@ -96,11 +115,11 @@ def test_threshold_activations_and_merge_by_interval():
     c = make(interval_rule="reference")
     c.start_task(1)
     ds = [c.observe(1.0) for _ in range(5)]
-    assert [d.threshold for d in ds] == [None] * 5           # still inside the window of 6
+    assert [d.threshold for d in ds] == [None] * 5  # still inside the window of 6
     d6 = c.observe(1.0)
-    assert d6.threshold == 2.0 and d6.activations == 0       # 2.0 * mean(1,1,1,1,1,1)
-    d7 = c.observe(2.0)                                      # h >= delta (equality counts)
-    assert (d7.activations, d7.merge) == (1, False)          # j=7 < m+S=8
+    assert d6.threshold == 2.0 and d6.activations == 0  # 2.0 * mean(1,1,1,1,1,1)
+    d7 = c.observe(2.0)  # h >= delta (equality counts)
+    assert (d7.activations, d7.merge) == (1, False)  # j=7 < m+S=8
     d8 = c.observe(0.5)
     assert (d8.step, d8.activations, d8.merge, d8.forced) == (8, 1, True, False)
 
@@ -108,7 +127,7 @@ def test_threshold_activations_and_merge_by_interval():
 def test_activation_cap_merges_before_the_interval():
     c = make(interval_rule="reference", initial_interval=40, activation_cap=2)
     c.start_task(1)
-    for _ in range(27):                                      # window floor(80/3)+1 = 27
+    for _ in range(27):  # window floor(80/3)+1 = 27
         d = c.observe(1.0)
     assert d.threshold == 2.0
     assert c.observe(2.5).activations == 1
@@ -134,8 +153,8 @@ def test_probe_interval_only_probed_steps_count():
         wants.append(c.wants_probe())
         out.append(c.observe(losses[j] if wants[-1] else None))
     assert wants == [False, True] * 4
-    assert out[5].threshold == 4.0                            # 2 * mean(1, 2, 3)
-    assert (out[7].activations, out[7].merge) == (1, True)   # step 8: 4.0 >= 4.0
+    assert out[5].threshold == 4.0  # 2 * mean(1, 2, 3)
+    assert (out[7].activations, out[7].merge) == (1, True)  # step 8: 4.0 >= 4.0
 
 
 def test_window_without_probe_takes_the_first_probe_after_it():
@@ -143,9 +162,9 @@ def test_window_without_probe_takes_the_first_probe_after_it():
     c.start_task(1)
     decisions, merges = run(c, 30, losses={10: 3.0, 20: 1.5, 30: 3.0}, sums={1: 8.0, 2: 8.0})
     by = {d.step: d for d in decisions}
-    assert by[6].threshold is None                           # window 1..6 held no probe
+    assert by[6].threshold is None  # window 1..6 held no probe
     assert (by[10].threshold, by[10].activations) == (6.0, 0)  # first probe sets delta, no activation
-    assert (by[16].merge, by[16].forced) == (True, True)     # forced at m + 2S = 16
+    assert (by[16].merge, by[16].forced) == (True, True)  # forced at m + 2S = 16
     assert by[21].threshold is None and by[22].threshold == 3.0  # window 17..22 held step 20
     assert (by[30].activations, by[30].merge, by[30].forced) == (1, True, False)
     assert [m[0] for m in merges] == [16, 30]
@@ -156,7 +175,7 @@ def test_non_finite_probe_losses_are_skipped():
     c.start_task(1)
     ds = [c.observe(x) for x in (math.nan, 7.0, 1.0, 1.0, 1.0, 1.0)]
     assert ds[0].probe_loss is None
-    assert ds[5].threshold == pytest.approx(4.4)             # 2 * mean(7,1,1,1,1)
+    assert ds[5].threshold == pytest.approx(4.4)  # 2 * mean(7,1,1,1,1)
     assert c.observe(math.inf).activations == 0
 
 
@@ -180,8 +199,9 @@ def test_plan_inactive_keeps_the_interval():
     for _ in range(5):
         c.observe(None)
     p = c.plan_inactive(10.0, 2)
-    assert p == MergePlan(step=5, interval=8, rehearsal_steps=8, w_in=0.6, w_out=0.4,
-                          learning_signal=10.0 / 2 / 8, policy="signals")
+    assert p == MergePlan(
+        step=5, interval=8, rehearsal_steps=8, w_in=0.6, w_out=0.4, learning_signal=10.0 / 2 / 8, policy="signals"
+    )
     assert c.interval == 8 and c.learning_signals == ()
 
 
@@ -192,9 +212,11 @@ def test_fixed_rule_merges_every_s0_and_never_probes():
     decisions, merges = run(c, 15, default=1e9, sums={1: 5.0, 2: 10.0, 3: 0.0})
     assert not c.wants_probe()
     assert all(d.threshold is None and d.activations == 0 for d in decisions)
-    assert merges == [(5, 5, 0, False, 5, 5, 0.6, 0.4, 1.0),
-                      (10, 5, 0, False, 5, 5, 0.6, 0.4, 2.0),
-                      (15, 5, 0, False, 5, 5, 0.6, 0.4, 0.0)]
+    assert merges == [
+        (5, 5, 0, False, 5, 5, 0.6, 0.4, 1.0),
+        (10, 5, 0, False, 5, 5, 0.6, 0.4, 2.0),
+        (15, 5, 0, False, 5, 5, 0.6, 0.4, 0.0),
+    ]
 
 
 def test_weight_policies_and_rehearsal_constant():
@@ -268,8 +290,27 @@ def test_reference_parity_forced_cold_start_and_long_intervals():
 #  7  94  40  all 1.0             forced @174 .6/.4; L=5/40=.125, fall r=2, c=1: floor(40*3)=120
 #  8 174 120  175..255 delta 2; 256, 257: 3.0 -> A=2; merge at j >= 294  @294 A=2 S_b>70: .4/.6
 #             L=15/120=.125, r=1: floor(120/1)=120 >= 64 -> halved to 60
-LOSSES_B = {7: 2.0, 8: 0.5, 9: 1.0, 10: 2.0, 11: 3.0, 12: 1.0, 13: 2.0, 14: 3.0, 15: 4.0, 16: 5.0,
-            33: math.nan, 34: 7.0, 39: 4.0, 40: math.inf, 92: 2.5, 93: 2.5, 94: 2.5, 256: 3.0, 257: 3.0}
+LOSSES_B = {
+    7: 2.0,
+    8: 0.5,
+    9: 1.0,
+    10: 2.0,
+    11: 3.0,
+    12: 1.0,
+    13: 2.0,
+    14: 3.0,
+    15: 4.0,
+    16: 5.0,
+    33: math.nan,
+    34: 7.0,
+    39: 4.0,
+    40: math.inf,
+    92: 2.5,
+    93: 2.5,
+    94: 2.5,
+    256: 3.0,
+    257: 3.0,
+}
 SUMS_B = {1: 8.0, 2: 12.0, 3: 6.0, 4: 8.0, 5: 2.0, 6: 10.0, 7: 5.0, 8: 15.0}
 EXPECTED_B = [
     (8, 8, 1, False, 8, 8, 0.6, 0.4, 1.0),
@@ -323,8 +364,7 @@ def test_next_task_resets_everything():
 # 10  560 128  .03125                     0,2  128 (clamped)   weights S_b=128>70: .5/.5
 # 11  816 128  1        [.0625,.03125,1]  1,1  128
 # 12 1072 128  2        [.03125,1,2]      2,0   64
-SUMS_P = {1: 8.0, 2: 16.0, 3: 24.0, 4: 8.0, 5: 4.0, 6: 4.0, 7: 4.0, 8: 4.0, 9: 4.0, 10: 4.0,
-          11: 128.0, 12: 256.0}
+SUMS_P = {1: 8.0, 2: 16.0, 3: 24.0, 4: 8.0, 5: 4.0, 6: 4.0, 7: 4.0, 8: 4.0, 9: 4.0, 10: 4.0, 11: 128.0, 12: 256.0}
 EXPECTED_P = [
     (16, 8, 1, True, 8, 8, 0.6, 0.4, 1.0),
     (32, 8, 1, True, 8, 8, 0.6, 0.4, 2.0),

@@ -1,4 +1,5 @@
 """Loaders, DataErrors, memory buffer, tokenizer, encoding (no DeepSpeed)."""
+
 import json
 import os
 from collections import Counter
@@ -24,9 +25,11 @@ from aim_ds.data.core import ORDERS
 
 REPO = Path(__file__).resolve().parents[1]
 LONGSEQ = (REPO / ".." / "shared" / "data" / "longsequence").resolve()
-needs_data = pytest.mark.skipif(not (LONGSEQ / "train").is_dir(),
-                                reason=f"benchmark data not found at {LONGSEQ} (../shared/data/longsequence "
-                                       f"next to the repo); data-loader tests skipped")
+needs_data = pytest.mark.skipif(
+    not (LONGSEQ / "train").is_dir(),
+    reason=f"benchmark data not found at {LONGSEQ} (../shared/data/longsequence "
+    f"next to the repo); data-loader tests skipped",
+)
 
 
 # ---------------------------------------------------------------- O-LoRA benchmarks
@@ -56,8 +59,7 @@ def test_eval_subsample_is_stratified():
 
 
 @needs_data
-@pytest.mark.parametrize("bench,order", [("long", None), ("long", 2), ("long", 3), ("standard", 5),
-                                         ("standard", 6)])
+@pytest.mark.parametrize("bench,order", [("long", None), ("long", 2), ("long", 3), ("standard", 5), ("standard", 6)])
 def test_orders(bench, order):
     tasks = load_tasks(bench, data_dir=str(LONGSEQ), order=order, max_train=5, max_eval=5)
     assert [t.name for t in tasks] == ORDERS[order or 1]
@@ -70,14 +72,17 @@ def test_mnli_unlabelled_dev_rows_dropped():
     assert len(t.eval) == 494 and "-" not in {e.output for e in t.eval}
 
 
-@pytest.mark.parametrize("kwargs,msg", [
-    (dict(benchmark="standard", order=1), "unknown order 1"),
-    (dict(benchmark="long", order=4), "unknown order 4"),
-    (dict(benchmark="default", order=3), "unknown order 3"),
-    (dict(benchmark="standard"), "needs data_dir"),
-    (dict(benchmark="nonsense"), "unknown benchmark 'nonsense'"),
-    (dict(benchmark="default", max_train=0), "max_train"),
-])
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(benchmark="standard", order=1), "unknown order 1"),
+        (dict(benchmark="long", order=4), "unknown order 4"),
+        (dict(benchmark="default", order=3), "unknown order 3"),
+        (dict(benchmark="standard"), "needs data_dir"),
+        (dict(benchmark="nonsense"), "unknown benchmark 'nonsense'"),
+        (dict(benchmark="default", max_train=0), "max_train"),
+    ],
+)
 def test_bad_arguments(kwargs, msg):
     with pytest.raises(DataError, match=msg):
         load_tasks(**kwargs)
@@ -134,20 +139,23 @@ def test_user_json_ok(tmp_path):
     gen = [{"input": f"q{i}", "output": f"answer {i}"} for i in range(60)]
     (g,) = load_tasks(str(_user(tmp_path, gen, gen[:3], "rougeL")))
     assert g.labels is None and g.metric == "rougeL" and g.train[0].id == "t1_0"
-    (g2,) = load_tasks(str(_user(tmp_path, gen, gen[:3])))    # > 50 distinct outputs -> rougeL
+    (g2,) = load_tasks(str(_user(tmp_path, gen, gen[:3])))  # > 50 distinct outputs -> rougeL
     assert g2.labels is None and g2.metric == "rougeL"
 
 
-@pytest.mark.parametrize("train,ev,metric,msg", [
-    ('[{"input": "a", "output": ', ROWS, None, r"t1_train.json is not valid JSON"),
-    ([{"input": "a"}], ROWS, None, r"entry 0 of .*t1_train.json .*\"output\""),
-    ([{"inp": "a", "output": "b"}], ROWS, None, r"entry 0 .*\"input\""),
-    ([], ROWS, None, r"t1_train.json is an empty list"),
-    (ROWS, [], None, r"t1_eval.json is an empty list"),
-    ({"input": "a"}, ROWS, None, r"holds a JSON dict, expected a list"),
-    (ROWS, [{"input": "q", "output": "maybe"}], None, r"label 'maybe'.*never occurs in the train"),
-    (ROWS, ROWS, "bleu", r"metric 'bleu'"),
-])
+@pytest.mark.parametrize(
+    "train,ev,metric,msg",
+    [
+        ('[{"input": "a", "output": ', ROWS, None, r"t1_train.json is not valid JSON"),
+        ([{"input": "a"}], ROWS, None, r"entry 0 of .*t1_train.json .*\"output\""),
+        ([{"inp": "a", "output": "b"}], ROWS, None, r"entry 0 .*\"input\""),
+        ([], ROWS, None, r"t1_train.json is an empty list"),
+        (ROWS, [], None, r"t1_eval.json is an empty list"),
+        ({"input": "a"}, ROWS, None, r"holds a JSON dict, expected a list"),
+        (ROWS, [{"input": "q", "output": "maybe"}], None, r"label 'maybe'.*never occurs in the train"),
+        (ROWS, ROWS, "bleu", r"metric 'bleu'"),
+    ],
+)
 def test_user_json_errors(tmp_path, train, ev, metric, msg):
     p = _user(tmp_path, train, ev, metric)
     with pytest.raises(DataError, match=msg):
@@ -192,6 +200,7 @@ def test_default_benchmark():
     from itertools import combinations
 
     from aim_ds.data.default import CLASSIFICATION_RULES
+
     perms = [p for _, p in CLASSIFICATION_RULES[:4]]
     for p, q in combinations(perms, 2):
         assert sum(x == y for x, y in zip(p, q)) <= 1
@@ -225,7 +234,7 @@ def _cls_task(counts):
 
 def test_memory_class_balanced():
     t = _cls_task({"a": 500, "b": 300, "c": 150, "d": 50})
-    mem = select_memory(t, 0.02, seed=0)           # 20 slots over 4 classes
+    mem = select_memory(t, 0.02, seed=0)  # 20 slots over 4 classes
     assert Counter(e.output for e in mem) == {"a": 5, "b": 5, "c": 5, "d": 5}
     assert [e.id for e in select_memory(t, 0.02, seed=0)] == [e.id for e in mem]
     assert [e.id for e in select_memory(t, 0.02, seed=1)] != [e.id for e in mem]
@@ -234,7 +243,7 @@ def test_memory_class_balanced():
     mem2 = select_memory(t2, 0.01, seed=0)
     assert Counter(e.output for e in mem2) == {"a": 1, "b": 1, "c": 1, "d": 1}
     # a small class gives its spare slots to the others
-    mem3 = select_memory(_cls_task({"a": 100, "b": 100, "c": 2}), 0.2, seed=0)   # 40 slots
+    mem3 = select_memory(_cls_task({"a": 100, "b": 100, "c": 2}), 0.2, seed=0)  # 40 slots
     assert Counter(e.output for e in mem3) == {"a": 19, "b": 19, "c": 2}
     assert len({e.id for e in mem3}) == 40
 
@@ -259,16 +268,17 @@ def test_tokenizer_deterministic_and_cached(tmp_path):
     t1 = get_tokenizer(tasks, str(tmp_path / "a"), vocab_size=400)
     t2 = get_tokenizer(tasks, str(tmp_path / "b"), vocab_size=400)
     assert t1.get_vocab() == t2.get_vocab()
-    assert (tmp_path / "a" / os.listdir(tmp_path / "a")[0] / "tokenizer.json").read_text() == \
-        (tmp_path / "b" / os.listdir(tmp_path / "b")[0] / "tokenizer.json").read_text()
+    assert (tmp_path / "a" / os.listdir(tmp_path / "a")[0] / "tokenizer.json").read_text() == (
+        tmp_path / "b" / os.listdir(tmp_path / "b")[0] / "tokenizer.json"
+    ).read_text()
     entries = os.listdir(tmp_path / "a")
-    assert len(entries) == 1 and entries[0].startswith("tokenizer-")        # no temp dirs left
+    assert len(entries) == 1 and entries[0].startswith("tokenizer-")  # no temp dirs left
     mtime = os.path.getmtime(tmp_path / "a" / entries[0] / "tokenizer.json")
-    t3 = get_tokenizer(tasks, str(tmp_path / "a"), vocab_size=400)          # cache hit
+    t3 = get_tokenizer(tasks, str(tmp_path / "a"), vocab_size=400)  # cache hit
     assert os.path.getmtime(tmp_path / "a" / entries[0] / "tokenizer.json") == mtime
     assert t3.get_vocab() == t1.get_vocab()
-    get_tokenizer(tasks, str(tmp_path / "a"), vocab_size=300)               # new key
-    get_tokenizer(tasks[:2], str(tmp_path / "a"), vocab_size=400)           # new texts
+    get_tokenizer(tasks, str(tmp_path / "a"), vocab_size=300)  # new key
+    get_tokenizer(tasks[:2], str(tmp_path / "a"), vocab_size=400)  # new texts
     assert len(os.listdir(tmp_path / "a")) == 3
     for t in (t1, t3):
         assert (t.pad_token, t.bos_token, t.eos_token) == ("<pad>", "<s>", "</s>")
@@ -278,22 +288,24 @@ def test_tokenizer_deterministic_and_cached(tmp_path):
 
 
 def test_label_masking(tok):
-    ex = [Example("0", "Task: alpha. Words: lop mar nix. Answer:", "red"),
-          Example("1", "Task: beta. Words: lop. Answer:", "blue green")]
+    ex = [
+        Example("0", "Task: alpha. Words: lop mar nix. Answer:", "red"),
+        Example("1", "Task: beta. Words: lop. Answer:", "blue green"),
+    ]
     ds = CausalLMExamples(ex, tok, max_len=64)
     b = collate([ds[0], ds[1]], tok.pad_token_id, label_logits_only=False)
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
     for i, e in enumerate(ex):
         ids, lab, mask = b["input_ids"][i], b["labels"][i], b["attention_mask"][i]
         n = int(mask.sum())
-        assert mask[:n].all() and not mask[n:].any()                          # right padding
+        assert mask[:n].all() and not mask[n:].any()  # right padding
         assert (ids[n:] == tok.pad_token_id).all() and (lab[n:] == -100).all()
         target = encode_target(tok, e.output)
         assert target[-1] == tok.eos_token_id
-        assert lab[n - len(target):n].tolist() == target                      # output + eos
-        assert (lab[:n - len(target)] == -100).all()                          # prompt masked
+        assert lab[n - len(target) : n].tolist() == target  # output + eos
+        assert (lab[: n - len(target)] == -100).all()  # prompt masked
         assert ids[0].item() == tok.bos_token_id
-        assert tok.decode(ids[n - len(target):n - 1]) == " " + e.output
+        assert tok.decode(ids[n - len(target) : n - 1]) == " " + e.output
 
 
 def test_prompt_truncation(tok):
@@ -302,11 +314,11 @@ def test_prompt_truncation(tok):
     cut = encode_prompt(tok, long, 30)
     head = encode_prompt(tok, "Task: alpha.\n")
     assert len(cut) == 30 and len(full) > 30
-    assert cut[:len(head)] == head and cut[len(head):] == full[-(30 - len(head)):]
+    assert cut[: len(head)] == head and cut[len(head) :] == full[-(30 - len(head)) :]
     assert tok.decode(cut).endswith("end. Answer:")
     ds = CausalLMExamples([Example("0", long, "red")], tok, max_len=32)
     assert len(ds[0]["input_ids"]) == 32
-    assert ds[0]["labels"][-len(encode_target(tok, "red")):].tolist() == encode_target(tok, "red")
+    assert ds[0]["labels"][-len(encode_target(tok, "red")) :].tolist() == encode_target(tok, "red")
 
 
 def test_label_window_loss_equals_full_logits_loss():
@@ -317,9 +329,16 @@ def test_label_window_loss_equals_full_logits_loss():
     from aim_ds.data.dataset import IGNORE, collate
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).eval()
     items = []
     for n, lab in [(20, 3), (9, 5), (30, 1), (6, 6)]:
         ids = torch.randint(3, 97, (n,))
@@ -347,8 +366,16 @@ def _tiny_lm_and_rows(seed: int, label_lengths):
     from aim_ds.data.dataset import IGNORE
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     items = []
     for n, lab in label_lengths:
         ids = torch.randint(3, 97, (n,))

@@ -2,6 +2,7 @@
 a 2-rank deepspeed-launcher aim run, and single-process runs of single / fixed_merge (FWT cache).
 
 Each subprocess has a timeout: a rank-asymmetric hang fails the test instead of hanging CI."""
+
 from __future__ import annotations
 
 import csv
@@ -54,8 +55,19 @@ def check_outputs(out: Path, method: str, n_tasks: int = 4) -> dict:
     assert not list(out.glob(".tmp-*")), "temporary files left behind"
     r = json.loads((out / "results.json").read_text())
     assert r["method"] == method
-    for k in ("config", "tasks", "matrix", "OP", "BWT", "FWT", "single_task_scores", "fwt_reference",
-              "wall_time_s", "steps", "merges"):
+    for k in (
+        "config",
+        "tasks",
+        "matrix",
+        "OP",
+        "BWT",
+        "FWT",
+        "single_task_scores",
+        "fwt_reference",
+        "wall_time_s",
+        "steps",
+        "merges",
+    ):
         assert k in r, k
     assert len(r["tasks"]) == n_tasks
     for row in r["matrix"]:
@@ -63,9 +75,22 @@ def check_outputs(out: Path, method: str, n_tasks: int = 4) -> dict:
         assert all(v is None or 0.0 <= v <= 100.0 for v in row)
     with open(out / "trajectory.csv") as f:
         rows = list(csv.DictReader(f))
-    assert rows and list(rows[0]) == ["task", "step", "probe_loss", "threshold", "activations", "interval",
-                                      "learning_signal", "merge", "w_in", "w_out", "rehearsal_steps",
-                                      "abs_change_sum", "numel", "explicit"]
+    assert rows and list(rows[0]) == [
+        "task",
+        "step",
+        "probe_loss",
+        "threshold",
+        "activations",
+        "interval",
+        "learning_signal",
+        "merge",
+        "w_in",
+        "w_out",
+        "rehearsal_steps",
+        "abs_change_sum",
+        "numel",
+        "explicit",
+    ]
     assert sum(int(x["merge"]) for x in rows) == r["merges"]
     return r
 
@@ -74,21 +99,43 @@ def check_outputs(out: Path, method: str, n_tasks: int = 4) -> dict:
 def test_help_documents_every_option(tmp_path):
     p = run(py("--help"), tmp_path, timeout=60)
     assert p.returncode == 0, p.stderr
-    for opt in ("--benchmark", "--data-dir", "--order", "--method", "--model", "--tokenizer", "--deepspeed_config",
-                "--output-dir", "--overwrite", "--seed", "--epochs", "--batch-size", "--memory-batch-size", "--lr",
-                "--memory-fraction", "--max-train", "--max-eval", "--eval-batch-size", "--fwt-reference", "--replay-rows",
-                "--memory-weight", "--local_rank"):
+    for opt in (
+        "--benchmark",
+        "--data-dir",
+        "--order",
+        "--method",
+        "--model",
+        "--tokenizer",
+        "--deepspeed_config",
+        "--output-dir",
+        "--overwrite",
+        "--seed",
+        "--epochs",
+        "--batch-size",
+        "--memory-batch-size",
+        "--lr",
+        "--memory-fraction",
+        "--max-train",
+        "--max-eval",
+        "--eval-batch-size",
+        "--fwt-reference",
+        "--replay-rows",
+        "--memory-weight",
+        "--local_rank",
+    ):
         assert opt in p.stdout, opt
     for m in ("aim", "seqft", "replay", "fixed_merge", "single", "multitask"):
         assert m in p.stdout
 
 
 BAD = [
-    ("aim_disabled", lambda t: ["--method", "aim", "--deepspeed_config", ds_config(t, enabled=False)],
-     "enabled"),
+    ("aim_disabled", lambda t: ["--method", "aim", "--deepspeed_config", ds_config(t, enabled=False)], "enabled"),
     ("aim_no_section", lambda t: ["--method", "aim", "--deepspeed_config", ds_config(t, _drop=True)], "aim_merging"),
-    ("bad_aim_key", lambda t: ["--method", "aim", "--deepspeed_config", ds_config(t, initial_interval=0)],
-     "initial_interval"),
+    (
+        "bad_aim_key",
+        lambda t: ["--method", "aim", "--deepspeed_config", ds_config(t, initial_interval=0)],
+        "initial_interval",
+    ),
     ("missing_ds_config", lambda t: ["--deepspeed_config", str(t / "nope.json")], "nope.json"),
     ("unknown_benchmark", lambda t: ["--benchmark", "nonsense"], "nonsense"),
     ("missing_task_file", lambda t: ["--benchmark", str(t / "tasks.json")], "tasks.json"),
@@ -99,8 +146,18 @@ BAD = [
     ("replay_rows_for_seqft", lambda t: ["--method", "seqft", "--replay-rows", "2"], "--replay-rows applies to"),
     ("replay_without_rows", lambda t: ["--method", "replay", "--replay-rows", "0"], "--method seqft"),
     ("negative_replay_rows", lambda t: ["--replay-rows", "-1"], "--replay-rows -1"),
-    ("batch_probe_without_rows", lambda t: ["--method", "aim", "--replay-rows", "0", "--deepspeed_config",
-                                            ds_config(t, probe_source="training_batch")], "--replay-rows 0"),
+    (
+        "batch_probe_without_rows",
+        lambda t: [
+            "--method",
+            "aim",
+            "--replay-rows",
+            "0",
+            "--deepspeed_config",
+            ds_config(t, probe_source="training_batch"),
+        ],
+        "--replay-rows 0",
+    ),
     ("memory_weight_out_of_range", lambda t: ["--memory-weight", "1"], "--memory-weight 1.0"),
     ("memory_weight_without_rows", lambda t: ["--method", "seqft", "--memory-weight", "0.5"], "--replay-rows >= 1"),
     ("memory_fraction_zero", lambda t: ["--memory-fraction", "0"], "--memory-fraction 0.0: must be in (0, 1]"),
@@ -131,9 +188,21 @@ def test_bad_input_two_ranks_every_rank_reports(tmp_path):
     """Under the deepspeed launcher a bad config fails fast (no hang, no training). The launcher kills
     the sibling as soon as one rank exits, so how many ranks print is a race; every rank's own check
     is asserted below by starting each rank alone."""
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
-           "--method", "aim", "--deepspeed_config", ds_config(tmp_path, enabled=False),
-           "--output-dir", str(tmp_path / "out"), *SMALL]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        TRAIN,
+        "--method",
+        "aim",
+        "--deepspeed_config",
+        ds_config(tmp_path, enabled=False),
+        "--output-dir",
+        str(tmp_path / "out"),
+        *SMALL,
+    ]
     p = run(cmd, tmp_path, timeout=120)
     assert p.returncode != 0
     assert "error: --method aim but" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
@@ -145,10 +214,18 @@ def test_bad_input_each_rank_fails_alone(tmp_path, rank):
     """Each rank of a 2-rank job, started with its peer absent, reports the error itself and exits:
     the check runs before any collective (one waiting for the missing peer would time out here)."""
     e = env(tmp_path)
-    e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-             MASTER_PORT=str(free_port()))
-    cmd = py("--method", "aim", "--deepspeed_config", ds_config(tmp_path, enabled=False),
-             "--output-dir", str(tmp_path / "out"), *SMALL)
+    e.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    cmd = py(
+        "--method",
+        "aim",
+        "--deepspeed_config",
+        ds_config(tmp_path, enabled=False),
+        "--output-dir",
+        str(tmp_path / "out"),
+        *SMALL,
+    )
     t0 = time.time()
     p = subprocess.run(cmd, cwd=str(tmp_path), env=e, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
@@ -162,8 +239,21 @@ def test_deepspeed_two_ranks_aim(tmp_path):
     out = tmp_path / "out"
     cfg = ds_config(tmp_path, initial_interval=2, min_interval=1, max_interval=4, _monitor=str(tmp_path / "mon"))
     port = free_port()
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), TRAIN,
-           "--method", "aim", "--deepspeed_config", cfg, "--output-dir", str(out), *SMALL]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        TRAIN,
+        "--method",
+        "aim",
+        "--deepspeed_config",
+        cfg,
+        "--output-dir",
+        str(out),
+        *SMALL,
+    ]
     p = run(cmd, tmp_path)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     # DeepSpeed's CPU shm all-reduce buffers (~69 MB per rank) must not outlive the run
@@ -212,8 +302,9 @@ def test_single_then_fixed_merge_uses_fwt_cache(tmp_path):
     assert rs["FWT"] == 0.0 and rs["BWT"] is None
     assert [rs["matrix"][i][i] for i in range(4)] == rs["single_task_scores"]
     cfg = ds_config(tmp_path, initial_interval=3, w_in=0.7, w_out=0.3)
-    p = run(py("--method", "fixed_merge", "--deepspeed_config", cfg, "--output-dir", str(tmp_path / "f"), *SMALL),
-            tmp_path)
+    p = run(
+        py("--method", "fixed_merge", "--deepspeed_config", cfg, "--output-dir", str(tmp_path / "f"), *SMALL), tmp_path
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     rf = check_outputs(tmp_path / "f", "fixed_merge")
     assert rf["fwt_reference"].startswith("cache:") and rf["single_task_scores"] == rs["single_task_scores"]

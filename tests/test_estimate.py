@@ -1,4 +1,5 @@
 """aim-ds estimate-memory: ZeRO-3 numbers are DeepSpeed's own, plugin bytes follow the formula, bad input fails clearly."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,15 @@ from aim_ds.estimate import EstimateError, count_params, estimate, load_model_co
 stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_LLAMA = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4}
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 1000,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
 
 # (params, largest layer, world, nodes)
 SETTINGS = [(13e9, 164e6, 8, 1), (13e9, 164e6, 16, 2), (7e9, 131e6, 4, 1), (1.1e9, 0, 1, 1), (70e9, 1.05e9, 64, 8)]
@@ -32,9 +40,15 @@ OFFLOADS = {"none": (False, False), "optimizer": (True, False), "both": (True, T
 def test_zero_numbers_are_deepspeeds(params, largest, world, nodes, offload, zero_init):
     e = estimate(params, world, nodes=nodes, offload=offload, largest_layer_params=largest, zero_init=zero_init)
     cpu, gpu, _ = stage3.estimate_zero3_model_states_mem_needs(
-        total_params=int(params), largest_layer_params=int(largest), num_gpus_per_node=world // nodes,
-        num_nodes=nodes, cpu_offload=OFFLOADS[offload][0], cpu_offload_params=OFFLOADS[offload][1],
-        zero_init=zero_init, additional_buffer_factor=1.5)
+        total_params=int(params),
+        largest_layer_params=int(largest),
+        num_gpus_per_node=world // nodes,
+        num_nodes=nodes,
+        cpu_offload=OFFLOADS[offload][0],
+        cpu_offload_params=OFFLOADS[offload][1],
+        zero_init=zero_init,
+        additional_buffer_factor=1.5,
+    )
     assert (e.zero_host_bytes_per_node, e.zero_gpu_bytes) == (int(cpu), int(gpu))
     assert e.source == "deepspeed"
 
@@ -44,10 +58,14 @@ def test_matches_deepspeed_printed_table():
     params, largest, world, nodes = 13e9, 164e6, 8, 1
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        stage3.estimate_zero3_model_states_mem_needs_all_cold(int(params), int(largest), num_gpus_per_node=world,
-                                                              num_nodes=nodes)
-    rows = re.findall(r"([\d.]+)GB \|\s+([\d.]+)GB \| offload_param=(?:OffloadDeviceEnum\.)?(\w+)\s*, "
-                      r"offload_optimizer=(?:OffloadDeviceEnum\.)?(\w+)\s*, zero_init=(\d)", buf.getvalue())
+        stage3.estimate_zero3_model_states_mem_needs_all_cold(
+            int(params), int(largest), num_gpus_per_node=world, num_nodes=nodes
+        )
+    rows = re.findall(
+        r"([\d.]+)GB \|\s+([\d.]+)GB \| offload_param=(?:OffloadDeviceEnum\.)?(\w+)\s*, "
+        r"offload_optimizer=(?:OffloadDeviceEnum\.)?(\w+)\s*, zero_init=(\d)",
+        buf.getvalue(),
+    )
     assert len(rows) == 6, buf.getvalue()
     for cpu_gb, gpu_gb, off_param, off_opt, zi in rows:
         offload = {("cpu", "cpu"): "both", ("none", "cpu"): "optimizer", ("none", "none"): "none"}[(off_param, off_opt)]
@@ -87,19 +105,22 @@ def test_plugin_bytes_formula(world, nodes, offload, anchor, policy, per_param):
     assert e.to_dict()["plugin_bytes_per_param_per_rank"] == per_param / world
 
 
-@pytest.mark.parametrize("kwargs,word", [
-    (dict(total_params=-1, world_size=8), "params"),
-    (dict(total_params=0, world_size=8), "params"),
-    (dict(total_params=float("nan"), world_size=8), "params"),
-    (dict(total_params=13e9, world_size=0), "world_size"),
-    (dict(total_params=13e9, world_size=-8), "world_size"),
-    (dict(total_params=13e9, world_size=8, nodes=3), "nodes"),
-    (dict(total_params=13e9, world_size=8, nodes=0), "nodes"),
-    (dict(total_params=13e9, world_size=8, offload="nvme"), "offload"),
-    (dict(total_params=13e9, world_size=8, anchor="disk"), "anchor"),
-    (dict(total_params=13e9, world_size=8, policy="mask"), "policy"),
-    (dict(total_params=1e6, world_size=8, largest_layer_params=2e6), "largest_layer_params"),
-])
+@pytest.mark.parametrize(
+    "kwargs,word",
+    [
+        (dict(total_params=-1, world_size=8), "params"),
+        (dict(total_params=0, world_size=8), "params"),
+        (dict(total_params=float("nan"), world_size=8), "params"),
+        (dict(total_params=13e9, world_size=0), "world_size"),
+        (dict(total_params=13e9, world_size=-8), "world_size"),
+        (dict(total_params=13e9, world_size=8, nodes=3), "nodes"),
+        (dict(total_params=13e9, world_size=8, nodes=0), "nodes"),
+        (dict(total_params=13e9, world_size=8, offload="nvme"), "offload"),
+        (dict(total_params=13e9, world_size=8, anchor="disk"), "anchor"),
+        (dict(total_params=13e9, world_size=8, policy="mask"), "policy"),
+        (dict(total_params=1e6, world_size=8, largest_layer_params=2e6), "largest_layer_params"),
+    ],
+)
 def test_bad_input_one_clear_error(kwargs, word):
     with pytest.raises(EstimateError, match=rf"^{word}=.* is invalid: expected "):
         estimate(**kwargs)
@@ -115,11 +136,14 @@ def _cli(argv):
     return rc, out.getvalue(), err.getvalue()
 
 
-@pytest.mark.parametrize("argv,word", [
-    (["--params", "-5", "--world-size", "8"], "params"),
-    (["--params", "13e9", "--world-size", "0"], "world_size"),
-    (["--params", "13e9", "--world-size", "8", "--nodes", "3"], "nodes"),
-])
+@pytest.mark.parametrize(
+    "argv,word",
+    [
+        (["--params", "-5", "--world-size", "8"], "params"),
+        (["--params", "13e9", "--world-size", "0"], "world_size"),
+        (["--params", "13e9", "--world-size", "8", "--nodes", "3"], "nodes"),
+    ],
+)
 def test_cli_bad_input_is_one_line(argv, word):
     rc, out, err = _cli(["estimate-memory", *argv])
     assert rc == 2 and out == ""
@@ -129,8 +153,22 @@ def test_cli_bad_input_is_one_line(argv, word):
 
 
 def test_cli_json_and_table():
-    rc, out, _ = _cli(["estimate-memory", "--params", "13e9", "--world-size", "8", "--offload", "both",
-                       "--anchor", "host", "--largest-layer-params", "164e6", "--json"])
+    rc, out, _ = _cli(
+        [
+            "estimate-memory",
+            "--params",
+            "13e9",
+            "--world-size",
+            "8",
+            "--offload",
+            "both",
+            "--anchor",
+            "host",
+            "--largest-layer-params",
+            "164e6",
+            "--json",
+        ]
+    )
     assert rc == 0
     d = json.loads(out)
     assert d["total_params"] == 13_000_000_000 and d["world_size"] == 8 and d["plugin_gpu_bytes"] == 0
@@ -157,8 +195,10 @@ def test_model_config_counts_like_deepspeed(tmp_path):
     assert (d["total_params"], d["largest_layer_params"]) == count_params(load_model_config(str(f)))
 
 
-@pytest.mark.parametrize("content,word", [(None, "does not exist"), ("{not json", "not readable JSON"),
-                                          (json.dumps({"hidden_size": 8}), "model_type")])
+@pytest.mark.parametrize(
+    "content,word",
+    [(None, "does not exist"), ("{not json", "not readable JSON"), (json.dumps({"hidden_size": 8}), "model_type")],
+)
 def test_model_config_bad(tmp_path, content, word):
     f = tmp_path / "c.json"
     if content is not None:
@@ -172,8 +212,14 @@ def test_console_script_entry_point():
     exe = Path(sys.executable).with_name("aim-ds")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "aim_ds.cli"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    r = subprocess.run([*cmd, "estimate-memory", "--params", "1e9", "--world-size", "2", "--json"],
-                       capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
+    r = subprocess.run(
+        [*cmd, "estimate-memory", "--params", "1e9", "--world-size", "2", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["plugin_bytes_per_rank"] == 2_000_000_000
 
@@ -191,8 +237,13 @@ def test_zero12_numbers_are_deepspeeds(stage, offload, params, largest, world, n
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     e = estimate(params, world, nodes=nodes, offload=offload, largest_layer_params=largest, stage=stage)
-    cpu, gpu = estimate_zero2_model_states_mem_needs(int(params), num_gpus_per_node=world // nodes, num_nodes=nodes,
-                                                     cpu_offload=offload == "optimizer", additional_buffer_factor=1.5)
+    cpu, gpu = estimate_zero2_model_states_mem_needs(
+        int(params),
+        num_gpus_per_node=world // nodes,
+        num_nodes=nodes,
+        cpu_offload=offload == "optimizer",
+        additional_buffer_factor=1.5,
+    )
     assert (e.stage, e.zero_host_bytes_per_node, e.zero_gpu_bytes, e.source) == (stage, int(cpu), int(gpu), "deepspeed")
     assert e.plugin_bytes_per_rank == int(4 * params / world)  # the plugin's buffer is the same at every stage
     assert e.plugin_location == ("host" if offload == "optimizer" else "device")

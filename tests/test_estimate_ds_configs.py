@@ -4,6 +4,7 @@ DeepSpeed is checked without GPUs or a process group: DeepSpeedConfig parses the
 pydantic models (unknown keys inside its own sections are rejected) and checks the batch-size
 arithmetic for a stand-in world size.
 """
+
 from __future__ import annotations
 
 import json

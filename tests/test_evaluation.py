@@ -1,4 +1,5 @@
 """evaluate_task on tiny random Llama models in one process (no DeepSpeed), and cl_metrics."""
+
 import json
 from pathlib import Path
 
@@ -11,15 +12,13 @@ from aim_ds.evaluation import cl_metrics, evaluate_task, generate_texts, rouge_l
 
 # ---------------------------------------------------------------- cl_metrics
 def test_cl_metrics_hand_computed():
-    m = [[80.0, 10.0, 5.0],
-         [60.0, 70.0, 20.0],
-         [40.0, 50.0, 90.0]]
+    m = [[80.0, 10.0, 5.0], [60.0, 70.0, 20.0], [40.0, 50.0, 90.0]]
     r = cl_metrics(m, [75.0, 80.0, 85.0])
     assert r["OP"] == pytest.approx((40 + 50 + 90) / 3)
-    assert r["BWT"] == pytest.approx(((40 - 80) + (50 - 70)) / 2)       # -30
-    assert r["FWT"] == pytest.approx(((80 - 75) + (70 - 80) + (90 - 85)) / 3)   # 0
+    assert r["BWT"] == pytest.approx(((40 - 80) + (50 - 70)) / 2)  # -30
+    assert r["FWT"] == pytest.approx(((80 - 75) + (70 - 80) + (90 - 85)) / 3)  # 0
     assert cl_metrics(m, None)["FWT"] is None
-    lower = [[80.0], [60.0, 70.0], [40.0, 50.0, 90.0]]                  # triangular rows are fine
+    lower = [[80.0], [60.0, 70.0], [40.0, 50.0, 90.0]]  # triangular rows are fine
     assert cl_metrics(lower, None) == cl_metrics(m, None)
 
 
@@ -43,11 +42,21 @@ def test_rouge_l():
 # ---------------------------------------------------------------- tiny models
 def _model(vocab, seed=0, hidden=64):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -79,9 +88,9 @@ def test_classification_scores_and_mode(setup):
     model = _model(len(tok))
     model.train()
     s = evaluate_task(model, tok, cls[0], batch_size=50)
-    assert 0.0 <= s <= 100.0 and model.training                  # previous mode restored
+    assert 0.0 <= s <= 100.0 and model.training  # previous mode restored
     model.eval()
-    assert evaluate_task(model, tok, cls[0], batch_size=7) == pytest.approx(s)   # batching-invariant
+    assert evaluate_task(model, tok, cls[0], batch_size=7) == pytest.approx(s)  # batching-invariant
     assert not model.training
 
 
@@ -110,7 +119,7 @@ def test_score_labels_matches_full_sequence_loss(setup):
 
 def test_generation_rouge(setup):
     _, gen, tok = setup
-    copy = gen[0]                      # echo: the last word twice, learnable in a few dozen steps
+    copy = gen[0]  # echo: the last word twice, learnable in a few dozen steps
     assert copy.name == "echo" and copy.metric == "rougeL"
     model = _model(len(tok), hidden=64)
     s0 = evaluate_task(model, tok, copy, batch_size=8, max_new_tokens=8)
@@ -120,7 +129,7 @@ def test_generation_rouge(setup):
     assert 0.0 <= s1 <= 100.0 and s1 > s0 + 20, (s0, s1)
     # left-padded batched greedy generation equals one-at-a-time generation
     prompts = [encode_prompt(tok, e.input) for e in copy.eval[:4]]
-    prompts[1] = prompts[1][:-2]                                  # uneven lengths -> left padding
+    prompts[1] = prompts[1][:-2]  # uneven lengths -> left padding
     batched = generate_texts(model, tok, prompts, batch_size=4, max_new_tokens=6)
     single = [generate_texts(model, tok, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]
     assert batched == single
@@ -129,9 +138,8 @@ def test_generation_rouge(setup):
 def test_exact_generation_path_and_rank_slices(setup):
     cls, gen, tok = setup
     model = _model(len(tok))
-    t = Task("g", gen[0].train, gen[0].eval[:5], "exact", None)   # exact match by generation
-    assert evaluate_task(model, tok, t, batch_size=2, max_new_tokens=4) in (0.0, 20.0, 40.0, 60.0,
-                                                                             80.0, 100.0)
+    t = Task("g", gen[0].train, gen[0].eval[:5], "exact", None)  # exact match by generation
+    assert evaluate_task(model, tok, t, batch_size=2, max_new_tokens=4) in (0.0, 20.0, 40.0, 60.0, 80.0, 100.0)
     with pytest.raises(ValueError):
         evaluate_task(model, tok, t, batch_size=2, rank=2, world_size=2)
     with pytest.raises(RuntimeError, match="not initialised"):
@@ -141,16 +149,16 @@ def test_exact_generation_path_and_rank_slices(setup):
 # ---------------------------------------------------------------- two ranks (gloo, no DeepSpeed)
 def _worker(rank, world, port, tok_dir, out):
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        cls = load_tasks("default", max_train=320, max_eval=13)          # 13: uneven slices 7 / 6
-        gen = load_tasks("default-gen", max_train=320, max_eval=5)       # 5: 3 / 2
+        cls = load_tasks("default", max_train=320, max_eval=13)  # 13: uneven slices 7 / 6
+        gen = load_tasks("default-gen", max_train=320, max_eval=5)  # 5: 3 / 2
         tok = get_tokenizer(cls + gen, tok_dir, vocab_size=512)
         model = _model(len(tok), seed=1)
         s_cls = evaluate_task(model, tok, cls[1], batch_size=5, rank=rank, world_size=world)
-        s_gen = evaluate_task(model, tok, gen[1], batch_size=2, rank=rank, world_size=world,
-                              max_new_tokens=5)
+        s_gen = evaluate_task(model, tok, gen[1], batch_size=2, rank=rank, world_size=world, max_new_tokens=5)
         (Path(out) / f"rank{rank}.json").write_text(json.dumps([s_cls, s_gen]))
     finally:
         dist.destroy_process_group()
@@ -160,19 +168,21 @@ def test_two_ranks_match_one(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     tok_dir = str(tmp_path / "tok")
     # fork: the children inherit the imported modules (spawn would re-import transformers)
-    mp.start_processes(_worker, args=(2, port, tok_dir, str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(_worker, args=(2, port, tok_dir, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     cls = load_tasks("default", max_train=320, max_eval=13)
     gen = load_tasks("default-gen", max_train=320, max_eval=5)
     tok = get_tokenizer(cls + gen, tok_dir, vocab_size=512)
     model = _model(len(tok), seed=1)
-    ref = (evaluate_task(model, tok, cls[1], batch_size=5),
-           evaluate_task(model, tok, gen[1], batch_size=2, max_new_tokens=5))
+    ref = (
+        evaluate_task(model, tok, cls[1], batch_size=5),
+        evaluate_task(model, tok, gen[1], batch_size=2, max_new_tokens=5),
+    )
     assert out[0] == out[1]
     assert out[0][0] == pytest.approx(ref[0]) and out[0][1] == pytest.approx(ref[1])

@@ -17,7 +17,7 @@ def test_abs_change_sum_is_float64_exact_on_large_chunks():
     anchor = theta + torch.randn(n, generator=g) * 1e-3
     ranges = [(0, 3_000_000), (3_100_000, 1_800_000)]
     t64, a64 = theta.double().numpy(), anchor.double().numpy()
-    ref = math.fsum(float(x) for r in ranges for x in [np.abs(t64[r[0]:r[0] + r[1]] - a64[r[0]:r[0] + r[1]]).sum()])
+    ref = math.fsum(float(x) for r in ranges for x in [np.abs(t64[r[0] : r[0] + r[1]] - a64[r[0] : r[0] + r[1]]).sum()])
     got = fusion.abs_change_sum(theta, anchor, ranges)
     assert abs(got - ref) / ref < 1e-12, (got, ref)
     fp32 = sum(float(torch.dist(theta.narrow(0, s, l), anchor.narrow(0, s, l), p=1)) for s, l in ranges)

@@ -2,6 +2,7 @@
 
 Timings are never asserted against goals here (two shared cores): only that they are finite and positive.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,27 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-KEYS = ["step_seconds", "probe_step_seconds", "probe_cost", "fusion_seconds", "fusion_bytes",
-        "fusion_bytes_per_second", "copy_bytes_per_second", "fusion_vs_copy", "fusion_over_step",
-        "plugin_bytes", "plugin_device_bytes", "plugin_host_bytes", "plugin_bytes_per_param",
-        "peak_memory_bytes", "model", "machine", "merge_records", "fusion_seconds_plugin_record",
-        "fusion_bytes_plugin_record"]
+KEYS = [
+    "step_seconds",
+    "probe_step_seconds",
+    "probe_cost",
+    "fusion_seconds",
+    "fusion_bytes",
+    "fusion_bytes_per_second",
+    "copy_bytes_per_second",
+    "fusion_vs_copy",
+    "fusion_over_step",
+    "plugin_bytes",
+    "plugin_device_bytes",
+    "plugin_host_bytes",
+    "plugin_bytes_per_param",
+    "peak_memory_bytes",
+    "model",
+    "machine",
+    "merge_records",
+    "fusion_seconds_plugin_record",
+    "fusion_bytes_plugin_record",
+]
 
 
 def _plugin_available() -> bool:
@@ -33,8 +50,14 @@ def _plugin_available() -> bool:
 @pytest.mark.skipif(not _plugin_available(), reason="aim_ds.plugin (the lead's module) does not import yet")
 @pytest.mark.timeout(300)
 def test_gpu_check_cpu_variant(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHON=sys.executable,
-               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        PYTHON=sys.executable,
+        TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),
+    )
     cmd = ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", "--tiny"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -42,8 +65,16 @@ def test_gpu_check_cpu_variant(tmp_path):
     missing = [k for k in KEYS if k not in d]
     assert not missing, missing
     assert d["machine"]["cuda"] is False and d["preset"] == "tiny" and d["world_size"] == 1
-    for k in ("step_seconds", "probe_step_seconds", "fusion_seconds", "fusion_bytes_per_second",
-              "copy_bytes_per_second", "fusion_vs_copy", "fusion_over_step", "probe_cost"):
+    for k in (
+        "step_seconds",
+        "probe_step_seconds",
+        "fusion_seconds",
+        "fusion_bytes_per_second",
+        "copy_bytes_per_second",
+        "fusion_vs_copy",
+        "fusion_over_step",
+        "probe_cost",
+    ):
         assert isinstance(d[k], float) and math.isfinite(d[k]) and d[k] > 0, (k, d[k])
     assert 0.2 < d["probe_cost"] < 10  # a probe forward costs less than a few training steps
     assert d["probes_seen"] >= 1  # the plugin did probe in phase 2

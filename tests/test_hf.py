@@ -1,5 +1,6 @@
 """aim_ds.hf with a real HF Trainer, Accelerate and peft over real DeepSpeed ZeRO-3 on 2 CPU ranks.
 Several checks share one launch (each launch pays ~15 s of imports per rank)."""
+
 import pytest
 
 from tests.mp import run_ranks
@@ -21,7 +22,9 @@ def test_contract_three_tasks_and_lora_trainer(tmp_path):
     assert c["work"]["probe_forwards"] > 0  # probe_source memory_forward: the plugin's own probe forwards
     lo = r0["lora"]
     assert lo["merges"] >= 1 and max(lo["fusion_err"]) < 1e-6 and min(lo["moved"]) > 1e-4, lo
-    assert lo["base_compared"] == lo["base_total"] and lo["base_max_abs"] == 0.0, lo  # frozen base weights bit-unchanged
+    assert lo["base_compared"] == lo["base_total"] and lo["base_max_abs"] == 0.0, (
+        lo
+    )  # frozen base weights bit-unchanged
     # plugin memory: 4 bytes per TRAINABLE parameter / N (one fp32 anchor shard, padding included)
     assert lo["held"]["device"] == 4 * lo["local_numel"]
     assert lo["valid_numel"] + r1["lora"]["valid_numel"] == lo["trainable"] < 5000, lo

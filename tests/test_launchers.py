@@ -1,6 +1,7 @@
 """The driver under the other launchers, 2 local ranks each: `mpirun -np 2 python launch/train.py`
 (MPI discovery through mpi4py, the venv's MPICH mpirun) and `torchrun --nproc_per_node 2`.
 They double as the replay / multitask method tests. Both use a random free port; both time out."""
+
 from __future__ import annotations
 
 import shutil
@@ -31,8 +32,23 @@ def test_mpirun_two_ranks_replay(tmp_path):
 def test_torchrun_two_ranks_multitask_generation(tmp_path):
     """torchrun + the generated free-text benchmark (ROUGE-L, greedy generation with synced_gpus under ZeRO-3)."""
     out = tmp_path / "out"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), TRAIN,
-           "--method", "multitask", "--benchmark", "default-gen", "--output-dir", str(out), *SMALL, "--max-eval", "8"]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        TRAIN,
+        "--method",
+        "multitask",
+        "--benchmark",
+        "default-gen",
+        "--output-dir",
+        str(out),
+        *SMALL,
+        "--max-eval",
+        "8",
+    ]
     p = run(cmd, tmp_path)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     r = check_outputs(out, "multitask")

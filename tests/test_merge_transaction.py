@@ -1,4 +1,5 @@
 """A merge is a transaction, on real multi-rank DeepSpeed ZeRO-3 engines (CPU, gloo), each launch under a timeout."""
+
 import pytest
 
 from tests.mp import RankFailure, run_ranks
@@ -7,12 +8,15 @@ TIMEOUT = 300
 PG_TIMEOUT = 120  # tests/mp.py initialises the process group with this timeout
 
 
-@pytest.mark.parametrize("case,policy,world", [
-    ("nan", "signals", 2),
-    ("raise_rehearsal", "signals", 3),
-    ("raise_fusion", "signals", 2),
-    ("raise_fusion", "importance", 2),
-])
+@pytest.mark.parametrize(
+    "case,policy,world",
+    [
+        ("nan", "signals", 2),
+        ("raise_rehearsal", "signals", 3),
+        ("raise_fusion", "signals", 2),
+        ("raise_fusion", "importance", 2),
+    ],
+)
 def test_failed_merge_is_undone_bit_exactly_on_every_rank(tmp_path, case, policy, world):
     res = run_ranks("tests.scenarios_fidelity:merge_undone", world, tmp_path, TIMEOUT, case=case, policy=policy)
     for r, x in enumerate(res):

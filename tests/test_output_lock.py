@@ -1,6 +1,7 @@
 """One live run per output folder (aim_ds.driver.lock): a live holder is refused with its host and pid, a dead
 holder's lock is taken over, a lock written on another host is left to the user; through the driver a second
 run into a live run's folder fails at once with one error line."""
+
 from __future__ import annotations
 
 import json
@@ -20,14 +21,20 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from test_driver import SMALL, check_outputs, py, run  # noqa: E402
 
-HOLD = ("import sys, time; from aim_ds.driver.lock import OutputLock; OutputLock(sys.argv[1]).acquire(); "
-        "print('held', flush=True); time.sleep(600)")
+HOLD = (
+    "import sys, time; from aim_ds.driver.lock import OutputLock; OutputLock(sys.argv[1]).acquire(); "
+    "print('held', flush=True); time.sleep(600)"
+)
 
 
 def hold(d: Path) -> subprocess.Popen:
     """Another process that takes the lock on d and keeps it."""
-    p = subprocess.Popen([sys.executable, "-c", HOLD, str(d)], stdout=subprocess.PIPE, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(d)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert p.stdout.readline().strip() == "held"
     return p
 
@@ -41,8 +48,11 @@ def test_live_holder_refused_dead_holder_taken_over(tmp_path):
     d = tmp_path / "run"
     p = hold(d)
     try:
-        with pytest.raises(LockError, match=rf"in use by a live run \(host {socket.gethostname()}, pid {p.pid}, "
-                                            rf"started .*UTC\).*kill {p.pid}"):
+        with pytest.raises(
+            LockError,
+            match=rf"in use by a live run \(host {socket.gethostname()}, pid {p.pid}, "
+            rf"started .*UTC\).*kill {p.pid}",
+        ):
             check_free(str(d))
         with pytest.raises(LockError, match=f"pid {p.pid}"):
             OutputLock(str(d)).acquire(attempts=3)
@@ -82,8 +92,10 @@ def test_driver_refuses_a_live_runs_folder_and_takes_over_a_dead_ones(tmp_path):
         for extra in (["--overwrite"], ["--resume", "auto"]):
             r = run(py("--output-dir", str(out), *extra, *SMALL), tmp_path, timeout=120)
             assert r.returncode == 2, r.stderr[-2000:]
-            assert r.stderr.count("error:") == 1 and f"in use by a live run (host {socket.gethostname()}, pid " \
-                f"{p.pid}" in r.stderr, r.stderr[-2000:]
+            assert (
+                r.stderr.count("error:") == 1
+                and f"in use by a live run (host {socket.gethostname()}, pid {p.pid}" in r.stderr
+            ), r.stderr[-2000:]
         assert sorted(os.listdir(out)) == [LOCK_NAME]
     finally:
         stop(p)

@@ -3,6 +3,7 @@
 The measurements themselves take minutes and are never asserted against their goals in tests (the
 machine is shared); `python benchmarks/perf.py --quick --json PATH` is the way to run them.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,25 +21,54 @@ def _record(**over) -> dict:
     """A record shaped like measure()'s output (values as measured in round 1, N=3 padded by 23 elements)."""
     params = 3950848
     d = {
-        "plan": "quick", "date": "2026-11-29T03:05:15+00:00", "load_average": {"start": [2.0, 2.0, 2.0]},
-        "model": {"params": params}, "step_seconds": 1.18,
+        "plan": "quick",
+        "date": "2026-11-29T03:05:15+00:00",
+        "load_average": {"start": [2.0, 2.0, 2.0]},
+        "model": {"params": params},
+        "step_seconds": 1.18,
         "plugin_bytes_per_param_per_rank": {"1": 4.0, "2": 2.0, "3": 5267888 / params},
         "plugin_bytes_per_param_per_rank_padded_bound": {"1": 4.0, "2": 2.0, "3": 5267888 / params},
         "plugin_bytes_per_partition_element_per_rank": {"1": 4.0, "2": 4.0, "3": 4.0},
-        "stat_bytes_per_step": 24, "stat_bytes_per_step_by_model_params": {str(params): 24, "139584": 24},
-        "fusion_vs_copy": 0.71, "hook_overhead_no_probe": 1.0025, "hook_overhead_no_probe_ab": 1.012,
-        "end_to_end_aim_over_seqft": 1.2, "probe_cost": 1.12, "fusion_over_step": 0.0017,
-        "fusion_passes": 7.0, "fusion_passes_plugin_record": 8, "end_to_end_alternated_from_counts": 1.23,
+        "stat_bytes_per_step": 24,
+        "stat_bytes_per_step_by_model_params": {str(params): 24, "139584": 24},
+        "fusion_vs_copy": 0.71,
+        "hook_overhead_no_probe": 1.0025,
+        "hook_overhead_no_probe_ab": 1.012,
+        "end_to_end_aim_over_seqft": 1.2,
+        "probe_cost": 1.12,
+        "fusion_over_step": 0.0017,
+        "fusion_passes": 7.0,
+        "fusion_passes_plugin_record": 8,
+        "end_to_end_alternated_from_counts": 1.23,
         "end_to_end_alternated_paper_defaults": 1.13,
-        "end_to_end_aim_over_seqft_per_seed": [1.2], "end_to_end_aim_over_replay": 1.07,
-        "end_to_end_tokens_aim_over_seqft": 1.86, "end_to_end_tokens_aim_over_replay": 1.06,
-        "batch_probe_cost": 1.003, "batch_probe_cost_ab": 1.01,
-        "end_to_end_runs": [{"seed": 0, "seqft_train_s": 10.0, "aim_train_s": 12.0, "ratio": 1.2,
-                             "replay_train_s": 11.0, "aim_train_s_beside_replay": 11.8, "ratio_over_replay": 1.07,
-                             "seqft": {"OP": 41.1, "BWT": -78.5, "engine_steps": 160, "tokens_fwd_bwd": 30720},
-                             "replay": {"OP": 79.4, "BWT": -21.1, "engine_steps": 160, "tokens_fwd_bwd": 53760},
-                             "aim": {"OP": 87.4, "BWT": -10.0, "engine_steps": 172, "merges": 6, "probes": 120,
-                                     "replay_rows": 16, "tokens_fwd_bwd": 56832}}],
+        "end_to_end_aim_over_seqft_per_seed": [1.2],
+        "end_to_end_aim_over_replay": 1.07,
+        "end_to_end_tokens_aim_over_seqft": 1.86,
+        "end_to_end_tokens_aim_over_replay": 1.06,
+        "batch_probe_cost": 1.003,
+        "batch_probe_cost_ab": 1.01,
+        "end_to_end_runs": [
+            {
+                "seed": 0,
+                "seqft_train_s": 10.0,
+                "aim_train_s": 12.0,
+                "ratio": 1.2,
+                "replay_train_s": 11.0,
+                "aim_train_s_beside_replay": 11.8,
+                "ratio_over_replay": 1.07,
+                "seqft": {"OP": 41.1, "BWT": -78.5, "engine_steps": 160, "tokens_fwd_bwd": 30720},
+                "replay": {"OP": 79.4, "BWT": -21.1, "engine_steps": 160, "tokens_fwd_bwd": 53760},
+                "aim": {
+                    "OP": 87.4,
+                    "BWT": -10.0,
+                    "engine_steps": 172,
+                    "merges": 6,
+                    "probes": 120,
+                    "replay_rows": 16,
+                    "tokens_fwd_bwd": 56832,
+                },
+            }
+        ],
         "e2e": {"seqft": [50.0], "aim": [60.0], "aim_merges": [1], "aim_rehearsal_steps": [8], "aim_probes": [24]},
     }
     d.update(over)
@@ -58,11 +88,23 @@ def test_goals_met_separates_trainable_params_from_padded_partition():
 
 
 def test_goals_met_flags_misses():
-    met = _record(stat_bytes_per_step=65, fusion_vs_copy=1.6, hook_overhead_no_probe=1.02,
-                  end_to_end_aim_over_seqft=1.31,
-                  plugin_bytes_per_partition_element_per_rank={"1": 4.0, "2": 8.0, "3": 4.0})["goals_met"]
-    assert not any(met[k] for k in ("stat_bytes_per_step", "fusion_vs_copy", "hook_overhead_no_probe",
-                                    "end_to_end_aim_over_seqft", "plugin_bytes_per_partition_element_per_rank"))
+    met = _record(
+        stat_bytes_per_step=65,
+        fusion_vs_copy=1.6,
+        hook_overhead_no_probe=1.02,
+        end_to_end_aim_over_seqft=1.31,
+        plugin_bytes_per_partition_element_per_rank={"1": 4.0, "2": 8.0, "3": 4.0},
+    )["goals_met"]
+    assert not any(
+        met[k]
+        for k in (
+            "stat_bytes_per_step",
+            "fusion_vs_copy",
+            "hook_overhead_no_probe",
+            "end_to_end_aim_over_seqft",
+            "plugin_bytes_per_partition_element_per_rank",
+        )
+    )
     exact = _record(plugin_bytes_per_param_per_rank={"1": 4.0, "2": 2.0, "3": 4 / 3})["goals_met"]
     assert exact["plugin_bytes_per_param_per_rank"] is True  # 4/N exactly is within the goal
 
@@ -76,10 +118,19 @@ def test_table_shows_each_goal_and_the_padding_miss():
     text = perf.table(_record())
     assert "N=3: 1.333356 (<= 1.333333)  MISSED" in text  # 6 decimals: the padding is visible
     assert "padded partition element" in text and "N=3: 4.0000" in text
-    for needle in ("<= 64", "<= 1.5", "<= 1.01", "<= 1.3", "probe step / plain step", "load average",
-                   "seed 0: SeqFT 10.0 s (OP 41.1, BWT -78.5), AimMerging 12.0 s (OP 87.4, BWT -10.0; 172 engine",
-                   "AimMerging / replay (same mixed memory rows)", "1.070", "tokens fwd+bwd AimMerging / SeqFT",
-                   "read off the batch"):
+    for needle in (
+        "<= 64",
+        "<= 1.5",
+        "<= 1.01",
+        "<= 1.3",
+        "probe step / plain step",
+        "load average",
+        "seed 0: SeqFT 10.0 s (OP 41.1, BWT -78.5), AimMerging 12.0 s (OP 87.4, BWT -10.0; 172 engine",
+        "AimMerging / replay (same mixed memory rows)",
+        "1.070",
+        "tokens fwd+bwd AimMerging / SeqFT",
+        "read off the batch",
+    ):
         assert needle in text, needle
     assert perf.table(_record(probe_cost=None)).count("n/a") == 1
 
@@ -109,8 +160,8 @@ def test_collective_counter_counts_bytes_of_wrapped_calls(monkeypatch):
     original = statistics.all_reduce
     c = perf.CollectiveCounter()
     try:
-        statistics.all_reduce(torch.zeros(3, dtype=torch.float64))   # 24 bytes
-        statistics.broadcast(torch.zeros(4, dtype=torch.float32))    # 16 bytes
+        statistics.all_reduce(torch.zeros(3, dtype=torch.float64))  # 24 bytes
+        statistics.broadcast(torch.zeros(4, dtype=torch.float32))  # 16 bytes
         statistics.all_reduce(torch.zeros(2, dtype=torch.int64), op="max")  # 16 bytes
     finally:
         c.restore()
@@ -128,8 +179,13 @@ def test_launch_reports_a_worker_failure_with_its_traceback():
 
 
 def test_plans_and_goals_cover_the_issue_keys():
-    assert set(perf.GOALS) == {"plugin_bytes_per_param_per_rank", "stat_bytes_per_step", "fusion_vs_copy",
-                               "hook_overhead_no_probe", "end_to_end_aim_over_seqft"}
+    assert set(perf.GOALS) == {
+        "plugin_bytes_per_param_per_rank",
+        "stat_bytes_per_step",
+        "fusion_vs_copy",
+        "hook_overhead_no_probe",
+        "end_to_end_aim_over_seqft",
+    }
     for plan in perf.PLANS.values():
         assert plan["model"] in perf.MODELS
         # a merge must happen in task 1: the default config forces the first one by 2 * S_0 = 16 steps

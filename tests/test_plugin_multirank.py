@@ -1,4 +1,5 @@
 """The plugin on real multi-rank DeepSpeed ZeRO-3 engines (CPU, gloo), each launch under a timeout."""
+
 import pytest
 
 from tests.mp import run_ranks
@@ -12,11 +13,14 @@ def _agree(results, key):
     return values[0]
 
 
-@pytest.mark.parametrize("world,dtype,persistence", [
-    (3, "fp32", 0),        # 3 ranks pad the last partition of most tensors
-    (3, "bf16", 0),
-    (2, "fp32", 100000),   # DeepSpeed's default threshold: every tiny tensor persists whole
-])
+@pytest.mark.parametrize(
+    "world,dtype,persistence",
+    [
+        (3, "fp32", 0),  # 3 ranks pad the last partition of most tensors
+        (3, "bf16", 0),
+        (2, "fp32", 100000),  # DeepSpeed's default threshold: every tiny tensor persists whole
+    ],
+)
 def test_fusion_exact_visible_survives_and_undo(tmp_path, world, dtype, persistence):
     res = run_ranks("fusion_exact", world, tmp_path, TIMEOUT, dtype=dtype, persistence=persistence)
     r = res[0]

@@ -26,8 +26,14 @@ def data_dir(tmp_path):
     for split in ("train", "dev", "test"):
         (root / split).mkdir(parents=True)
         for task in ORDERS[1]:
-            rows = [{"id": str(i), "input": f"{task} example {i} says hello world. Answer:",
-                     "output": f"{SECRET}{i}" if split == "train" else "x"} for i in range(6)]
+            rows = [
+                {
+                    "id": str(i),
+                    "input": f"{task} example {i} says hello world. Answer:",
+                    "output": f"{SECRET}{i}" if split == "train" else "x",
+                }
+                for i in range(6)
+            ]
             if split != "train":
                 rows = [dict(r, input=f"{SECRET} held out {r['id']}") for r in rows]
             (root / split / f"{task}_T5.json").write_text(json.dumps(rows))
@@ -44,9 +50,22 @@ def test_pretrain_writes_a_loadable_cached_folder(data_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     mod = _load()
-    args = ["--data-dir", str(data_dir), "--model", str(REPO / "configs" / "tiny_llama.json"),
-            "--out-root", str(tmp_path / "out"), "--epochs", "1", "--block", "16", "--batch-size", "4",
-            "--vocab-size", "300"]
+    args = [
+        "--data-dir",
+        str(data_dir),
+        "--model",
+        str(REPO / "configs" / "tiny_llama.json"),
+        "--out-root",
+        str(tmp_path / "out"),
+        "--epochs",
+        "1",
+        "--block",
+        "16",
+        "--batch-size",
+        "4",
+        "--vocab-size",
+        "300",
+    ]
     assert mod.main(args) == 0
     out = Path(capsys.readouterr().out.strip().splitlines()[-1])
     record = json.loads((out / "pretrain.json").read_text())

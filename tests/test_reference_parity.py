@@ -65,8 +65,9 @@ def controller_schedule(ctrl, task, losses, sums, numel):
         d = ctrl.observe(h)
         if d.merge:
             p = ctrl.on_merge(sums[ctrl.merges + 1], numel)
-            out.append((d.step, d.activations, d.interval, p.rehearsal_steps, p.learning_signal, p.w_in, p.w_out,
-                        p.interval))
+            out.append(
+                (d.step, d.activations, d.interval, p.rehearsal_steps, p.learning_signal, p.w_in, p.w_out, p.interval)
+            )
     return out
 
 
@@ -80,7 +81,9 @@ def trace(kind: str, n: int, rng: random.Random) -> list[float]:
     if kind == "rising":
         return [_dyadic(1.0 + j / n * 3.0 + rng.uniform(0, 0.2)) for j in range(n)]
     if kind == "spiky":
-        return [_dyadic(1.0 + (rng.uniform(1.5, 4.0) if rng.random() < 0.08 else rng.uniform(0, 0.3))) for _ in range(n)]
+        return [
+            _dyadic(1.0 + (rng.uniform(1.5, 4.0) if rng.random() < 0.08 else rng.uniform(0, 0.3))) for _ in range(n)
+        ]
     if kind == "plateaus":
         level, out = 1.0, []
         for j in range(n):
@@ -106,12 +109,18 @@ def signal_sums(kind: str, merges: int, rng: random.Random) -> dict[int, float]:
         return {b: 4096.0 / b for b in range(1, merges + 1)}
     if kind == "rising":
         return {b: 8.0 * b for b in range(1, merges + 1)}
-    return {b: _dyadic(rng.uniform(0.1, 10.0)) * (rng.choice((1, 1, 1, 30)) if kind == "jumps" else 1)
-            for b in range(1, merges + 1)}
+    return {
+        b: _dyadic(rng.uniform(0.1, 10.0)) * (rng.choice((1, 1, 1, 30)) if kind == "jumps" else 1)
+        for b in range(1, merges + 1)
+    }
 
 
-CASES = [(k, s, seed) for k in ("steady", "rising", "spiky", "plateaus", "ties", "bursts")
-         for s in ("equal", "falling", "rising", "walk", "jumps") for seed in range(3)]
+CASES = [
+    (k, s, seed)
+    for k in ("steady", "rising", "spiky", "plateaus", "ties", "bursts")
+    for s in ("equal", "falling", "rising", "walk", "jumps")
+    for seed in range(3)
+]
 
 
 @pytest.mark.parametrize("kind,sums_kind,seed", CASES)
@@ -137,8 +146,9 @@ def test_the_traces_reach_every_branch():
         numel = rng.choice((1, 1000, 4096))
         for _ in (1, 2, 3):
             losses = trace(kind, 900, rng)
-            for _j, a, s, r, _lam, _w_in, _w_out, s_next in released_schedule(losses, signal_sums(sums_kind, 900, rng),
-                                                                        numel):
+            for _j, a, s, r, _lam, _w_in, _w_out, s_next in released_schedule(
+                losses, signal_sums(sums_kind, 900, rng), numel
+            ):
                 seen.add("R differs from the new S" if r != s_next else "R equals the new S")
                 seen.add(f"A={min(a, 3)}")
                 seen.add("S > 70" if s > 70 else "S <= 70")
@@ -148,10 +158,10 @@ def test_the_traces_reach_every_branch():
 def test_r_is_the_interval_in_force_during_the_cold_start_and_after():
     """Hand-checked: forced merges every 2S, the sums halving each merge; R lags the new S by one merge."""
     ctrl = MergeController(AimConfig.from_dict({"interval_rule": "reference"}))
-    sums = {b: 2.0 ** -b for b in range(1, 20)}  # Lambda falls by 2 each merge (ratio 1/2): S -> S * 3
+    sums = {b: 2.0**-b for b in range(1, 20)}  # Lambda falls by 2 each merge (ratio 1/2): S -> S * 3
     got = controller_schedule(ctrl, 1, [1.0] * 200, sums, 1)
     steps = [m[0] for m in got]
     assert steps == [16, 32, 48, 64, 80, 128]
-    assert [m[3] for m in got] == [8, 8, 8, 8, 8, 24]   # R = S in force: S_0 through the 5th merge
+    assert [m[3] for m in got] == [8, 8, 8, 8, 8, 24]  # R = S in force: S_0 through the 5th merge
     # the new S: 8 * (2 + 1) = 24, then Lambda falls 6-fold (the divisor grew 3x): 24 * 7 = 168 -> S_max
     assert [m[7] for m in got] == [8, 8, 8, 8, 24, 128]

@@ -1,4 +1,5 @@
 """`aim-ds replay`: the pure controller re-run on a trajectory recorded by the plugin on real ranks."""
+
 import json
 
 import pytest

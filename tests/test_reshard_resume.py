@@ -4,6 +4,7 @@ rows, trajectory and losses before the checkpoint identical to the uninterrupted
 anchor and controller equal to the saving run's; the data order is per global batch.
 
 Every subprocess runs in its own session with a timeout (tests/test_resume.py's helpers)."""
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,21 @@ from test_resume import BIN, TRAIN, finish, free_port, run, start  # noqa: E402
 
 # 18 driver steps per task at a global batch of 4 (72 examples), checkpoints every 15 driver steps:
 # task002-step000009 lies mid-task 2, after task 1's merges
-COMMON = ["--seed", "3", "--max-train", "72", "--max-eval", "16", "--eval-batch-size", "16", "--no-progress",
-          "--checkpoint-every", "15", "--keep-checkpoints", "20"]
+COMMON = [
+    "--seed",
+    "3",
+    "--max-train",
+    "72",
+    "--max-eval",
+    "16",
+    "--eval-batch-size",
+    "16",
+    "--no-progress",
+    "--checkpoint-every",
+    "15",
+    "--keep-checkpoints",
+    "20",
+]
 TAG, DONE_TASKS, POSITION = "task002-step000009", 2, (2, 9)
 
 
@@ -32,8 +46,19 @@ def driver(world: int, out: Path, *extra) -> list[str]:
     per_rank = ["--batch-size", str(4 // world)]  # global batch 4 (memory batch and replay rows follow)
     if world == 1:
         return [sys.executable, TRAIN, *COMMON, *per_rank, "--output-dir", str(out), *extra]
-    return [str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()), TRAIN, *COMMON,
-            *per_rank, "--output-dir", str(out), *extra]
+    return [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        str(world),
+        "--master_port",
+        str(free_port()),
+        TRAIN,
+        *COMMON,
+        *per_rank,
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def rows(path: Path) -> list[dict]:
@@ -55,12 +80,25 @@ def runs(tmp_path_factory):
     resumed, procs = {}, {}
     for src, dst in ((2, 1), (1, 2)):
         resh = tmp / f"resh{src}to{dst}"
-        rc, log = run([str(BIN / "aim-ds"), "reshard", str(refs[src] / "checkpoints"), str(resh), "--world-size",
-                       str(dst), "--tag", TAG], tmp, 300)
+        rc, log = run(
+            [
+                str(BIN / "aim-ds"),
+                "reshard",
+                str(refs[src] / "checkpoints"),
+                str(resh),
+                "--world-size",
+                str(dst),
+                "--tag",
+                TAG,
+            ],
+            tmp,
+            300,
+        )
         assert rc == 0, log[-3000:]
         resumed[src, dst] = tmp / f"resumed{src}to{dst}"
-        procs[src, dst] = start(driver(dst, resumed[src, dst], "--resume", str(resh / TAG)), tmp,
-                                tmp / f"resumed{src}to{dst}.log")
+        procs[src, dst] = start(
+            driver(dst, resumed[src, dst], "--resume", str(resh / TAG)), tmp, tmp / f"resumed{src}to{dst}.log"
+        )
     for (src, dst), p in procs.items():
         assert finish(p, 600) == 0, (tmp / f"resumed{src}to{dst}.log").read_text()[-4000:]
     return dict(tmp=tmp, refs=refs, resumed=resumed)
@@ -103,11 +141,14 @@ def test_resharded_anchor_and_controller_equal_the_saving_runs(runs, src, dst):
 def test_data_order_is_a_function_of_the_global_position():
     examples = list(range(37))
     for per_rank, world in ((2, 2), (1, 4), (4, 1)):
-        glob = [sum((rank_batches(examples, 25, per_rank, r, world, seed=11)[s] for r in range(world)), [])
-                for s in range(25)]
+        glob = [
+            sum((rank_batches(examples, 25, per_rank, r, world, seed=11)[s] for r in range(world)), [])
+            for s in range(25)
+        ]
         assert glob == rank_batches(examples, 25, 4, 0, 1, seed=11)
-        mem = [sum((memory_batches(examples, per_rank, r, world, seed=5)[s] for r in range(world)), [])
-               for s in range(10)]
+        mem = [
+            sum((memory_batches(examples, per_rank, r, world, seed=5)[s] for r in range(world)), []) for s in range(10)
+        ]
         assert mem == memory_batches(examples, 4, 0, 1, seed=5)
 
 
@@ -115,8 +156,17 @@ def test_resharded_checkpoint_with_other_global_sizes_is_refused(runs):
     """The resharded checkpoint on 1 rank with the 2-rank per-rank batch (global 2, not 4): one error naming
     the sizes and the options to change, nothing written."""
     tmp = runs["tmp"]
-    cmd = [sys.executable, TRAIN, *COMMON, "--batch-size", "2", "--output-dir", str(tmp / "wrong"), "--resume",
-           str(tmp / "resh2to1" / TAG)]
+    cmd = [
+        sys.executable,
+        TRAIN,
+        *COMMON,
+        "--batch-size",
+        "2",
+        "--output-dir",
+        str(tmp / "wrong"),
+        "--resume",
+        str(tmp / "resh2to1" / TAG),
+    ]
     rc, log = run(cmd, tmp, 300)
     assert rc == 2 and log.count("error:") == 1, log[-3000:]
     assert "global sizes differ" in log and "batch 4 vs 2" in log and "--batch-size" in log, log[-3000:]

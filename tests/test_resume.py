@@ -3,6 +3,7 @@ checkpoint and resumed with --resume auto ends exactly like an uninterrupted run
 final weights and anchor); bad --resume input fails with one error, exit 2, the output dir untouched.
 
 Every subprocess runs in its own session with a timeout; on timeout the whole process group is killed."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ from tests.mp import free_port
 
 def start(cmd, tmp_path, log):
     f = open(log, "w")
-    p = subprocess.Popen(cmd, cwd=str(tmp_path), env=env(tmp_path), stdout=f, stderr=subprocess.STDOUT,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        cmd, cwd=str(tmp_path), env=env(tmp_path), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+    )
     p.log = log
     return p
 
@@ -59,8 +61,22 @@ def run(cmd, tmp_path, timeout):
 
 
 def ds_cmd(out, *extra):
-    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
-            "--seed", "3", "--checkpoint-every", "5", "--output-dir", str(out), *SMALL, *extra]
+    return [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        TRAIN,
+        "--seed",
+        "3",
+        "--checkpoint-every",
+        "5",
+        "--output-dir",
+        str(out),
+        *SMALL,
+        *extra,
+    ]
 
 
 def snapshot(d: Path) -> dict:
@@ -101,8 +117,9 @@ def runs(tmp_path_factory):
             if p.poll() is None:
                 kill(p)
     print(f"\nfirst checkpoint {first}, latest when killed {killed_at}, fixture {time.time() - t0:.0f}s")
-    return dict(tmp=tmp, ref=ref, crash=crash, first=first, killed_at=killed_at,
-                resume_log=(tmp / "resume.log").read_text())
+    return dict(
+        tmp=tmp, ref=ref, crash=crash, first=first, killed_at=killed_at, resume_log=(tmp / "resume.log").read_text()
+    )
 
 
 def test_killed_run_resumes_bit_identical(runs):
@@ -141,17 +158,48 @@ def test_bad_resume_fails_cleanly(runs):
     # (2) the finished run's checkpoint resumed with other options / another aim_merging config
     crash = runs["crash"]
     before = snapshot(crash)
-    rc, log = run([sys.executable, TRAIN, "--seed", "4", "--checkpoint-every", "5", "--output-dir", str(crash),
-                   "--resume", "auto", *SMALL], tmp, 120)
+    rc, log = run(
+        [
+            sys.executable,
+            TRAIN,
+            "--seed",
+            "4",
+            "--checkpoint-every",
+            "5",
+            "--output-dir",
+            str(crash),
+            "--resume",
+            "auto",
+            *SMALL,
+        ],
+        tmp,
+        120,
+    )
     assert rc == 2 and "other options (--seed: checkpoint 3, now 4)" in log, log[-2000:]
     cfg = json.loads((REPO / "ds_configs" / "cpu_zero3.json").read_text())
     cfg["aim_merging"]["initial_interval"] = 4
     (tmp / "ds4.json").write_text(json.dumps(cfg))
-    rc, log = run([sys.executable, TRAIN, "--seed", "3", "--deepspeed_config", str(tmp / "ds4.json"),
-                   "--output-dir", str(crash), "--resume", "auto", *SMALL], tmp, 120)
+    rc, log = run(
+        [
+            sys.executable,
+            TRAIN,
+            "--seed",
+            "3",
+            "--deepspeed_config",
+            str(tmp / "ds4.json"),
+            "--output-dir",
+            str(crash),
+            "--resume",
+            "auto",
+            *SMALL,
+        ],
+        tmp,
+        120,
+    )
     assert rc == 2 and "different aim_merging config (initial_interval: checkpoint 8, now 4)" in log, log[-2000:]
     # (3) the 2-rank checkpoint on 1 rank: refused with the reshard command (after the process group starts)
-    rc, log = run([sys.executable, TRAIN, "--seed", "3", "--output-dir", str(crash), "--resume", "auto", *SMALL],
-                  tmp, 120)
+    rc, log = run(
+        [sys.executable, TRAIN, "--seed", "3", "--output-dir", str(crash), "--resume", "auto", *SMALL], tmp, 120
+    )
     assert rc == 2 and "saved by 2 ranks, this run has 1" in log and "aim-ds reshard" in log, log[-2000:]
     assert snapshot(crash) == before

@@ -1,5 +1,6 @@
 """DeepSpeed's CPU shm all-reduce leaves a ~69 MB file per rank in /dev/shm (deepspeed 0.19.8 never unlinks
 it); aim_ds.distributed.release_cpu_shm_names unlinks each rank's name once all ranks have mapped it."""
+
 from __future__ import annotations
 
 import pytest

@@ -2,6 +2,7 @@
 mpu. The plugin's statistics must equal those of the same model and data at TP=1: the element count
 exactly (a parameter every TP rank holds whole is counted once), the learning signal, probe losses and
 merged model to float tolerance."""
+
 import pytest
 
 from tests.mp import run_ranks
@@ -16,8 +17,9 @@ def reference(tmp_path_factory):
 
     def get(dp):
         if dp not in cache:
-            cache[dp] = run_ranks("tests.scenarios_zero:tp_signal", dp, tmp_path_factory.mktemp("ref"), TIMEOUT,
-                                  tp=1, mode="none")[0]
+            cache[dp] = run_ranks(
+                "tests.scenarios_zero:tp_signal", dp, tmp_path_factory.mktemp("ref"), TIMEOUT, tp=1, mode="none"
+            )[0]
         return cache[dp]
 
     return get

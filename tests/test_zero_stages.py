@@ -1,5 +1,6 @@
 """The plugin on real DeepSpeed engines below ZeRO-3 (stages 0, 1, 2; fp32, bf16; optimizer offload),
 CPU ranks over gloo, each launch under a timeout. Several cases share a launch (imports cost seconds)."""
+
 import pytest
 
 from tests.mp import run_ranks
@@ -7,9 +8,16 @@ from tests.scenarios_zero import FUSION_CASES
 
 TIMEOUT = 600
 
-FAMILIES = {"stage0_fp32": "stage0_fp32", "stage0_bf16": "stage0_unfused", "stage1_fp32": "zero1/2",
-            "stage1_bf16": "bf16_optimizer", "stage2_fp32": "zero1/2", "stage2_bf16": "zero1/2",
-            "stage2_bf16_offload": "zero1/2", "stage1_fp32_offload": "zero1/2"}
+FAMILIES = {
+    "stage0_fp32": "stage0_fp32",
+    "stage0_bf16": "stage0_unfused",
+    "stage1_fp32": "zero1/2",
+    "stage1_bf16": "bf16_optimizer",
+    "stage2_fp32": "zero1/2",
+    "stage2_bf16": "zero1/2",
+    "stage2_bf16_offload": "zero1/2",
+    "stage1_fp32_offload": "zero1/2",
+}
 
 
 def test_fusion_exact_at_stages_0_1_2(tmp_path):
@@ -81,11 +89,32 @@ def test_driver_runs_the_shipped_zero2_config(tmp_path):
     cfg["aim_merging"].update(initial_interval=2, min_interval=1, max_interval=4)  # merges within 8 steps a task
     (tmp_path / "ds.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(REPO / "launch" / "train.py"), "--method", "aim", "--deepspeed_config", str(tmp_path / "ds.json"),
-           "--output-dir", str(out), "--max-train", "32", "--max-eval", "16", "--batch-size", "2",
-           "--eval-batch-size", "16", "--no-progress"]
-    p = subprocess.run(cmd, cwd=str(tmp_path), env=driver_env(tmp_path), capture_output=True, text=True, timeout=TIMEOUT)
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launch" / "train.py"),
+        "--method",
+        "aim",
+        "--deepspeed_config",
+        str(tmp_path / "ds.json"),
+        "--output-dir",
+        str(out),
+        "--max-train",
+        "32",
+        "--max-eval",
+        "16",
+        "--batch-size",
+        "2",
+        "--eval-batch-size",
+        "16",
+        "--no-progress",
+    ]
+    p = subprocess.run(
+        cmd, cwd=str(tmp_path), env=driver_env(tmp_path), capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     r = json.loads((out / "results.json").read_text())
     assert r["world_size"] == 2 and r["merges"] >= 1, r

@@ -33,33 +33,60 @@ says "universal": true; `load_checkpoint` then loads it with DeepSpeed's univers
 Resharding is explicit (`aim-ds reshard`, or `reshard()`), never automatic on load: a checkpoint of
 another world size is refused by `load_checkpoint` with the command to run.
 """
+
 from __future__ import annotations
 
 from ..shards import engine_layout
 from .format import (
-                     DEL_PREFIX,
-                     FORMAT,
-                     HF_SUBDIR,
-                     MANIFEST,
-                     TMP_PREFIX,
-                     VERSION,
-                     CheckpointError,
-                     check_compatible,
-                     complete_tags,
-                     diff_config,
-                     find_latest,
-                     fingerprint,
-                     model_fingerprint,
-                     plugin_file,
-                     read_manifest,
-                     resolve_resume,
-                     resolve_tag,
+    DEL_PREFIX,
+    FORMAT,
+    HF_SUBDIR,
+    MANIFEST,
+    TMP_PREFIX,
+    VERSION,
+    CheckpointError,
+    check_compatible,
+    complete_tags,
+    diff_config,
+    find_latest,
+    fingerprint,
+    model_fingerprint,
+    plugin_file,
+    read_manifest,
+    resolve_resume,
+    resolve_tag,
 )
 from .offline import ConvertCommand, ReshardCommand, anchor_state_dict, convert, model_state_dict, reshard
 from .runtime import CheckpointSaveError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
-__all__ = ["DEL_PREFIX", "FORMAT", "HF_SUBDIR", "MANIFEST", "TMP_PREFIX", "VERSION", "CheckpointError",
-           "CheckpointSaveError", "ConvertCommand", "check_compatible", "ReshardCommand", "anchor_state_dict", "complete_tags", "convert",
-           "diff_config", "engine_layout", "find_latest", "fingerprint", "load_checkpoint", "model_fingerprint",
-           "model_state_dict", "plugin_file", "read_manifest", "reshard", "resolve_resume", "resolve_tag",
-           "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "DEL_PREFIX",
+    "FORMAT",
+    "HF_SUBDIR",
+    "MANIFEST",
+    "TMP_PREFIX",
+    "VERSION",
+    "CheckpointError",
+    "CheckpointSaveError",
+    "ConvertCommand",
+    "check_compatible",
+    "ReshardCommand",
+    "anchor_state_dict",
+    "complete_tags",
+    "convert",
+    "diff_config",
+    "engine_layout",
+    "find_latest",
+    "fingerprint",
+    "load_checkpoint",
+    "model_fingerprint",
+    "model_state_dict",
+    "plugin_file",
+    "read_manifest",
+    "reshard",
+    "resolve_resume",
+    "resolve_tag",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]

@@ -1,4 +1,5 @@
 """`python -m aim_ds.checkpoint convert|reshard ...`: the `aim-ds` commands of the same names."""
+
 import sys
 
 from ..cli import main

@@ -3,6 +3,7 @@
 Pure file-system reads and small durable writes; no process group needed (every rank may call these,
 and so may the offline tools).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,15 +43,21 @@ def model_fingerprint(engine) -> dict:
 
     params = param_shapes(engine.module)
     count = sum(math.prod(s) for _, s in params)
-    return {"class": type(engine.module).__name__, "param_count": int(count), "params_sha256": fingerprint(params),
-            "params": params}
+    return {
+        "class": type(engine.module).__name__,
+        "param_count": int(count),
+        "params_sha256": fingerprint(params),
+        "params": params,
+    }
 
 
 def check_tag(tag: str) -> str:
     tag = str(tag)
     if not tag or "/" in tag or os.sep in tag or tag.startswith(".") or tag in (LATEST, "latest_universal"):
-        raise CheckpointError(f"checkpoint tag {tag!r} is not usable: it must be a plain directory name that does "
-                              "not start with '.' (e.g. global_step100).")
+        raise CheckpointError(
+            f"checkpoint tag {tag!r} is not usable: it must be a plain directory name that does "
+            "not start with '.' (e.g. global_step100)."
+        )
     return tag
 
 
@@ -58,8 +65,11 @@ def diff_config(saved: dict | None, now: dict | None) -> list[str]:
     """The keys whose values differ, as "key: checkpoint A, now B" (to check resume options against a
     manifest's)."""
     saved, now = saved or {}, now or {}
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
+    return [
+        f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- small io
@@ -68,8 +78,13 @@ def diff_config(saved: dict | None, now: dict | None) -> list[str]:
 _UNCHECKED = object()
 
 
-def check_compatible(tag_dir: str, manifest: dict, world_size: int | None = None, aim_merging=_UNCHECKED,
-                     task_fingerprint: str | None = None) -> None:
+def check_compatible(
+    tag_dir: str,
+    manifest: dict,
+    world_size: int | None = None,
+    aim_merging=_UNCHECKED,
+    task_fingerprint: str | None = None,
+) -> None:
     """The identity checks of a checkpoint that need no engine: its world size, its aim_merging config (None:
     saved without a plugin) and its task fingerprint, each skipped when not given. Raises CheckpointError.
     load_checkpoint makes them too; a driver calls this first to refuse another run's checkpoint before it
@@ -80,23 +95,35 @@ def check_compatible(tag_dir: str, manifest: dict, world_size: int | None = None
         load_dir, tag = os.path.split(os.path.normpath(tag_dir))
         raise CheckpointError(
             f"{mpath}: checkpoint was saved by {m['world_size']} ranks, this run has {world_size}. Reshard it first: "
-            f"aim-ds reshard {load_dir} --tag {tag} --world-size {world_size} NEW_DIR, then load from NEW_DIR.")
+            f"aim-ds reshard {load_dir} --tag {tag} --world-size {world_size} NEW_DIR, then load from NEW_DIR."
+        )
     if aim_merging is not _UNCHECKED:
         if (m["aim_merging"] is None) != (aim_merging is None):
             raise CheckpointError(
                 f"{mpath}: the checkpoint was saved {'without' if m['aim_merging'] is None else 'with'} an AimMerging "
-                "plugin, this load is " + ("with" if aim_merging is not None else "without") + " one; pass plugin="
-                + ("None." if aim_merging is not None else "the attached plugin."))
+                "plugin, this load is "
+                + ("with" if aim_merging is not None else "without")
+                + " one; pass plugin="
+                + ("None." if aim_merging is not None else "the attached plugin.")
+            )
         if aim_merging is not None and m["aim_merging"] != aim_merging:
-            raise CheckpointError(f"{mpath}: the checkpoint was made with a different aim_merging config ("
-                                  + "; ".join(diff_config(m["aim_merging"], aim_merging)) + "). Resume with the "
-                                  "aim_merging section the run started with.")
-    if task_fingerprint is not None and m.get("task_fingerprint") is not None \
-            and task_fingerprint != m["task_fingerprint"]:
-        raise CheckpointError(f"{mpath}: the checkpoint was made for another task sequence or training setup "
-                              f"(fingerprint {m['task_fingerprint']}, this run {task_fingerprint}); resume with the "
-                              "same benchmark, order, data, seed, model and training settings, or start a new output "
-                              "directory.")
+            raise CheckpointError(
+                f"{mpath}: the checkpoint was made with a different aim_merging config ("
+                + "; ".join(diff_config(m["aim_merging"], aim_merging))
+                + "). Resume with the "
+                "aim_merging section the run started with."
+            )
+    if (
+        task_fingerprint is not None
+        and m.get("task_fingerprint") is not None
+        and task_fingerprint != m["task_fingerprint"]
+    ):
+        raise CheckpointError(
+            f"{mpath}: the checkpoint was made for another task sequence or training setup "
+            f"(fingerprint {m['task_fingerprint']}, this run {task_fingerprint}); resume with the "
+            "same benchmark, order, data, seed, model and training settings, or start a new output "
+            "directory."
+        )
 
 
 def fsync_file(path: str) -> None:
@@ -132,9 +159,11 @@ def read_tag_manifest(tag_dir: str) -> dict:
     """The manifest inside one tag directory (CheckpointError when missing, unreadable or foreign)."""
     path = os.path.join(tag_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing: {tag_dir} is not a complete aim_ds checkpoint (a save was "
-                              "interrupted, or it was written without aim_ds.checkpoint.save_checkpoint). Load "
-                              "another tag (see the 'latest' file) or save again.")
+        raise CheckpointError(
+            f"{path} is missing: {tag_dir} is not a complete aim_ds checkpoint (a save was "
+            "interrupted, or it was written without aim_ds.checkpoint.save_checkpoint). Load "
+            "another tag (see the 'latest' file) or save again."
+        )
     try:
         with open(path) as f:
             m = json.load(f)
@@ -178,9 +207,14 @@ def find_latest(ckpt_dir: str) -> str | None:
         have = complete_tags(ckpt_dir)
         raise CheckpointError(
             f"{latest} names tag {tag!r}, but {tag_dir} is not a complete checkpoint. "
-            + (f"Complete tags there: {have}; pass one explicitly (--resume {os.path.join(ckpt_dir, have[-1])} or "
-               f"tag={have[-1]!r}) or rewrite {latest}." if have else "There is no complete checkpoint there: "
-               "start fresh (remove the directory) or point --resume elsewhere."))
+            + (
+                f"Complete tags there: {have}; pass one explicitly (--resume {os.path.join(ckpt_dir, have[-1])} or "
+                f"tag={have[-1]!r}) or rewrite {latest}."
+                if have
+                else "There is no complete checkpoint there: "
+                "start fresh (remove the directory) or point --resume elsewhere."
+            )
+        )
     return tag
 
 
@@ -190,13 +224,17 @@ def resolve_tag(ckpt_dir: str, tag: str | None) -> str:
     if tag in (None, "auto", LATEST):
         t = find_latest(ckpt_dir)
         if t is None:
-            raise CheckpointError(f"{ckpt_dir} holds no complete checkpoint (no 'latest' file and no tag with "
-                                  f"{MANIFEST}); check the path or start fresh.")
+            raise CheckpointError(
+                f"{ckpt_dir} holds no complete checkpoint (no 'latest' file and no tag with "
+                f"{MANIFEST}); check the path or start fresh."
+            )
         return t
     tag = str(tag)
     if not os.path.isdir(os.path.join(ckpt_dir, tag)):
-        raise CheckpointError(f"checkpoint tag {tag!r} does not exist in {ckpt_dir} (complete tags: "
-                              f"{complete_tags(ckpt_dir)}); pass one of them.")
+        raise CheckpointError(
+            f"checkpoint tag {tag!r} does not exist in {ckpt_dir} (complete tags: "
+            f"{complete_tags(ckpt_dir)}); pass one of them."
+        )
     return tag
 
 
@@ -213,12 +251,15 @@ def check_files(tag_dir: str, manifest: dict, only=None) -> None:
             continue
         p = os.path.join(tag_dir, rel)
         if not os.path.isfile(p):
-            raise CheckpointError(f"{p} is missing: the checkpoint {tag_dir} is incomplete. Restore the file or load "
-                                  "an older tag.")
+            raise CheckpointError(
+                f"{p} is missing: the checkpoint {tag_dir} is incomplete. Restore the file or load an older tag."
+            )
         actual = os.path.getsize(p)
         if actual != size:
-            raise CheckpointError(f"{p} has {actual} bytes but the checkpoint recorded {size}: it is truncated or "
-                                  "was overwritten. Restore the file or load an older tag.")
+            raise CheckpointError(
+                f"{p} has {actual} bytes but the checkpoint recorded {size}: it is truncated or "
+                "was overwritten. Restore the file or load an older tag."
+            )
 
 
 def resolve_resume(resume: str | None, default_dir: str) -> tuple[str, str] | None:
@@ -240,8 +281,11 @@ def resolve_resume(resume: str | None, default_dir: str) -> tuple[str, str] | No
     if os.path.isdir(path):
         tag = find_latest(path)
         if tag is None:
-            raise CheckpointError(f"--resume {resume}: no complete checkpoint there (no 'latest', no tag with "
-                                  f"{MANIFEST}); check the path, or use --resume auto.")
+            raise CheckpointError(
+                f"--resume {resume}: no complete checkpoint there (no 'latest', no tag with "
+                f"{MANIFEST}); check the path, or use --resume auto."
+            )
         return path, tag
-    raise CheckpointError(f"--resume {resume}: no such directory; give a checkpoint directory, a tag directory or "
-                          "'auto'.")
+    raise CheckpointError(
+        f"--resume {resume}: no such directory; give a checkpoint directory, a tag directory or 'auto'."
+    )

@@ -6,6 +6,7 @@ A layout (as recorded in a checkpoint's manifest) is
 "params": [[name, shape, numel, partition_numel], ...]}, ...]}``; each rank's flat shard of a sub-group
 holds partition_numel slots per parameter, of which `valid_numel` are real elements.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,7 @@ def gather(shards_by_rank: list[list[torch.Tensor]], layout: dict) -> dict[str, 
             flat = shards_by_rank[r][gi]
             for n, off, start, k in _pieces(g, r):
                 if k:
-                    full[n][start:start + k] = flat[off:off + k]
+                    full[n][start : start + k] = flat[off : off + k]
     return full
 
 
@@ -72,9 +73,11 @@ def _gather_flat(shards_by_rank: list[list[torch.Tensor]], layout: dict) -> dict
     """Every rank's per-group flat shards (a stage 0-2 layout from `ZeroShards.layout`) -> the full flat
     fp32 tensor of each parameter. Tensor-parallel slices are not reassembled: refused."""
     if layout.get("tp_size", 1) != 1:
-        raise CheckpointError(f"aim_merging: the plugin's shards were saved with tensor-parallel size {layout['tp_size']}; "
-                         "reassembling tensor-parallel slices is not supported (convert the model weights with "
-                         "DeepSpeed's tools instead).")
+        raise CheckpointError(
+            f"aim_merging: the plugin's shards were saved with tensor-parallel size {layout['tp_size']}; "
+            "reassembling tensor-parallel slices is not supported (convert the model weights with "
+            "DeepSpeed's tools instead)."
+        )
     full: dict[str, torch.Tensor] = {}
     for gi, g in enumerate(layout["sub_groups"]):
         if layout["kind"] == "replicated":
@@ -82,7 +85,7 @@ def _gather_flat(shards_by_rank: list[list[torch.Tensor]], layout: dict) -> dict
         else:
             flat = torch.cat([shards_by_rank[r][gi] for r in range(g["partition_count"])])
         for name, _, numel, off in g["params"]:
-            full[name] = flat[off:off + numel].clone()
+            full[name] = flat[off : off + numel].clone()
     return full
 
 
@@ -96,7 +99,7 @@ def scatter(full: dict[str, torch.Tensor], layout: dict) -> list[list[torch.Tens
             flat = torch.zeros(size, dtype=dtype)
             for n, off, start, k in _pieces(g, r):
                 if k:
-                    flat[off:off + k] = full[n][start:start + k]
+                    flat[off : off + k] = full[n][start : start + k]
             shards.append(flat)
         out.append(shards)
     return out
@@ -110,12 +113,16 @@ def shard_lists(sd: dict, n_groups: int, path=()):
             yield from shard_lists(v, n_groups, path + (k,))
         elif isinstance(v, (list, tuple)) and v and all(torch.is_tensor(t) for t in v):
             if len(v) != n_groups:
-                raise CheckpointError(f"plugin state entry {'.'.join(path + (k,))} has {len(v)} tensors for "
-                                      f"{n_groups} sub-groups; cannot reshard it.")
+                raise CheckpointError(
+                    f"plugin state entry {'.'.join(path + (k,))} has {len(v)} tensors for "
+                    f"{n_groups} sub-groups; cannot reshard it."
+                )
             yield path + (k,)
         elif torch.is_tensor(v):
-            raise CheckpointError(f"plugin state entry {'.'.join(path + (k,))} is a tensor that is not a list of "
-                                  "per-sub-group shards; aim_ds.checkpoint does not know how to reshard it.")
+            raise CheckpointError(
+                f"plugin state entry {'.'.join(path + (k,))} is a tensor that is not a list of "
+                "per-sub-group shards; aim_ds.checkpoint does not know how to reshard it."
+            )
 
 
 def get_path(sd, path):

@@ -1,6 +1,7 @@
 """Offline tools on a saved checkpoint (no process group): full weights and anchor, conversion to a Hugging
 Face folder, resharding to another number of ranks. Each writes its output folder atomically (a temporary
 sibling renamed into place) after one output-folder check."""
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,12 @@ def _open_offline(ckpt_dir: str, tag: str | None) -> tuple[str, dict]:
 
 def _load_plugin_states(tag_dir: str, m: dict) -> list[dict]:
     # mmap: a 13B run's shards are read page by page instead of all landing in host memory at once
-    return [torch.load(os.path.join(tag_dir, plugin_file(r, m["world_size"])), map_location="cpu",
-                       weights_only=False, mmap=True) for r in range(m["world_size"])]
+    return [
+        torch.load(
+            os.path.join(tag_dir, plugin_file(r, m["world_size"])), map_location="cpu", weights_only=False, mmap=True
+        )
+        for r in range(m["world_size"])
+    ]
 
 
 def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
@@ -72,8 +77,9 @@ def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.T
         out = {}
         for g in m["layout"]["sub_groups"]:
             for n, shape, _, _ in g["params"]:
-                t = torch.load(os.path.join(ckpt_dir, tag, "zero", n, "fp32.pt"), map_location="cpu",
-                               weights_only=False)
+                t = torch.load(
+                    os.path.join(ckpt_dir, tag, "zero", n, "fp32.pt"), map_location="cpu", weights_only=False
+                )
                 t = t["param"] if isinstance(t, dict) else t
                 out[n] = t.reshape(shape).float()
         return out
@@ -89,11 +95,15 @@ def anchor_state_dict(ckpt_dir: str, tag: str | None = None, key: str = "anchor"
     tag, m = _open_offline(ckpt_dir, tag)
     tag_dir = os.path.join(ckpt_dir, tag)
     if not m.get("plugin") or not m["plugin"]["enabled"]:
-        raise CheckpointError(f"{os.path.join(tag_dir, MANIFEST)}: the checkpoint has no plugin anchor (merging was "
-                              "disabled or no plugin was saved); use --what model.")
+        raise CheckpointError(
+            f"{os.path.join(tag_dir, MANIFEST)}: the checkpoint has no plugin anchor (merging was "
+            "disabled or no plugin was saved); use --what model."
+        )
     if m["plugin"]["task_index"] < 0:
-        raise CheckpointError(f"{os.path.join(tag_dir, MANIFEST)}: saved before the first start_task(): there is "
-                              "no anchor yet; use --what model.")
+        raise CheckpointError(
+            f"{os.path.join(tag_dir, MANIFEST)}: saved before the first start_task(): there is "
+            "no anchor yet; use --what model."
+        )
     states = _load_plugin_states(tag_dir, m)
     full = gather([get_path(s, (key,)) for s in states], m["layout"])
     shapes = {n: s for g in m["layout"]["sub_groups"] for n, s, _, _ in g["params"]}
@@ -106,16 +116,25 @@ def _model_config(tag_dir: str, config: str | None):
     hf = os.path.join(tag_dir, HF_SUBDIR)
     src = config or (hf if os.path.isfile(os.path.join(hf, "config.json")) else None)
     if src is None:
-        raise CheckpointError(f"{os.path.join(hf, 'config.json')} is missing (the engine's module had no HF config "
-                              "when saving); pass --config MODEL_CONFIG_OR_DIR.")
+        raise CheckpointError(
+            f"{os.path.join(hf, 'config.json')} is missing (the engine's module had no HF config "
+            "when saving); pass --config MODEL_CONFIG_OR_DIR."
+        )
     if os.path.isfile(src):
         with open(src) as f:
             return AutoConfig.for_model(**json.load(f))
     return AutoConfig.from_pretrained(src)
 
 
-def convert(ckpt_dir: str, out_dir: str, tag: str | None = None, what: str = "model", config: str | None = None,
-            tokenizer: str | None = None, dtype: str = "float32") -> str:
+def convert(
+    ckpt_dir: str,
+    out_dir: str,
+    tag: str | None = None,
+    what: str = "model",
+    config: str | None = None,
+    tokenizer: str | None = None,
+    dtype: str = "float32",
+) -> str:
     """ZeRO-3 checkpoint -> Hugging Face folder (config.json, safetensors, tokenizer files). Returns out_dir."""
     if what not in ("model", "anchor"):
         raise CheckpointError(f"--what {what!r}: expected 'model' or 'anchor'.")
@@ -169,9 +188,11 @@ def reshard(ckpt_dir: str, out_dir: str, world_size: int, tag: str | None = None
     out_abs = _output_dir(out_dir)
     tag, m = _open_offline(ckpt_dir, tag)
     if m["layout"].get("kind") in ("flat", "replicated"):
-        raise CheckpointError(f"{os.path.join(ckpt_dir, tag)}: aim-ds reshard handles ZeRO-3 checkpoints; this one is "
-                              f"of ZeRO stage 0-2 ({m['layout'].get('family')}). Resume it at its world size, or "
-                              "convert it (aim-ds convert) and start a new run (nothing was written).")
+        raise CheckpointError(
+            f"{os.path.join(ckpt_dir, tag)}: aim-ds reshard handles ZeRO-3 checkpoints; this one is "
+            f"of ZeRO stage 0-2 ({m['layout'].get('family')}). Resume it at its world size, or "
+            "convert it (aim-ds convert) and start a new run (nothing was written)."
+        )
     src = os.path.join(ckpt_dir, tag)
     tmp = _prepare_out(out_abs)
     try:
@@ -191,10 +212,15 @@ def reshard(ckpt_dir: str, out_dir: str, world_size: int, tag: str | None = None
             for r, sd in enumerate(reshard_plugin(states, m["layout"], new_layout)):
                 torch_save_synced(sd, os.path.join(dst, plugin_file(r, world_size)))
         manifest = dict(m)
-        manifest.update({"world_size": world_size, "universal": True, "layout": new_layout,
-                         "saved_at_ns": time.time_ns(), "resharded_from": {"dir": os.path.abspath(ckpt_dir),
-                                                                            "tag": tag,
-                                                                            "world_size": m["world_size"]}})
+        manifest.update(
+            {
+                "world_size": world_size,
+                "universal": True,
+                "layout": new_layout,
+                "saved_at_ns": time.time_ns(),
+                "resharded_from": {"dir": os.path.abspath(ckpt_dir), "tag": tag, "world_size": m["world_size"]},
+            }
+        )
         manifest["files"] = list_files(dst)
         write_json_synced(os.path.join(dst, MANIFEST), manifest)
         with open(os.path.join(tmp, "latest"), "w") as f:
@@ -209,8 +235,15 @@ def reshard(ckpt_dir: str, out_dir: str, world_size: int, tag: str | None = None
 def _ds_to_universal(src: str, dst: str) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
-    ns = argparse.Namespace(input_folder=src, output_folder=dst, num_extract_workers=1, num_merge_workers=1,
-                            keep_temp_folder=False, strict=True, inject_missing_state=False)
+    ns = argparse.Namespace(
+        input_folder=src,
+        output_folder=dst,
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         ds_to_universal.main(ns)
 
@@ -228,16 +261,33 @@ class ConvertCommand:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
         _add_source_and_output(p, "new (or empty) output folder")
-        p.add_argument("--what", choices=["model", "anchor"], default="model",
-                       help="model: the trained weights; anchor: the plugin's merging anchor")
-        p.add_argument("--config", default=None, help="model config.json or folder (default: saved with the checkpoint)")
-        p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: saved with the checkpoint, if any)")
+        p.add_argument(
+            "--what",
+            choices=["model", "anchor"],
+            default="model",
+            help="model: the trained weights; anchor: the plugin's merging anchor",
+        )
+        p.add_argument(
+            "--config", default=None, help="model config.json or folder (default: saved with the checkpoint)"
+        )
+        p.add_argument(
+            "--tokenizer", default=None, help="tokenizer folder (default: saved with the checkpoint, if any)"
+        )
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 
     @staticmethod
     def run(args) -> int:
-        print(convert(args.ckpt_dir, args.out_dir, tag=args.tag, what=args.what, config=args.config,
-                      tokenizer=args.tokenizer, dtype=args.dtype))
+        print(
+            convert(
+                args.ckpt_dir,
+                args.out_dir,
+                tag=args.tag,
+                what=args.what,
+                config=args.config,
+                tokenizer=args.tokenizer,
+                dtype=args.dtype,
+            )
+        )
         return 0
 
 

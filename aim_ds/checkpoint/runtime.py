@@ -5,6 +5,7 @@ rank 0 adds the model config, tokenizer and manifest, renames .tmp-TAG to TAG an
 `latest`. A crash (or SIGKILL) at any point leaves the previous checkpoint and `latest` intact. A load
 validates everything on every rank and agrees on one error before DeepSpeed's own collectives run.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,9 +57,17 @@ def _failure(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save_checkpoint(engine, plugin, save_dir: str, tag: str | None = None, client_state: dict | None = None,
-                    keep_last: int | None = None, task_fingerprint: str | None = None, tokenizer=None,
-                    extra: dict | None = None) -> str:
+def save_checkpoint(
+    engine,
+    plugin,
+    save_dir: str,
+    tag: str | None = None,
+    client_state: dict | None = None,
+    keep_last: int | None = None,
+    task_fingerprint: str | None = None,
+    tokenizer=None,
+    extra: dict | None = None,
+) -> str:
     """Atomically save engine + plugin under save_dir/TAG; every rank calls it. Returns the tag directory.
 
     DeepSpeed writes to save_dir/.tmp-TAG; each rank adds its plugin state (aim_plugin_rank*_of_*.pt) and
@@ -129,12 +138,18 @@ def _write_rank0_files(engine, plugin, tmp_dir, tag, world, task_fingerprint, to
     import deepspeed
 
     manifest = {
-        "format": FORMAT, "version": VERSION, "tag": tag, "world_size": world, "universal": False,
-        "global_steps": int(engine.global_steps), "saved_at_ns": time.time_ns(),
+        "format": FORMAT,
+        "version": VERSION,
+        "tag": tag,
+        "world_size": world,
+        "universal": False,
+        "global_steps": int(engine.global_steps),
+        "saved_at_ns": time.time_ns(),
         "deepspeed_version": deepspeed.__version__,
         "aim_merging": plugin.config.to_dict() if plugin is not None else None,
-        "plugin": None if plugin is None else {"enabled": bool(plugin.enabled), "task_index": plugin.task_index,
-                                               "merge_count": plugin.merge_count},
+        "plugin": None
+        if plugin is None
+        else {"enabled": bool(plugin.enabled), "task_index": plugin.task_index, "merge_count": plugin.merge_count},
         "model": model_fingerprint(engine),
         "task_fingerprint": task_fingerprint,
         "extra": extra,
@@ -176,7 +191,7 @@ def _prune(save_dir: str, keep_last: int | None, current: str) -> None:
     if keep_last is None:
         return
     tags = [t for t in complete_tags(save_dir) if t != current]
-    for t in tags[:max(0, len(tags) - (keep_last - 1))]:
+    for t in tags[: max(0, len(tags) - (keep_last - 1))]:
         p = os.path.join(save_dir, t)
         gone = os.path.join(save_dir, f"{DEL_PREFIX}{t}-{time.time_ns()}")
         os.rename(p, gone)  # atomic: never a half-deleted dir that looks complete
@@ -192,27 +207,39 @@ def _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world) -> t
     check_compatible(tag_dir, m, world_size=world)
     live = shards.engine_layout(engine)
     if live.get("tp_size", 1) != m["layout"].get("tp_size", 1):
-        raise CheckpointError(f"{mpath}: checkpoint was saved at tensor-parallel size {m['layout'].get('tp_size', 1)}, "
-                              f"this run has {live.get('tp_size', 1)}; resume with the tensor_parallel settings it was "
-                              "saved with (aim_ds cannot reshard across tensor-parallel sizes).")
+        raise CheckpointError(
+            f"{mpath}: checkpoint was saved at tensor-parallel size {m['layout'].get('tp_size', 1)}, "
+            f"this run has {live.get('tp_size', 1)}; resume with the tensor_parallel settings it was "
+            "saved with (aim_ds cannot reshard across tensor-parallel sizes)."
+        )
     now = model_fingerprint(engine)
     saved = m["model"]
     if saved["params_sha256"] != now["params_sha256"]:
         sp, np_ = {n: s for n, s in saved["params"]}, {n: s for n, s in now["params"]}
-        diffs = [f"{n}: checkpoint {sp.get(n)}, model {np_.get(n)}" for n in list(sp) + [x for x in np_ if x not in sp]
-                 if sp.get(n) != np_.get(n)]
+        diffs = [
+            f"{n}: checkpoint {sp.get(n)}, model {np_.get(n)}"
+            for n in list(sp) + [x for x in np_ if x not in sp]
+            if sp.get(n) != np_.get(n)
+        ]
         raise CheckpointError(
             f"{mpath}: the checkpoint is of another model ({saved['class']}, {saved['param_count']} parameters; this "
             f"engine: {now['class']}, {now['param_count']}); first differences: {diffs[:3]}. Build the model the run "
-            "was started with (same model config).")
-    check_compatible(tag_dir, m, aim_merging=plugin.config.to_dict() if plugin is not None else None,
-                     task_fingerprint=task_fingerprint)
+            "was started with (same model config)."
+        )
+    check_compatible(
+        tag_dir,
+        m,
+        aim_merging=plugin.config.to_dict() if plugin is not None else None,
+        task_fingerprint=task_fingerprint,
+    )
     check_files(tag_dir, m)
     if live["sub_groups"] != m["layout"]["sub_groups"]:
-        raise CheckpointError(f"{mpath}: the saved ZeRO-3 partition layout differs from this engine's (sub_group_size "
-                              f"{m['layout']['sub_group_size']} vs {live['sub_group_size']}, "
-                              f"{len(m['layout']['sub_groups'])} vs {len(live['sub_groups'])} sub-groups); use the "
-                              "zero_optimization settings the run was saved with.")
+        raise CheckpointError(
+            f"{mpath}: the saved ZeRO-3 partition layout differs from this engine's (sub_group_size "
+            f"{m['layout']['sub_group_size']} vs {live['sub_group_size']}, "
+            f"{len(m['layout']['sub_groups'])} vs {len(live['sub_groups'])} sub-groups); use the "
+            "zero_optimization settings the run was saved with."
+        )
     if plugin is not None and plugin.enabled:
         pf = os.path.join(tag_dir, plugin_file(rank, world))
         if not os.path.isfile(pf):
@@ -220,8 +247,15 @@ def _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world) -> t
     return tag, m
 
 
-def load_checkpoint(engine, plugin, load_dir: str, tag: str | None = None, task_fingerprint: str | None = None,
-                    load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True) -> dict:
+def load_checkpoint(
+    engine,
+    plugin,
+    load_dir: str,
+    tag: str | None = None,
+    task_fingerprint: str | None = None,
+    load_optimizer_states: bool = True,
+    load_lr_scheduler_states: bool = True,
+) -> dict:
     """Load a checkpoint written by `save_checkpoint` (or `reshard`) into a FRESH engine and its plugin.
 
     tag None / "auto" / "latest": the tag `latest` names. Every rank validates first (files, sizes, world
@@ -242,8 +276,12 @@ def load_checkpoint(engine, plugin, load_dir: str, tag: str | None = None, task_
         err = f"checkpoint validation failed: {_failure(e)}"
     agree(err, exc_type=CheckpointError)
     with shards.universal_checkpoint_loading(engine, manifest["universal"]):
-        path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
-                                                    load_lr_scheduler_states=load_lr_scheduler_states)
+        path, client_state = engine.load_checkpoint(
+            load_dir,
+            tag=tag,
+            load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=load_lr_scheduler_states,
+        )
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {os.path.join(load_dir, tag)}.")
     if plugin is not None:

@@ -1,22 +1,40 @@
 """Task sequences, benchmark loaders, the generated default benchmark, memory buffer, tokenizer."""
+
 from .core import (
-                   BENCHMARK_ORDERS,
-                   ORDERS,
-                   DataError,
-                   Example,
-                   Task,
-                   load_olora_tasks,
-                   load_task_list,
-                   load_tasks,
-                   make_task,
-                   read_examples,
+    BENCHMARK_ORDERS,
+    ORDERS,
+    DataError,
+    Example,
+    Task,
+    load_olora_tasks,
+    load_task_list,
+    load_tasks,
+    make_task,
+    read_examples,
 )
 from .dataset import CausalLMExamples, collate, encode_example, encode_prompt, encode_target
 from .default import generate_default_tasks, generate_generation_tasks
 from .memory import select_memory
 from .tokenizer import get_tokenizer
 
-__all__ = ["BENCHMARK_ORDERS", "ORDERS", "CausalLMExamples", "DataError", "Example", "Task",
-           "collate", "encode_example", "encode_prompt", "encode_target", "generate_default_tasks",
-           "generate_generation_tasks", "get_tokenizer", "load_olora_tasks", "load_task_list",
-           "load_tasks", "make_task", "read_examples", "select_memory"]
+__all__ = [
+    "BENCHMARK_ORDERS",
+    "ORDERS",
+    "CausalLMExamples",
+    "DataError",
+    "Example",
+    "Task",
+    "collate",
+    "encode_example",
+    "encode_prompt",
+    "encode_target",
+    "generate_default_tasks",
+    "generate_generation_tasks",
+    "get_tokenizer",
+    "load_olora_tasks",
+    "load_task_list",
+    "load_tasks",
+    "make_task",
+    "read_examples",
+    "select_memory",
+]

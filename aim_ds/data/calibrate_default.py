@@ -7,6 +7,7 @@ S rehearsal steps on memory batches, then theta = anchor + w_in*delta_in + w_out
 
     OMP_NUM_THREADS=1 python -m aim_ds.data.calibrate_default [--steps 80] [--methods seqft,replay,merge] ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,21 @@ import torch
 
 def build_model(vocab: int, hidden: int, layers: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -40,8 +51,7 @@ def run(method: str, args, tasks, tok) -> list[list[float]]:
         examples = list(task.train) + (memory if method == "replay" else [])
         ds = CausalLMExamples(examples, tok, max_len=64)
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
         model.train()
         order: list[int] = []
         mem_ds = CausalLMExamples(memory, tok, max_len=64) if memory else None
@@ -51,7 +61,7 @@ def run(method: str, args, tasks, tok) -> list[list[float]]:
                 perm = list(range(len(ds)))
                 rng.shuffle(perm)
                 order += perm
-            idx, order = order[:args.batch_size], order[args.batch_size:]
+            idx, order = order[: args.batch_size], order[args.batch_size :]
             batch = collate([ds[i] for i in idx], tok.pad_token_id)
             loss = model(**batch).loss
             loss.backward()
@@ -75,8 +85,10 @@ def run(method: str, args, tasks, tok) -> list[list[float]]:
                 anchor = [p.detach().clone() for p in model.parameters()]
         row = [evaluate_task(model, tok, t, batch_size=64) for t in tasks]
         matrix.append(row)
-        print(f"  {method} after {task.name:8s} (loss {loss.item():.3f}): "
-              + " ".join(f"{x:5.1f}" for x in row), flush=True)
+        print(
+            f"  {method} after {task.name:8s} (loss {loss.item():.3f}): " + " ".join(f"{x:5.1f}" for x in row),
+            flush=True,
+        )
         memory += select_memory(task, args.memory, args.seed)
     return matrix
 
@@ -108,9 +120,13 @@ def main(argv=None):
         tasks = load_tasks("default", max_train=args.max_train, max_eval=args.max_eval, seed=args.seed)
     else:
         from aim_ds.data import generate_default_tasks, make_task
-        tasks = [make_task(t.name, t.train, t.eval, t.metric, max_train=args.max_train,
-                           max_eval=args.max_eval, seed=args.seed)
-                 for t in generate_default_tasks(n_words=args.n_words)]
+
+        tasks = [
+            make_task(
+                t.name, t.train, t.eval, t.metric, max_train=args.max_train, max_eval=args.max_eval, seed=args.seed
+            )
+            for t in generate_default_tasks(n_words=args.n_words)
+        ]
     tok = get_tokenizer(tasks, tempfile.gettempdir() + "/aim_ds_tokenizers", vocab_size=512)
     results = {}
     for method in args.methods.split(","):
@@ -118,8 +134,7 @@ def main(argv=None):
         m = run(method, args, tasks, tok)
         met = cl_metrics(m, None)
         results[method] = {"matrix": m, **met, "seconds": round(time.time() - t0, 1)}
-        print(f"{method}: OP {met['OP']:.1f} BWT {met['BWT']:.1f} "
-              f"({time.time() - t0:.0f} s)", flush=True)
+        print(f"{method}: OP {met['OP']:.1f} BWT {met['BWT']:.1f} ({time.time() - t0:.0f} s)", flush=True)
     print(json.dumps(results))
     return results
 

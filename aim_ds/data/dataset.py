@@ -1,4 +1,5 @@
 """Causal-LM encoding of examples: prompt + " " + output + eos, loss on the output only."""
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,9 @@ class CausalLMExamples(torch.utils.data.Dataset):
         self.items = []
         for ex in self.examples:
             ids, labels = encode_example(tokenizer, ex, max_len)
-            self.items.append({"input_ids": torch.tensor(ids, dtype=torch.long),
-                               "labels": torch.tensor(labels, dtype=torch.long)})
+            self.items.append(
+                {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+            )
 
     def __len__(self) -> int:
         return len(self.items)

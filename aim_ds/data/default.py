@@ -21,6 +21,7 @@ word sequence: echo (the last word twice; learned by the tiny model in ~60 steps
 swap (the first two words swapped). For exercising the generation/ROUGE-L path; only echo is
 quickly learnable.
 """
+
 from __future__ import annotations
 
 import random
@@ -28,8 +29,7 @@ import random
 from .core import Example, Task
 
 DEFAULT_DATA_SEED = 1234
-WORDS = ["lop", "mar", "nix", "tup", "bex", "dov", "fip", "gam",
-         "hul", "jor", "kes", "lun", "mib", "pav", "rix", "sol"]
+WORDS = ["lop", "mar", "nix", "tup", "bex", "dov", "fip", "gam", "hul", "jor", "kes", "lun", "mib", "pav", "rix", "sol"]
 LABELS = ["red", "blue", "green", "gold"]
 # task name, label permutation (category c of the LAST word -> LABELS[perm[c]]). Any two maps agree on
 # at most one category and every earlier map agrees with the last one on exactly one, so a model
@@ -39,7 +39,7 @@ CLASSIFICATION_RULES = [
     ("beta", (0, 2, 3, 1)),
     ("gamma", (1, 0, 3, 2)),
     ("delta", (0, 3, 1, 2)),
-    ("epsilon", (2, 3, 1, 0)),     # only when num_tasks > 4
+    ("epsilon", (2, 3, 1, 0)),  # only when num_tasks > 4
     ("zeta", (3, 2, 0, 1)),
 ]
 GENERATION_RULES = ["echo", "copy", "reverse", "swap"]
@@ -61,8 +61,9 @@ def prompt(task: str, words: list[str]) -> str:
     return f"Task: {task}. Words: {' '.join(words)}"
 
 
-def generate_default_tasks(seed: int = DEFAULT_DATA_SEED, num_tasks: int = 4, n_train: int = 640,
-                           n_eval: int = 200, n_words: int = 3) -> list[Task]:
+def generate_default_tasks(
+    seed: int = DEFAULT_DATA_SEED, num_tasks: int = 4, n_train: int = 640, n_eval: int = 200, n_words: int = 3
+) -> list[Task]:
     """The conflicting classification tasks (exact match, labels red/blue/green/gold)."""
     if not 1 <= num_tasks <= len(CLASSIFICATION_RULES):
         raise ValueError(f"num_tasks must be in [1, {len(CLASSIFICATION_RULES)}] (got {num_tasks})")
@@ -74,11 +75,11 @@ def generate_default_tasks(seed: int = DEFAULT_DATA_SEED, num_tasks: int = 4, n_
         for split, n in (("train", n_train), ("eval", n_eval)):
             ex = []
             for i, words in enumerate(_inputs(rng, n, n_words)):
-                ex.append(Example(id=f"{name}-{split}-{i}", input=prompt(name, words),
-                                  output=LABELS[perm[cat[words[-1]]]]))
+                ex.append(
+                    Example(id=f"{name}-{split}-{i}", input=prompt(name, words), output=LABELS[perm[cat[words[-1]]]])
+                )
             splits.append(ex)
-        tasks.append(Task(name=name, train=splits[0], eval=splits[1], metric="exact",
-                          labels=sorted(LABELS)))
+        tasks.append(Task(name=name, train=splits[0], eval=splits[1], metric="exact", labels=sorted(LABELS)))
     return tasks
 
 
@@ -94,16 +95,24 @@ def _transform(rule: str, words: list[str]) -> list[str]:
     raise ValueError(rule)
 
 
-def generate_generation_tasks(seed: int = DEFAULT_DATA_SEED, rules: list[str] | None = None,
-                              n_train: int = 640, n_eval: int = 100, n_words: int = 4) -> list[Task]:
+def generate_generation_tasks(
+    seed: int = DEFAULT_DATA_SEED,
+    rules: list[str] | None = None,
+    n_train: int = 640,
+    n_eval: int = 100,
+    n_words: int = 4,
+) -> list[Task]:
     """Free-text tasks (metric rougeL): the output is a transformed copy of the input words."""
     tasks = []
     for rule in rules or GENERATION_RULES:
         rng = random.Random(f"{seed}:gen:{rule}")
         splits = []
         for split, n in (("train", n_train), ("eval", n_eval)):
-            splits.append([Example(id=f"{rule}-{split}-{i}", input=prompt(rule, w),
-                                   output=" ".join(_transform(rule, w)))
-                           for i, w in enumerate(_inputs(rng, n, n_words))])
+            splits.append(
+                [
+                    Example(id=f"{rule}-{split}-{i}", input=prompt(rule, w), output=" ".join(_transform(rule, w)))
+                    for i, w in enumerate(_inputs(rng, n, n_words))
+                ]
+            )
         tasks.append(Task(name=rule, train=splits[0], eval=splits[1], metric="rougeL", labels=None))
     return tasks

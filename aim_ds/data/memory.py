@@ -1,4 +1,5 @@
 """The rehearsal memory buffer: a fixed, seeded sample of a task's training set."""
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """A byte-level BPE tokenizer trained locally on the tasks' texts, cached on disk."""
+
 from __future__ import annotations
 
 import hashlib
@@ -38,12 +39,16 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                   padding_side="right")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="right"
+    )
 
 
 def get_tokenizer(tasks: list[Task], cache_dir: str, vocab_size: int = 8000):
@@ -67,7 +72,7 @@ def get_tokenizer(tasks: list[Task], cache_dir: str, vocab_size: int = 8000):
             tok.save_pretrained(str(tmp))
             try:
                 os.rename(tmp, final)
-            except OSError:          # another process won the race: its copy is identical
+            except OSError:  # another process won the race: its copy is identical
                 if not (final / "tokenizer.json").is_file():
                     raise
         finally:

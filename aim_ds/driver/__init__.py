@@ -3,11 +3,24 @@
 args (the command line -> a frozen RunConfig), batching (rank slices, memory batches, LR schedule, the
 encoding cache), resume (checkpoint position, RNG and checks), trainer (CLTrainer and its methods),
 results (results.json and plots), run (set-up and main)."""
+
 from .args import METHODS, MIXING_METHODS, PLUGIN_METHODS, InputError, RunConfig, build_parser, parse_args
 from .batching import EncodingCache, lr_at, memory_batches, rank_batches
 
-__all__ = ["METHODS", "MIXING_METHODS", "PLUGIN_METHODS", "EncodingCache", "InputError", "RunConfig", "build_parser",
-           "lr_at", "main", "memory_batches", "parse_args", "rank_batches"]
+__all__ = [
+    "METHODS",
+    "MIXING_METHODS",
+    "PLUGIN_METHODS",
+    "EncodingCache",
+    "InputError",
+    "RunConfig",
+    "build_parser",
+    "lr_at",
+    "main",
+    "memory_batches",
+    "parse_args",
+    "rank_batches",
+]
 
 
 def main(argv=None, t0: float | None = None) -> int:

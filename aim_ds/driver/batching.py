@@ -4,6 +4,7 @@ The data order is decided per GLOBAL batch (a seeded shuffle per epoch, cut into
 rank takes its slice, so the examples of global step s do not depend on how many ranks share them: a run
 resumed on another number of ranks with the same global batch trains on the same examples per step.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,13 @@ class EncodingCache:
             hit = self._cache.get(id(ex))
             if hit is None or hit[0] is not ex:
                 ids, labels = encode_example(self.tokenizer, ex, self.max_len)
-                hit = self._cache[id(ex)] = (ex, {"input_ids": torch.tensor(ids, dtype=torch.long),
-                                                  "labels": torch.tensor(labels, dtype=torch.long)})
+                hit = self._cache[id(ex)] = (
+                    ex,
+                    {
+                        "input_ids": torch.tensor(ids, dtype=torch.long),
+                        "labels": torch.tensor(labels, dtype=torch.long),
+                    },
+                )
             items.append(hit[1])
         return collate(items, self.tokenizer.pad_token_id, label_logits_only=self.keeps_logits)
 

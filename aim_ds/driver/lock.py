@@ -7,6 +7,7 @@ a lock file left by a dead process on this host is stale and simply taken over. 
 holder, for the message. A lock file written on another host is never taken over: where the shared file
 system does not carry flocks between hosts, this host cannot tell whether that run still lives.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -36,14 +37,18 @@ def describe(h: dict) -> str:
 
 
 def _held_message(out_dir: str, h: dict) -> str:
-    return (f"--output-dir {out_dir} is in use by a live run ({describe(h)}); wait for it to end or stop it (kill "
-            f"{h.get('pid', 'PID')} and the other ranks of its launcher), or choose another --output-dir")
+    return (
+        f"--output-dir {out_dir} is in use by a live run ({describe(h)}); wait for it to end or stop it (kill "
+        f"{h.get('pid', 'PID')} and the other ranks of its launcher), or choose another --output-dir"
+    )
 
 
 def _foreign_message(out_dir: str, path: str, h: dict) -> str:
-    return (f"--output-dir {out_dir} is locked by a run on another host ({describe(h)}); this host cannot tell "
-            f"whether it still runs. If it has ended, delete {path} and start again; otherwise choose another "
-            "--output-dir")
+    return (
+        f"--output-dir {out_dir} is locked by a run on another host ({describe(h)}); this host cannot tell "
+        f"whether it still runs. If it has ended, delete {path} and start again; otherwise choose another "
+        "--output-dir"
+    )
 
 
 def check_free(out_dir: str) -> None:
@@ -103,8 +108,11 @@ class OutputLock:
             if h.get("host") not in (None, socket.gethostname()):
                 os.close(fd)
                 raise LockError(_foreign_message(self.out_dir, self.path, h))
-            record = {"host": socket.gethostname(), "pid": os.getpid(),
-                      "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+            record = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(record, indent=1).encode(), 0)
             os.fsync(fd)

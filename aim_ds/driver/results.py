@@ -1,4 +1,5 @@
 """The run's outputs, written by rank 0: results.json, trajectory.csv, losses.csv and the two plots."""
+
 from __future__ import annotations
 
 import os
@@ -29,31 +30,60 @@ def write_results(state, res: dict, ds_config: dict, info, t0: float) -> None:
     notes = []
     section = ds_config.get("aim_merging")
     if cfg.method not in PLUGIN_METHODS and (section or {}).get("enabled", bool(section)):
-        notes.append(f"the ds_config's aim_merging section is enabled but --method {cfg.method} does not use "
-                     "the plugin: it was not attached")
+        notes.append(
+            f"the ds_config's aim_merging section is enabled but --method {cfg.method} does not use "
+            "the plugin: it was not attached"
+        )
     plugin = res.get("plugin")
     wall = time.time() - t0
     results = {
-        "method": cfg.method, "benchmark": cfg.benchmark, "order": cfg.order, "data_dir": cfg.data_dir,
-        "tasks": [{"name": t.name, "metric": t.metric, "n_train": len(t.train), "n_eval": len(t.eval),
-                   "labels": t.labels, "memory": len(mem)} for t, mem in zip(tasks, state.memories)],
-        "matrix": matrix, "OP": m.get("OP"), "BWT": m.get("BWT"), "FWT": m.get("FWT"),
-        "single_task_scores": state.single_scores, "fwt_reference": state.fwt_source,
+        "method": cfg.method,
+        "benchmark": cfg.benchmark,
+        "order": cfg.order,
+        "data_dir": cfg.data_dir,
+        "tasks": [
+            {
+                "name": t.name,
+                "metric": t.metric,
+                "n_train": len(t.train),
+                "n_eval": len(t.eval),
+                "labels": t.labels,
+                "memory": len(mem),
+            }
+            for t, mem in zip(tasks, state.memories)
+        ],
+        "matrix": matrix,
+        "OP": m.get("OP"),
+        "BWT": m.get("BWT"),
+        "FWT": m.get("FWT"),
+        "single_task_scores": state.single_scores,
+        "fwt_reference": state.fwt_source,
         "final_row": dict(zip(names, matrix[-1])),
         "steps": {"train": res["train_steps"], "engine": res["engine_steps"], "per_task": state.steps_per_task},
         "merges": res["merges"],
         # tokens through forward + backward (training batches, rehearsal) and forward only (probes), rank 0
         "work": {**res["work"], **(plugin.work if plugin is not None else {})},
-        "wall_time_s": round(wall, 2), "train_wall_s": round(res["train_wall_s"], 2),
-        "eval_wall_s": round(res["eval_wall_s"], 2), "setup_wall_s": round(state.setup_s, 2),
-        "world_size": info.world_size, "launcher": info.launcher,
-        "config": {"args": cfg.options(), "micro_batch": state.micro, "memory_batch": state.mem_bs,
-                   "replay_rows": state.replay_rows, "deepspeed_config_path": cfg.deepspeed_config,
-                   "deepspeed_config": ds_config,
-                   "aim_merging": state.aim_cfg.to_dict() if state.aim_cfg is not None else None},
+        "wall_time_s": round(wall, 2),
+        "train_wall_s": round(res["train_wall_s"], 2),
+        "eval_wall_s": round(res["eval_wall_s"], 2),
+        "setup_wall_s": round(state.setup_s, 2),
+        "world_size": info.world_size,
+        "launcher": info.launcher,
+        "config": {
+            "args": cfg.options(),
+            "micro_batch": state.micro,
+            "memory_batch": state.mem_bs,
+            "replay_rows": state.replay_rows,
+            "deepspeed_config_path": cfg.deepspeed_config,
+            "deepspeed_config": ds_config,
+            "aim_merging": state.aim_cfg.to_dict() if state.aim_cfg is not None else None,
+        },
         "notes": notes,
-        "checkpoints": {"every": cfg.checkpoint_every, "dir": state.ckpt_dir if cfg.checkpoint_every else None,
-                        "resumed_from": state.resume.tag_dir if state.resume else None},
+        "checkpoints": {
+            "every": cfg.checkpoint_every,
+            "dir": state.ckpt_dir if cfg.checkpoint_every else None,
+            "resumed_from": state.resume.tag_dir if state.resume else None,
+        },
     }
     report.write_json(os.path.join(out, "results.json"), results)
     traj_path = os.path.join(out, "trajectory.csv")
@@ -61,16 +91,22 @@ def write_results(state, res: dict, ds_config: dict, info, t0: float) -> None:
     if plugin is not None:
         plugin.write_trajectory_csv(traj_path)
     else:
-        rows = [{"task": r["task"], "step": r["step"], "interval": None, "activations": None, "merge": 0}
-                for r in res["losses"]]
+        rows = [
+            {"task": r["task"], "step": r["step"], "interval": None, "activations": None, "merge": 0}
+            for r in res["losses"]
+        ]
         report.write_csv(traj_path, rows, report.TRAJECTORY_FIELDS)
     report.write_csv(os.path.join(out, "losses.csv"), res["losses"], ["task", "step", "loss"])
     title = f"{cfg.benchmark} / {cfg.method} / seed {cfg.seed}"
-    report.plot_accuracy(os.path.join(out, "accuracy.png"), matrix, names,
-                         f"{title}: OP {_fmt(m.get('OP'))} BWT {_fmt(m.get('BWT'))}")
+    report.plot_accuracy(
+        os.path.join(out, "accuracy.png"), matrix, names, f"{title}: OP {_fmt(m.get('OP'))} BWT {_fmt(m.get('BWT'))}"
+    )
     report.plot_trajectory(os.path.join(out, "trajectory.png"), rows, res["losses"], title)
-    print(f"[aim_ds] {cfg.method}: OP {_fmt(m.get('OP'))}  BWT {_fmt(m.get('BWT'))}  "
-          f"FWT {_fmt(m.get('FWT'))}  merges {res['merges']}  wall {wall:.1f}s  -> {out}", flush=True)
+    print(
+        f"[aim_ds] {cfg.method}: OP {_fmt(m.get('OP'))}  BWT {_fmt(m.get('BWT'))}  "
+        f"FWT {_fmt(m.get('FWT'))}  merges {res['merges']}  wall {wall:.1f}s  -> {out}",
+        flush=True,
+    )
 
 
 def _fmt(v):

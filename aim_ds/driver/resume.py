@@ -5,6 +5,7 @@ aim_ds.checkpoint.check_compatible; this module adds only what the driver alone 
 global batches, memory selection). The data order is a pure function of (seed, task, global step) and the
 memory selection of --seed, so a checkpoint records the seed and position and a hash of the selection.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,24 @@ def resume_options(cfg: RunConfig) -> dict:
     """The options that decide the run's trajectory and do not depend on the number of ranks (a checkpoint
     resumes only with the same ones). Per-rank sizes (--batch-size, --memory-batch-size, --replay-rows) may
     change with the world size after `aim-ds reshard`; their global products are checked apart."""
-    keys = ("benchmark", "data_dir", "order", "max_train", "max_eval", "memory_fraction", "method", "model",
-            "tokenizer", "max_len", "seed", "epochs", "lr", "warmup", "fwt_reference", "memory_weight")
+    keys = (
+        "benchmark",
+        "data_dir",
+        "order",
+        "max_train",
+        "max_eval",
+        "memory_fraction",
+        "method",
+        "model",
+        "tokenizer",
+        "max_len",
+        "seed",
+        "epochs",
+        "lr",
+        "warmup",
+        "fwt_reference",
+        "memory_weight",
+    )
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -63,8 +80,10 @@ def resolve_resume_arg(cfg: RunConfig) -> tuple[RunConfig, ResumePoint | None]:
         if os.path.isfile(os.path.join(path, MANIFEST)):
             path = os.path.dirname(path)
         if os.path.basename(path) != CKPT_SUBDIR:
-            raise InputError(f"--resume {cfg.resume}: give --output-dir too (the checkpoint is not in a run's "
-                             f"{CKPT_SUBDIR}/ folder, so the driver cannot tell where the results go)")
+            raise InputError(
+                f"--resume {cfg.resume}: give --output-dir too (the checkpoint is not in a run's "
+                f"{CKPT_SUBDIR}/ folder, so the driver cannot tell where the results go)"
+            )
         cfg = dataclasses.replace(cfg, output_dir=os.path.dirname(path))
     try:
         found = resolve_resume(cfg.resume, os.path.join(cfg.output_dir, CKPT_SUBDIR))
@@ -74,8 +93,10 @@ def resolve_resume_arg(cfg: RunConfig) -> tuple[RunConfig, ResumePoint | None]:
     except CheckpointError as e:
         raise InputError(str(e)) from None
     if (manifest.get("extra") or {}).get("driver") != DRIVER:
-        raise InputError(f"--resume {cfg.resume}: {os.path.join(*found)} was not saved by {DRIVER} "
-                         "(no driver state in its manifest); resume it with the loop that saved it")
+        raise InputError(
+            f"--resume {cfg.resume}: {os.path.join(*found)} was not saved by {DRIVER} "
+            "(no driver state in its manifest); resume it with the loop that saved it"
+        )
     return cfg, ResumePoint(found[0], found[1], manifest)
 
 
@@ -86,18 +107,25 @@ def check_resume_options(resume: ResumePoint, cfg: RunConfig, aim_cfg) -> None:
 
     where = os.path.join(resume.tag_dir, MANIFEST)
     if resume.extra["method"] != cfg.method:
-        raise InputError(f"{where}: the checkpoint is of --method {resume.extra['method']}, this run is --method "
-                         f"{cfg.method}; resume with the options the run was started with")
+        raise InputError(
+            f"{where}: the checkpoint is of --method {resume.extra['method']}, this run is --method "
+            f"{cfg.method}; resume with the options the run was started with"
+        )
     try:
         check_compatible(resume.tag_dir, resume.manifest, aim_merging=aim_cfg.to_dict() if aim_cfg else None)
     except CheckpointError as e:
         raise InputError(str(e)) from None
     saved, now = resume.extra.get("options", {}), resume_options(cfg)
-    diff = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    diff = [
+        f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
     if diff:
-        raise InputError(f"{where}: the checkpoint was made with other options ({'; '.join(diff)}); resume with the "
-                         "options the run was started with, or start a new --output-dir")
+        raise InputError(
+            f"{where}: the checkpoint was made with other options ({'; '.join(diff)}); resume with the "
+            "options the run was started with, or start a new --output-dir"
+        )
 
 
 def check_resume_manifest(resume: ResumePoint, world: int, task_fp: str, mem_sha: str, glob: dict) -> None:
@@ -108,27 +136,34 @@ def check_resume_manifest(resume: ResumePoint, world: int, task_fp: str, mem_sha
     try:  # the world size first: its error says to reshard, after which the per-rank sizes change
         check_compatible(resume.tag_dir, resume.manifest, world_size=world)
     except CheckpointError as e:
-        raise InputError(f"{e} For the driver: --resume NEW_DIR/{resume.tag} --output-dir DIR on {world} ranks, with "
-                         "--batch-size / --memory-batch-size / --replay-rows that keep the global sizes "
-                         f"{resume.extra.get('global')} (launch/README.md, resuming on another number of ranks)") \
-            from None
+        raise InputError(
+            f"{e} For the driver: --resume NEW_DIR/{resume.tag} --output-dir DIR on {world} ranks, with "
+            "--batch-size / --memory-batch-size / --replay-rows that keep the global sizes "
+            f"{resume.extra.get('global')} (launch/README.md, resuming on another number of ranks)"
+        ) from None
     if "global" not in resume.extra:
-        raise InputError(f"{where}: the checkpoint was saved by an earlier version of the driver (no global sizes in "
-                         "its manifest, another task fingerprint); resume it with that version, or start a new "
-                         "--output-dir")
+        raise InputError(
+            f"{where}: the checkpoint was saved by an earlier version of the driver (no global sizes in "
+            "its manifest, another task fingerprint); resume it with that version, or start a new "
+            "--output-dir"
+        )
     try:
         saved = resume.extra["global"]
         if saved != glob:
             diff = "; ".join(f"{k} {saved.get(k)} vs {glob[k]}" for k in glob if saved.get(k) != glob[k])
-            raise InputError(f"{where}: the checkpoint's global sizes differ from this run's (checkpoint vs now: "
-                             f"{diff}; per-rank size x ranks); choose --batch-size / --memory-batch-size / "
-                             "--replay-rows so that they match")
+            raise InputError(
+                f"{where}: the checkpoint's global sizes differ from this run's (checkpoint vs now: "
+                f"{diff}; per-rank size x ranks); choose --batch-size / --memory-batch-size / "
+                "--replay-rows so that they match"
+            )
         check_compatible(resume.tag_dir, resume.manifest, task_fingerprint=task_fp)
     except CheckpointError as e:
         raise InputError(str(e)) from None
     if resume.extra.get("memory_sha") != mem_sha:
-        raise InputError(f"{where}: the memory buffer selected now differs from the checkpoint's (same seed and "
-                         "data, so aim_ds.data.select_memory changed); resume with the code version that saved it")
+        raise InputError(
+            f"{where}: the memory buffer selected now differs from the checkpoint's (same seed and "
+            "data, so aim_ds.data.select_memory changed); resume with the code version that saved it"
+        )
 
 
 def position_seed(seed: int, driver_step: int, rank: int) -> int:
@@ -153,10 +188,16 @@ def seed_rank_rng(seed: int) -> None:
 def announce(resume: ResumePoint) -> None:
     e = resume.extra
     how = f", resharded from {resume.manifest['resharded_from']['world_size']} ranks" if resume.resharded else ""
-    print(f"[aim_ds] resuming from {resume.tag_dir} (task {e['task']}, step {e['step']}"
-          f"{', evaluated' if e['done'] else ''}{how})", flush=True)
+    print(
+        f"[aim_ds] resuming from {resume.tag_dir} (task {e['task']}, step {e['step']}"
+        f"{', evaluated' if e['done'] else ''}{how})",
+        flush=True,
+    )
 
 
 def announce_fresh(cfg: RunConfig) -> None:
-    print(f"[aim_ds] --resume auto: no checkpoint under {os.path.join(cfg.output_dir, CKPT_SUBDIR)}; "
-          "starting fresh", file=sys.stderr, flush=True)
+    print(
+        f"[aim_ds] --resume auto: no checkpoint under {os.path.join(cfg.output_dir, CKPT_SUBDIR)}; starting fresh",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -3,6 +3,7 @@ FWT reference, then the method's training and the results.
 
 Everything that can be checked without collectives is checked first and identically on every rank, so a
 bad input gives the same one-line error everywhere before any collective can hang."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,8 +69,11 @@ def check_inputs(cfg: RunConfig):
         ckpt_root = os.path.abspath(os.path.join(cfg.output_dir, CKPT_SUBDIR))
         if resume is not None and os.path.abspath(resume.load_dir) == ckpt_root:
             pass  # resuming into the run's own directory
-        elif cfg.resume == "auto" and os.path.isdir(cfg.output_dir) and \
-                set(os.listdir(cfg.output_dir)) <= {CKPT_SUBDIR, LOCK_NAME}:
+        elif (
+            cfg.resume == "auto"
+            and os.path.isdir(cfg.output_dir)
+            and set(os.listdir(cfg.output_dir)) <= {CKPT_SUBDIR, LOCK_NAME}
+        ):
             pass  # a run killed before its first complete checkpoint
         else:
             check_output_dir(cfg.output_dir, cfg.overwrite)
@@ -84,8 +88,14 @@ def check_inputs(cfg: RunConfig):
     from aim_ds import data as aim_data
 
     try:
-        tasks = aim_data.load_tasks(cfg.benchmark, data_dir=cfg.data_dir, order=cfg.order,
-                                    max_train=cfg.max_train, max_eval=cfg.max_eval, seed=cfg.seed)
+        tasks = aim_data.load_tasks(
+            cfg.benchmark,
+            data_dir=cfg.data_dir,
+            order=cfg.order,
+            max_train=cfg.max_train,
+            max_eval=cfg.max_eval,
+            seed=cfg.seed,
+        )
     except (aim_data.DataError, FileNotFoundError) as e:
         raise InputError(str(e)) from e
     if not tasks:
@@ -128,7 +138,9 @@ def run(cfg: RunConfig, t0: float) -> int:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir = cfg.output_dir if cfg.output_dir is not None else default_output_dir(cfg, rank)
-    cache_dir = cfg.cache_dir or os.environ.get("AIM_DS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aim_ds")
+    cache_dir = (
+        cfg.cache_dir or os.environ.get("AIM_DS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aim_ds")
+    )
 
     from aim_ds import data as aim_data
     from aim_ds.modeling import ModelError, load_tokenizer, model_fingerprint
@@ -145,11 +157,17 @@ def run(cfg: RunConfig, t0: float) -> int:
     replay_rows = 0
     if cfg.method in MIXING_METHODS:
         replay_rows = mem_bs if cfg.replay_rows is None else cfg.replay_rows
-    if aim_cfg is not None and aim_cfg.probe_source == "training_batch" and aim_cfg.interval_rule != "fixed" \
-            and replay_rows == 0:
-        raise InputError(f"{ds_path}: aim_merging.probe_source is \"training_batch\" (the forgetting signal is read "
-                         "from the memory rows of the training batches) but --replay-rows 0 puts none there; give "
-                         "--replay-rows >= 1 or set probe_source \"memory_forward\" in the ds_config")
+    if (
+        aim_cfg is not None
+        and aim_cfg.probe_source == "training_batch"
+        and aim_cfg.interval_rule != "fixed"
+        and replay_rows == 0
+    ):
+        raise InputError(
+            f'{ds_path}: aim_merging.probe_source is "training_batch" (the forgetting signal is read '
+            "from the memory rows of the training batches) but --replay-rows 0 puts none there; give "
+            '--replay-rows >= 1 or set probe_source "memory_forward" in the ds_config'
+        )
     ds_run = json.loads(json.dumps(ds_config))
     ds_run["train_micro_batch_size_per_gpu"] = micro
     ds_run["gradient_accumulation_steps"] = 1
@@ -161,12 +179,24 @@ def run(cfg: RunConfig, t0: float) -> int:
     steps_per_task = [max(1, int(math.ceil(cfg.epochs * len(t.train) / (micro * world)))) for t in tasks]
 
     # FWT reference key (hyper-parameters shared by every method; not the method itself)
-    ref_key_src = json.dumps({
-        "benchmark": cfg.benchmark, "order": cfg.order, "data": data_fingerprint(tasks),
-        "model": model_fingerprint(cfg.model), "tokenizer": cfg.tokenizer, "seed": cfg.seed,
-        "epochs": cfg.epochs, "global_batch": micro * world, "world": world, "lr": cfg.lr,
-        "warmup": cfg.warmup, "max_len": cfg.max_len,
-        "ds": {k: v for k, v in ds_run.items() if k != "aim_merging"}}, sort_keys=True)
+    ref_key_src = json.dumps(
+        {
+            "benchmark": cfg.benchmark,
+            "order": cfg.order,
+            "data": data_fingerprint(tasks),
+            "model": model_fingerprint(cfg.model),
+            "tokenizer": cfg.tokenizer,
+            "seed": cfg.seed,
+            "epochs": cfg.epochs,
+            "global_batch": micro * world,
+            "world": world,
+            "lr": cfg.lr,
+            "warmup": cfg.warmup,
+            "max_len": cfg.max_len,
+            "ds": {k: v for k, v in ds_run.items() if k != "aim_merging"},
+        },
+        sort_keys=True,
+    )
     ref_key = hashlib.sha256(ref_key_src.encode()).hexdigest()[:20]
     ref_path = os.path.join(cache_dir, "fwt", f"{ref_key}.json")
 
@@ -176,9 +206,16 @@ def run(cfg: RunConfig, t0: float) -> int:
 
     glob = global_batches(micro, mem_bs, replay_rows, world)
     per_rank = ("train_micro_batch_size_per_gpu", "train_batch_size", "aim_merging")
-    task_fp = fingerprint({"options": resume_options(cfg), "data": data_fingerprint(tasks),
-                           "model": model_fingerprint(cfg.model), "steps_per_task": steps_per_task, "global": glob,
-                           "ds": {k: v for k, v in ds_run.items() if k not in per_rank}})
+    task_fp = fingerprint(
+        {
+            "options": resume_options(cfg),
+            "data": data_fingerprint(tasks),
+            "model": model_fingerprint(cfg.model),
+            "steps_per_task": steps_per_task,
+            "global": glob,
+            "ds": {k: v for k, v in ds_run.items() if k not in per_rank},
+        }
+    )
     mem_sha = fingerprint([[e.id for e in m] for m in memories])
     if resume is not None:
         check_resume_manifest(resume, world, task_fp, mem_sha, glob)
@@ -193,13 +230,31 @@ def run(cfg: RunConfig, t0: float) -> int:
                 os.makedirs(out_dir, exist_ok=True)
             else:
                 announce(resume)
-            print(f"[aim_ds] method={cfg.method} benchmark={cfg.benchmark} tasks={[t.name for t in tasks]} "
-                  f"world={world} micro_batch={micro} steps/task={steps_per_task} out={out_dir}", flush=True)
-        state = RunState(cfg=cfg, rank=rank, world=world, tasks=tasks, memories=memories, tokenizer=tokenizer,
-                         ds_run=ds_run, client_opt="optimizer" not in ds_run, micro=micro, mem_bs=mem_bs,
-                         replay_rows=replay_rows, steps_per_task=steps_per_task, aim_cfg=aim_cfg, out_dir=out_dir,
-                         resume=resume, task_fp=task_fp, mem_sha=mem_sha,
-                         setup_s=time.time() - t0)  # imports, process group, tokenizer, data (not engine set-up)
+            print(
+                f"[aim_ds] method={cfg.method} benchmark={cfg.benchmark} tasks={[t.name for t in tasks]} "
+                f"world={world} micro_batch={micro} steps/task={steps_per_task} out={out_dir}",
+                flush=True,
+            )
+        state = RunState(
+            cfg=cfg,
+            rank=rank,
+            world=world,
+            tasks=tasks,
+            memories=memories,
+            tokenizer=tokenizer,
+            ds_run=ds_run,
+            client_opt="optimizer" not in ds_run,
+            micro=micro,
+            mem_bs=mem_bs,
+            replay_rows=replay_rows,
+            steps_per_task=steps_per_task,
+            aim_cfg=aim_cfg,
+            out_dir=out_dir,
+            resume=resume,
+            task_fp=task_fp,
+            mem_sha=mem_sha,
+            setup_s=time.time() - t0,
+        )  # imports, process group, tokenizer, data (not engine set-up)
         return train_and_report(state, ds_config, info, FwtReference(ref_key, ref_key_src, ref_path), t0)
     finally:
         lock.release()
@@ -221,6 +276,7 @@ def take_lock(lock: OutputLock, rank: int) -> None:
 
 class FwtReference(NamedTuple):
     """Where the single-task scores of this setup are cached: the key, what it hashes, the file."""
+
     key: str
     source: str
     path: str
@@ -244,8 +300,15 @@ def train_and_report(state, ds_config: dict, info, ref: FwtReference, t0: float)
         if rank == 0:
             from aim_ds.report import write_json
 
-            write_json(ref_path, {"key": ref_key, "scores": single_scores, "tasks": [t.name for t in tasks],
-                                  "source": json.loads(ref_key_src)})
+            write_json(
+                ref_path,
+                {
+                    "key": ref_key,
+                    "scores": single_scores,
+                    "tasks": [t.name for t in tasks],
+                    "source": json.loads(ref_key_src),
+                },
+            )
         fwt_source = "run"
     elif cfg.fwt_reference == "cache":
         if os.path.exists(ref_path):

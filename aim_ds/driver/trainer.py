@@ -4,6 +4,7 @@
 A fresh torch AdamW state at every task start; the learning rate follows a per-task linear warm-up and
 cosine decay set here (no DeepSpeed scheduler). The plugin, when attached, hooks engine.step itself.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +22,7 @@ MULTITASK_SEED_OFFSET = 99991  # the joint pool's data order differs from every 
 @dataclasses.dataclass(frozen=True)
 class RunState:
     """What the run was set up with: fixed once the process group, tokenizer and data exist."""
+
     cfg: RunConfig
     rank: int
     world: int
@@ -105,14 +107,27 @@ class CLTrainer:
         opt = None
         if s.client_opt:
             opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=s.ds_run,
-                                               model_parameters=None if opt is not None else model.parameters())
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=opt,
+            config=s.ds_run,
+            model_parameters=None if opt is not None else model.parameters(),
+        )
         engine._aim_ds_keepalive = keepalive
         return engine
 
     # ------------------------------------------------------------------ the loop
-    def train_task(self, engine, task_index: int, batches: list, progress: Progress, mem_batches=None,
-                   start: int = 0, on_step=None, probe=None) -> None:
+    def train_task(
+        self,
+        engine,
+        task_index: int,
+        batches: list,
+        progress: Progress,
+        mem_batches=None,
+        start: int = 0,
+        on_step=None,
+        probe=None,
+    ) -> None:
         """One task's training loop: the plain DeepSpeed loop.
 
         mem_batches: memory rows appended to every batch (mixed replay). probe: a plugin with probe_source
@@ -166,8 +181,17 @@ class CLTrainer:
         out = {}
         for i in task_ids:
             engine.eval()
-            out[i] = float(evaluate_task(engine, s.tokenizer, s.tasks[i], batch_size=self.cfg.eval_batch_size,
-                                         rank=s.rank, world_size=s.world, max_prompt_len=self.cfg.max_len))
+            out[i] = float(
+                evaluate_task(
+                    engine,
+                    s.tokenizer,
+                    s.tasks[i],
+                    batch_size=self.cfg.eval_batch_size,
+                    rank=s.rank,
+                    world_size=s.world,
+                    max_prompt_len=self.cfg.max_len,
+                )
+            )
         engine.train()
         return out
 
@@ -190,14 +214,33 @@ class CLTrainer:
 
         s = self.state
         tag = f"task{task:03d}-end" if done else f"task{task:03d}-step{step:06d}"
-        extra = {"driver": "launch/train.py", "method": self.cfg.method, "task": task, "step": step, "done": done,
-                 "driver_step": s.steps_before(task) + step, "data_seed": data_seed, "memory_sha": s.mem_sha,
-                 "global": global_batches(s.micro, s.mem_bs, s.replay_rows, s.world),
-                 "matrix": matrix, "single_scores": s.single_scores, "fwt_source": s.fwt_source,
-                 "options": resume_options(self.cfg)}
+        extra = {
+            "driver": "launch/train.py",
+            "method": self.cfg.method,
+            "task": task,
+            "step": step,
+            "done": done,
+            "driver_step": s.steps_before(task) + step,
+            "data_seed": data_seed,
+            "memory_sha": s.mem_sha,
+            "global": global_batches(s.micro, s.mem_bs, s.replay_rows, s.world),
+            "matrix": matrix,
+            "single_scores": s.single_scores,
+            "fwt_source": s.fwt_source,
+            "options": resume_options(self.cfg),
+        }
         client = {"rng": rng_state(), "losses": list(self.losses) if s.rank == 0 else [], "work": dict(self.work)}
-        save_checkpoint(engine, plugin, s.ckpt_dir, tag=tag, client_state=client, keep_last=self.cfg.keep_checkpoints,
-                        task_fingerprint=s.task_fp, tokenizer=s.tokenizer if s.rank == 0 else None, extra=extra)
+        save_checkpoint(
+            engine,
+            plugin,
+            s.ckpt_dir,
+            tag=tag,
+            client_state=client,
+            keep_last=self.cfg.keep_checkpoints,
+            task_fingerprint=s.task_fp,
+            tokenizer=s.tokenizer if s.rank == 0 else None,
+            extra=extra,
+        )
 
     def load(self, engine, plugin) -> dict:
         """Load --resume's checkpoint into a fresh engine (+ plugin attached with the in-progress task's memory);
@@ -230,14 +273,17 @@ class CLTrainer:
         def on_step(step):
             if (before + step) % n == 0 and step < total:
                 self.save(engine, plugin, k, step, False, matrix, data_seed)
+
         return on_step
 
     # ------------------------------------------------------------------ methods
     def _memory_for(self, k: int):
         s = self.state
         mem_examples = [e for m in s.memories[:k] for e in m]
-        mem_b = [self.encoder.collate(b) for b in
-                 memory_batches(mem_examples, s.mem_bs, s.rank, s.world, self.cfg.seed + 7 * k)]
+        mem_b = [
+            self.encoder.collate(b)
+            for b in memory_batches(mem_examples, s.mem_bs, s.rank, s.world, self.cfg.seed + 7 * k)
+        ]
         return mem_examples, mem_b
 
     def sequential(self) -> dict:
@@ -251,8 +297,9 @@ class CLTrainer:
             import aim_ds
 
             # resumed: attach with the checkpoint's task memory BEFORE loading (its cursors are restored)
-            plugin = aim_ds.attach(engine, (self._memory_for(resume.extra["task"])[1] or None) if resume else None,
-                                   config=s.aim_cfg)
+            plugin = aim_ds.attach(
+                engine, (self._memory_for(resume.extra["task"])[1] or None) if resume else None, config=s.aim_cfg
+            )
         matrix, clock = [], {"eval": 0.0}
         first_k, first_s = 0, 0
         if resume is not None:
@@ -275,9 +322,19 @@ class CLTrainer:
             replay = None
             if s.replay_rows and mem_examples:
                 replay = memory_batches(mem_examples, s.replay_rows, s.rank, s.world, cfg.seed + 7 * k + 1)
-            probe = plugin if (replay and plugin is not None and plugin.config.probe_source == "training_batch") else None
-            self.train_task(engine, k, self.task_batches(k), progress, mem_batches=replay, start=start,
-                            on_step=self.checkpoint_hook(engine, plugin, k, matrix, cfg.seed + k), probe=probe)
+            probe = (
+                plugin if (replay and plugin is not None and plugin.config.probe_source == "training_batch") else None
+            )
+            self.train_task(
+                engine,
+                k,
+                self.task_batches(k),
+                progress,
+                mem_batches=replay,
+                start=start,
+                on_step=self.checkpoint_hook(engine, plugin, k, matrix, cfg.seed + k),
+                probe=probe,
+            )
             scores = self._timed_eval(engine, range(len(s.tasks)), clock)
             matrix.append([scores[i] for i in range(len(s.tasks))])
             if cfg.checkpoint_every:
@@ -332,14 +389,23 @@ class CLTrainer:
         def on_step(step):  # one long "task": periodic checkpoints only (the results follow the last step)
             if every and step % every == 0 and step < n:
                 self.save(engine, None, 0, step, False, [], data_seed)
+
         self.train_task(engine, 0, batches, progress, start=start, on_step=on_step)
         progress.close()
         train_s, clock = time.time() - t0, {"eval": 0.0}
         scores = self._timed_eval(engine, range(len(s.tasks)), clock)
-        return self._result([[scores[i] for i in range(len(s.tasks))]], engine, train_s + clock["eval"], clock,
-                            merges=0)
+        return self._result(
+            [[scores[i] for i in range(len(s.tasks))]], engine, train_s + clock["eval"], clock, merges=0
+        )
 
     def _result(self, matrix, engine, elapsed: float, clock: dict, merges: int) -> dict:
-        return dict(matrix=matrix, losses=self.losses, train_steps=sum(self.state.steps_per_task),
-                    engine_steps=int(engine.global_steps) if engine is not None else 0, merges=merges,
-                    train_wall_s=elapsed - clock["eval"], eval_wall_s=clock["eval"], work=dict(self.work))
+        return dict(
+            matrix=matrix,
+            losses=self.losses,
+            train_steps=sum(self.state.steps_per_task),
+            engine_steps=int(engine.global_steps) if engine is not None else 0,
+            merges=merges,
+            train_wall_s=elapsed - clock["eval"],
+            eval_wall_s=clock["eval"],
+            work=dict(self.work),
+        )
