@@ -55,6 +55,12 @@ def data_fingerprint(tasks) -> str:
 def check_inputs(cfg: RunConfig):
     """The collective-free checks: (cfg, ds_config, aim_cfg, resume point, tasks). Raises InputError."""
     ds_config = load_ds_config(cfg.deepspeed_config)
+    if int((ds_config.get("tensor_parallel") or {}).get("autotp_size") or 1) > 1:
+        # its batches, evaluation and label-window logits are split over every rank, and AutoTP ranks must share them
+        raise InputError(
+            f"{cfg.deepspeed_config}: tensor_parallel (AutoTP) runs through aim_ds.attach in your own loop "
+            "(docs/performance.md), not yet through this driver; remove the tensor_parallel section to use the driver"
+        )
     aim_cfg = plugin_config(cfg.method, ds_config, cfg.deepspeed_config)
     cfg, resume = resolve_resume_arg(cfg)
     if resume is not None:
