@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from . import fusion, statistics
+from . import fusion, rehearsal, statistics
 from .config import AimConfig
 from .controller import MergeController, probe_due
 from .fileio import write_csv
+from .importance import FusionSteps
 from .journal import MergeAborted, MergeJournal, fatal_error
 from .losses import AimInputError, batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
 from .memory import _Cursor, check_memory
-from .policies import make_weight_policy
 from .shards import ZeroShards, ds_config_dict
 from .trajectory import FIELDS as TRAJECTORY_FIELDS
 from .trajectory import TrajectoryRow
@@ -42,7 +42,7 @@ from .trajectory import TrajectoryRow
 log = logging.getLogger("aim_ds")
 
 
-class AimPlugin:
+class AimPlugin(FusionSteps):
     """AimMerging attached to a DeepSpeed ZeRO-3 engine. Create with `aim_ds.attach`."""
 
     def __init__(self, engine, memory=None, config: AimConfig | dict | None = None):
@@ -538,51 +538,14 @@ class AimPlugin:
         )
 
     def _rehearse(self, steps: int) -> list[float]:
-        """R ordinary optimizer steps on memory batches through the same engine; LR schedule frozen.
-        Before each step every rank agrees that its batches are ready and the previous loss was finite."""
-        engine = self.engine
-        scheduler = engine.lr_scheduler
-        lrs = [g["lr"] for g in engine.optimizer.param_groups]
-        losses = []
-        self._in_rehearsal = True
-        engine.lr_scheduler = None  # DeepSpeed steps engine.lr_scheduler in engine.step(): not during rehearsal
-        # Accelerate (HF Trainer) sets the accumulation boundary by hand and DeepSpeed keeps it until set again:
-        # left as it is, every rehearsal micro-batch would be an optimizer step
-        boundary = getattr(engine, "_is_gradient_accumulation_boundary", None)
-        gas = engine.gradient_accumulation_steps()
+        self._in_rehearsal = True  # the gradient hook files statistics under the rehearsal side
         try:
-            for i in range(steps + 1):
-                error = None
-                if losses and not math.isfinite(losses[-1]):
-                    error = f"rehearsal step {i} gave a non-finite loss ({losses[-1]})"
-                elif i < steps:
-                    try:
-                        batches = [self._rehearsal_batch() for _ in range(gas)]
-                    except Exception as e:
-                        error = f"preparing rehearsal step {i + 1}'s batch failed: {type(e).__name__}: {e}"
-                self._agree_merge(error)
-                if i == steps:
-                    break
-                try:
-                    total = 0.0
-                    for micro, batch in enumerate(batches):
-                        if boundary is not None:
-                            engine.set_gradient_accumulation_boundary(micro == gas - 1)
-                        loss = engine(**batch).loss
-                        engine.backward(loss)
-                        self._original_step()
-                        total += float(loss.detach())
-                except Exception as e:
-                    raise self._fatal(e, f"rehearsal step {i + 1}") from e
-                losses.append(total / len(batches))
-                self.work["rehearsal_steps"] += 1
+            losses = rehearsal.rehearse(
+                self.engine, steps, self._rehearsal_batch, self._original_step, self._agree_merge, self._fatal
+            )
         finally:
-            if boundary is not None:
-                engine.set_gradient_accumulation_boundary(boundary)
-            engine.lr_scheduler = scheduler
-            for g, lr in zip(engine.optimizer.param_groups, lrs):
-                g["lr"] = lr
             self._in_rehearsal = False
+        self.work["rehearsal_steps"] += len(losses)
         return losses
 
     def _rehearsal_batch(self) -> dict:
@@ -602,20 +565,6 @@ class AimPlugin:
             t.zero_()
         return t
 
-    # ------------------------------------------------------------------ importance policy
-    def _track_importance(self, index: int, master: torch.Tensor, grad: torch.Tensor) -> None:
-        if self.task_index < 0:
-            return
-        side = "out" if self._in_rehearsal else "in"
-        fusion.update_importance(
-            self._ema["i_" + side][index],
-            self._ema["u_" + side][index],
-            master,
-            grad,
-            self.config.importance_beta1,
-            self.config.importance_beta2,
-        )
-
     @staticmethod
     def _local(fn, what: str) -> str | None:
         """Run this rank's own part of a merge; its error message, or None."""
@@ -623,41 +572,6 @@ class AimPlugin:
             return fn()
         except Exception as e:
             return f"{what} failed: {type(e).__name__}: {e}"
-
-    @torch.no_grad()
-    def _importance_scores(self) -> None:
-        """score = EMA(I) * U, built in the rehearsal side's buffers (score_out in i_out, then score_in in
-        u_out): the training side's statistics stay untouched, so an undone merge keeps them."""
-        e = self._ema
-        for i_out, u_out, i_in, u_in in zip(e["i_out"], e["u_out"], e["i_in"], e["u_in"]):
-            fusion.importance_score(i_out, i_out, u_out)
-            fusion.importance_score(u_out, i_in, u_in)
-
-    def _importance_quantiles(self) -> tuple[float, float]:
-        q, groups = self.config.importance_quantile, self.shards.groups
-        return tuple(
-            statistics.global_quantile([(s, g.ranges) for s, g in zip(self._ema[k], groups)], q)
-            for k in ("u_out", "i_out")
-        )  # (q_in, q_out)
-
-    @torch.no_grad()
-    def _fuse(self, scalar: bool, w_in: float, w_out: float, journal, quantiles) -> str | None:
-        """This rank's fusion into the masters (the anchor is written only at commit)."""
-        groups = self.shards.groups
-        if scalar:
-            for g, a, k in zip(groups, self.anchor, journal.theta_k):
-                fusion.fuse_scalar(g.master, a, k, w_in, w_out)
-        else:
-            policy = make_weight_policy(self.config)
-            for g, a, k, s_in, s_out in zip(
-                groups, self.anchor, journal.theta_k, self._ema["u_out"], self._ema["i_out"]
-            ):
-                fusion.fuse_importance(
-                    g.master, a, k, s_in, quantiles[0], s_out, quantiles[1], both=policy.both, neither=policy.default
-                )
-        if not all(fusion.all_finite(g.master, g.ranges) for g in groups):
-            return "the fused weights hold NaN/inf"
-        return None
 
 
 def _sync() -> None:
