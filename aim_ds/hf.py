@@ -70,7 +70,6 @@ class AimMergingCallback(TrainerCallback):
         self._rows = None
         self._replay_position = 0
         self._trainer = None
-        self._pending = False
         self._engine = None
         self.trainer_args = None
         if memory is not None:
@@ -175,14 +174,12 @@ class AimMergingCallback(TrainerCallback):
                 plugin.load_state_dict(previous.state_dict())
             plugin.start_task(memory=memory)
         if plugin.enabled:
-            plugin._after_step = self._defer  # the hook in engine.step() only marks the step (see module doc)
+            plugin.defer_steps()  # engine.step() only marks the step; on_optimizer_step runs it (see module doc)
         self.plugin = plugin
-        self._pending = False
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self._pending:
-            self._pending = False
-            AimPlugin._after_step(self.plugin)
+        if self.plugin is not None and self.plugin.enabled:
+            self.plugin.run_deferred_step()
 
     def on_save(self, args, state, control, **kwargs):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -200,9 +197,6 @@ class AimMergingCallback(TrainerCallback):
             self.plugin.detach()
 
     # ------------------------------------------------------------------ internals
-    def _defer(self) -> None:
-        self._pending = True
-
     def _find_trainer(self):
         """The Trainer running this callback, and the checkpoint it resumes from (None for a fresh start)."""
         frame = inspect.currentframe()

@@ -25,6 +25,14 @@ class MergeAborted(RuntimeError):
     """A merge failed on some rank and is undone on every rank."""
 
 
+def local_error(fn, what: str) -> str | None:
+    """Run this rank's own part of a merge (no collective inside); its error message, or None."""
+    try:
+        return fn()
+    except Exception as e:
+        return f"{what} failed: {type(e).__name__}: {e}"
+
+
 FAILURE_KEY = "aim_ds/merge_failure"
 
 
@@ -110,4 +118,4 @@ class MergeJournal:
             vars(self.scaler[0]).update(copy.deepcopy(self.scaler[1]))
 
 
-__all__ = ["ENGINE_COUNTERS", "MergeAborted", "MergeJournal", "fatal_error"]
+__all__ = ["ENGINE_COUNTERS", "MergeAborted", "MergeJournal", "fatal_error", "local_error"]

@@ -105,7 +105,12 @@ def check_memory(engine, memory, rank: int) -> str | None:
     return None
 
 
-__all__ = ["check_memory"]
+def to_device(batch: dict, device) -> dict:
+    """A batch's tensors on the device (other values as they are)."""
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+__all__ = ["check_memory", "to_device"]
 
 
 def _input_consumer(module):

@@ -1,6 +1,5 @@
-"""The engine hook: probe, decide on rank 0 and broadcast, rehearse, fuse each rank's own shard.
-
-One optimizer step, as data flows (see the README's design section):
+"""The engine hook: probe, decide on rank 0 and broadcast, rehearse, fuse each rank's own shard. One
+optimizer step, as data flows (see the README's design section):
 
     engine.step()                      (the user's loop, unchanged)
       -> AimPlugin._after_step()
@@ -32,9 +31,9 @@ from .config import AimConfig
 from .controller import MergeController, probe_due
 from .fileio import write_csv
 from .importance import FusionSteps
-from .journal import MergeAborted, MergeJournal, fatal_error
+from .journal import MergeAborted, MergeJournal, fatal_error, local_error
 from .losses import AimInputError, batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
-from .memory import _Cursor, check_memory
+from .memory import _Cursor, check_memory, to_device
 from .shards import ZeroShards, ds_config_dict
 from .trajectory import FIELDS as TRAJECTORY_FIELDS
 from .trajectory import TrajectoryRow
@@ -55,7 +54,7 @@ class AimPlugin(FusionSteps):
         self.enabled = bool(config.enabled)
         self.trajectory: list[dict[str, Any]] = []
         self.merge_count = 0
-        # the plugin's own extra work on this rank, counted where it happens (benchmarks/perf.py reads it)
+        # the plugin's own extra work on this rank, counted where it happens
         self.work = {"rehearsal_steps": 0, "rehearsal_tokens": 0, "probe_forwards": 0, "probe_tokens": 0}
         self.task_index = -1
         self._step_in_task = 0
@@ -66,6 +65,8 @@ class AimPlugin(FusionSteps):
         self._unrecorded_warned = -1  # the task for which a missing record_probe_loss() was reported
         self._original_step = None
         self._remove_grad_hook = None
+        self._deferred = False  # defer_steps(): engine.step only marks the step, run_deferred_step() runs it
+        self._step_pending = False
         if not self.enabled:
             return  # nothing touched: training is exactly plain DeepSpeed
         self.shards = ZeroShards(engine)
@@ -273,7 +274,9 @@ class AimPlugin(FusionSteps):
             boundary = engine.is_gradient_accumulation_boundary()
             out = original(*args, **kwargs)
             if boundary and not plugin._in_rehearsal:
-                if engine.was_step_applied():
+                if engine.was_step_applied() and plugin._deferred:
+                    plugin._step_pending = True
+                elif engine.was_step_applied():
                     plugin._after_step()
                 else:
                     plugin._recorded_probe = None  # a skipped (overflowed) step: its probe loss goes with it
@@ -281,6 +284,20 @@ class AimPlugin(FusionSteps):
 
         self._original_step = original
         engine.step = step  # instance attribute: no change to the user's loop or to DeepSpeed's class
+
+    def defer_steps(self) -> None:
+        """From now on engine.step() only marks an applied optimizer step; the caller runs the plugin's work for
+        it (probe, decision, merge) with run_deferred_step(). A framework that steps the engine before it has
+        read the step's gradient norm (Accelerate inside accelerator.backward) calls this, so the rehearsal's
+        steps come after that read."""
+        self._deferred = True
+
+    def run_deferred_step(self) -> None:
+        """The plugin's work for the optimizer step engine.step() marked last (nothing if none is pending).
+        Every rank calls it at the same point: the work may be collective."""
+        if self._step_pending:
+            self._step_pending = False
+            self._after_step()
 
     def _after_step(self) -> None:
         if self.task_index < 0:
@@ -331,7 +348,7 @@ class AimPlugin(FusionSteps):
         was_training = module.training
         module.eval()
         try:
-            local = float(self.engine(**_to_device(batch, self.engine.device)).loss.detach())
+            local = float(self.engine(**to_device(batch, self.engine.device)).loss.detach())
         finally:
             module.train(was_training)
         self.work["probe_forwards"] += 1
@@ -427,9 +444,9 @@ class AimPlugin(FusionSteps):
             _sync()
             t1 = time.perf_counter()
             if not scalar:  # the masks' global quantiles are collectives: agree on the local scores first
-                self._agree_merge(self._local(self._importance_scores, "the importance scores"))
+                self._agree_merge(local_error(self._importance_scores, "the importance scores"))
                 quantiles = self._importance_quantiles()
-            error = self._local(
+            error = local_error(
                 lambda: self._fuse(scalar, w_in, w_out, journal, None if scalar else quantiles), "fusion"
             )
             self._agree_merge(error)
@@ -551,7 +568,7 @@ class AimPlugin(FusionSteps):
     def _rehearsal_batch(self) -> dict:
         batch = self._rehearsal_cursor.next()
         self.work["rehearsal_tokens"] += batch_tokens(batch)  # on the host copy: no device sync
-        return _to_device(batch, self.engine.device)
+        return to_device(batch, self.engine.device)
 
     def _snapshot_anchor(self) -> None:
         for g, a in zip(self.shards.groups, self.anchor):
@@ -565,24 +582,12 @@ class AimPlugin(FusionSteps):
             t.zero_()
         return t
 
-    @staticmethod
-    def _local(fn, what: str) -> str | None:
-        """Run this rank's own part of a merge; its error message, or None."""
-        try:
-            return fn()
-        except Exception as e:
-            return f"{what} failed: {type(e).__name__}: {e}"
-
 
 def _sync() -> None:
     """Wait for queued device work so the fusion timers measure the work, not its launch."""
     from deepspeed.accelerator import get_accelerator
 
     get_accelerator().synchronize()
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def attach(engine, memory=None, config: AimConfig | dict | None = None) -> AimPlugin:

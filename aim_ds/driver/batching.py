@@ -76,7 +76,3 @@ class EncodingCache:
                 )
             items.append(hit[1])
         return collate(items, self.tokenizer.pad_token_id, label_logits_only=self.keeps_logits)
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}

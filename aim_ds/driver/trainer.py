@@ -12,8 +12,10 @@ import os
 import sys
 import time
 
+from aim_ds.memory import to_device
+
 from .args import RunConfig
-from .batching import EncodingCache, lr_at, memory_batches, rank_batches, to_device
+from .batching import EncodingCache, lr_at, memory_batches, rank_batches
 from .resume import CKPT_SUBDIR, ResumePoint, global_batches, position_seed, resume_options, seed_rank_rng
 
 MULTITASK_SEED_OFFSET = 99991  # the joint pool's data order differs from every task's
