@@ -10,6 +10,7 @@ import deepspeed
 import torch
 
 import aim_ds
+from tests import ckpt_scenarios
 from tests import scenarios as sc
 
 # (name, fusion_exact kwargs): every optimizer family the plugin has an adapter for, below ZeRO-3
@@ -244,15 +245,7 @@ def _tp_checkpoint(engine, plugin, build, mem, work):
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-CKPT_AIM = {
-    "enabled": True,
-    "interval_rule": "fixed",
-    "initial_interval": 3,
-    "min_interval": 2,
-    "max_interval": 16,
-    "rehearsal_steps": 1,
-    "weight_policy": "importance",
-}  # importance: theta_k and EMA shards travel too
+CKPT_AIM = ckpt_scenarios.AIM  # importance: theta_k and EMA shards travel too
 
 
 def _equal(a, b) -> bool:
