@@ -120,3 +120,31 @@ def test_lora_options_refused_up_front():
     cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
     with pytest.raises(InputError, match="--lora-targets nope"):
         add_lora(LlamaForCausalLM(cfg), parse_args(["--lora", "2", "--lora-targets", "nope"]))
+
+
+def test_merge_adapters_matches_peft_merge_and_unload():
+    """aim-ds convert's merge equals peft's own merge_and_unload (plain and rslora scaling), names stripped."""
+    import pytest
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aim_ds.checkpoint import CheckpointError
+    from aim_ds.checkpoint.lora import merge_adapters
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    for rslora in (False, True):
+        torch.manual_seed(0)
+        lora = LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], use_rslora=rslora)
+        model = get_peft_model(LlamaForCausalLM(cfg), lora)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()  # peft starts B at zero: no change to merge otherwise
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        merged = merge_adapters(sd, json.loads(json.dumps(lora.to_dict(), default=list)), "ckpt")
+        want = model.merge_and_unload().state_dict()
+        assert set(merged) == set(want)
+        for k in want:
+            torch.testing.assert_close(merged[k], want[k], rtol=1e-6, atol=1e-6)
+    with pytest.raises(CheckpointError, match="adapter_config.json"):
+        merge_adapters(sd, None, "ckpt")
