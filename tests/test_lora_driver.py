@@ -92,6 +92,15 @@ def test_lora_aim_run_merges_adapters_and_converts(tmp_path):
     for k, v in initial.items():  # everything but the adapted projections is the initial model's
         if not any(f".{t}." in k for t in TARGETS):
             assert torch.equal(conv_sd[k], v), k
+    # the anchor converts the same way: its adapters merged into the (unchanged) base
+    conv_a = tmp_path / "conv_anchor"
+    c = subprocess.run(
+        [str(BIN / "aim-ds"), "convert", str(ckpt), str(conv_a), "--what", "anchor"], capture_output=True, text=True
+    )
+    assert c.returncode == 0, c.stderr[-3000:]
+    anchor_sd = AutoModelForCausalLM.from_pretrained(conv_a).state_dict()
+    assert set(anchor_sd) == set(conv_sd)
+    assert all(torch.equal(anchor_sd[k], v) for k, v in initial.items() if not any(f".{t}." in k for t in TARGETS))
 
     # --lora is part of the checkpoint's identity: a resume with another rank, or without LoRA, is refused up front
     common = ["--resume", "auto", "--output-dir", str(out), *SMALL, "--method", "aim", "--deepspeed_config", cfg]

@@ -302,6 +302,10 @@ def check_lora(args) -> float | None:
         if args.lora_alpha is not None or args.lora_targets != DEFAULT_LORA_TARGETS:
             raise InputError("--lora-alpha/--lora-targets configure LoRA adapters: give --lora R >= 1 or drop them")
         return None
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise InputError(f"--lora {args.lora} needs peft (the hf extra): pip install 'aim_ds[hf]'")
     alpha = 2.0 * args.lora if args.lora_alpha is None else float(args.lora_alpha)
     if alpha <= 0 or not math.isfinite(alpha):
         raise InputError(f"--lora-alpha {args.lora_alpha}: must be a positive number")
