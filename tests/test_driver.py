@@ -124,6 +124,9 @@ def test_help_documents_every_option(tmp_path):
         "--fwt-reference",
         "--replay-rows",
         "--memory-weight",
+        "--lora",
+        "--lora-alpha",
+        "--lora-targets",
         "--local_rank",
     ):
         assert opt in p.stdout, opt
@@ -165,6 +168,7 @@ BAD = [
     ("memory_weight_without_rows", lambda t: ["--method", "seqft", "--memory-weight", "0.5"], "--replay-rows >= 1"),
     ("memory_fraction_zero", lambda t: ["--memory-fraction", "0"], "--memory-fraction 0.0: must be in (0, 1]"),
     ("memory_fraction_above_one", lambda t: ["--memory-fraction", "1.5"], "--memory-fraction 1.5"),
+    ("negative_lora", lambda t: ["--lora", "-1"], "--lora -1: must be >= 0"),
     ("tensor_parallel", lambda t: ["--deepspeed_config", ds_config(t, _tp=2)], "not yet through this driver"),
 ]
 

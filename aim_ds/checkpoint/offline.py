@@ -30,6 +30,7 @@ from .format import (
     write_json_synced,
 )
 from .layout import gather, get_path, reshard_plugin, split_layout
+from .lora import merge_adapters, read_adapter_config
 from .runtime import torch_save_synced
 
 
@@ -159,6 +160,8 @@ def convert(
             raise CheckpointError(f"anchor parameters {missing[:3]} are not in the model state of {tag_dir}.")
         sd = dict(sd)
         sd.update(anchor)  # frozen parameters (not in the optimizer) keep their never-changing model values
+    # a LoRA run: the adapters folded into the base weights (plain HF names, no peft needed to load)
+    sd = merge_adapters(sd, read_adapter_config(os.path.join(tag_dir, HF_SUBDIR)), tag_dir)
     sd = {k: (v.to(dtypes[dtype]) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     tmp = _prepare_out(out_abs)
     try:

@@ -38,6 +38,7 @@ from .format import (
     write_json_synced,
     write_latest,
 )
+from .lora import save_adapter_config
 
 
 class CheckpointSaveError(RuntimeError):
@@ -129,6 +130,10 @@ def _write_rank0_files(engine, plugin, tmp_dir, tag, world, task_fingerprint, to
     if cfg is not None and hasattr(cfg, "save_pretrained"):
         os.makedirs(hf, exist_ok=True)
         cfg.save_pretrained(hf)
+    peft_config = getattr(engine.module, "peft_config", None)
+    if isinstance(peft_config, dict) and peft_config:  # peft adapters: convert merges them with this config
+        os.makedirs(hf, exist_ok=True)
+        save_adapter_config(peft_config, hf)
     if tokenizer is not None:
         os.makedirs(hf, exist_ok=True)
         tokenizer.save_pretrained(hf)

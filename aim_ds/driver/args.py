@@ -16,6 +16,7 @@ PLUGIN_METHODS = ("aim", "fixed_merge")
 MIXING_METHODS = ("replay", "fixed_merge", "aim")  # memory rows mixed into the training batches
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_DS_CONFIG = os.path.join(_REPO, "ds_configs", "cpu_zero3.json")
+DEFAULT_LORA_TARGETS = "q_proj,v_proj"  # Llama's attention query and value projections
 
 
 class InputError(Exception):
@@ -38,6 +39,9 @@ class RunConfig:
     tokenizer: str | None = None
     cache_dir: str | None = None
     max_len: int = 160
+    lora: int = 0
+    lora_alpha: float | None = None
+    lora_targets: str = DEFAULT_LORA_TARGETS
     deepspeed_config: str = DEFAULT_DS_CONFIG
     seed: int = 0
     epochs: float = 1.0
@@ -126,6 +130,20 @@ def build_parser(
         help="cache for trained tokenizers and FWT references (default $AIM_DS_CACHE or ~/.cache/aim_ds)",
     )
     g.add_argument("--max-len", type=int, default=160, help="max tokens per example (prompt truncated, answer kept)")
+    g.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="R",
+        help="train peft LoRA adapters of rank R on the model (base weights frozen; the plugin tracks and "
+        "merges the adapters only); 0 = full fine-tuning",
+    )
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (scaling alpha / R); default 2 x R")
+    g.add_argument(
+        "--lora-targets",
+        default=DEFAULT_LORA_TARGETS,
+        help="comma-separated module names that get adapters (peft target_modules)",
+    )
     g = p.add_argument_group("training")
     g.add_argument(
         "--deepspeed_config",
@@ -251,6 +269,7 @@ def check_args(args) -> RunConfig:
             "training set kept as memory; at least one example per class is kept); for training "
             "without memory use --method seqft"
         )
+    lora_alpha = check_lora(args)
     lr = args.lr
     if lr is None:
         lr = 3e-3 if args.benchmark in ("default", "default-gen") else 1e-3
@@ -271,7 +290,31 @@ def check_args(args) -> RunConfig:
         raise InputError("--resume auto needs --output-dir (the run directory whose checkpoints/ to resume)")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
     values["lr"] = lr
+    values["lora_alpha"] = lora_alpha
     return RunConfig(**values)
+
+
+def check_lora(args) -> float | None:
+    """The resolved --lora-alpha (None without LoRA). Raises InputError."""
+    if args.lora < 0:
+        raise InputError(f"--lora {args.lora}: must be >= 0 (the LoRA rank; 0 = no adapters, full fine-tuning)")
+    if args.lora == 0:
+        if args.lora_alpha is not None or args.lora_targets != DEFAULT_LORA_TARGETS:
+            raise InputError("--lora-alpha/--lora-targets configure LoRA adapters: give --lora R >= 1 or drop them")
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise InputError(f"--lora {args.lora} needs peft (the hf extra): pip install 'aim_ds[hf]'")
+    alpha = 2.0 * args.lora if args.lora_alpha is None else float(args.lora_alpha)
+    if alpha <= 0 or not math.isfinite(alpha):
+        raise InputError(f"--lora-alpha {args.lora_alpha}: must be a positive number")
+    targets = [t.strip() for t in args.lora_targets.split(",")]
+    if not all(targets):
+        raise InputError(
+            f"--lora-targets {args.lora_targets!r}: expected comma-separated module names, e.g. q_proj,v_proj"
+        )
+    return alpha
 
 
 def parse_args(argv=None, description: str | None = None) -> RunConfig:

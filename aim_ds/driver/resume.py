@@ -59,6 +59,8 @@ def resume_options(cfg: RunConfig) -> dict:
         "fwt_reference",
         "memory_weight",
     )
+    if cfg.lora:  # only LoRA runs add these, so the checkpoints of full fine-tuning keep their identity
+        keys += ("lora", "lora_alpha", "lora_targets")
     return {k: getattr(cfg, k) for k in keys}
 
 

@@ -200,6 +200,8 @@ def run(cfg: RunConfig, t0: float) -> int:
             "warmup": cfg.warmup,
             "max_len": cfg.max_len,
             "ds": {k: v for k, v in ds_run.items() if k != "aim_merging"},
+            # only LoRA runs add the key, so the cached references of full fine-tuning keep theirs
+            **({"lora": [cfg.lora, cfg.lora_alpha, cfg.lora_targets]} if cfg.lora else {}),
         },
         sort_keys=True,
     )

@@ -85,6 +85,21 @@ def set_lr(engine, lr: float) -> None:
         g["lr"] = lr
 
 
+def add_lora(model, cfg: RunConfig):
+    """The model wrapped with peft LoRA adapters (--lora R): the base frozen, the adapters trainable. The same
+    torch seed on every rank gives every rank the same adapter initialisation. Raises InputError."""
+    from peft import LoraConfig, get_peft_model
+
+    from .args import InputError
+
+    targets = [t.strip() for t in cfg.lora_targets.split(",")]
+    lora = LoraConfig(r=cfg.lora, lora_alpha=cfg.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # no module of the model matches --lora-targets
+        raise InputError(f"--lora-targets {cfg.lora_targets}: {e}") from None
+
+
 class CLTrainer:
     def __init__(self, state: RunState):
         self.state = state
@@ -105,15 +120,20 @@ class CLTrainer:
         s = self.state
         torch.manual_seed(self.cfg.seed)  # the same initial model for every engine of the run
         model, keepalive = build_model(self.cfg.model, s.tokenizer, s.ds_run)
-        self.encoder.keeps_logits = keeps_logits(model)  # batches carry logits_to_keep only if the forward takes it
+        if self.cfg.lora:
+            model = add_lora(model, self.cfg)
+        # batches carry logits_to_keep only if the forward names it (PeftModel's does not: **kwargs)
+        self.encoder.keeps_logits = keeps_logits(model)
+        # frozen weights (LoRA's base) stay out of the optimizer, so the plugin tracks the adapters only
+        trainable = [p for p in model.parameters() if p.requires_grad]
         opt = None
         if s.client_opt:
-            opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+            opt = torch.optim.AdamW(trainable, lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=opt,
             config=s.ds_run,
-            model_parameters=None if opt is not None else model.parameters(),
+            model_parameters=None if opt is not None else trainable,
         )
         engine._aim_ds_keepalive = keepalive
         return engine
