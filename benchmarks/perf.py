@@ -2,8 +2,8 @@
 
     python benchmarks/perf.py [--quick] [--json PATH]
 
-Launches its own multi-rank DeepSpeed ZeRO-3 runs (one process per rank, CPU accelerator, gloo) and
-reports, side by side from the same runs (never as timed assertions in tests):
+Launches its own multi-rank DeepSpeed runs (one process per rank, CPU accelerator, gloo; the in-rank jobs
+are in perf_jobs.py) and reports, side by side from the same runs (never as timed assertions in tests):
 
   plugin_bytes_per_param_per_rank  {"1","2","3"}: max over ranks of the bytes of tensors the plugin holds
                                    (AimPlugin.held_bytes(), device + host) / total trainable parameters
@@ -17,6 +17,10 @@ reports, side by side from the same runs (never as timed assertions in tests):
                                    without a merge, counted by wrapping aim_ds.statistics.all_reduce /
                                    broadcast (tensor.numel() * element_size per call); also per model size
   fusion_vs_copy                   fusion time / time of a torch copy moving the same bytes (same rank)
+  zero2                            the plugin bytes at ZeRO stage 2 (N = 1, 2, 3; partition = this rank's
+                                   slices of DeepSpeed's flat fp32 groups) and fusion vs copy at N = 2
+  autotp                           stat_bytes_per_step with DeepSpeed AutoTP ("tensor_parallel":
+                                   {"autotp_size": 2}, ZeRO stage 1, fp32) on 2 ranks, at two model sizes
   fusion_over_step                 fusion time per merge / plain training step
   hook_overhead_no_probe           (plain step + time in the hook on a step with no probe, no merge) /
                                    plain step, the hook time per step taken on the rank that reached the
