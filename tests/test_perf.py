@@ -1,4 +1,4 @@
-"""benchmarks/perf.py: its pure helpers and the launcher's result protocol (cheap: no DeepSpeed run).
+"""benchmarks/perf.py and perf_jobs.py: pure helpers and the launcher's result protocol (cheap: no DeepSpeed run).
 
 The measurements themselves take minutes and are never asserted against their goals in tests (the
 machine is shared); `python benchmarks/perf.py --quick --json PATH` is the way to run them.
@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import perf  # noqa: E402
+import perf_jobs  # noqa: E402
 
 
 def _record(**over) -> dict:
@@ -135,6 +136,33 @@ def test_table_shows_each_goal_and_the_padding_miss():
     assert perf.table(_record(probe_cost=None)).count("n/a") == 1
 
 
+ZERO2 = {
+    "plugin_bytes_per_param_per_rank": {"1": 4.0, "2": 2.0, "3": 4 / 3},
+    "plugin_bytes_per_partition_element_per_rank": {"1": 4.0, "2": 4.0, "3": 4.0},
+    "stat_bytes_per_step": 24,
+    "fusion_vs_copy": 0.9,
+}
+AUTOTP = {"stat_bytes_per_step": 24, "stat_bytes_per_step_by_model_params": {"139584": 24, "4765824": 24}}
+
+
+def test_zero2_and_autotp_figures_are_judged_and_tabled():
+    d = _record(zero2=ZERO2, autotp=AUTOTP)
+    met = d["goals_met"]
+    assert met["zero2_plugin_bytes_per_param_per_rank"] and met["zero2_fusion_vs_copy"]
+    assert met["autotp_stat_bytes_per_step"] is True
+    text = perf.table(d)
+    z2_line = next(line for line in text.splitlines() if "ZeRO-2: plugin bytes / param / rank" in line)
+    assert "N=2: 2.000000 (<= 2.000000)" in z2_line and z2_line.endswith("  ok")
+    assert "AutoTP 2 x ZeRO-1: stat bytes / step" in text and "'4765824': 24" in text
+    missed = _record(
+        zero2=dict(ZERO2, plugin_bytes_per_param_per_rank={"1": 4.0, "2": 4.0}, fusion_vs_copy=2.0),
+        autotp=dict(AUTOTP, stat_bytes_per_step=72),
+    )["goals_met"]
+    assert not any(missed[k] for k in ("zero2_plugin_bytes_per_param_per_rank", "zero2_fusion_vs_copy"))
+    assert missed["autotp_stat_bytes_per_step"] is False
+    assert "zero2_fusion_vs_copy" not in _record()["goals_met"]  # absent figures are not judged
+
+
 def test_loadavg_is_three_numbers():
     la = perf._loadavg()
     assert la is None or (len(la) == 3 and all(x >= 0 for x in la))
@@ -158,7 +186,7 @@ def test_collective_counter_counts_bytes_of_wrapped_calls(monkeypatch):
 
     monkeypatch.setattr(statistics, "_dist", lambda: FakeDist)
     original = statistics.all_reduce
-    c = perf.CollectiveCounter()
+    c = perf_jobs.CollectiveCounter()
     try:
         statistics.all_reduce(torch.zeros(3, dtype=torch.float64))  # 24 bytes
         statistics.broadcast(torch.zeros(4, dtype=torch.float32))  # 16 bytes
@@ -187,7 +215,7 @@ def test_plans_and_goals_cover_the_issue_keys():
         "end_to_end_aim_over_seqft",
     }
     for plan in perf.PLANS.values():
-        assert plan["model"] in perf.MODELS
+        assert plan["model"] in perf_jobs.MODELS
         # a merge must happen in task 1: the default config forces the first one by 2 * S_0 = 16 steps
         assert plan["task_steps"] >= 16 and plan["e2e_reps"] >= 1 and plan["reps"] >= 2
         assert len(plan["driver_seeds"]) >= 2  # the goal figure is a median over driver pairs

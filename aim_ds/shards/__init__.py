@@ -159,7 +159,7 @@ class ZeroShards:
         of a list every batch, of another iterable its first). Every rank of the group calls it."""
         if self.tp_size == 1:
             return None
-        from . import statistics
+        from .. import statistics
 
         fp = _memory_fingerprint(memory)
         t = torch.tensor([fp, -fp], dtype=torch.float64, device=statistics.comm_device())
