@@ -73,13 +73,13 @@ class MergeJournal:
     def __init__(self, shards, engine):
         self.groups = shards.groups
         self.engine = engine
-        self.inner = shards.optimizer.optimizer  # the torch optimizer whose state ZeRO-3 keys by master
+        self.inner, self.keys = shards.optimizer_state()  # the optimizer and what it keys its state by
         self.theta_k = [torch.empty(g.master.numel(), dtype=g.master.dtype, device="cpu") for g in self.groups]
         for g, k in zip(self.groups, self.theta_k):
             fusion.copy_into(k, g.master)
         self.opt_state = []
-        for g in self.groups:
-            st = self.inner.state.get(g.master)
+        for key in self.keys:
+            st = self.inner.state.get(key)
             self.opt_state.append(
                 None
                 if st is None
@@ -97,14 +97,14 @@ class MergeJournal:
     @torch.no_grad()
     def restore(self) -> None:
         """Put every recorded value back (this rank only; the caller refreshes the working copies)."""
-        for g, k in zip(self.groups, self.theta_k):
+        for g, k, key in zip(self.groups, self.theta_k, self.keys):
             fusion.copy_into(g.master, k)
-            g.master.grad = None
-        for g, saved in zip(self.groups, self.opt_state):
+            g.master.grad = key.grad = None
+        for g, saved, key in zip(self.groups, self.opt_state, self.keys):
             if saved is None:
-                self.inner.state.pop(g.master, None)
+                self.inner.state.pop(key, None)
                 continue
-            cur = self.inner.state.setdefault(g.master, {})
+            cur = self.inner.state.setdefault(key, {})
             for key in [k for k in cur if k not in saved]:
                 del cur[key]
             for key, v in saved.items():

@@ -80,7 +80,7 @@ def test_input_consumer_follows_pass_through_wrappers_only():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from aim_ds.plugin import _input_consumer
+    from aim_ds.memory import _input_consumer
     from tests.scenarios import tiny_config
 
     base = LlamaForCausalLM(tiny_config())

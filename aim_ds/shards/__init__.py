@@ -277,6 +277,10 @@ class ZeroShards:
     def _inner_optimizer(self):
         return self.optimizer.optimizer
 
+    def optimizer_state(self) -> tuple:
+        """(the torch optimizer that steps the masters, the tensor it keys its state by for each sub-group)."""
+        return self._inner_optimizer(), self._grad_sources()
+
     def _grad_sources(self) -> list[torch.Tensor]:
         """The tensors whose .grad the optimizer reads, one per sub-group."""
         return [g.master for g in self.groups]
