@@ -76,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None, help="sub-folder name and BENCHMARKS.md marker (default: the benchmark)")
     p.add_argument("--markdown", default="BENCHMARKS.md", help="file to write the table into")
     p.add_argument("--collect-only", action="store_true", help="do not run; tabulate existing results")
+    p.add_argument("--skip-done", action="store_true", help="do not rerun a run whose results.json exists")
     p.add_argument("--note", default="", help="a paragraph to put under the table (e.g. why runs are missing)")
     p.add_argument("--no-markdown", action="store_true", help="print the table, do not edit the file")
     a = p.parse_args(argv)
@@ -183,6 +184,10 @@ def run_all(a) -> dict[str, float]:
             if dep is not None and dep not in done:
                 continue
             pending.remove(job)
+            if a.skip_done and (out / "results.json").exists():
+                print(f"[{time.time() - t0:7.0f}s] {name}: done before, skipped", flush=True)
+                done.add(name)
+                continue
             logp = ROOT / a.out_root / a.tag / f"{name}.log"
             log = open(logp, "w")
             log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
@@ -341,9 +346,49 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
             cells = [f"{statistics.fmean(r['matrix'][k][k] for r in rs):.1f}" for k in range(len(tasks))]
             L.append(f"| {m} | " + " | ".join(cells) + " |")
         L.append("")
+    L += paired_lines(res, a.methods, seeds)
     if a.note:
         L += [a.note, ""]
     return "\n".join(L)
+
+
+def paired(xs: list[float], ys: list[float]) -> tuple[float, float | None, str]:
+    """Mean of the per-seed differences x - y, its standard error (None under 2 seeds) and the verdict:
+    "level" when |mean| < 2 standard errors (or one seed), else "ahead" / "behind"."""
+    d = [x - y for x, y in zip(xs, ys)]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return mean, None, "level (1 seed)"
+    se = statistics.stdev(d) / len(d) ** 0.5
+    if abs(mean) < 2 * se or (se == 0 and mean == 0):
+        return mean, se, "level"
+    return mean, se, "ahead" if mean > 0 else "behind"
+
+
+def paired_lines(res, methods, seeds) -> list[str]:
+    """Paired differences (by seed) of each merging method against the other sequential methods."""
+    seq = [m for m in methods if m not in ("single", "multitask")]
+    pairs = [(m, o) for m in seq if m in MERGING for o in seq if o != m and not (o in MERGING and o < m)]
+    L = []
+    for m, o in pairs:
+        both = [s for s in seeds if res.get((m, s)) and res.get((o, s))]
+        if not both:
+            continue
+        cells = []
+        for key in ("OP", "BWT"):
+            mean, se, verdict = paired([res[(m, s)][key] for s in both], [res[(o, s)][key] for s in both])
+            cells.append(f"{mean:+.1f}" + (f" ± {se:.1f}" if se is not None else "") + f" ({verdict})")
+        L.append(f"| {m} − {o} | {len(both)} | " + " | ".join(cells) + " |")
+    if not L:
+        return []
+    head = [
+        'Paired differences by seed (mean ± standard error of the per-seed difference; "level" when under '
+        "two standard errors):",
+        "",
+        "| pair | seeds | OP | BWT |",
+        "|---|---|---|---|",
+    ]
+    return head + L + [""]
 
 
 def write_markdown(path: Path, tag: str, body: str):
