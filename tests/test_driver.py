@@ -322,3 +322,21 @@ def test_single_then_fixed_merge_uses_fwt_cache(tmp_path):
     with open(tmp_path / "f" / "trajectory.csv") as f:
         merges = [r for r in csv.DictReader(f) if r["merge"] == "1"]
     assert all(float(r["w_in"]) == 0.7 and float(r["w_out"]) == 0.3 for r in merges)
+
+
+def test_eval_tasks_seen_skips_only_the_unseen_tasks(tmp_path):
+    """--eval-tasks seen evaluates tasks 0..k after task k: the matrix above the diagonal is empty, every other
+    entry and OP / BWT are those of the full evaluation (evaluating does not change training)."""
+    r = {}
+    for which in ("all", "seen"):
+        out = tmp_path / which
+        p = run(py("--method", "seqft", "--eval-tasks", which, "--output-dir", str(out), *SMALL), tmp_path)
+        assert p.returncode == 0, p.stderr[-4000:]
+        r[which] = check_outputs(out, "seqft")
+    full, seen = r["all"]["matrix"], r["seen"]["matrix"]
+    assert all(v is not None for row in full for v in row)
+    for k in range(4):
+        assert seen[k][k + 1 :] == [None] * (3 - k)
+        assert seen[k][: k + 1] == full[k][: k + 1]
+    assert (r["seen"]["OP"], r["seen"]["BWT"]) == (r["all"]["OP"], r["all"]["BWT"])
+    assert r["seen"]["config"]["args"]["eval_tasks"] == "seen"

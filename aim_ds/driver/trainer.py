@@ -357,12 +357,14 @@ class CLTrainer:
                 on_step=self.checkpoint_hook(engine, plugin, k, matrix, cfg.seed + k),
                 probe=probe,
             )
-            scores = self._timed_eval(engine, range(len(s.tasks)), clock)
-            matrix.append([scores[i] for i in range(len(s.tasks))])
+            scores = self._timed_eval(engine, range(k + 1 if cfg.eval_tasks == "seen" else len(s.tasks)), clock)
+            matrix.append([scores.get(i) for i in range(len(s.tasks))])
             if cfg.checkpoint_every:
                 self.save(engine, plugin, k, s.steps_per_task[k], True, matrix, cfg.seed + k)
             if s.rank == 0 and progress.bar is not None:
-                progress.bar.write(f"after {task.name}: " + " ".join(f"{v:.1f}" for v in matrix[-1]))
+                progress.bar.write(
+                    f"after {task.name}: " + " ".join("-" if v is None else f"{v:.1f}" for v in matrix[-1])
+                )
         progress.close()
         res = self._result(matrix, engine, time.time() - t_train, clock, merges=plugin.merge_count if plugin else 0)
         res["plugin"] = plugin
