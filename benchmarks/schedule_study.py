@@ -108,7 +108,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|")
     for d in a.runs:
         print(summary_row(d))
-    tasks = json.loads((a.runs[0] / "results.json").read_text())["tasks"]
+    tasks = [t["name"] for t in json.loads((a.runs[0] / "results.json").read_text())["tasks"]]
     print("\nS in force at each merge (a = activation, f = forced, c = cap):\n")
     print("| run | " + " | ".join(tasks) + " |")
     print("|---|" + "---|" * len(tasks))

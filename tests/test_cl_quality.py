@@ -73,3 +73,12 @@ def test_memory_sweep_rejects_a_fraction_outside_0_1():
 
     with pytest.raises(SystemExit):
         memory_sweep.parse_args(["--fractions", "2"])
+
+
+def test_long_preset_evaluates_only_the_tasks_seen():
+    a = cl_quality.parse_args(["--benchmark", "long", "--seeds", "0", "--methods", "seqft", "--max-eval", "20"])
+    ((_, cmd, _, _),) = cl_quality.build_jobs(a)
+    flags = dict(zip(cmd[2::2], cmd[3::2]))
+    assert flags["--order"] == "1" and flags["--max-train"] == "320" and flags["--eval-tasks"] == "seen"
+    assert flags["--max-eval"] == "20"  # an explicit option beats the preset
+    assert "--eval-tasks" not in cl_quality.build_jobs(cl_quality.parse_args(["--seeds", "0"]))[0][1]
