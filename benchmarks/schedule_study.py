@@ -10,7 +10,8 @@ For every merge it tells which rule fired it, re-deriving the controller's own d
 
 - activation: the forgetting signal h reached the threshold delta at least once in the segment;
 - forced: no activation, and the merge fell at m + forced_activation_multiple x S (A set to 1 there);
-- cap: A reached activation_cap before m + S.
+- cap: A reached activation_cap before m + S;
+- every S: the "fixed" interval rule (fixed_merge), which reads no signal.
 
 ``peak h/delta`` is the segment's largest probe loss over its threshold (1.0 or more = an activation); the
 threshold factor that would have fired in a segment is threshold_factor x peak. Prints markdown.
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aim_ds.trajectory import read_csv  # noqa: E402
+
+LETTER = {"activation": "a", "forced": "f", "cap": "c"}  # none for the fixed rule's merges
 
 
 def segments(rows: list[dict], cfg: dict) -> list[dict]:
@@ -48,7 +51,9 @@ def segments(rows: list[dict], cfg: dict) -> list[dict]:
         s_old = s_in_force if s_in_force is not None else cfg.get("initial_interval", 8)
         a = r.get("activations") or 0
         fired = peak is not None and peak >= 1.0
-        if a >= cfg.get("activation_cap", 1 << 30) and r["step"] < last + s_old:
+        if cfg.get("interval_rule") == "fixed":
+            cause = "every S (fixed rule)"
+        elif a >= cfg.get("activation_cap", 1 << 30) and r["step"] < last + s_old:
             cause = "cap"
         elif not fired and a == 1 and r["step"] == last + mult * s_old:
             cause = "forced"
@@ -66,13 +71,16 @@ def segments(rows: list[dict], cfg: dict) -> list[dict]:
 
 def load(run_dir: Path) -> tuple[dict, list[dict], dict]:
     res = json.loads((run_dir / "results.json").read_text())
-    cfg = (res.get("config", {}).get("deepspeed_config") or {}).get("aim_merging") or {}
+    full = res.get("config", {})  # the plugin's resolved config (fixed_merge: the fixed rule), else the ds_config's
+    cfg = full.get("aim_merging") or (full.get("deepspeed_config") or {}).get("aim_merging") or {}
     return res, segments(read_csv(str(run_dir / "trajectory.csv")), cfg), cfg
 
 
 def summary_row(run_dir: Path) -> str:
     res, segs, cfg = load(run_dir)
     causes = {c: sum(1 for s in segs if s["cause"] == c) for c in ("activation", "forced", "cap")}
+    if cfg.get("interval_rule") == "fixed":
+        causes = {"activation": "—", "forced": "—", "cap": "—"}
     peaks = [s["peak"] for s in segs if s["peak"] is not None]
     factor = cfg.get("threshold_factor", 2.0)
     peak_txt = f"{statistics.median(peaks):.2f} / {max(peaks):.2f}" if peaks else "—"
@@ -89,7 +97,7 @@ def interval_row(run_dir: Path, tasks: list[str]) -> str:
     _, segs, _ = load(run_dir)
     cells = []
     for t in range(len(tasks)):
-        got = [f"{s['s_old']}{s['cause'][0]}" for s in segs if s["task"] == t]
+        got = [f"{s['s_old']}{LETTER.get(s['cause'], '')}" for s in segs if s["task"] == t]
         cells.append(" ".join(got) if got else "—")
     return f"| {run_dir.name} | " + " | ".join(cells) + " |"
 
@@ -109,7 +117,7 @@ def main(argv=None):
     for d in a.runs:
         print(summary_row(d))
     tasks = [t["name"] for t in json.loads((a.runs[0] / "results.json").read_text())["tasks"]]
-    print("\nS in force at each merge (a = activation, f = forced, c = cap):\n")
+    print("\nS in force at each merge (a = activation, f = forced, c = cap; no letter: the fixed rule):\n")
     print("| run | " + " | ".join(tasks) + " |")
     print("|---|" + "---|" * len(tasks))
     for d in a.runs:
