@@ -86,7 +86,7 @@ def summary_row(run_dir: Path) -> str:
     peak_txt = f"{statistics.median(peaks):.2f} / {max(peaks):.2f}" if peaks else "—"
     need = f"{factor * max(peaks):.2f}" if peaks else "—"
     return (
-        f"| {run_dir.name} | {res['OP']:.1f} | {res['BWT']:.1f} | {len(segs)} | {causes['activation']} / "
+        f"| {run_dir.parent.name}/{run_dir.name} | {res['OP']:.1f} | {res['BWT']:.1f} | {len(segs)} | {causes['activation']} / "
         f"{causes['forced']} / {causes['cap']} | {sum(s['rehearsal'] for s in segs)} | {res['steps']['engine']} | "
         f"{peak_txt} | {need} |"
     )
@@ -99,14 +99,45 @@ def interval_row(run_dir: Path, tasks: list[str]) -> str:
     for t in range(len(tasks)):
         got = [f"{s['s_old']}{LETTER.get(s['cause'], '')}" for s in segs if s["task"] == t]
         cells.append(" ".join(got) if got else "—")
-    return f"| {run_dir.name} | " + " | ".join(cells) + " |"
+    return f"| {run_dir.parent.name}/{run_dir.name} | " + " | ".join(cells) + " |"
+
+
+def compare(a_runs: list[Path], b_runs: list[Path]) -> str:
+    """Paired difference by seed (folder suffix -s<seed>) of OP and BWT: runs A minus runs B."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cl_quality import paired
+
+    def by_seed(runs):
+        return {d.name.rsplit("-s", 1)[1]: json.loads((d / "results.json").read_text()) for d in runs}
+
+    a, b = by_seed(a_runs), by_seed(b_runs)
+    seeds = sorted(set(a) & set(b), key=int)
+    if not seeds:
+        raise SystemExit("--compare: no seed is in both groups (folders end in -s<seed>)")
+    cells = []
+    for key in ("OP", "BWT"):
+        mean, se, verdict = paired([a[s][key] for s in seeds], [b[s][key] for s in seeds])
+        cells.append(f"{mean:+.1f}" + (f" ± {se:.1f}" if se is not None else "") + f" ({verdict})")
+    name = f"{a_runs[0].parent.name} − {b_runs[0].parent.name}"
+    return f"| {name} | {' '.join(seeds)} | " + " | ".join(cells) + " |"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run folders (each with trajectory.csv and results.json)")
+    p.add_argument(
+        "--versus",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="a second group of run folders: print the paired difference (by seed) of RUNS minus these",
+    )
     a = p.parse_args(argv)
-    missing = [str(d) for d in a.runs if not (d / "trajectory.csv").exists() or not (d / "results.json").exists()]
+    missing = [
+        str(d)
+        for d in a.runs + (a.versus or [])
+        if not (d / "trajectory.csv").exists() or not (d / "results.json").exists()
+    ]
     if missing:
         p.error(f"no trajectory.csv / results.json in {', '.join(missing)}: give finished run folders")
     print(
@@ -122,6 +153,10 @@ def main(argv=None):
     print("|---|" + "---|" * len(tasks))
     for d in a.runs:
         print(interval_row(d, tasks))
+    if a.versus:
+        print('\nPaired by seed (mean ± standard error of the difference; "level" under two standard errors):\n')
+        print("| runs − versus | seeds | OP | BWT |\n|---|---|---|---|")
+        print(compare(a.runs, a.versus))
 
 
 if __name__ == "__main__":

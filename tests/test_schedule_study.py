@@ -64,3 +64,14 @@ def test_causes_match_the_controller(tmp_path):
     out = schedule_study.summary_row(tmp_path)
     n_forced = sum(c == "forced" for _, _, c in truth)
     assert f"| {sum(c == 'activation' for _, _, c in truth)} / {n_forced} / " in out
+
+
+def test_versus_pairs_runs_by_seed(tmp_path):
+    for group, ops in (("a", (40.0, 42.0, 41.0)), ("b", (30.0, 31.0, 32.0))):
+        for seed, op in enumerate(ops):
+            d = tmp_path / group / f"aim-s{seed}"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps({"OP": op, "BWT": -op / 10}))
+    a = sorted((tmp_path / "a").iterdir())
+    b = sorted((tmp_path / "b").iterdir())[:2]  # seed 2 only in group a: left out
+    assert schedule_study.compare(a, b) == "| a − b | 0 1 | +10.5 ± 0.5 (ahead) | -1.1 ± 0.1 (behind) |"
