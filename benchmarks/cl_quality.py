@@ -272,7 +272,8 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
     L = []
     L.append(f"Command: `{cmdline}`  ")
     L.append(
-        f"Runs started {started or '?'}; table written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu_count()}-core CPU "
+        (f"Runs started {started}; table" if started else "Table")
+        + f" written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu_count()}-core CPU "
         f"({platform.machine()}), shared with other jobs; every run ONE process (world size 1, "
         f"OMP_NUM_THREADS=1), {a.parallel} runs side by side"
         + (f"; all {len(res)} runs took {total_wall / 60:.1f} min wall." if total_wall else ".")
@@ -368,12 +369,15 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
 
 def paired(xs: list[float], ys: list[float]) -> tuple[float, float | None, str]:
     """Mean of the per-seed differences x - y, its standard error (None under 2 seeds) and the verdict:
-    "level" when |mean| < 2 standard errors (or one seed), else "ahead" / "behind"."""
+    "level" when |mean| < 2 standard errors, else "ahead" / "behind". Under 3 seeds it is always "level (n
+    seeds)": a standard error from 2 differences has one degree of freedom and says almost nothing."""
     d = [x - y for x, y in zip(xs, ys)]
     mean = statistics.fmean(d)
     if len(d) < 2:
         return mean, None, "level (1 seed)"
     se = statistics.stdev(d) / len(d) ** 0.5
+    if len(d) < 3:
+        return mean, se, f"level ({len(d)} seeds)"
     if abs(mean) < 2 * se or (se == 0 and mean == 0):
         return mean, se, "level"
     return mean, se, "ahead" if mean > 0 else "behind"

@@ -30,7 +30,8 @@ def test_out_root_inside_the_checkout_stays_relative():
 def test_paired_difference_verdicts():
     mean, se, verdict = cl_quality.paired([80.0, 82.0, 81.0], [70.0, 71.0, 72.0])
     assert (round(mean, 6), verdict) == (10.0, "ahead") and 0 < se < 1
-    assert cl_quality.paired([70.0, 90.0], [80.0, 79.0])[2] == "level"  # +0.5 against a spread of 21
+    assert cl_quality.paired([70.0, 90.0, 75.0], [80.0, 79.0, 76.0])[2] == "level"  # +0 against a spread of 11
+    assert cl_quality.paired([80.0, 82.0], [70.0, 71.0])[2] == "level (2 seeds)"  # one degree of freedom: no verdict
     assert cl_quality.paired([60.0, 61.0, 62.0], [70.0, 70.5, 71.0])[2] == "behind"
     assert cl_quality.paired([50.0], [40.0]) == (10.0, None, "level (1 seed)")
 
@@ -64,7 +65,7 @@ def test_memory_sweep_runs_one_tagged_quality_call_per_fraction(tmp_path):
             (d / "results.json").write_text(f'{{"OP": {op + s}, "BWT": {-op / 10 - s}}}')
     text = memory_sweep.table(a, memory_sweep.collect(a))
     assert "| 10% | 40.5 ± 0.7 | -4.5 ± 0.7 | 45.5 ± 0.7 | -5.0 ± 0.7 | 2 |" in text
-    assert "| aim 2% − replay 10% | 2 | -1.0 ± 0.0 (behind) | +0.1 ± 0.0 (ahead) |" in text
+    assert "| aim 2% − replay 10% | 2 | -1.0 ± 0.0 (level (2 seeds)) | +0.1 ± 0.0 (level (2 seeds)) |" in text
 
 
 def test_memory_sweep_rejects_a_fraction_outside_0_1():
