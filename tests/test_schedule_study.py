@@ -75,4 +75,6 @@ def test_versus_pairs_runs_by_seed(tmp_path):
     a = sorted((tmp_path / "a").iterdir())
     b = sorted((tmp_path / "b").iterdir())
     assert schedule_study.compare(a, b) == "| a − b | 0 1 2 | +10.0 ± 0.6 (ahead) | -1.0 ± 0.1 (behind) |"
-    assert schedule_study.compare(a, b[:2]).startswith("| a − b | 0 1 | +10.5 ± 0.5 (level (2 seeds))")  # seed 2 left out
+    assert schedule_study.compare(a, b[:2]).startswith(
+        "| a − b | 0 1 | +10.5 ± 0.5 (level (2 seeds))"
+    )  # seed 2 left out
