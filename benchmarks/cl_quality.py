@@ -383,6 +383,18 @@ def paired(xs: list[float], ys: list[float]) -> tuple[float, float | None, str]:
     return mean, se, "ahead" if mean > 0 else "behind"
 
 
+PAIRED_NOTE = (
+    'Paired by seed (mean ± standard error of the per-seed difference; "level" when under two standard errors, '
+    "or from fewer than 3 seeds):"
+)
+
+
+def paired_cell(xs: list[float], ys: list[float]) -> str:
+    """One table cell: the paired difference x - y, its standard error and the verdict."""
+    mean, se, verdict = paired(xs, ys)
+    return f"{mean:+.1f}" + (f" ± {se:.1f}" if se is not None else "") + f" ({verdict})"
+
+
 def paired_lines(res, methods, seeds) -> list[str]:
     """Paired differences (by seed) of each merging method against the other sequential methods."""
     seq = [m for m in methods if m not in ("single", "multitask")]
@@ -392,21 +404,11 @@ def paired_lines(res, methods, seeds) -> list[str]:
         both = [s for s in seeds if res.get((m, s)) and res.get((o, s))]
         if not both:
             continue
-        cells = []
-        for key in ("OP", "BWT"):
-            mean, se, verdict = paired([res[(m, s)][key] for s in both], [res[(o, s)][key] for s in both])
-            cells.append(f"{mean:+.1f}" + (f" ± {se:.1f}" if se is not None else "") + f" ({verdict})")
+        cells = [paired_cell([res[(m, s)][k] for s in both], [res[(o, s)][k] for s in both]) for k in ("OP", "BWT")]
         L.append(f"| {m} − {o} | {len(both)} | " + " | ".join(cells) + " |")
     if not L:
         return []
-    head = [
-        'Paired differences by seed (mean ± standard error of the per-seed difference; "level" when under '
-        "two standard errors):",
-        "",
-        "| pair | seeds | OP | BWT |",
-        "|---|---|---|---|",
-    ]
-    return head + L + [""]
+    return [PAIRED_NOTE, "", "| pair | seeds | OP | BWT |", "|---|---|---|---|"] + L + [""]
 
 
 def write_markdown(path: Path, tag: str, body: str):

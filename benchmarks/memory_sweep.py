@@ -55,8 +55,17 @@ def quality_args(a, f: float) -> list[str]:
     cq = cl_quality.parse_args(a.passthrough)
     if cq.extra:
         extra = f"{cq.extra} {extra}"
-    rest = [x for x in a.passthrough]
-    return [*rest, "--tag", tag(a, f), "--methods", *a.methods, "--seeds", *map(str, a.seeds), "--extra", extra]
+    return [
+        *a.passthrough,
+        "--tag",
+        tag(a, f),
+        "--methods",
+        *a.methods,
+        "--seeds",
+        *map(str, a.seeds),
+        "--extra",
+        extra,
+    ]
 
 
 def collect(a) -> dict:
@@ -69,10 +78,6 @@ def collect(a) -> dict:
     return out
 
 
-def _ms(vals):
-    return f"{statistics.fmean(vals):.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
-
-
 def table(a, res) -> str:
     L = ["| memory | " + " | ".join(f"{m} OP | {m} BWT" for m in a.methods) + " | seeds |"]
     L.append("|---|" + "---|---|" * len(a.methods) + "---|")
@@ -81,9 +86,9 @@ def table(a, res) -> str:
         for m in a.methods:
             got = res.get((m, f), {})
             n.add(len(got))
-            cells += [_ms([r[k] for r in got.values()]) if got else "—" for k in ("OP", "BWT")]
+            cells += [cl_quality._fmt([r[k] for r in got.values()]) if got else "—" for k in ("OP", "BWT")]
         L.append(f"| {f * 100:g}% | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(n)))} |")
-    L += ["", 'Paired by seed (mean ± standard error of the difference; "level" under two standard errors):', ""]
+    L += ["", cl_quality.PAIRED_NOTE, ""]
     L += ["| comparison | seeds | OP | BWT |", "|---|---|---|---|"]
     comps = [(("aim", f), ("replay", f)) for f in a.fractions]
     comps += [(("aim", f), ("replay", g)) for f in a.fractions for g in a.fractions if g > f]
@@ -92,10 +97,7 @@ def table(a, res) -> str:
         seeds = sorted(set(x) & set(y))
         if not seeds:
             continue
-        cells = []
-        for k in ("OP", "BWT"):
-            mean, se, v = cl_quality.paired([x[s][k] for s in seeds], [y[s][k] for s in seeds])
-            cells.append(f"{mean:+.1f}" + (f" ± {se:.1f}" if se is not None else "") + f" ({v})")
+        cells = [cl_quality.paired_cell([x[s][k] for s in seeds], [y[s][k] for s in seeds]) for k in ("OP", "BWT")]
         L.append(f"| {m1} {f1 * 100:g}% − {m2} {f2 * 100:g}% | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(L) + "\n"
 

@@ -105,7 +105,7 @@ def interval_row(run_dir: Path, tasks: list[str]) -> str:
 def compare(a_runs: list[Path], b_runs: list[Path]) -> str:
     """Paired difference by seed (folder suffix -s<seed>) of OP and BWT: runs A minus runs B."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from cl_quality import paired
+    from cl_quality import paired_cell
 
     def by_seed(runs):
         return {d.name.rsplit("-s", 1)[1]: json.loads((d / "results.json").read_text()) for d in runs}
@@ -114,10 +114,7 @@ def compare(a_runs: list[Path], b_runs: list[Path]) -> str:
     seeds = sorted(set(a) & set(b), key=int)
     if not seeds:
         raise SystemExit("--compare: no seed is in both groups (folders end in -s<seed>)")
-    cells = []
-    for key in ("OP", "BWT"):
-        mean, se, verdict = paired([a[s][key] for s in seeds], [b[s][key] for s in seeds])
-        cells.append(f"{mean:+.1f}" + (f" ± {se:.1f}" if se is not None else "") + f" ({verdict})")
+    cells = [paired_cell([a[s][k] for s in seeds], [b[s][k] for s in seeds]) for k in ("OP", "BWT")]
     name = f"{a_runs[0].parent.name} − {b_runs[0].parent.name}"
     return f"| {name} | {' '.join(seeds)} | " + " | ".join(cells) + " |"
 
@@ -154,7 +151,9 @@ def main(argv=None):
     for d in a.runs:
         print(interval_row(d, tasks))
     if a.versus:
-        print('\nPaired by seed (mean ± standard error of the difference; "level" under two standard errors):\n')
+        from cl_quality import PAIRED_NOTE
+
+        print(f"\n{PAIRED_NOTE}\n")
         print("| runs − versus | seeds | OP | BWT |\n|---|---|---|---|")
         print(compare(a.runs, a.versus))
 
