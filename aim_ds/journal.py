@@ -61,6 +61,15 @@ def fatal_error(e: BaseException, rank: int, what: str) -> RuntimeError:
 
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+# what engine.step() reported for the training step: rehearsal's steps overwrite it, commit or undo
+STEP_REPORT = (
+    ("engine", "_global_grad_norm"),
+    ("engine", "_step_applied"),
+    ("optimizer", "overflow"),
+    ("optimizer", "_global_grad_norm"),
+)
+# the loss scale: ZeRO's loss_scaler, or FP16_UnfusedOptimizer's loss_scale_config (stage 0)
+SCALER_ATTRS = ("loss_scaler", "loss_scale_config")
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -85,9 +94,19 @@ class MergeJournal:
                 if st is None
                 else {k: (_host_copy(v) if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in st.items()}
             )
+        # with optimizer offload DeepSpeed allocates each partition's .grad once and writes into it
+        # (and keeps views of it): the same tensors must be there after an undo
+        self.grads = [(g.master.grad, key.grad) for g, key in zip(self.groups, self.keys)]
         self.counters = {n: getattr(engine, n) for n in ENGINE_COUNTERS if hasattr(engine, n)}
-        scaler = getattr(shards.optimizer, "loss_scaler", None)
-        self.scaler = (scaler, copy.deepcopy(vars(scaler))) if scaler is not None else None
+        owners = {"engine": engine, "optimizer": shards.optimizer}
+        self.report = [(owners[o], n, getattr(owners[o], n)) for o, n in STEP_REPORT if hasattr(owners[o], n)]
+        scalers = [getattr(shards.optimizer, a, None) for a in SCALER_ATTRS]
+        self.scalers = [(s, copy.deepcopy(vars(s))) for s in scalers if s is not None]
+        # rehearsal's dropout draws from the RNG: an undone merge must not shift the rest of the run
+        from deepspeed.accelerator import get_accelerator
+
+        self._accelerator = get_accelerator()
+        self.rng = (torch.get_rng_state(), self._accelerator.get_rng_state())
 
     @property
     def host_bytes(self) -> int:
@@ -97,9 +116,9 @@ class MergeJournal:
     @torch.no_grad()
     def restore(self) -> None:
         """Put every recorded value back (this rank only; the caller refreshes the working copies)."""
-        for g, k, key in zip(self.groups, self.theta_k, self.keys):
+        for g, k, key, (master_grad, key_grad) in zip(self.groups, self.theta_k, self.keys, self.grads):
             fusion.copy_into(g.master, k)
-            g.master.grad = key.grad = None
+            g.master.grad, key.grad = master_grad, key_grad
         for g, saved, key in zip(self.groups, self.opt_state, self.keys):
             if saved is None:
                 self.inner.state.pop(key, None)
@@ -114,8 +133,17 @@ class MergeJournal:
                     cur[key] = v.to(g.master.device) if torch.is_tensor(v) and v.dim() else v
         for n, v in self.counters.items():
             setattr(self.engine, n, v)
-        if self.scaler is not None:
-            vars(self.scaler[0]).update(copy.deepcopy(self.scaler[1]))
+        for scaler, saved in self.scalers:
+            vars(scaler).update(copy.deepcopy(saved))
+        torch.set_rng_state(self.rng[0])
+        self._accelerator.set_rng_state(self.rng[1])
+        self.restore_step_report()
+
+    def restore_step_report(self) -> None:
+        """The training step's gradient norm and overflow flag, as engine.step() reported them before the
+        merge's rehearsal steps replaced them (called on commit too)."""
+        for owner, n, v in self.report:
+            setattr(owner, n, v)
 
 
 __all__ = ["ENGINE_COUNTERS", "MergeAborted", "MergeJournal", "fatal_error", "local_error"]

@@ -465,6 +465,7 @@ class AimPlugin(FusionSteps):
                 )
             return {"merged": False, "reason": str(e), "task": self.task_index, "step": self._step_in_task}
         # commit: the fused masters become the anchor
+        journal.restore_step_report()
         for g, a in zip(groups, self.anchor):
             fusion.copy_into(a, g.master)
         if self._importance:  # the state keeps the last committed merge's theta_k, as checkpoints always did

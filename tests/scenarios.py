@@ -22,9 +22,9 @@ VOCAB = 97
 _keep = []  # HfDeepSpeedConfig must stay alive while zero.Init builds the model
 
 
-def tiny_config() -> LlamaConfig:
+def tiny_config(**overrides) -> LlamaConfig:
     # sizes chosen so that most tensors are not divisible by 3: 3 ranks pad the last partitions
-    return LlamaConfig(
+    sizes = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=70,
@@ -35,6 +35,7 @@ def tiny_config() -> LlamaConfig:
         tie_word_embeddings=False,
         attention_dropout=0.0,
     )
+    return LlamaConfig(**{**sizes, **overrides})
 
 
 def ds_config(dtype="fp32", persistence=0, stage=3, aim=None, gas=1, scheduler=False, offload=False):
@@ -53,6 +54,8 @@ def ds_config(dtype="fp32", persistence=0, stage=3, aim=None, gas=1, scheduler=F
         cfg["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the host: no cpu_adam JIT build
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
+    if dtype == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8}
     if aim is not None:
         cfg["aim_merging"] = aim
     if scheduler:
@@ -63,11 +66,11 @@ def ds_config(dtype="fp32", persistence=0, stage=3, aim=None, gas=1, scheduler=F
     return cfg
 
 
-def make_engine(cfg: dict, seed: int = 0, lr: float = 1e-3):
+def make_engine(cfg: dict, seed: int = 0, lr: float = 1e-3, dropout: float = 0.0):
     torch.manual_seed(seed)
     unset_hf_deepspeed_config()
     _keep.append(HfDeepSpeedConfig(cfg))
-    model = LlamaForCausalLM._from_config(tiny_config())
+    model = LlamaForCausalLM._from_config(tiny_config(attention_dropout=dropout))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return engine

@@ -28,9 +28,10 @@ from tests.scenarios import (
 AIM = {"enabled": True, "initial_interval": 3, "min_interval": 2, "max_interval": 8, "interval_rule": "reference"}
 
 
-def _second_task(aim: dict, steps: int, second_memory=None):
-    """An engine with the plugin: 2 steps of task 0, then `steps` steps of task 1 (merging active)."""
-    engine = make_engine(ds_config(aim=aim))
+def _second_task(aim: dict, steps: int, second_memory=None, dropout=0.0, **cfg):
+    """An engine with the plugin: 2 steps of task 0, then `steps` steps of task 1 (merging active).
+    cfg: ds_config's dtype, stage, offload."""
+    engine = make_engine(ds_config(aim=aim, **cfg), dropout=dropout)
     plugin = aim_ds.attach(engine)
     plugin.start_task(memory())
     train_steps(engine, 2)
@@ -41,16 +42,39 @@ def _second_task(aim: dict, steps: int, second_memory=None):
 
 def _rank_state(engine, plugin) -> dict:
     """Everything a merge may touch on this rank, cloned: masters, working flats, optimizer state, engine
-    counters, the plugin's state (anchor, controller, trajectory, cursors, importance buffers)."""
+    counters, the plugin's state (anchor, controller, trajectory, cursors, importance buffers), the loss
+    scale, the RNG, what the last step reported (gradient norm, overflow) and which gradient buffers the
+    optimizer writes into (with optimizer offload DeepSpeed allocates them once)."""
     opt = engine.optimizer
+    inner, keys = plugin.shards.optimizer_state()
     masters = [g.master.detach().clone() for g in plugin.shards.groups]
     working = [g.working.detach().clone() for g in plugin.shards.groups if g.working is not None]
     state = [
-        {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in opt.optimizer.state.get(g.master, {}).items()}
-        for g in plugin.shards.groups
+        {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in inner.state.get(key, {}).items()}
+        for key in keys
     ]
     counters = {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
-    return {"masters": masters, "working": working, "opt": state, "counters": counters, "plugin": plugin.state_dict()}
+    scale = {a: dict(vars(getattr(opt, a))) for a in ("loss_scaler", "loss_scale_config") if hasattr(opt, a)}
+    norm = engine.get_global_grad_norm()
+    report = {
+        "grad_norm": float(norm) if norm is not None else None,
+        "step_applied": engine.was_step_applied(),
+        "overflow": bool(getattr(opt, "overflow", False)),
+    }
+    grads = [None if k.grad is None else k.grad.data_ptr() for k in keys]
+    return {
+        "masters": masters,
+        "working": working,
+        "opt": state,
+        "counters": counters,
+        "plugin": plugin.state_dict(),
+        "scale": {
+            a: {k: v for k, v in d.items() if isinstance(v, (int, float, bool, type(None)))} for a, d in scale.items()
+        },
+        "rng": torch.get_rng_state(),
+        "report": report,
+        "grad_buffers": grads,
+    }
 
 
 def _same(a, b, path="") -> list[str]:
@@ -79,7 +103,7 @@ def _same(a, b, path="") -> list[str]:
     return [] if a == b or both_nan else [f"{path}: {a!r} != {b!r}"]
 
 
-def merge_undone(case: str, policy: str = "signals", failing: int = 1):
+def merge_undone(case: str, policy: str = "signals", failing: int = 1, dropout: float = 0.0, **cfg):
     """case "nan": one rank's rehearsal batch has every label ignored (a NaN loss, whose NaN gradients
     the optimizer applies everywhere); "raise_rehearsal": one rank's second rehearsal batch raises;
     "raise_fusion": one rank's fusion corrupts half its masters, then raises. The merge must be undone
@@ -87,7 +111,7 @@ def merge_undone(case: str, policy: str = "signals", failing: int = 1):
     mem = memory(offset=3000)
     if case == "nan" and rank() == failing:
         mem[0] = batch(3999, all_ignored=True)
-    engine, plugin = _second_task(dict(AIM, weight_policy=policy), 2, mem)  # 2 < S: no merge yet
+    engine, plugin = _second_task(dict(AIM, weight_policy=policy), 2, mem, dropout, **cfg)  # 2 < S: no merge yet
     full_before, working_before = full_fp32(engine), full_working(engine)
     before = _rank_state(engine, plugin)
     undo = []
@@ -130,11 +154,38 @@ def merge_undone(case: str, policy: str = "signals", failing: int = 1):
     # the run continues: training, then a merge that commits, all finite (a memory without the bad batch)
     plugin.set_memory(memory(offset=5000))
     train_steps(engine, 2, seed=80)
+    report = _rank_state(engine, plugin)["report"]
     rec2 = plugin.merge()
+    result["report_diff_after_commit"] = _same(report, _rank_state(engine, plugin)["report"], "report")
     result["next_merged"] = rec2["merged"]
     result["finite"] = all(torch.isfinite(v).all().item() for v in full_fp32(engine).values())
     result["merge_count"] = plugin.merge_count
     return result
+
+
+UNDO_CASES = {  # items 1 and 6 of issue 29: every ZeRO stage, with and without optimizer offload
+    "stage1": {"stage": 1},
+    "stage1_offload": {"stage": 1, "offload": True},
+    "stage2": {"stage": 2},
+    "stage2_offload": {"stage": 2, "offload": True},
+    "stage3": {"stage": 3},
+    "stage3_offload": {"stage": 3, "offload": True},
+    "stage3_bf16_offload": {"stage": 3, "offload": True, "dtype": "bf16"},
+    "stage0_bf16": {"stage": 0, "dtype": "bf16"},
+    "stage0_fp16": {"stage": 0, "dtype": "fp16"},
+}
+
+
+def undo_cases(cases: list[str], failing: int = 1):
+    """merge_undone("raise_rehearsal") on each case's engine (attention dropout on: rehearsal draws from
+    the RNG); a case's error is its result, so one broken case does not hide the others."""
+    out = {}
+    for name in cases:
+        try:
+            out[name] = merge_undone("raise_rehearsal", failing=failing, dropout=0.1, **UNDO_CASES[name])
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return out
 
 
 def merge_fails_inside_collective(ckpt_dir: str, failing: int = 1):

@@ -3,6 +3,7 @@
 import pytest
 
 from tests.mp import RankFailure, run_ranks
+from tests.scenarios_fidelity import UNDO_CASES
 
 TIMEOUT = 300
 PG_TIMEOUT = 120  # tests/mp.py initialises the process group with this timeout
@@ -46,3 +47,23 @@ def test_rank_failing_inside_a_merge_collective_stops_every_rank_naming_it(tmp_p
     assert len(stopped) == 2 and max(stopped) < PG_TIMEOUT / 4, stopped  # well within the process-group timeout
     res = run_ranks("tests.scenarios_fidelity:resume_after_failure", 2, tmp_path, TIMEOUT, ckpt_dir=str(ckpt))
     assert all(r["finite"] and r["task"] == 1 and r["step_at_load"] == 1 for r in res), res
+
+
+def test_undone_merge_at_every_stage_with_and_without_offload(tmp_path):
+    """Issue 29, items 1 and 6: after an undone merge the run continues (offload's gradient buffers are
+    the ones DeepSpeed allocated), and loss scale, RNG, gradient norm and overflow are as before it; a
+    committed merge leaves the training step's gradient norm and overflow in place."""
+    res = run_ranks("tests.scenarios_fidelity:undo_cases", 2, tmp_path, 2 * TIMEOUT, cases=list(UNDO_CASES))
+    problems = []  # every case's findings at once: the cases differ in what they break
+    for name in UNDO_CASES:
+        for r, per_case in enumerate(res):
+            x = per_case[name]
+            if "error" in x:
+                problems.append((name, r, x["error"][:300]))
+                continue
+            if x["merged"] is not False or "rank 1: " not in x["reason"]:
+                problems.append((name, r, x["merged"], x["reason"][:300]))
+            problems += [(name, r, d) for d in x["diff"] + x["full_diff"] + x["report_diff_after_commit"]]
+            if not (x["next_merged"] is True and x["finite"]):
+                problems.append((name, r, "the run did not continue", x["next_merged"], x["finite"]))
+    assert problems == [], "\n".join(map(str, problems))

@@ -13,7 +13,9 @@ from .format import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's own file name: the hf/ folder doubles as the adapter's config
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the wrapped model
-_LORA_A = re.compile(r"^(?P<module>.+)\.lora_A\.(?P<adapter>[^.]+)\.weight$")
+_LINEAR_A = re.compile(r"^(?P<module>.+)\.lora_A\.(?P<adapter>[^.]+)\.weight$")
+_EMBEDDING_A = re.compile(r"^(?P<module>.+)\.lora_embedding_A\.(?P<adapter>[^.]+)$")  # nn.Parameter: no .weight
+_LORA_KEY = re.compile(r"\.lora_[A-Za-z_]+\.")  # any peft LoRA tensor (lora_A/B, lora_embedding_A/B, DoRA's ...)
 
 
 def save_adapter_config(peft_config: dict, hf_dir: str) -> None:
@@ -34,11 +36,13 @@ def read_adapter_config(hf_dir: str) -> dict | None:
 
 
 def merge_adapters(sd: dict[str, torch.Tensor], adapter: dict | None, where: str) -> dict[str, torch.Tensor]:
-    """The plain model's state dict: every LoRA pair folded into its base weight with peft's formula
-    W += B @ A * scaling (scaling = alpha / r; alpha / sqrt(r) under rslora; transposed for fan_in_fan_out),
-    the adapters dropped and peft's name prefixes stripped. sd without adapters is returned as it is."""
-    pairs = {m.group("module"): m.group("adapter") for k in sd if (m := _LORA_A.match(k))}
-    if not pairs:
+    """The plain model's state dict, as peft's merge_and_unload gives it: every LoRA adapter folded into its base
+    layer with peft's formulas (Linear: W += B @ A * scaling, transposed for fan_in_fan_out, and with lora_bias
+    b += B.bias * scaling; Embedding: W += (B @ A)^T * scaling; scaling = alpha / r, alpha / sqrt(r) under
+    rslora), the adapters dropped and peft's name prefixes stripped. An adapter tensor this cannot merge is
+    refused by name. sd without adapters is returned as it is."""
+    lora_keys = [k for k in sd if _LORA_KEY.search(k)]
+    if not lora_keys:
         return sd
     if adapter is None:
         raise CheckpointError(
@@ -51,22 +55,44 @@ def merge_adapters(sd: dict[str, torch.Tensor], adapter: dict | None, where: str
             f"{where}: LoRA options {unsupported} are not merged by aim-ds convert; merge with peft "
             "(PeftModel.merge_and_unload) instead."
         )
-    if len(set(pairs.values())) != 1:
-        raise CheckpointError(f"{where}: several LoRA adapters {sorted(set(pairs.values()))}; merge one with peft.")
+    found = {}  # (module, adapter name) -> kind
+    for k in lora_keys:
+        m = _LINEAR_A.match(k) or _EMBEDDING_A.match(k)
+        if m:
+            found[(m.group("module"), m.group("adapter"))] = "embedding" if "lora_embedding_A" in k else "linear"
+    if len({a for _, a in found}) > 1:
+        raise CheckpointError(f"{where}: several LoRA adapters {sorted({a for _, a in found})}; merge one with peft.")
     r, alpha = int(adapter["r"]), float(adapter["lora_alpha"])
     scaling = alpha / (r**0.5 if adapter.get("use_rslora") else r)
     out = dict(sd)
-    for module, name in pairs.items():
-        a = out.pop(f"{module}.lora_A.{name}.weight")
-        b = out.pop(f"{module}.lora_B.{name}.weight")
+    for (module, name), kind in found.items():
+        if kind == "embedding":
+            a, b = out.pop(f"{module}.lora_embedding_A.{name}"), out.pop(f"{module}.lora_embedding_B.{name}", None)
+            transpose = True  # peft: transpose(B @ A, True) for embeddings
+        else:
+            a, b = out.pop(f"{module}.lora_A.{name}.weight"), out.pop(f"{module}.lora_B.{name}.weight", None)
+            transpose = bool(adapter.get("fan_in_fan_out"))
         base_key = f"{module}.base_layer.weight"
-        if base_key not in out:
-            raise CheckpointError(f"{where}: LoRA adapter of {module} has no base weight {base_key}.")
-        w = out[base_key]
+        if b is None or base_key not in out or a.dim() != 2 or b.dim() != 2:
+            raise CheckpointError(
+                f"{where}: the LoRA adapter of {module} is not a pair of matrices over a base weight {base_key}; "
+                "merge it with peft (PeftModel.merge_and_unload)."
+            )
         delta = (b.double() @ a.double()) * scaling
-        if adapter.get("fan_in_fan_out"):
-            delta = delta.T
-        out[base_key] = (w.double() + delta).to(w.dtype)
+        w = out[base_key]
+        out[base_key] = (w.double() + (delta.T if transpose else delta)).to(w.dtype)
+        bias = out.pop(f"{module}.lora_B.{name}.bias", None)  # lora_bias=True
+        if bias is not None:
+            base_bias = out.get(f"{module}.base_layer.bias")
+            if base_bias is None:
+                raise CheckpointError(f"{where}: {module} has a LoRA bias (lora_bias) but its base layer has no bias.")
+            out[f"{module}.base_layer.bias"] = (base_bias.double() + bias.double() * scaling).to(base_bias.dtype)
+    left = [k for k in out if _LORA_KEY.search(k)]
+    if left:
+        raise CheckpointError(
+            f"{where}: LoRA tensors {left[:3]} are of a kind aim-ds convert does not merge; merge with peft "
+            "(PeftModel.merge_and_unload) instead."
+        )
     return {_plain_name(k): v for k, v in out.items()}
 
 
