@@ -72,23 +72,76 @@ def _load_plugin_states(tag_dir: str, m: dict) -> list[dict]:
 
 
 def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a checkpoint (DeepSpeed's zero_to_fp32 consolidation; universal: zero/*/fp32.pt)."""
+    """The full fp32 weights of a checkpoint (DeepSpeed's zero_to_fp32 consolidation; universal: zero/*/fp32.pt;
+    stage 0: the module's own state), frozen parameters included."""
     tag, m = _open_offline(ckpt_dir, tag)
+    tag_dir = os.path.join(ckpt_dir, tag)
     if m["universal"]:
         out = {}
         for g in m["layout"]["sub_groups"]:
             for n, shape, _, _ in g["params"]:
-                t = torch.load(
-                    os.path.join(ckpt_dir, tag, "zero", n, "fp32.pt"), map_location="cpu", weights_only=False
-                )
+                t = torch.load(os.path.join(tag_dir, "zero", n, "fp32.pt"), map_location="cpu", weights_only=False)
                 t = t["param"] if isinstance(t, dict) else t
                 out[n] = t.reshape(shape).float()
-        return out
+        return _with_frozen(out, tag_dir)
+    if (m.get("layout") or {}).get("kind") == "replicated":
+        return _replicated_state_dict(tag_dir, m["layout"])  # the module's state holds every parameter
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     # ZeRO-1/2 consolidation returns views of one flat tensor; safetensors needs each on its own storage
-    return {k: v.clone() if v.untyped_storage().nbytes() > v.numel() * v.element_size() else v for k, v in sd.items()}
+    sd = {k: v.clone() if v.untyped_storage().nbytes() > v.numel() * v.element_size() else v for k, v in sd.items()}
+    return _with_frozen(sd, tag_dir)
+
+
+MODEL_STATES = "mp_rank_00_model_states.pt"  # stages 0-2: the module's whole state dict, on rank 0
+
+
+def _replicated_state_dict(tag_dir: str, layout: dict) -> dict[str, torch.Tensor]:
+    """Stage 0 (DeepSpeed's zero_to_fp32 has no stage 0): the module's state; the fp32 masters of a bf16/fp16
+    run (FP16_UnfusedOptimizer's fp32_groups, one per trainable parameter in the layout's order) replace their
+    low-precision copies."""
+    saved = torch.load(os.path.join(tag_dir, MODEL_STATES), map_location="cpu", weights_only=False)
+    sd = {k: v.float().clone() if v.is_floating_point() else v for k, v in saved["module"].items()}
+    masters = [t for grp in (saved.get("optimizer") or {}).get("fp32_groups") or [] for t in grp]
+    if masters:
+        names = [p[0] for g in layout["sub_groups"] for p in g["params"]]
+        sd.update({n: t.detach().float().reshape(sd[n].shape).clone() for n, t in zip(names, masters)})
+    return sd
+
+
+def _with_frozen(sd: dict[str, torch.Tensor], tag_dir: str) -> dict[str, torch.Tensor]:
+    """sd plus the frozen parameters (LoRA's base weights), which DeepSpeed's fp32 fragments leave out at
+    stages 0-1 and a universal checkpoint leaves out entirely: taken from the module state DeepSpeed saved
+    (stages 0-2) or from every rank's frozen fragments (ZeRO-3). A parameter found nowhere is refused."""
+    import glob
+
+    from deepspeed.utils.zero_to_fp32 import parse_model_states
+
+    single = os.path.join(tag_dir, MODEL_STATES)
+    files = [single] if os.path.isfile(single) else glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_model_states.pt"))
+    files.sort(key=lambda f: int(os.path.basename(f).split("_")[3]) if f != single else 0)  # by rank
+    if not files:
+        return sd
+    with contextlib.redirect_stdout(io.StringIO()):  # parse_model_states prints
+        states = parse_model_states(files)
+    out = dict(sd)
+    if files == [single]:
+        module = torch.load(single, map_location="cpu", weights_only=False, mmap=True)["module"]
+        out.update({k: v.float().clone() for k, v in module.items() if k not in out and v.is_floating_point()})
+    else:  # ZeRO-3: rank r's fragment is elements [r*pn, (r+1)*pn) of the flattened parameter
+        for name, shape in (states[0].frozen_param_shapes or {}).items():
+            if name not in out:
+                full = torch.cat([s.frozen_param_fragments[name].reshape(-1) for s in states])
+                out[name] = full[: shape.numel()].reshape(shape).float().clone()
+    names = [n for group in states[0].param_shapes for n in group] + list(states[0].frozen_param_shapes or {})
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise CheckpointError(
+            f"{tag_dir}: parameters {missing[:3]} ({len(missing)} in all) are in no file of the checkpoint; "
+            "convert the checkpoint they were saved in (before aim-ds reshard), or pass the full model."
+        )
+    return out
 
 
 def anchor_state_dict(ckpt_dir: str, tag: str | None = None, key: str = "anchor") -> dict[str, torch.Tensor]:
