@@ -104,3 +104,23 @@ def test_driver_refuses_a_live_runs_folder_and_takes_over_a_dead_ones(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     check_outputs(out, "seqft")
     assert not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP"])
+def test_file_system_without_locks_is_one_clear_error(tmp_path, monkeypatch, code):
+    """Issue 29, item 7: flock on NFS without its lock service (or mounted nolock) fails with ENOLCK; that
+    escaped as an OSError traceback. Here flock answers as such a file system does."""
+    import errno
+
+    import aim_ds.driver.lock as lock
+
+    def no_locks(fd, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / LOCK_NAME).write_text("{}")  # a lock file left by an earlier run: check_free probes it
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
+    for attempt in (lambda: check_free(str(d)), lambda: OutputLock(str(d)).acquire()):
+        with pytest.raises(LockError, match="without file locks.*Choose an --output-dir"):
+            attempt()

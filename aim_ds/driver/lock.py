@@ -10,6 +10,7 @@ system does not carry flocks between hosts, this host cannot tell whether that r
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -51,6 +52,24 @@ def _foreign_message(out_dir: str, path: str, h: dict) -> str:
     )
 
 
+# flock's answers on a file system that has no locks (NFS mounted with nolock or without lockd, some FUSE ones)
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def _flock(fd: int, op: int, out_dir: str) -> None:
+    """fcntl.flock, with a file system that cannot lock named as the problem instead of an OSError traceback."""
+    try:
+        fcntl.flock(fd, op)
+    except OSError as e:
+        if e.errno not in NO_LOCKS:
+            raise
+        raise LockError(
+            f"--output-dir {out_dir} is on a file system without file locks ({os.strerror(e.errno)}); the driver "
+            "locks its output folder so that two runs never write into the same one. Choose an --output-dir on "
+            "a file system with locks (a local disk; NFS with its lock service running, not mounted 'nolock')"
+        ) from None
+
+
 def check_free(out_dir: str) -> None:
     """Raise LockError when another run holds out_dir. Pure file reads and a shared probe lock, so every rank
     of a starting run can call it at once, before the process group exists."""
@@ -61,7 +80,7 @@ def check_free(out_dir: str) -> None:
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, out_dir)
         except BlockingIOError:
             raise LockError(_held_message(out_dir, read_holder(path))) from None
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -92,11 +111,14 @@ class OutputLock:
         for _ in range(attempts):
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, self.out_dir)
             except BlockingIOError:
                 os.close(fd)
                 time.sleep(0.05)  # another run's check_free probes for an instant; a holder stays
                 continue
+            except LockError:
+                os.close(fd)
+                raise
             try:
                 st = os.stat(self.path)
             except FileNotFoundError:
