@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, fsync_dir
 
 MANIFEST = "aim_manifest.json"
 FORMAT = "aim_ds-checkpoint"
@@ -203,6 +203,8 @@ def find_latest(ckpt_dir: str) -> str | None:
     with open(latest) as f:
         tag = f.read().strip()
     tag_dir = os.path.join(ckpt_dir, tag)
+    if tag and not os.path.isfile(os.path.join(tag_dir, MANIFEST)) and _finish_commit(ckpt_dir, tag):
+        return tag
     if not tag or not os.path.isdir(tag_dir) or not os.path.isfile(os.path.join(tag_dir, MANIFEST)):
         have = complete_tags(ckpt_dir)
         raise CheckpointError(
@@ -216,6 +218,30 @@ def find_latest(ckpt_dir: str) -> str | None:
             )
         )
     return tag
+
+
+def _finish_commit(ckpt_dir: str, tag: str) -> bool:
+    """`latest` names TAG but TAG is gone: a save crashed between the two renames of its commit where the file
+    system has no atomic exchange (NFS): TAG was moved aside to .del-TAG-N, the new version is still at .tmp-TAG.
+    Finish the commit with .tmp-TAG when it is complete (its manifest is written last), else put the newest
+    complete .del-TAG-N back. Several ranks may race here: a rename that loses finds TAG in place. True when
+    TAG is complete afterwards."""
+    final = os.path.join(ckpt_dir, tag)
+    aside = f"{DEL_PREFIX}{tag}-"
+    olds = [n for n in os.listdir(ckpt_dir) if n.startswith(aside) and n[len(aside) :].isdigit()]
+    olds.sort(key=lambda n: int(n[len(aside) :]), reverse=True)
+    for name in [TMP_PREFIX + tag, *olds]:
+        src = os.path.join(ckpt_dir, name)
+        if os.path.isfile(os.path.join(final, MANIFEST)):
+            break
+        if not os.path.isfile(os.path.join(src, MANIFEST)):
+            continue
+        try:
+            os.rename(src, final)
+            fsync_dir(ckpt_dir)
+        except OSError:
+            pass  # another rank moved it first, or TAG is in the way
+    return os.path.isfile(os.path.join(final, MANIFEST))
 
 
 def resolve_tag(ckpt_dir: str, tag: str | None) -> str:

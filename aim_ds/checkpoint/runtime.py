@@ -104,10 +104,13 @@ def save_checkpoint(
     try:
         if plugin is not None:
             torch_save_synced(plugin.state_dict(), os.path.join(tmp_dir, plugin_file(rank, world)))
-        mine = f"zero_pp_rank_{rank}_"
-        for name in os.listdir(tmp_dir):
-            if mine in name:
-                fsync_file(os.path.join(tmp_dir, name))
+        # every file of the tag, whatever DeepSpeed named it (stages 0-2 write mp_rank_XX_model_states.pt, and
+        # under tensor parallelism names follow the data-parallel rank): one rank per host fsyncs them all (a
+        # rank on each host, so that files on host-local disks are covered too); a clean file's fsync is cheap
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            for d, _, names in os.walk(tmp_dir):
+                for name in names:
+                    fsync_file(os.path.join(d, name))
     except Exception as e:  # noqa: BLE001 - reported on every rank instead of a hang in the next collective
         err = _failure(e)
     agree(err, exc_type=CheckpointSaveError)  # also the barrier: every rank's files are durable
@@ -140,6 +143,7 @@ def _write_rank0_files(engine, plugin, tmp_dir, tag, world, task_fingerprint, to
     if os.path.isdir(hf):
         for name in os.listdir(hf):
             fsync_file(os.path.join(hf, name))
+        fsync_dir(hf)  # the folder's entries: its files' names
     import deepspeed
 
     manifest = {
