@@ -51,9 +51,16 @@ def check_memory(engine, memory, rank: int) -> str | None:
         batches = list(memory)
     else:
         try:
-            batches = list(itertools.islice(iter(memory), 1))
+            it = iter(memory)
         except TypeError:
             return f"aim_merging: memory of type {type(memory).__name__} is not iterable; give a list of dicts."
+        if it is memory:  # a generator or iterator: the checks, the probe and the rehearsal would drain one stream
+            return (
+                f"aim_merging: memory is a one-shot iterator ({type(memory).__name__}); the probe and the "
+                "rehearsal each walk the memory again and again. Give a list (list(memory)) or a re-iterable "
+                "object whose iter() starts afresh (a Dataset, a DataLoader)."
+            )
+        batches = list(itertools.islice(it, 1))
     if not batches:
         return (
             f"aim_merging: the rehearsal memory is empty on rank {rank}; every rank needs at least one batch "

@@ -339,21 +339,33 @@ class AimPlugin(FusionSteps):
 
     @torch.no_grad()
     def _probe(self) -> float | None:
-        """Mean memory loss over ranks, model in eval mode (no dropout), or None when non-finite."""
-        batch = self._probe_cursor.next()
-        n = self.config.probe_batch_size
-        if n:
-            batch = {k: (v[:n] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
+        """Mean memory loss over ranks, model in eval mode (no dropout), or None when non-finite. A rank that
+        cannot read its batch stops every rank alike (agreed before the forward's collectives); a failure in
+        the forward or the all-reduce, where the peers wait in a collective, stops every rank naming it."""
+        what = f"the probe at task {self.task_index} step {self._step_in_task}"
+        got = {}
+
+        def read():
+            batch = self._probe_cursor.next()
+            n = self.config.probe_batch_size
+            if n:
+                batch = {k: (v[:n] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
+            got["batch"], got["on_device"] = batch, to_device(batch, self.engine.device)
+
+        statistics.agree(local_error(read, f"aim_merging: {what}: reading its memory batch"))
         module = self.engine.module
         was_training = module.training
         module.eval()
         try:
-            local = float(self.engine(**to_device(batch, self.engine.device)).loss.detach())
+            local = float(self.engine(**got["on_device"]).loss.detach())
+            mean = statistics.mean_over_ranks(local, 1.0, group=self.shards.dp_group)
+        except Exception as e:
+            raise fatal_error(e, self.rank, what) from e
         finally:
             module.train(was_training)
         self.work["probe_forwards"] += 1
-        self.work["probe_tokens"] += batch_tokens(batch)
-        return self._finite_probe(statistics.mean_over_ranks(local, 1.0, group=self.shards.dp_group))
+        self.work["probe_tokens"] += batch_tokens(got["batch"])
+        return self._finite_probe(mean)
 
     def _finite_probe(self, loss: float) -> float | None:
         if not math.isfinite(loss):
