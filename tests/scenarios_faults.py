@@ -108,15 +108,21 @@ def one_shot_memory():
     return err
 
 
-def save_records_fsync(ckpt_dir: str, stage: int):
-    """Save a checkpoint at `stage` with os.fsync recording what it made durable (files and folders, by path
-    relative to ckpt_dir); each rank returns its own list."""
+def save_records_fsync(ckpt_dir: str, stage: int, tp: int = 1):
+    """Save a checkpoint at `stage` (tp > 1: DeepSpeed AutoTP, every rank in one tensor-parallel group) with
+    os.fsync recording what it made durable (files and folders, by path relative to ckpt_dir); each rank
+    returns its own list."""
     import os
 
-    engine = sc.make_engine(sc.ds_config(stage=stage, aim={"enabled": True}))
-    plugin = aim_ds.attach(engine, sc.memory())
+    cfg = sc.ds_config(stage=stage, aim={"enabled": True})
+    if tp > 1:
+        cfg["tensor_parallel"] = {"autotp_size": tp}
+    engine = sc.make_engine(cfg)
+    plugin = aim_ds.attach(engine, sc.memory() if tp == 1 else [sc.batch(1000 + i) for i in range(4)])
     plugin.start_task()
-    sc.train_steps(engine, 1)
+    b = sc.batch(7)  # the same batch on every rank: tensor-parallel ranks share their data-parallel rank's
+    engine.backward(engine(**b).loss)
+    engine.step()
     real, synced = os.fsync, []
 
     def fsync(fd):

@@ -15,10 +15,12 @@ from tests.mp import run_ranks
 TIMEOUT = 300
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_every_file_and_folder_of_a_tag_is_fsynced(tmp_path, stage):
+@pytest.mark.parametrize("stage,tp", [(1, 1), (3, 1), (1, 2)])
+def test_every_file_and_folder_of_a_tag_is_fsynced(tmp_path, stage, tp):
     ckpt = tmp_path / "ckpt"
-    res = run_ranks("tests.scenarios_faults:save_records_fsync", 2, tmp_path, TIMEOUT, ckpt_dir=str(ckpt), stage=stage)
+    res = run_ranks(
+        "tests.scenarios_faults:save_records_fsync", 2, tmp_path, TIMEOUT, ckpt_dir=str(ckpt), stage=stage, tp=tp
+    )
     synced = {p.replace(".tmp-t", "t", 1) for r in res for p in r["synced"]}  # written under .tmp-t, then renamed
     tag = ckpt / "t"
     files = {str(p.relative_to(ckpt)) for p in tag.rglob("*") if p.is_file()}
