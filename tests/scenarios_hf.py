@@ -125,7 +125,8 @@ class Instrumented(AimMergingCallback):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.merges, self.rehearsal_steps_taken = [], []
-        self.norms, self.logged = {}, {}  # Trainer step -> (engine grad norm before, after the merge); logged
+        # Trainer step -> engine grad norm (before the merge, after it, right after its rehearsal); logged
+        self.norms, self.logged = {}, {}
 
     def on_optimizer_step(self, args, state, control, **kw):
         self._step = state.global_step + 1  # the step the Trainer logs next
@@ -154,13 +155,14 @@ class Instrumented(AimMergingCallback):
             out = rehearse(steps)
             self.rehearsal_steps_taken.append((steps, engine.global_steps - before))
             self._m = full()
+            self._rehearsal_norm = float(engine.get_global_grad_norm())
             return out
 
         def _merge(**kw):
             before = float(engine.get_global_grad_norm())
             rec = merge(**kw)
             if rec.get("merged"):
-                self.norms[self._step] = (before, float(engine.get_global_grad_norm()))
+                self.norms[self._step] = (before, float(engine.get_global_grad_norm()), self._rehearsal_norm)
                 fused = full()
                 a, k, m, wi, wo = self.anchor, self._k, self._m, rec["w_in"], rec["w_out"]
                 ref = {n: a[n] + wi * (k[n] - a[n]) + wo * (m[n] - k[n]) for n in a}
