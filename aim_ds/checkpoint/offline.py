@@ -116,25 +116,24 @@ def _with_frozen(sd: dict[str, torch.Tensor], tag_dir: str) -> dict[str, torch.T
     (stages 0-2) or from every rank's frozen fragments (ZeRO-3). A parameter found nowhere is refused."""
     import glob
 
-    from deepspeed.utils.zero_to_fp32 import parse_model_states
-
     single = os.path.join(tag_dir, MODEL_STATES)
     files = [single] if os.path.isfile(single) else glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_model_states.pt"))
     files.sort(key=lambda f: int(os.path.basename(f).split("_")[3]) if f != single else 0)  # by rank
     if not files:
         return sd
-    with contextlib.redirect_stdout(io.StringIO()):  # parse_model_states prints
-        states = parse_model_states(files)
+    # mmap: only the tensors read here are paged in (stages 0-2 save the whole module on rank 0)
+    states = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
+    frozen = states[0].get("frozen_param_shapes") or {}
     out = dict(sd)
     if files == [single]:
-        module = torch.load(single, map_location="cpu", weights_only=False, mmap=True)["module"]
+        module = states[0]["module"]
         out.update({k: v.float().clone() for k, v in module.items() if k not in out and v.is_floating_point()})
     else:  # ZeRO-3: rank r's fragment is elements [r*pn, (r+1)*pn) of the flattened parameter
-        for name, shape in (states[0].frozen_param_shapes or {}).items():
+        for name, shape in frozen.items():
             if name not in out:
-                full = torch.cat([s.frozen_param_fragments[name].reshape(-1) for s in states])
+                full = torch.cat([s["frozen_param_fragments"][name].reshape(-1) for s in states])
                 out[name] = full[: shape.numel()].reshape(shape).float().clone()
-    names = [n for group in states[0].param_shapes for n in group] + list(states[0].frozen_param_shapes or {})
+    names = [n for group in states[0].get("param_shapes") or [] for n in group] + list(frozen)
     missing = [n for n in names if n not in out]
     if missing:
         raise CheckpointError(
