@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass
 
 from .config import AimConfig
-from .policies import make_interval_rule, make_weight_policy, rehearsal_steps
+from .policies import make_interval_rule, make_weight_policy, rehearsal_steps, uses_signal
 
 STATE_VERSION = 1
 
@@ -64,13 +64,13 @@ class MergePlan:
 
 def probe_due(cfg: AimConfig, active: bool, step: int) -> bool:
     """The probe schedule: is the forgetting signal measured after training step `step` (1-based) of a
-    task? Never on an inactive task or with the "fixed" rule (it does not use the signal); every step
-    with probe_source "training_batch" (the loss is already computed); else every probe_interval-th.
+    task? Never on an inactive task or with a rule that does not use the signal ("fixed"); else every
+    probe_interval-th step (always 1 with probe_source "training_batch": the loss is already computed).
     A pure function of the config and the step, so every rank evaluates it alike (the probe is a
     collective) while the controller itself lives on rank 0."""
-    if not active or cfg.interval_rule == "fixed":
+    if not active or not uses_signal(cfg):
         return False
-    return cfg.probe_source == "training_batch" or step % cfg.probe_interval == 0
+    return step % cfg.probe_interval == 0
 
 
 def threshold_window(interval: int) -> int:
@@ -125,7 +125,7 @@ class MergeController:
         j, m, s = self._step, self._last_merge, self._interval
         if not self._active:
             return StepDecision(j, False, None, None, 0, s, False)
-        if self.cfg.interval_rule == "fixed":
+        if not self._rule.uses_signal:
             return StepDecision(j, j >= m + s, None, None, 0, s, False)
 
         h = None if probe_loss is None else float(probe_loss)

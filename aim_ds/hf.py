@@ -132,7 +132,7 @@ class AimMergingCallback(TrainerCallback):
             mem_sum, mem_n = rows_loss(logits, labels, slice(n_new, None)) if k else (0.0, 0)
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(tokens, 1))
         p = self.plugin
-        if torch.is_grad_enabled() and p is not None and p.enabled and p.config.probe_source == "training_batch":
+        if torch.is_grad_enabled() and p is not None and p.records_probe_loss:
             p.record_probe_loss(mem_sum, mem_n)  # training forwards only (evaluation runs without grad)
         return loss
 

@@ -15,7 +15,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import aim_ds
 from aim_ds.hf import AimMergingCallback
-from tests.scenarios import VOCAB, tiny_config
+from tests.scenarios import VOCAB, after_rehearsal, tiny_config
 
 warnings.filterwarnings("ignore")
 AIM = {"enabled": True, "initial_interval": 3, "min_interval": 2, "max_interval": 16, "threshold_factor": 1.05}
@@ -364,16 +364,9 @@ def raw_lora():
     base0, anchor = frozen(engine.module), full()
     _steps(engine, task_rows(1), 3)
     theta_k, seen = full(), {}
-    rehearse = plugin._rehearse
-
-    def rehearse_and_record(steps):  # theta_M, read on every rank between rehearsal and fusion
-        losses = rehearse(steps)
-        seen["M"] = full()
-        return losses
-
-    plugin._rehearse = rehearse_and_record
     w_in, w_out = 0.7, 0.2
-    plugin.merge(weights=(w_in, w_out), rehearsal_steps=2)
+    with after_rehearsal(lambda: seen.__setitem__("M", full())):  # theta_M, on every rank
+        plugin.merge(weights=(w_in, w_out), rehearsal_steps=2)
     m = seen["M"]
     ref = {n: anchor[n] + w_in * (theta_k[n] - anchor[n]) + w_out * (m[n] - theta_k[n]) for n in anchor}
     n_trainable = sum(q.ds_numel for q in model.parameters() if q.requires_grad)

@@ -135,6 +135,8 @@ def run(cfg: RunConfig, t0: float) -> int:
 
     # ---- distributed
     from aim_ds.distributed import init_distributed
+    from aim_ds.policies import uses_signal
+    from aim_ds.probes import probe_source
     from aim_ds.statistics import agree
 
     info = init_distributed(cfg.dist_timeout)
@@ -163,12 +165,7 @@ def run(cfg: RunConfig, t0: float) -> int:
     replay_rows = 0
     if cfg.method in MIXING_METHODS:
         replay_rows = mem_bs if cfg.replay_rows is None else cfg.replay_rows
-    if (
-        aim_cfg is not None
-        and aim_cfg.probe_source == "training_batch"
-        and aim_cfg.interval_rule != "fixed"
-        and replay_rows == 0
-    ):
+    if aim_cfg is not None and probe_source(aim_cfg).records_loss and uses_signal(aim_cfg) and replay_rows == 0:
         raise InputError(
             f'{ds_path}: aim_merging.probe_source is "training_batch" (the forgetting signal is read '
             "from the memory rows of the training batches) but --replay-rows 0 puts none there; give "

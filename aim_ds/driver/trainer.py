@@ -344,9 +344,7 @@ class CLTrainer:
             replay = None
             if s.replay_rows and mem_examples:
                 replay = memory_batches(mem_examples, s.replay_rows, s.rank, s.world, cfg.seed + 7 * k + 1)
-            probe = (
-                plugin if (replay and plugin is not None and plugin.config.probe_source == "training_batch") else None
-            )
+            probe = plugin if (replay and plugin is not None and plugin.records_probe_loss) else None
             self.train_task(
                 engine,
                 k,
