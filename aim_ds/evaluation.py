@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .data.core import Task
+from .data.tasks import Task
 from .data.dataset import encode_prompt, encode_target
 
 
