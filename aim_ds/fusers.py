@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import fusion, statistics
+from . import collectives, fusion
 from .journal import local_error
 from .policies import make_weight_policy
 
@@ -114,7 +114,7 @@ class ImportanceFuser(ScalarFuser):
         agree(local_error(self._scores, "the importance scores"))
         q, groups = self.config.importance_quantile, self.shards.groups
         return tuple(
-            statistics.global_quantile([(s, g.ranges) for s, g in zip(self.ema[k], groups)], q)
+            collectives.global_quantile([(s, g.ranges) for s, g in zip(self.ema[k], groups)], q)
             for k in ("u_out", "i_out")
         )  # (q_in, q_out)
 

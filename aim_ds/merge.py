@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fusion, rehearsal, statistics
+from . import collectives, fusion, rehearsal
 from .journal import MergeAborted, MergeJournal, fatal_error, local_error
 from .memory import _Cursor
 from .trajectory import TrajectoryRow
@@ -51,7 +51,7 @@ class MergePlan:
 
     def to_tensor(self) -> torch.Tensor:
         values = [self.interval, self.rehearsal_steps, self.w_in, self.w_out]
-        return torch.tensor(values, dtype=torch.float64, device=statistics.comm_device())
+        return torch.tensor(values, dtype=torch.float64, device=collectives.comm_device())
 
     @classmethod
     def broadcast(cls, plan: MergePlan | None) -> MergePlan:
@@ -59,9 +59,9 @@ class MergePlan:
         t = (
             plan.to_tensor()
             if plan is not None
-            else torch.zeros(4, dtype=torch.float64, device=statistics.comm_device())
+            else torch.zeros(4, dtype=torch.float64, device=collectives.comm_device())
         )
-        statistics.broadcast(t, src=0)
+        collectives.broadcast(t, src=0)
         interval, r, w_in, w_out = t.tolist()
         return cls(int(interval), int(r), w_in, w_out)
 
@@ -124,7 +124,7 @@ class Merge:
         """sum |theta - anchor| over every rank's valid elements (one all-reduce)."""
         p = self.plugin
         local = sum(fusion.abs_change_sum(g.master, a, g.ranges) for g, a in zip(p.shards.groups, p.anchor))
-        return statistics.sum_over_ranks(local)[0]
+        return collectives.sum_over_ranks(local)[0]
 
     def plan(self, total: float) -> MergePlan:
         """Rank 0: the controller's plan, with the caller's overrides, marked in the trajectory."""
@@ -249,7 +249,7 @@ class Merge:
 
 def agree(error: str | None) -> None:
     """Every rank passes its own failure (or None); any failure aborts the merge on every rank."""
-    statistics.agree(error, exc_type=MergeAborted)
+    collectives.agree(error, exc_type=MergeAborted)
 
 
 def _sync() -> None:

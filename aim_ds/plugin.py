@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
-from . import fusion, statistics
+from . import collectives, fusion
 from .config import AimConfig
 from .controller import MergeController, probe_due
+from .errors import AimInputError
 from .fileio import write_csv
 from .fusers import make_fuser
-from .losses import AimInputError, batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
+from .losses import batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
 from .memory import _Cursor, check_memory, to_device
 from .merge import Merge
 from .probes import PROBE_SOURCES
@@ -66,7 +67,7 @@ class AimPlugin:
         self.rank = self.shards.rank
         self.world_size = self.shards.world_size
         self.controller = MergeController(config) if self.rank == 0 else None
-        self._global_valid_numel = int(statistics.sum_over_ranks(float(self.shards.local_valid_numel))[0])
+        self._global_valid_numel = int(collectives.sum_over_ranks(float(self.shards.local_valid_numel))[0])
         self._anchor_device = self.shards.device if config.anchor == "device" else torch.device("cpu")
         # ONE anchor buffer per sub-group, shaped like the fp32 master partition; the fuser holds its own
         self.anchor = [self._alloc_like(g.master) for g in self.shards.groups]
@@ -91,7 +92,7 @@ class AimPlugin:
         for g, a in zip(self.shards.groups, self.anchor):
             fusion.copy_into(a, g.master)
         self.fuser.start_task()
-        statistics.agree(
+        collectives.agree(
             None
             if (self._memory is not None or not self._active())
             else f"aim_merging: task {self.task_index} will merge but no memory was given; pass the rehearsal "
@@ -102,8 +103,8 @@ class AimPlugin:
     def set_memory(self, memory) -> None:
         """Replace the rehearsal memory (a list or iterable of model-input dicts, this rank's own)."""
         error = check_memory(self.engine, memory, getattr(self, "rank", 0))
-        statistics.agree(error, exc_type=AimInputError)
-        statistics.agree(self.shards.tp_memory_error(memory), exc_type=AimInputError)
+        collectives.agree(error, exc_type=AimInputError)
+        collectives.agree(self.shards.tp_memory_error(memory), exc_type=AimInputError)
         self._memory = memory
         self._probe_cursor = _Cursor(memory)
         self._rehearsal_cursor = _Cursor(memory)
@@ -119,7 +120,7 @@ class AimPlugin:
             raise AimInputError(f"merge(rehearsal_steps={rehearsal_steps!r}): expected an integer >= 0.")
         if self.task_index < 0:
             self.start_task()
-        statistics.agree(
+        collectives.agree(
             None
             if self._memory is not None
             else "aim_merging: merge() needs a rehearsal memory; pass it to attach() or start_task(memory=...).",
@@ -305,14 +306,14 @@ class AimPlugin:
         return "out" if self._in_rehearsal else "in"
 
     def _decide(self, loss: float | None) -> bool:
-        flag = torch.zeros(1, dtype=torch.float64, device=statistics.comm_device())
+        flag = torch.zeros(1, dtype=torch.float64, device=collectives.comm_device())
         if self.controller is not None:
             d = self.controller.observe(loss)
             self._record(d, loss)
             flag[0] = 1.0 if d.merge else 0.0
         if not self._active():
             return False  # every rank knows nothing can merge now: no collective on this step
-        statistics.broadcast(flag, src=0)
+        collectives.broadcast(flag, src=0)
         return bool(flag.item())
 
     def _record(self, d, loss) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import statistics
+from . import collectives
 from .losses import batch_tokens
 from .memory import to_device
 
@@ -52,7 +52,7 @@ class MemoryForwardProbe:
             module.train(was_training)
         self.work["probe_forwards"] += 1
         self.work["probe_tokens"] += batch_tokens(batch)
-        return statistics.mean_over_ranks(local, 1.0, group=self.shards.dp_group)
+        return collectives.mean_over_ranks(local, 1.0, group=self.shards.dp_group)
 
 
 class TrainingBatchProbe:
@@ -81,7 +81,7 @@ class TrainingBatchProbe:
     def read(self, next_batch, task: int, step: int) -> float | None:
         s, c = self.recorded or (0.0, 0.0)
         self.recorded = None
-        total, count = statistics.sum_over_ranks(s, c, group=self.shards.dp_group)
+        total, count = collectives.sum_over_ranks(s, c, group=self.shards.dp_group)
         if count > 0:
             return total / count
         if self.shards.rank == 0 and self._warned_task != task:

@@ -353,12 +353,12 @@ def _expect_error(case: str):
 def quantile_and_importance(q=0.8):
     """The global quantile of shard-local values equals torch.quantile of the gathered values (to a
     histogram bin), and the importance policy runs end to end on real shards."""
-    from aim_ds import statistics
+    from aim_ds import collectives
 
     g = torch.Generator().manual_seed(rank())
     local = torch.rand(1000 + 37 * rank(), generator=g).pow(3)  # skewed, different sizes per rank
     padded = torch.cat([local, torch.full((5,), 1e9)])  # padding garbage that must be excluded
-    approx = statistics.global_quantile([(padded, [(0, local.numel())])], q)
+    approx = collectives.global_quantile([(padded, [(0, local.numel())])], q)
     sizes = [1000 + 37 * r for r in range(deepspeed.comm.get_world_size())]
     buf = torch.zeros(max(sizes))
     buf[: local.numel()] = local
@@ -408,7 +408,7 @@ def shm_released():
 def batch_probe(steps1=12, skip_rank1_every=3):
     """probe_source "training_batch": the forgetting signal is the memory rows' loss of each training batch,
     recorded with record_probe_loss(); no probe forward runs. Rank 1 leaves some steps unrecorded (0, 0)."""
-    from aim_ds import statistics
+    from aim_ds import collectives
 
     aim = {
         "enabled": True,
@@ -437,7 +437,7 @@ def batch_probe(steps1=12, skip_rank1_every=3):
         if rank() == 1 and i % skip_rank1_every == 0:
             s, c = 0.0, 0  # this rank has no memory rows this step: the mean is over the others' tokens
         plugin.record_probe_loss(s, c)
-        tot, cnt = statistics.sum_over_ranks(s, c)  # what the plugin must report for this step
+        tot, cnt = collectives.sum_over_ranks(s, c)  # what the plugin must report for this step
         expected.append(tot / cnt)
         engine.backward(out.loss)
         engine.step()

@@ -11,7 +11,7 @@ from .core import (
 )
 from .dataset import CausalLMExamples, collate, encode_example, encode_prompt, encode_target
 from .default import generate_default_tasks, generate_generation_tasks
-from .memory import select_memory
+from .memory_selection import select_memory
 from .tasks import DataError, Example, Task
 from .tokenizer import get_tokenizer
 

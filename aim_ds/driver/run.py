@@ -16,7 +16,16 @@ import sys
 import time
 from typing import NamedTuple
 
-from .args import MIXING_METHODS, InputError, RunConfig, check_output_dir, load_ds_config, parse_args, plugin_config
+from .args import (
+    MIXING_METHODS,
+    InputError,
+    RunConfig,
+    apply_aim_overrides,
+    check_output_dir,
+    load_ds_config,
+    parse_args,
+    plugin_config,
+)
 from .lock import LOCK_NAME, LockError, OutputLock, check_free
 from .resume import (
     CKPT_SUBDIR,
@@ -54,7 +63,7 @@ def data_fingerprint(tasks) -> str:
 
 def check_inputs(cfg: RunConfig):
     """The collective-free checks: (cfg, ds_config, aim_cfg, resume point, tasks). Raises InputError."""
-    ds_config = load_ds_config(cfg.deepspeed_config)
+    ds_config = apply_aim_overrides(load_ds_config(cfg.deepspeed_config), cfg.aim)
     if int((ds_config.get("tensor_parallel") or {}).get("autotp_size") or 1) > 1:
         # its batches, evaluation and label-window logits are split over every rank, and AutoTP ranks must share them
         raise InputError(
@@ -133,8 +142,8 @@ def run(cfg: RunConfig, t0: float) -> int:
     cfg, ds_config, aim_cfg, resume, tasks = check_inputs(cfg)
 
     # ---- distributed
+    from aim_ds.collectives import agree
     from aim_ds.distributed import init_distributed
-    from aim_ds.statistics import agree
 
     info = init_distributed(cfg.dist_timeout)
     import torch
@@ -241,14 +250,14 @@ def batch_sizes(cfg: RunConfig, ds_config: dict, aim_cfg, world: int) -> BatchSi
 
 def fwt_reference(cfg: RunConfig, tasks, sizes: BatchSizes, world: int, cache_dir: str) -> FwtReference:
     """The FWT reference's cache key: the hyper-parameters shared by every method (not the method itself)."""
-    from aim_ds.modeling import model_fingerprint
+    from aim_ds.modeling import model_source_key
 
     ref_key_src = json.dumps(
         {
             "benchmark": cfg.benchmark,
             "order": cfg.order,
             "data": data_fingerprint(tasks),
-            "model": model_fingerprint(cfg.model),
+            "model": model_source_key(cfg.model),
             "tokenizer": cfg.tokenizer,
             "seed": cfg.seed,
             "epochs": cfg.epochs,
@@ -271,7 +280,7 @@ def checkpoint_identity(cfg: RunConfig, tasks, memories, sizes: BatchSizes, step
     """(task fingerprint, memory fingerprint, global batches): what decides the trajectory at the global level,
     so that a checkpoint resharded to another number of ranks keeps it (the aim_merging section is checked apart)."""
     from aim_ds.checkpoint import fingerprint
-    from aim_ds.modeling import model_fingerprint
+    from aim_ds.modeling import model_source_key
 
     glob = global_batches(sizes.micro, sizes.mem_bs, sizes.replay_rows, world)
     per_rank = ("train_micro_batch_size_per_gpu", "train_batch_size", "aim_merging")
@@ -279,7 +288,7 @@ def checkpoint_identity(cfg: RunConfig, tasks, memories, sizes: BatchSizes, step
         {
             "options": resume_options(cfg),
             "data": data_fingerprint(tasks),
-            "model": model_fingerprint(cfg.model),
+            "model": model_source_key(cfg.model),
             "steps_per_task": steps_per_task,
             "global": glob,
             "ds": {k: v for k, v in sizes.ds_run.items() if k not in per_rank},
@@ -291,7 +300,7 @@ def checkpoint_identity(cfg: RunConfig, tasks, memories, sizes: BatchSizes, step
 def take_lock(lock: OutputLock, rank: int) -> None:
     """rank 0 takes the output folder's lock (atomic: of two runs starting together one gets it); every rank
     raises the same InputError when it could not (collective)."""
-    from aim_ds.statistics import agree
+    from aim_ds.collectives import agree
 
     err = None
     if rank == 0:

@@ -149,11 +149,11 @@ class ZeroShards:
         of a list every batch, of another iterable its first). Every rank of the group calls it."""
         if self.tp_size == 1:
             return None
-        from .. import statistics
+        from .. import collectives
 
         fp = _memory_fingerprint(memory)
-        t = torch.tensor([fp, -fp], dtype=torch.float64, device=statistics.comm_device())
-        statistics.all_reduce(t, op="max", group=self.tp_group)
+        t = torch.tensor([fp, -fp], dtype=torch.float64, device=collectives.comm_device())
+        collectives.all_reduce(t, op="max", group=self.tp_group)
         if t[0].item() != -t[1].item():
             return (
                 f"aim_merging: the rehearsal memory differs between the tensor-parallel ranks of data-parallel rank "
