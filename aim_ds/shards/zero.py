@@ -429,17 +429,21 @@ class _FlatPartitionShards(ZeroShards):
         self.optimizer.update_lp_params()
 
 
+def _refuse_moe(opt, where: str) -> None:
+    if getattr(opt, "has_moe_layers", False):
+        raise ShardError(
+            f"aim_merging does not support mixture-of-experts layers {where} (expert "
+            "parameters live in other data-parallel groups). Disable merging for this model."
+        )
+
+
 class _Stage12Shards(_FlatPartitionShards):
     family = "zero1/2"
 
     def __init__(self, engine):
         super().__init__(engine)
         opt = self.optimizer
-        if getattr(opt, "has_moe_layers", False):
-            raise ShardError(
-                "aim_merging does not support mixture-of-experts layers at ZeRO stage 1/2 (expert "
-                "parameters live in other data-parallel groups). Disable merging for this model."
-            )
+        _refuse_moe(opt, "at ZeRO stage 1/2")
 
         params_at = [
             [
@@ -473,11 +477,7 @@ class _BF16Shards(_FlatPartitionShards):
     def __init__(self, engine):
         super().__init__(engine)
         opt = self.optimizer
-        if getattr(opt, "has_moe_layers", False):
-            raise ShardError(
-                "aim_merging does not support mixture-of-experts layers with BF16_Optimizer (expert "
-                "parameters live in other data-parallel groups). Disable merging for this model."
-            )
+        _refuse_moe(opt, "with BF16_Optimizer")
 
         params_at = []
         for group in opt.bf16_groups:  # flattened back to back; only the group's end is padded
