@@ -126,7 +126,7 @@ class AimPlugin:
             else "aim_merging: merge() needs a rehearsal memory; pass it to attach() or start_task(memory=...).",
             exc_type=AimInputError,
         )
-        return Merge(self, weights=weights, rehearsal_steps=rehearsal_steps, explicit=True).run()
+        return self._merge(weights=weights, rehearsal_steps=rehearsal_steps, explicit=True)
 
     @property
     def records_probe_loss(self) -> bool:
@@ -279,7 +279,11 @@ class AimPlugin:
             loss = self.probe.read(self._probe_batch, self.task_index, self._step_in_task)
             loss = None if loss is None else self._finite_probe(loss)
         if self._decide(loss):
-            Merge(self).run()
+            self._merge(weights=None, rehearsal_steps=None, explicit=False)
+
+    def _merge(self, weights=None, rehearsal_steps=None, explicit: bool = False) -> dict:
+        """One merge on every rank (aim_ds.merge.Merge: plan, record, rehearse, fuse, agree, commit or undo)."""
+        return Merge(self, weights=weights, rehearsal_steps=rehearsal_steps, explicit=explicit).run()
 
     def _probe_batch(self) -> dict:
         return self._probe_cursor.next()

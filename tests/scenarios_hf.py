@@ -15,6 +15,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import aim_ds
 from aim_ds.hf import AimMergingCallback
+from aim_ds.merge import Merge
 from tests.scenarios import VOCAB, after_rehearsal, tiny_config
 
 warnings.filterwarnings("ignore")
@@ -147,11 +148,14 @@ class Instrumented(AimMergingCallback):
             if q.requires_grad
         }
         self.anchor = full()
-        merge, rehearse = p._merge, p._rehearse
+        merge = p._merge
+        rehearse = self.__dict__.setdefault("_real_rehearse", Merge.rehearse)  # replaced, never chained, per task
 
-        def _rehearse(steps):
+        def _rehearse(m, steps):
+            if m.plugin is not p:
+                return rehearse(m, steps)
             self._k, before = full(), engine.global_steps
-            out = rehearse(steps)
+            out = rehearse(m, steps)
             self.rehearsal_steps_taken.append((steps, engine.global_steps - before))
             self._m = full()
             return out
@@ -168,7 +172,7 @@ class Instrumented(AimMergingCallback):
                 self.anchor = fused
             return rec
 
-        p._merge, p._rehearse = _merge, _rehearse
+        p._merge, Merge.rehearse = _merge, _rehearse
 
 
 # ---------------------------------------------------------------------------------------- scenarios
