@@ -19,6 +19,7 @@ import copy
 import torch
 
 from . import fusion
+from .shards import loss_scaler_snapshot, restore_loss_scaler, restore_step_report, step_report_snapshot
 
 
 class MergeAborted(RuntimeError):
@@ -61,15 +62,6 @@ def fatal_error(e: BaseException, rank: int, what: str) -> RuntimeError:
 
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
-# what engine.step() reported for the training step: rehearsal's steps overwrite it, commit or undo
-STEP_REPORT = (
-    ("engine", "_global_grad_norm"),
-    ("engine", "_step_applied"),
-    ("optimizer", "overflow"),
-    ("optimizer", "_global_grad_norm"),
-)
-# the loss scale: ZeRO's loss_scaler, or FP16_UnfusedOptimizer's loss_scale_config (stage 0)
-SCALER_ATTRS = ("loss_scaler", "loss_scale_config")
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -98,10 +90,8 @@ class MergeJournal:
         # (and keeps views of it): the same tensors must be there after an undo
         self.grads = [(g.master.grad, key.grad) for g, key in zip(self.groups, self.keys)]
         self.counters = {n: getattr(engine, n) for n in ENGINE_COUNTERS if hasattr(engine, n)}
-        owners = {"engine": engine, "optimizer": shards.optimizer}
-        self.report = [(owners[o], n, getattr(owners[o], n)) for o, n in STEP_REPORT if hasattr(owners[o], n)]
-        scalers = [getattr(shards.optimizer, a, None) for a in SCALER_ATTRS]
-        self.scalers = [(s, copy.deepcopy(vars(s))) for s in scalers if s is not None]
+        self.scaler = loss_scaler_snapshot(shards.optimizer)
+        self.report = step_report_snapshot(engine)  # rehearsal's steps overwrite it: put back on commit or undo
         # rehearsal's dropout draws from the RNG: an undone merge must not shift the rest of the run
         from deepspeed.accelerator import get_accelerator
 
@@ -133,8 +123,7 @@ class MergeJournal:
                     cur[key] = v.to(g.master.device) if torch.is_tensor(v) and v.dim() else v
         for n, v in self.counters.items():
             setattr(self.engine, n, v)
-        for scaler, saved in self.scalers:
-            vars(scaler).update(copy.deepcopy(saved))
+        restore_loss_scaler(self.scaler)
         torch.set_rng_state(self.rng[0])
         self._accelerator.set_rng_state(self.rng[1])
         self.restore_step_report()
@@ -142,8 +131,7 @@ class MergeJournal:
     def restore_step_report(self) -> None:
         """The training step's gradient norm and overflow flag, as engine.step() reported them before the
         merge's rehearsal steps replaced them (called on commit too)."""
-        for owner, n, v in self.report:
-            setattr(owner, n, v)
+        restore_step_report(self.report)
 
 
 __all__ = ["ENGINE_COUNTERS", "MergeAborted", "MergeJournal", "fatal_error", "local_error"]
