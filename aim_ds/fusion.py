@@ -92,6 +92,27 @@ def fuse_scalar(theta: torch.Tensor, anchor: torch.Tensor, theta_k: torch.Tensor
         )
 
 
+@torch.no_grad()
+def fuse_scalar_anchor_part(anchor: torch.Tensor, theta_k: torch.Tensor, w_in: float, w_out: float) -> None:
+    """anchor <- (1 - w_in) a + (w_in - w_out) theta_k, before rehearsal (aim_merging "undo": "off").
+
+    The terms of fuse_scalar that do not need theta_M, written into the anchor so that no copy of theta_k
+    is kept: after rehearsal fuse_scalar_finish adds w_out theta_M. The anchor is then lost if the merge
+    fails, which is why "off" stops every rank instead of undoing."""
+    dev = anchor.device
+    for off, n in chunks(anchor.numel(), _block(dev)):
+        a = anchor.narrow(0, off, n)
+        a.mul_(1.0 - w_in).add_(_on(theta_k.narrow(0, off, n), dev), alpha=w_in - w_out)
+
+
+@torch.no_grad()
+def fuse_scalar_finish(theta: torch.Tensor, partial: torch.Tensor, w_out: float) -> None:
+    """theta (= theta_M) <- w_out theta_M + partial (the anchor after fuse_scalar_anchor_part)."""
+    dev = theta.device
+    for off, n in chunks(theta.numel(), _block(dev)):
+        theta.narrow(0, off, n).mul_(w_out).add_(_on(partial.narrow(0, off, n), dev))
+
+
 # bytes each merge moves through memory per fp32 element of the shard, in the scalar policies:
 # snapshot theta_k (read k; write the copy) + fuse (read a, k, M; write theta) + commit (read theta; write a)
 SCALAR_FUSION_PASSES = 8

@@ -50,6 +50,21 @@ def test_fuse_scalar_matches_the_method_and_is_exact_at_the_end_points():
     assert torch.equal(theta, a)
 
 
+def test_fusion_in_two_parts_without_theta_k_equals_the_one_pass_fusion():
+    # undo "off": the anchor takes the terms without theta_M before rehearsal, theta_M's term comes after
+    n = 2 * fusion.CPU_BLOCK + 99
+    a, k, m = _streams(n, 2)
+    for w in ((0.7, 0.2), (1.0, 0.0), (0.0, 0.0)):
+        one = m.clone()
+        fusion.fuse_scalar(one, a, k, *w)
+        part, two = a.clone(), m.clone()
+        fusion.fuse_scalar_anchor_part(part, k, *w)
+        fusion.fuse_scalar_finish(two, part, w[1])
+        if w[0] in (0.0, 1.0):  # the end points are exact here too
+            assert torch.equal(two, one), w
+        assert torch.allclose(two, one, rtol=0, atol=4e-6), w
+
+
 def test_fuse_importance_matches_the_per_element_rule():
     n = 2 * fusion.CPU_BLOCK + 777
     a, k, m = _streams(n, 1)
