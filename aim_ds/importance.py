@@ -42,17 +42,19 @@ class FusionSteps:
         )  # (q_in, q_out)
 
     @torch.no_grad()
-    def _fuse(self, scalar: bool, w_in: float, w_out: float, journal, quantiles) -> str | None:
-        """This rank's fusion into the masters (the anchor is written only at commit)."""
+    def _fuse(self, scalar: bool, w_in: float, w_out: float, theta_k: list, quantiles) -> str | None:
+        """This rank's fusion into the masters (the anchor is written only at commit). theta_k entries are
+        None with undo "off" (scalar policies): the anchor already holds the terms without theta_M."""
         groups = self.shards.groups
         if scalar:
-            for g, a, k in zip(groups, self.anchor, journal.theta_k):
-                fusion.fuse_scalar(g.master, a, k, w_in, w_out)
+            for g, a, k in zip(groups, self.anchor, theta_k):
+                if k is None:
+                    fusion.fuse_scalar_finish(g.master, a, w_out)
+                else:
+                    fusion.fuse_scalar(g.master, a, k, w_in, w_out)
         else:
             policy = make_weight_policy(self.config)
-            for g, a, k, s_in, s_out in zip(
-                groups, self.anchor, journal.theta_k, self._ema["u_out"], self._ema["i_out"]
-            ):
+            for g, a, k, s_in, s_out in zip(groups, self.anchor, theta_k, self._ema["u_out"], self._ema["i_out"]):
                 fusion.fuse_importance(
                     g.master, a, k, s_in, quantiles[0], s_out, quantiles[1], both=policy.both, neither=policy.default
                 )

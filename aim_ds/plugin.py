@@ -31,7 +31,7 @@ from .config import AimConfig
 from .controller import MergeController, probe_due
 from .fileio import write_csv
 from .importance import FusionSteps
-from .journal import MergeAborted, MergeJournal, fatal_error, local_error
+from .journal import MergeAborted, MergeJournal, check_undo_path, fatal_error, local_error
 from .losses import AimInputError, batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
 from .memory import _Cursor, check_memory, to_device
 from .shards import ZeroShards, ds_config_dict
@@ -69,7 +69,11 @@ class AimPlugin(FusionSteps):
         self._step_pending = False
         if not self.enabled:
             return  # nothing touched: training is exactly plain DeepSpeed
+        undo_error = None
+        if config.undo == "nvme":  # before training: a missing folder on one node stops every rank here
+            undo_error = local_error(lambda: check_undo_path(config.undo_path), "the undo folder check")
         self.shards = ZeroShards(engine)
+        statistics.agree(undo_error, exc_type=ValueError)
         self.rank = self.shards.rank
         self.world_size = self.shards.world_size
         self.controller = MergeController(config) if self.rank == 0 else None
@@ -429,13 +433,18 @@ class AimPlugin(FusionSteps):
         r = int(r)
         scalar = not self._importance or weights is not None
         journal = None
+        transactional = self.config.undo != "off"
         try:
             _sync()
             t_prep0 = time.perf_counter()
             error = None
             try:
-                journal = MergeJournal(self.shards, self.engine)
-            except Exception as e:  # e.g. out of host memory for the undo record
+                if transactional:
+                    journal = MergeJournal(self.shards, self.engine, self.config.undo, self.config.undo_path)
+                    theta_k = journal.theta_k
+                else:
+                    theta_k = self._without_undo_record(scalar, w_in, w_out)
+            except Exception as e:  # e.g. out of host memory (or disk) for the undo record
                 error = f"recording the merge's undo state failed: {type(e).__name__}: {e}"
             self._agree_merge(error)
             _sync()
@@ -447,12 +456,17 @@ class AimPlugin(FusionSteps):
                 self._agree_merge(local_error(self._importance_scores, "the importance scores"))
                 quantiles = self._importance_quantiles()
             error = local_error(
-                lambda: self._fuse(scalar, w_in, w_out, journal, None if scalar else quantiles), "fusion"
+                lambda: self._fuse(scalar, w_in, w_out, theta_k, None if scalar else quantiles), "fusion"
             )
             self._agree_merge(error)
         except MergeAborted as e:
-            if journal is not None:
-                journal.restore()
+            if not transactional:
+                raise RuntimeError(
+                    f"aim_merging: the merge at task {self.task_index} step {self._step_in_task} failed ({e}) and "
+                    'cannot be undone: "undo": "off" keeps no undo record, and the anchor, weights and optimizer '
+                    "state are half-updated. Every rank stops; restart from the last checkpoint."
+                ) from None
+            journal.restore()
             self._restore_plugin_state(before)
             self.shards.refresh_working_copies()  # a collective: every rank is on this path
             if self.rank == 0:
@@ -468,8 +482,9 @@ class AimPlugin(FusionSteps):
         for g, a in zip(groups, self.anchor):
             fusion.copy_into(a, g.master)
         if self._importance:  # the state keeps the last committed merge's theta_k, as checkpoints always did
-            for t, k in zip(self._theta_k, journal.theta_k):
-                fusion.copy_into(t, k)
+            if journal is not None:
+                for t, k in zip(self._theta_k, journal.theta_k):
+                    fusion.copy_into(t, k)
             for bufs in self._ema.values():
                 for b in bufs:
                     b.zero_()
@@ -492,9 +507,23 @@ class AimPlugin(FusionSteps):
             "fusion_seconds": t_fuse,
             "fusion_passes": passes,
             "fusion_bytes": n * 4 * passes,
-            "undo_host_bytes": journal.host_bytes,
+            "undo_host_bytes": journal.host_bytes if journal is not None else 0,
+            "undo_disk_bytes": journal.disk_bytes if journal is not None else 0,
             "seconds": time.perf_counter() - t0,
         }
+
+    @torch.no_grad()
+    def _without_undo_record(self, scalar: bool, w_in: float, w_out: float) -> list:
+        """undo "off": what the fusion needs of theta_k, kept without a copy (the merge is then no transaction).
+        Scalar policies fold it into the anchor now; the importance policy snapshots into its theta_k state."""
+        groups = self.shards.groups
+        if scalar:
+            for g, a in zip(groups, self.anchor):
+                fusion.fuse_scalar_anchor_part(a, g.master, w_in, w_out)
+            return [None] * len(groups)
+        for g, t in zip(groups, self._theta_k):
+            fusion.copy_into(t, g.master)
+        return self._theta_k
 
     def _agree_merge(self, error: str | None) -> None:
         statistics.agree(error, exc_type=MergeAborted)
