@@ -466,7 +466,8 @@ class AimPlugin(FusionSteps):
                     'cannot be undone: "undo": "off" keeps no undo record, and the anchor, weights and optimizer '
                     "state are half-updated. Every rank stops; restart from the last checkpoint."
                 ) from None
-            journal.restore()
+            if journal is not None:  # None where this rank's own record failed: nothing was changed here yet
+                journal.restore()
             self._restore_plugin_state(before)
             self.shards.refresh_working_copies()  # a collective: every rank is on this path
             if self.rank == 0:
