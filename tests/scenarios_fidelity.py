@@ -226,3 +226,11 @@ def trajectory_for_replay(out_dir: str):
 
         write_json(str(Path(out_dir) / "results.json"), {"config": {"aim_merging": plugin.config.to_dict()}})
     return {"merges": plugin.merge_count}
+
+
+def undo_folder_missing(folder: str):
+    """undo "nvme" with a folder that exists on rank 0 only: every rank refuses at attach, naming rank 1."""
+    path = folder if rank() == 0 else str(Path(folder) / "missing")
+    engine = make_engine(ds_config(aim=dict(AIM, undo="nvme", undo_path=path)))
+    aim_ds.attach(engine)
+    return {"attached": True}

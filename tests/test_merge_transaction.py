@@ -78,3 +78,13 @@ def test_rank_failing_inside_a_merge_collective_stops_every_rank_naming_it(tmp_p
     assert len(stopped) == 2 and max(stopped) < PG_TIMEOUT / 4, stopped  # well within the process-group timeout
     res = run_ranks("tests.scenarios_fidelity:resume_after_failure", 2, tmp_path, TIMEOUT, ckpt_dir=str(ckpt))
     assert all(r["finite"] and r["task"] == 1 and r["step_at_load"] == 1 for r in res), res
+
+
+def test_missing_undo_folder_on_one_rank_refused_at_attach_on_every_rank(tmp_path):
+    with pytest.raises(RankFailure) as info:
+        run_ranks("tests.scenarios_fidelity:undo_folder_missing", 2, tmp_path, TIMEOUT, folder=str(tmp_path))
+    msg = str(info.value)
+    per_rank = [part for part in msg.split("\nrank ") if part.strip()]
+    assert len(per_rank) == 2 and "timed out" not in msg, msg
+    for part in per_rank:
+        assert "rank 1: the undo folder check failed" in part and "is not a folder" in part, part[:2000]
