@@ -23,6 +23,7 @@ import os
 import torch
 
 from . import fusion
+from .shards import loss_scaler_snapshot, restore_loss_scaler
 
 
 class MergeAborted(RuntimeError):
@@ -139,8 +140,7 @@ class MergeJournal:
         scalars -= record - sum(k.numel() * k.element_size() for k in self.theta_k)
         self.host_bytes, self.disk_bytes = (scalars, record) if undo == "nvme" else (scalars + record, 0)
         self.counters = {n: getattr(engine, n) for n in ENGINE_COUNTERS if hasattr(engine, n)}
-        scaler = getattr(shards.optimizer, "loss_scaler", None)
-        self.scaler = (scaler, copy.deepcopy(vars(scaler))) if scaler is not None else None
+        self.scaler = loss_scaler_snapshot(shards.optimizer)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -162,8 +162,7 @@ class MergeJournal:
                     cur[key] = v.to(g.master.device) if torch.is_tensor(v) and v.dim() else v
         for n, v in self.counters.items():
             setattr(self.engine, n, v)
-        if self.scaler is not None:
-            vars(self.scaler[0]).update(copy.deepcopy(self.scaler[1]))
+        restore_loss_scaler(self.scaler)
 
 
 __all__ = ["ENGINE_COUNTERS", "MergeAborted", "MergeJournal", "check_undo_path", "fatal_error", "local_error"]
