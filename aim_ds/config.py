@@ -267,9 +267,15 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
                 )
     out["anchor"] = _choice("anchor", d["anchor"], ANCHORS)
     out["merge_first_task"] = _bool("merge_first_task", d["merge_first_task"])
-    out["undo"] = _choice("undo", d["undo"], UNDO_LOCATIONS)
+    out["undo"], out["undo_path"] = _undo(d)
+    return out
+
+
+def _undo(d: dict[str, Any]) -> tuple[str, str | None]:
+    """The undo record's location and its folder (required with "nvme", meaningless otherwise)."""
+    undo = _choice("undo", d["undo"], UNDO_LOCATIONS)
     path = d["undo_path"]
-    if out["undo"] == "nvme":
+    if undo == "nvme":
         if not isinstance(path, str) or not path.strip():
             raise _fail(
                 "undo_path",
@@ -280,9 +286,8 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
                 what="is missing" if path is None else "is empty",
             )
     elif path is not None:
-        raise _fail("undo_path", path, 'null unless undo is "nvme"', what=f'has no use with undo "{out["undo"]}"')
-    out["undo_path"] = path
-    return out
+        raise _fail("undo_path", path, 'null unless undo is "nvme"', what=f'has no use with undo "{undo}"')
+    return undo, path
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(AimConfig)}

@@ -84,6 +84,15 @@ def check_undo_path(folder: str) -> None:
         raise ValueError(f'aim_merging.undo_path = "{folder}" is not writable by this process: fix its permissions.')
 
 
+def undo_path_error(config) -> str | None:
+    """This rank's problem with an "nvme" undo folder (checked at attach, before training), or None."""
+    return (
+        local_error(lambda: check_undo_path(config.undo_path), "the undo folder check")
+        if config.undo == "nvme"
+        else None
+    )
+
+
 ALIGN = 64  # bytes: each tensor in the mapped file starts on a cache line (and on its element size)
 
 
@@ -165,4 +174,12 @@ class MergeJournal:
         restore_loss_scaler(self.scaler)
 
 
-__all__ = ["ENGINE_COUNTERS", "MergeAborted", "MergeJournal", "check_undo_path", "fatal_error", "local_error"]
+__all__ = [
+    "ENGINE_COUNTERS",
+    "MergeAborted",
+    "MergeJournal",
+    "check_undo_path",
+    "fatal_error",
+    "undo_path_error",
+    "local_error",
+]

@@ -26,7 +26,7 @@ from .controller import MergeController, probe_due
 from .errors import AimInputError
 from .fileio import write_csv
 from .fusers import make_fuser
-from .journal import check_undo_path, local_error
+from .journal import undo_path_error
 from .losses import batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
 from .memory import _Cursor, check_memory, to_device
 from .merge import Merge
@@ -64,11 +64,8 @@ class AimPlugin:
         self.probe = self.fuser = None
         if not self.enabled:
             return  # nothing touched: training is exactly plain DeepSpeed
-        undo_error = None
-        if config.undo == "nvme":  # before training: a folder missing on one node stops every rank here
-            undo_error = local_error(lambda: check_undo_path(config.undo_path), "the undo folder check")
         self.shards = ZeroShards(engine)
-        collectives.agree(undo_error, exc_type=ValueError)
+        collectives.agree(undo_path_error(config), exc_type=ValueError)  # a folder missing on one node: all stop
         self.rank = self.shards.rank
         self.world_size = self.shards.world_size
         self.controller = MergeController(config) if self.rank == 0 else None
