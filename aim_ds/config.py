@@ -26,6 +26,7 @@ INTERVAL_RULES = ("paper", "reference", "fixed")
 WEIGHT_POLICIES = ("signals", "fixed", "importance")
 ANCHORS = ("device", "host")
 PROBE_SOURCES = ("memory_forward", "training_batch")
+UNDO_LOCATIONS = ("host", "nvme", "off")
 WEIGHT_MAX = 2.0  # w_in, w_out accepted in [0, WEIGHT_MAX]; > 1 extrapolates along a task vector
 
 
@@ -67,6 +68,8 @@ class AimConfig:
     probe_source: str = "memory_forward"
     anchor: str = "device"
     merge_first_task: bool = False
+    undo: str = "host"
+    undo_path: str | None = None
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -264,9 +267,38 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
                 )
     out["anchor"] = _choice("anchor", d["anchor"], ANCHORS)
     out["merge_first_task"] = _bool("merge_first_task", d["merge_first_task"])
+    out["undo"], out["undo_path"] = _undo(d)
     return out
+
+
+def _undo(d: dict[str, Any]) -> tuple[str, str | None]:
+    """The undo record's location and its folder (required with "nvme", meaningless otherwise)."""
+    undo = _choice("undo", d["undo"], UNDO_LOCATIONS)
+    path = d["undo_path"]
+    if undo == "nvme":
+        if not isinstance(path, str) or not path.strip():
+            raise _fail(
+                "undo_path",
+                path,
+                'a folder on a local NVMe drive (a non-empty string) when undo is "nvme": each rank keeps its '
+                "merge's undo record in a memory-mapped file there",
+                wrong_type=path is not None and not isinstance(path, str),
+                what="is missing" if path is None else "is empty",
+            )
+    elif path is not None:
+        raise _fail("undo_path", path, 'null unless undo is "nvme"', what=f'has no use with undo "{undo}"')
+    return undo, path
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(AimConfig)}
 
-__all__ = ["AimConfig", "ConfigError", "SECTION", "INTERVAL_RULES", "WEIGHT_POLICIES", "ANCHORS", "PROBE_SOURCES"]
+__all__ = [
+    "AimConfig",
+    "ConfigError",
+    "SECTION",
+    "INTERVAL_RULES",
+    "WEIGHT_POLICIES",
+    "ANCHORS",
+    "PROBE_SOURCES",
+    "UNDO_LOCATIONS",
+]

@@ -42,7 +42,9 @@ OFFLOAD_CHOICES = ("none", "optimizer", "param", "both")
 STAGE_CHOICES = (1, 2, 3)
 ANCHOR_CHOICES = ("device", "host")
 POLICY_CHOICES = ("scalar", "importance")
+UNDO_CHOICES = ("host", "nvme", "off")
 PLUGIN_BYTES_PER_PARAM = {"scalar": 4, "importance": 24}
+UNDO_BYTES_PER_PARAM = 12  # theta_k + Adam's exp_avg and exp_avg_sq, fp32
 GiB = 2**30
 
 
@@ -70,6 +72,10 @@ class Estimate:
     plugin_location: str  # "device" or "host"
     plugin_gpu_bytes: int  # per GPU
     plugin_host_bytes_per_node: int
+    undo: str = "host"
+    undo_bytes_per_rank: int = 0  # the undo record's peak, during a merge
+    undo_host_bytes_per_node: int = 0
+    undo_disk_bytes_per_node: int = 0
 
     @property
     def with_plugin_gpu_bytes(self) -> int:
@@ -79,11 +85,17 @@ class Estimate:
     def with_plugin_host_bytes_per_node(self) -> int:
         return self.zero_host_bytes_per_node + self.plugin_host_bytes_per_node
 
+    @property
+    def merge_peak_host_bytes_per_node(self) -> int:
+        """Host memory per node while a merge runs: ZeRO + plugin + the undo record (with undo "host")."""
+        return self.with_plugin_host_bytes_per_node + self.undo_host_bytes_per_node
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(
             with_plugin_gpu_bytes=self.with_plugin_gpu_bytes,
             with_plugin_host_bytes_per_node=self.with_plugin_host_bytes_per_node,
+            merge_peak_host_bytes_per_node=self.merge_peak_host_bytes_per_node,
             zero_gpu_bytes_per_node=self.zero_gpu_bytes * self.gpus_per_node,
             with_plugin_gpu_bytes_per_node=self.with_plugin_gpu_bytes * self.gpus_per_node,
             plugin_bytes_per_param_per_rank=PLUGIN_BYTES_PER_PARAM[self.policy] / self.world_size,
@@ -93,7 +105,7 @@ class Estimate:
 
 # ---------------------------------------------------------------------------------------- checks
 def _check(
-    total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor, stage=3
+    total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor, stage=3, undo="host"
 ) -> None:
     def bad(name, value, accepted):
         raise EstimateError(f"{name}={value!r} is invalid: expected {accepted}.")
@@ -130,6 +142,8 @@ def _check(
         bad("anchor", anchor, " | ".join(ANCHOR_CHOICES))
     if policy not in POLICY_CHOICES:
         bad("policy", policy, " | ".join(POLICY_CHOICES))
+    if undo not in UNDO_CHOICES:
+        bad("undo", undo, " | ".join(UNDO_CHOICES))
     if not isinstance(buffer_factor, (int, float)) or not math.isfinite(buffer_factor) or buffer_factor < 1:
         bad("buffer_factor", buffer_factor, "a number >= 1 (DeepSpeed's additional_buffer_factor, default 1.5)")
 
@@ -195,6 +209,11 @@ def plugin_bytes_per_rank(total_params: int, world_size: int, policy: str = "sca
     return int(PLUGIN_BYTES_PER_PARAM[policy] * total_params / world_size)
 
 
+def undo_bytes_per_rank(total_params: int, world_size: int, undo: str = "host") -> int:
+    """The undo record's peak on each rank: 12 P / N (theta_k + Adam's moments), none with undo "off"."""
+    return 0 if undo == "off" else int(UNDO_BYTES_PER_PARAM * total_params / world_size)
+
+
 def plugin_location(offload: str, anchor: str) -> str:
     """Where the plugin's buffers live: next to the fp32 masters, or on the host with anchor=host."""
     return "host" if anchor == "host" or offload in ("optimizer", "both") else "device"
@@ -211,8 +230,9 @@ def estimate(
     zero_init: bool = True,
     buffer_factor: float = 1.5,
     stage: int = 3,
+    undo: str = "host",
 ) -> Estimate:
-    _check(total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor, stage)
+    _check(total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor, stage, undo)
     total_params, largest_layer_params = int(total_params), int(largest_layer_params)
     g = world_size // nodes
     if stage == 3:
@@ -223,6 +243,7 @@ def estimate(
         host, gpu, source = zero12_model_states(total_params, g, nodes, offload, buffer_factor)
     per_rank = plugin_bytes_per_rank(total_params, world_size, policy)
     where = plugin_location(offload, anchor)
+    undo_rank = undo_bytes_per_rank(total_params, world_size, undo)
     return Estimate(
         stage=stage,
         total_params=total_params,
@@ -242,6 +263,10 @@ def estimate(
         plugin_location=where,
         plugin_gpu_bytes=per_rank if where == "device" else 0,
         plugin_host_bytes_per_node=per_rank * g if where == "host" else 0,
+        undo=undo,
+        undo_bytes_per_rank=undo_rank,
+        undo_host_bytes_per_node=undo_rank * g if undo == "host" else 0,
+        undo_disk_bytes_per_node=undo_rank * g if undo == "nvme" else 0,
     )
 
 
@@ -323,7 +348,17 @@ def format_table(e: Estimate) -> str:
         f"{_gib(e.plugin_gpu_bytes * g)}",
         f"{'per node (host memory)':<28}{_gib(e.zero_host_bytes_per_node)} {_gib(e.with_plugin_host_bytes_per_node)} "
         f"{_gib(e.plugin_host_bytes_per_node)}",
+        f"{'per node (host), in a merge':<28}{_gib(e.zero_host_bytes_per_node)} "
+        f"{_gib(e.merge_peak_host_bytes_per_node)} {_gib(e.merge_peak_host_bytes_per_node - e.zero_host_bytes_per_node)}",
         "",
+        {
+            "host": f"undo record (host memory, during a merge only): theta_k + Adam moments = 12 B/param / N = "
+            f"{e.undo_bytes_per_rank / GiB:.2f} GiB per rank, {e.undo_host_bytes_per_node / GiB:.2f} GiB per node "
+            '(aim_merging "undo": "nvme" moves it to disk, "off" drops it)',
+            "nvme": f"undo record on NVMe (undo_path, memory-mapped): {e.undo_bytes_per_rank / GiB:.2f} GiB per rank, "
+            f"{e.undo_disk_bytes_per_node / GiB:.2f} GiB of disk per node; not counted as host memory",
+            "off": "undo record: none (undo off: a failed merge stops every rank; restart from a checkpoint)",
+        }[e.undo],
         "Model states only: activations, communication buffers and the CUDA context come on top.",
     ]
     return "\n".join(lines)
@@ -368,6 +403,12 @@ def add_arguments(p) -> None:
         default="scalar",
         help="weight policy: scalar (signals/fixed, 4 B/param/N) or importance (24 B/param/N)",
     )
+    p.add_argument(
+        "--undo",
+        choices=UNDO_CHOICES,
+        default="host",
+        help='aim_merging "undo": where the merge\'s undo record (12 B/param/N) lives (default host)',
+    )
     p.add_argument("--no-zero-init", action="store_true", help="model not built under zero.Init (more host memory)")
     p.add_argument("--buffer-factor", type=float, default=1.5, help="DeepSpeed's additional_buffer_factor (1.5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -410,4 +451,5 @@ def _estimate_from_args(args) -> Estimate:
         zero_init=not args.no_zero_init,
         buffer_factor=args.buffer_factor,
         stage=args.stage,
+        undo=args.undo,
     )

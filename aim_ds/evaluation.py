@@ -36,10 +36,13 @@ def _unwrap(model_or_engine):
 
 
 def keeps_logits(model_or_engine) -> bool:
-    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do, also under peft's
+    causal-LM wrapper, which hands it on: see memory.input_consumer)."""
+    from .memory import input_consumer
+
     module = getattr(model_or_engine, "module", model_or_engine)
     try:
-        return "logits_to_keep" in inspect.signature(module.forward).parameters
+        return "logits_to_keep" in inspect.signature(input_consumer(module).forward).parameters
     except (TypeError, ValueError):
         return False
 

@@ -53,8 +53,19 @@ class ScalarFuser:
         """This rank's fusion into the masters (the anchor is written only at commit); an error message or None."""
         groups = self.shards.groups
         for g, a, k in zip(groups, anchor, theta_k):
-            fusion.fuse_scalar(g.master, a, k, w_in, w_out)
+            if k is None:  # undo "off": the anchor already holds the terms without theta_M
+                fusion.fuse_scalar_finish(g.master, a, w_out)
+            else:
+                fusion.fuse_scalar(g.master, a, k, w_in, w_out)
         return _finite(groups)
+
+    @torch.no_grad()
+    def keep_theta_k(self, anchor, w_in: float, w_out: float, element_wise: bool) -> list:
+        """undo "off" (no undo record), before rehearsal: what fuse needs of theta_k, kept without a copy. The
+        scalar fusion folds it into the anchor (entries None); the anchor is then lost if the merge fails."""
+        for g, a in zip(self.shards.groups, anchor):
+            fusion.fuse_scalar_anchor_part(a, g.master, w_in, w_out)
+        return [None] * len(anchor)
 
     def commit(self, theta_k) -> None:
         """The merge committed on every rank."""
@@ -139,10 +150,20 @@ class ImportanceFuser(ScalarFuser):
             )
         return _finite(groups)
 
+    @torch.no_grad()
+    def keep_theta_k(self, anchor, w_in: float, w_out: float, element_wise: bool) -> list:
+        if not element_wise:
+            return super().keep_theta_k(anchor, w_in, w_out, element_wise)
+        for g, t in zip(self.shards.groups, self.theta_k):  # the state's own theta_k buffer is the snapshot
+            fusion.copy_into(t, g.master)
+        return self.theta_k
+
     def commit(self, theta_k) -> None:
-        # the state keeps the last committed merge's theta_k, as checkpoints always did
-        for t, k in zip(self.theta_k, theta_k):
-            fusion.copy_into(t, k)
+        # the state keeps the last committed merge's theta_k, as checkpoints always did (undo "off": it is
+        # already there, or, with explicit scalar weights, folded into the anchor and not kept)
+        if theta_k is not self.theta_k and all(k is not None for k in theta_k):
+            for t, k in zip(self.theta_k, theta_k):
+                fusion.copy_into(t, k)
         self._zero(self.ema.values())
 
     def undo(self) -> None:

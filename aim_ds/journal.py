@@ -7,14 +7,18 @@ merge and puts them back bit-exactly on failure; the anchor needs no copy becaus
 when the merge commits. The low-precision working copies are derived from the masters (the caller
 refreshes them after a restore).
 
-The masters' copy is theta_k, which the fusion reads anyway. The record lives in host memory for the
-duration of the merge only (theta_k and Adam's two moments: 12 bytes per parameter / N ranks at the
-peak), so the plugin's resident memory between merges is unchanged.
+The masters' copy is theta_k, which the fusion reads anyway. The record exists for the duration of the
+merge only (theta_k and Adam's two moments: 12 bytes per parameter / N ranks at the peak), so the
+plugin's resident memory between merges is unchanged. Where it lives is aim_merging "undo": "host"
+(host memory) or "nvme" (one memory-mapped file per rank in "undo_path", its blocks reserved up front so
+a full disk fails the merge's first step, which is undone, instead of a later write; the file is unlinked
+as soon as it is mapped, so nothing is left behind even if the process dies).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 
@@ -70,22 +74,80 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def check_undo_path(folder: str) -> None:
+    """undo "nvme": the folder must exist and be writable (checked when the plugin attaches, before training)."""
+    if not os.path.isdir(folder):
+        raise ValueError(
+            f'aim_merging.undo_path = "{folder}" is not a folder: create it (on a local NVMe drive) or use "undo": "host".'
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f'aim_merging.undo_path = "{folder}" is not writable by this process: fix its permissions.')
+
+
+def undo_path_error(config) -> str | None:
+    """This rank's problem with an "nvme" undo folder (checked at attach, before training), or None."""
+    return (
+        local_error(lambda: check_undo_path(config.undo_path), "the undo folder check")
+        if config.undo == "nvme"
+        else None
+    )
+
+
+ALIGN = 64  # bytes: each tensor in the mapped file starts on a cache line (and on its element size)
+
+
+def _mapped(folder: str, specs: list[tuple[torch.Size, torch.dtype]]) -> list[torch.Tensor]:
+    """Empty tensors of the given shapes backed by one new memory-mapped file in `folder`."""
+    offsets, total = [], 0
+    for shape, dtype in specs:
+        offsets.append(total)
+        total += -(-shape.numel() * dtype.itemsize // ALIGN) * ALIGN
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    path = os.path.join(folder, f"aim_ds_undo_rank{rank}_{os.getpid()}.bin")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if total:
+            os.posix_fallocate(fd, 0, total)  # ENOSPC here, not as SIGBUS on a write into the mapping
+            buf = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
+    finally:
+        os.close(fd)
+        os.unlink(path)  # the mapping keeps the blocks until it is dropped
+    if not total:
+        return [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
+    return [buf[o : o + s.numel() * d.itemsize].view(d).view(s) for o, (s, d) in zip(offsets, specs)]
+
+
 class MergeJournal:
-    def __init__(self, shards, engine):
+    def __init__(self, shards, engine, undo: str = "host", undo_path: str | None = None):
         self.groups = shards.groups
         self.engine = engine
         self.inner, self.keys = shards.optimizer_state()  # the optimizer and what it keys its state by
-        self.theta_k = [torch.empty(g.master.numel(), dtype=g.master.dtype, device="cpu") for g in self.groups]
-        for g, k in zip(self.groups, self.theta_k):
-            fusion.copy_into(k, g.master)
-        self.opt_state = []
-        for key in self.keys:
-            st = self.inner.state.get(key)
-            self.opt_state.append(
-                None
-                if st is None
-                else {k: (_host_copy(v) if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in st.items()}
-            )
+        # the large tensors (masters, moments) go to the chosen store; step counts and other scalars to the host
+        big = [(g.master.detach().reshape(-1), None, None) for g in self.groups]
+        states = [self.inner.state.get(key) for key in self.keys]
+        for i, st in enumerate(states):
+            for k, v in (st or {}).items():
+                if torch.is_tensor(v) and v.dim():
+                    big.append((v.detach(), i, k))
+        specs = [(t.shape, t.dtype) for t, _, _ in big]
+        stores = _mapped(undo_path, specs) if undo == "nvme" else [torch.empty(s, dtype=d) for s, d in specs]
+        for (src, _, _), dst in zip(big, stores):
+            fusion.copy_into(dst.view(-1), src.reshape(-1))
+        self.theta_k = stores[: len(self.groups)]
+        self.opt_state = [None if st is None else {} for st in states]
+        for (_, i, k), dst in zip(big[len(self.groups) :], stores[len(self.groups) :]):
+            self.opt_state[i][k] = dst
+        for st, saved in zip(states, self.opt_state):
+            for k, v in (st or {}).items():
+                if k not in saved:
+                    saved[k] = _host_copy(v) if torch.is_tensor(v) else copy.deepcopy(v)
+        # bytes of the record by where they live (the mapped file's alignment padding not counted)
+        record = sum(s.numel() * d.itemsize for s, d in specs)
+        scalars = sum(
+            v.numel() * v.element_size() for st in self.opt_state if st for v in st.values() if torch.is_tensor(v)
+        )
+        scalars -= record - sum(k.numel() * k.element_size() for k in self.theta_k)
+        self.host_bytes, self.disk_bytes = (scalars, record) if undo == "nvme" else (scalars + record, 0)
         # with optimizer offload DeepSpeed allocates each partition's .grad once and writes into it
         # (and keeps views of it): the same tensors must be there after an undo
         self.grads = [(g.master.grad, key.grad) for g, key in zip(self.groups, self.keys)]
@@ -97,11 +159,6 @@ class MergeJournal:
 
         self._accelerator = get_accelerator()
         self.rng = (torch.get_rng_state(), self._accelerator.get_rng_state())
-
-    @property
-    def host_bytes(self) -> int:
-        n = sum(v.numel() * v.element_size() for st in self.opt_state if st for v in st.values() if torch.is_tensor(v))
-        return n + sum(k.numel() * k.element_size() for k in self.theta_k)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -134,4 +191,12 @@ class MergeJournal:
         restore_step_report(self.report)
 
 
-__all__ = ["ENGINE_COUNTERS", "MergeAborted", "MergeJournal", "fatal_error", "local_error"]
+__all__ = [
+    "ENGINE_COUNTERS",
+    "MergeAborted",
+    "MergeJournal",
+    "check_undo_path",
+    "fatal_error",
+    "undo_path_error",
+    "local_error",
+]

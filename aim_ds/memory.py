@@ -66,7 +66,7 @@ def check_memory(engine, memory, rank: int) -> str | None:
             f"aim_merging: the rehearsal memory is empty on rank {rank}; every rank needs at least one batch "
             "(check the memory fraction and the number of ranks)."
         )
-    module = _input_consumer(engine.module)
+    module = input_consumer(engine.module)
     sig = inspect.signature(module.forward)
     accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     vocab = getattr(getattr(module, "config", None), "vocab_size", None)
@@ -120,12 +120,26 @@ def to_device(batch: dict, device) -> dict:
 __all__ = ["check_memory", "to_device"]
 
 
-def _input_consumer(module):
+def _hands_kwargs_to_base(module, params) -> bool:
+    """peft's task wrappers (PeftModelForCausalLM) name a few inputs and hand every other keyword, such as
+    logits_to_keep, unchanged to the base model; prompt learning rewrites the inputs, so it is not followed."""
+    cfg = getattr(module, "active_peft_config", None)
+    return (
+        callable(getattr(module, "get_base_model", None))
+        and cfg is not None
+        and not getattr(cfg, "is_prompt_learning", False)
+        and any(p.kind == p.VAR_KEYWORD for p in params)
+    )
+
+
+def input_consumer(module):
     """The module whose forward names the model inputs: pass-through wrappers whose forward takes only
-    (*args, **kwargs), such as peft's PeftModel without a task_type, are followed to the model they call."""
+    (*args, **kwargs), such as peft's PeftModel without a task_type, and peft's task wrappers (see
+    _hands_kwargs_to_base) are followed to the model they call."""
     for _ in range(8):
-        params = inspect.signature(module.forward).parameters.values()
-        if any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        params = list(inspect.signature(module.forward).parameters.values())
+        named = any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+        if named and not _hands_kwargs_to_base(module, params):
             return module
         inner = module.get_base_model() if callable(getattr(module, "get_base_model", None)) else None
         for name in ("base_model", "model", "module"):

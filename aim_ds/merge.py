@@ -2,7 +2,8 @@
 
     plan      learning signal sum |theta - anchor| (all-reduce); rank 0's controller plans S, R and the
               weights; the MergePlan is broadcast (32 bytes)
-    record    the undo record: theta_k, optimizer state, counters (host memory, this merge only)
+    record    the undo record: theta_k, optimizer state, counters (host memory or an NVMe file, this merge
+              only; with "undo": "off" none: the fuser keeps theta_k's part without a copy, no transaction)
     rehearse  R optimizer steps on memory batches, LR schedule frozen (4 B agreement per step)
     fuse      the fuser's collectives (importance quantiles), then this rank's fusion into the masters
     agree     every rank reports its own failure (4 B); any failure -> undo everywhere
@@ -73,6 +74,8 @@ class Merge:
         self.plugin = plugin
         self.weights, self.rehearsal_steps, self.explicit = weights, rehearsal_steps, explicit
         self.journal: MergeJournal | None = None
+        self.theta_k: list | None = None
+        self.transactional = plugin.config.undo != "off"
         self.where = f"task {plugin.task_index} step {plugin._step_in_task}"
 
     def run(self) -> dict:
@@ -87,7 +90,7 @@ class Merge:
         try:
             _sync()
             t_prep0 = time.perf_counter()
-            self.record()
+            self.record(plan, element_wise)
             _sync()
             t_prep = time.perf_counter() - t_prep0
             rehearsal_losses = self.rehearse(plan.rehearsal_steps)
@@ -115,7 +118,8 @@ class Merge:
             "fusion_seconds": t_fuse,
             "fusion_passes": passes,
             "fusion_bytes": p.shards.local_numel * 4 * passes,
-            "undo_host_bytes": self.journal.host_bytes,
+            "undo_host_bytes": self.journal.host_bytes if self.journal is not None else 0,
+            "undo_disk_bytes": self.journal.disk_bytes if self.journal is not None else 0,
             "seconds": time.perf_counter() - t0,
         }
 
@@ -144,11 +148,15 @@ class Merge:
         self._mark(cp, w_in, w_out, r, total)
         return MergePlan(cp.interval, r, w_in, w_out)
 
-    def record(self) -> None:
+    def record(self, plan: MergePlan, element_wise: bool) -> None:
         """The undo record; a rank that cannot make it (e.g. out of host memory) aborts the merge everywhere."""
         p, error = self.plugin, None
         try:
-            self.journal = MergeJournal(p.shards, p.engine)
+            if self.transactional:
+                self.journal = MergeJournal(p.shards, p.engine, p.config.undo, p.config.undo_path)
+                self.theta_k = self.journal.theta_k
+            else:
+                self.theta_k = p.fuser.keep_theta_k(p.anchor, plan.w_in, plan.w_out, element_wise)
         except Exception as e:
             error = f"recording the merge's undo state failed: {type(e).__name__}: {e}"
         agree(error)
@@ -167,7 +175,7 @@ class Merge:
     def fuse(self, plan: MergePlan, element_wise: bool) -> None:
         p = self.plugin
         prepared = p.fuser.prepare(element_wise, agree)
-        theta_k = self.journal.theta_k
+        theta_k = self.theta_k
         error = local_error(
             lambda: p.fuser.fuse(p.anchor, theta_k, plan.w_in, plan.w_out, element_wise, prepared), "fusion"
         )
@@ -179,11 +187,17 @@ class Merge:
         self.journal.restore_step_report()
         for g, a in zip(p.shards.groups, p.anchor):
             fusion.copy_into(a, g.master)
-        p.fuser.commit(self.journal.theta_k)
+        p.fuser.commit(self.theta_k)
 
     def undo(self, e: MergeAborted, before: dict) -> dict:
         p = self.plugin
-        if self.journal is not None:
+        if not self.transactional:
+            raise RuntimeError(
+                f"aim_merging: the merge at {self.where} failed ({e}) and cannot be undone: "
+                '"undo": "off" keeps no undo record, and the anchor, weights and optimizer state are '
+                "half-updated. Every rank stops; restart from the last checkpoint."
+            ) from None
+        if self.journal is not None:  # None where this rank's own record failed: nothing changed here yet
             self.journal.restore()
         self._restore_bookkeeping(before)
         p.fuser.undo()

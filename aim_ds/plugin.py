@@ -26,6 +26,7 @@ from .controller import MergeController, probe_due
 from .errors import AimInputError
 from .fileio import write_csv
 from .fusers import make_fuser
+from .journal import undo_path_error
 from .losses import batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
 from .memory import _Cursor, check_memory, to_device
 from .merge import Merge
@@ -64,6 +65,7 @@ class AimPlugin:
         if not self.enabled:
             return  # nothing touched: training is exactly plain DeepSpeed
         self.shards = ZeroShards(engine)
+        collectives.agree(undo_path_error(config), exc_type=ValueError)  # a folder missing on one node: all stop
         self.rank = self.shards.rank
         self.world_size = self.shards.world_size
         self.controller = MergeController(config) if self.rank == 0 else None

@@ -15,7 +15,9 @@ Phases, all on one engine:
   4. copy:   torch copies of a shard-sized fp32 tensor on the same device -> copy bandwidth; the fusion
              is compared with the time a copy takes to move the same number of bytes (read + written)
 Memory: the plugin's held_bytes() (by device/host), the allocator's growth when the plugin attaches,
-and torch.cuda.max_memory_allocated() before and after the plugin.
+torch.cuda.max_memory_allocated() before and after the plugin, and the merge's undo record (host memory
+while a merge runs: theta_k + the optimizer's moments, 12 bytes per trainable parameter with Adam; see
+`aim-ds estimate-memory`), from the plugin's merge records.
 
 Writes JSON to --out (default: $OUT/gpu_check.json when OUT is set, else ./gpu_check.json).
 """
@@ -123,12 +125,17 @@ class Sync:
 class FusionTimer:
     """Wraps aim_ds.fusion's scalar fusion: device-synchronised time and the bytes it must move.
 
-    Bytes are counted from the tensors passed in, each fp32 element read or written counted once:
+    Bytes are counted from the tensors passed in, each fp32 element read or written counted once (the
+    bytes a single fused kernel must move; the ratio to a copy of as many bytes shows the overhead):
     fuse_scalar(theta, anchor, theta_k, ...) reads theta, anchor and theta_k and writes theta -> 4 shard
-    passes, the least any implementation moves (the ratio to a copy of as many bytes shows the overhead).
+    passes; fuse_importance(theta, anchor, theta_k, score_in, q_in, score_out, ...) also reads the two
+    scores -> 6.
     """
 
-    PASSES = {"fuse_scalar": (lambda a: (a[0], a[1], a[2], a[0]))}
+    PASSES = {
+        "fuse_scalar": (lambda a: (a[0], a[1], a[2], a[0])),
+        "fuse_importance": (lambda a: (a[0], a[1], a[2], a[3], a[5], a[0])),
+    }
 
     def __init__(self, sync: Sync):
         from aim_ds import fusion
@@ -368,8 +375,15 @@ def run(args) -> dict:
         "peak_memory_bytes": peak_all,
         "peak_memory_plain_bytes": peak_plain,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # the undo record, measured in the merges above (it exists only during a merge)
+        "undo": aim_cfg.get("undo", "host"),
+        "undo_host_bytes": max((r.get("undo_host_bytes", 0) for r in records), default=None),
+        "undo_disk_bytes": max((r.get("undo_disk_bytes", 0) for r in records), default=None),
         "seconds_total": time.perf_counter() - t_start,
     }
+    undo = (result["undo_host_bytes"] or 0) + (result["undo_disk_bytes"] or 0)
+    result["undo_bytes_per_param"] = undo / n_params
+    result["merge_peak_host_bytes"] = held["host"] + (result["undo_host_bytes"] or 0)
     plugin.detach()
     del plugin
     # the other anchor placement: what the plugin holds on the device with "anchor": "host" (goal: 0 bytes)

@@ -1,6 +1,6 @@
 """Measured costs of the AimMerging plugin against its goals (issue 5), on CPU ranks (gloo).
 
-    python benchmarks/perf.py [--quick] [--json PATH]
+    python benchmarks/perf.py [--quick] [--fusion] [--json PATH]
 
 Launches its own multi-rank DeepSpeed runs (one process per rank, CPU accelerator, gloo; the in-rank jobs
 are in perf_jobs.py) and reports, side by side from the same runs (never as timed assertions in tests):
@@ -544,6 +544,21 @@ def table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def measure_fusion(plan_name: str, log=print) -> dict:
+    """fusion / copy alone, at ZeRO stages 2 and 3 on 2 ranks (the memory job with its fusion part): minutes,
+    not the whole plan. The largest ratio over ranks, as in measure()."""
+    base = dict(PLANS[plan_name], bf16=True)
+    out: dict = {"schema": "aim_ds.perf.fusion/1", "plan": plan_name, "load_average": {"start": _loadavg()}}
+    out["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    for stage in (2, 3):
+        log(f"perf: fusion vs copy, ZeRO-{stage} on 2 ranks ...")
+        res = [r["summary"] for r in launch(dict(base, job="memory", stage=stage, fusion=True), 2, timeout=600)]
+        out[f"zero{stage}"] = {k: max(s[k] for s in res) for k in ("fusion_vs_copy", "fusion_seconds", "fusion_passes")}
+        out[f"zero{stage}"]["fusion_bytes"] = res[0]["fusion_bytes"]
+        out["load_average"][f"after_zero{stage}"] = _loadavg()
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
@@ -551,13 +566,16 @@ def main(argv=None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small model, fewer repetitions (< 15 minutes here)")
+    p.add_argument("--fusion", action="store_true", help="only fusion / copy at ZeRO-2 and ZeRO-3 (minutes)")
     p.add_argument("--json", metavar="PATH", help="write the full record as JSON to PATH")
     args = p.parse_args(argv)
-    d = measure("quick" if args.quick else "full", log=lambda m: print(m, file=sys.stderr, flush=True))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    plan = "quick" if args.quick else "full"
+    d = measure_fusion(plan, log=log) if args.fusion else measure(plan, log=log)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(d, indent=2))
-    print(table(d))
+    print(json.dumps(d, indent=2) if args.fusion else table(d))
     return 0
 
 

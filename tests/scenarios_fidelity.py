@@ -103,7 +103,15 @@ def _same(a, b, path="") -> list[str]:
     return [] if a == b or both_nan else [f"{path}: {a!r} != {b!r}"]
 
 
-def merge_undone(case: str, policy: str = "signals", failing: int = 1, dropout: float = 0.0, **cfg):
+def merge_undone(
+    case: str,
+    policy: str = "signals",
+    failing: int = 1,
+    dropout: float = 0.0,
+    undo: str = "host",
+    undo_path=None,
+    **cfg,
+):
     """case "nan": one rank's rehearsal batch has every label ignored (a NaN loss, whose NaN gradients
     the optimizer applies everywhere); "raise_rehearsal": one rank's second rehearsal batch raises;
     "raise_fusion": one rank's fusion corrupts half its masters, then raises. The merge must be undone
@@ -111,7 +119,8 @@ def merge_undone(case: str, policy: str = "signals", failing: int = 1, dropout: 
     mem = memory(offset=3000)
     if case == "nan" and rank() == failing:
         mem[0] = batch(3999, all_ignored=True)
-    engine, plugin = _second_task(dict(AIM, weight_policy=policy), 2, mem, dropout, **cfg)  # 2 < S: no merge yet
+    aim = dict(AIM, weight_policy=policy, undo=undo, undo_path=undo_path)
+    engine, plugin = _second_task(aim, 2, mem, dropout, **cfg)  # 2 < S: no merge yet
     full_before, working_before = full_fp32(engine), full_working(engine)
     before = _rank_state(engine, plugin)
     undo = []
@@ -160,6 +169,8 @@ def merge_undone(case: str, policy: str = "signals", failing: int = 1, dropout: 
     result["next_merged"] = rec2["merged"]
     result["finite"] = all(torch.isfinite(v).all().item() for v in full_fp32(engine).values())
     result["merge_count"] = plugin.merge_count
+    result["undo_bytes"] = {"host": rec2.get("undo_host_bytes"), "disk": rec2.get("undo_disk_bytes")}
+    result["undo_files_left"] = sorted(p.name for p in Path(undo_path).iterdir()) if undo_path else []
     return result
 
 
@@ -186,6 +197,42 @@ def undo_cases(cases: list[str], failing: int = 1):
         except Exception as e:
             out[name] = {"error": f"{type(e).__name__}: {e}"}
     return out
+
+
+def merge_without_undo_stops(case: str = "raise_rehearsal", failing: int = 1):
+    """undo "off": a merge that fails on one rank cannot be undone, so every rank raises (no hang, no
+    silent half-merge). The first merge of the run commits normally (and equals the transactional one)."""
+    engine, plugin = _second_task(dict(AIM, undo="off"), 2)
+    if rank() == failing:
+        calls = {"n": 0}
+        real = plugin._rehearsal_batch
+
+        def flaky():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("injected: the memory reader lost its file")
+            return real()
+
+        plugin._rehearsal_batch = flaky
+    plugin.merge()
+    return {"merged": True}
+
+
+def merge_without_undo_commits():
+    """undo "off" and "host" give the same fused weights (same run, same data) up to fp32 rounding."""
+    out = {}
+    for undo in ("host", "off"):
+        torch.manual_seed(0)
+        engine, plugin = _second_task(dict(AIM, undo=undo), 2)
+        rec = plugin.merge(weights=(0.7, 0.2), rehearsal_steps=2)
+        out[undo] = {k: v.clone() for k, v in full_fp32(engine).items()}
+        out[f"{undo}_bytes"] = (rec["undo_host_bytes"], rec["undo_disk_bytes"])
+        out[f"{undo}_anchor_is_master"] = all(
+            torch.equal(a, g.master) for a, g in zip(plugin.anchor, plugin.shards.groups)
+        )
+        plugin.detach()
+    diff = max(float((out["host"][k] - out["off"][k]).abs().max()) for k in out["host"])
+    return {"max_abs_diff": diff, **{k: v for k, v in out.items() if not isinstance(v, dict)}}
 
 
 def merge_fails_inside_collective(ckpt_dir: str, failing: int = 1):
@@ -238,3 +285,11 @@ def trajectory_for_replay(out_dir: str):
 
         write_json(str(Path(out_dir) / "results.json"), {"config": {"aim_merging": plugin.config.to_dict()}})
     return {"merges": plugin.merge_count}
+
+
+def undo_folder_missing(folder: str):
+    """undo "nvme" with a folder that exists on rank 0 only: every rank refuses at attach, naming rank 1."""
+    path = folder if rank() == 0 else str(Path(folder) / "missing")
+    engine = make_engine(ds_config(aim=dict(AIM, undo="nvme", undo_path=path)))
+    aim_ds.attach(engine)
+    return {"attached": True}

@@ -35,6 +35,8 @@ DEFAULTS = {
     "probe_source": "memory_forward",
     "anchor": "device",
     "merge_first_task": False,
+    "undo": "host",
+    "undo_path": None,
 }
 
 
@@ -91,6 +93,8 @@ def test_round_trip_of_every_field_changed():
         "probe_source": "memory_forward",
         "anchor": "host",
         "merge_first_task": True,
+        "undo": "nvme",
+        "undo_path": "/local/nvme/aim_undo",
     }
     cfg = AimConfig.from_dict(section)
     d = cfg.to_dict()
@@ -267,3 +271,19 @@ def test_probe_source_training_batch_has_no_probe_forward_to_thin():
     assert AimConfig.from_dict({"probe_interval": 4, "probe_batch_size": 4}).probe_interval == 4
     e = err({"probe_source": "batch"})
     assert e.key == "probe_source" and '"training_batch"' in str(e)
+
+
+def test_undo_location_and_its_folder():
+    assert (AimConfig.from_dict({}).undo, AimConfig.from_dict({}).undo_path) == ("host", None)
+    assert AimConfig.from_dict({"undo": "off"}).undo == "off"
+    e = err({"undo": "disk"})
+    assert e.key == "undo" and '"host", "nvme", "off"' in str(e)
+    for section, fragment in (
+        ({"undo": "nvme"}, "is missing"),
+        ({"undo": "nvme", "undo_path": " "}, "is empty"),
+        ({"undo": "nvme", "undo_path": 3}, "wrong type"),
+        ({"undo_path": "/nvme"}, 'no use with undo "host"'),
+        ({"undo": "off", "undo_path": "/nvme"}, 'no use with undo "off"'),
+    ):
+        e = err(section)
+        assert e.key == "undo_path" and fragment in str(e), str(e)

@@ -105,9 +105,37 @@ def test_plugin_bytes_formula(world, nodes, offload, anchor, policy, per_param):
     assert e.to_dict()["plugin_bytes_per_param_per_rank"] == per_param / world
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("offload", ["none", "optimizer"])
+@pytest.mark.parametrize("undo", ["host", "nvme", "off"])
+def test_undo_record_counted_per_rank_and_node(stage, offload, undo):
+    # the undo record (theta_k + Adam's moments, fp32) at its merge-time peak: 12 P / N per rank, with or
+    # without offload; host memory with undo "host", disk with "nvme", nothing with "off"
+    p, world = 13e9, 8
+    e = estimate(p, world, offload=offload, stage=stage, undo=undo)
+    per_rank = 0 if undo == "off" else int(12 * p / world)
+    assert e.undo_bytes_per_rank == per_rank
+    assert e.undo_host_bytes_per_node == (per_rank * world if undo == "host" else 0)
+    assert e.undo_disk_bytes_per_node == (per_rank * world if undo == "nvme" else 0)
+    assert e.merge_peak_host_bytes_per_node == e.with_plugin_host_bytes_per_node + e.undo_host_bytes_per_node
+    d = e.to_dict()
+    assert d["undo"] == undo and d["merge_peak_host_bytes_per_node"] == e.merge_peak_host_bytes_per_node
+    if undo == "host":  # the figure: 19.5 GB per rank, 156 GB per node for 13B on 8 GPUs
+        assert (e.undo_bytes_per_rank, e.undo_host_bytes_per_node) == (19_500_000_000, 156_000_000_000)
+
+
+def test_cli_shows_the_undo_record():
+    rc, out, _ = _cli(["estimate-memory", "--params", "13e9", "--world-size", "8", "--offload", "optimizer"])
+    assert rc == 0 and "per node (host), in a merge" in out and "undo record (host memory" in out
+    rc, out, _ = _cli(["estimate-memory", "--params", "13e9", "--world-size", "8", "--undo", "nvme", "--json"])
+    d = json.loads(out)
+    assert d["undo_host_bytes_per_node"] == 0 and d["undo_disk_bytes_per_node"] == 156_000_000_000
+
+
 @pytest.mark.parametrize(
     "kwargs,word",
     [
+        (dict(total_params=13e9, world_size=8, undo="disk"), "undo"),
         (dict(total_params=-1, world_size=8), "params"),
         (dict(total_params=0, world_size=8), "params"),
         (dict(total_params=float("nan"), world_size=8), "params"),

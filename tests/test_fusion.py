@@ -25,3 +25,55 @@ def test_abs_change_sum_is_float64_exact_on_large_chunks():
     # padding is excluded: a change there does not count
     theta[3_000_000:3_100_000] += 100.0
     assert fusion.abs_change_sum(theta, anchor, ranges) == got
+
+
+def _streams(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * 3 for _ in range(3))
+
+
+def test_fuse_scalar_matches_the_method_and_is_exact_at_the_end_points():
+    # a length that is no multiple of the CPU block or the chunk: the tail block is fused too
+    n = 3 * fusion.CPU_BLOCK + 12345
+    a, k, m = _streams(n)
+    for w_in, w_out in ((0.7, 0.2), (0.5, 0.5), (0.1, 0.9)):
+        theta = m.clone()
+        fusion.fuse_scalar(theta, a, k, w_in, w_out)
+        ref = a.double() + w_in * (k.double() - a.double()) + w_out * (m.double() - k.double())
+        assert torch.allclose(theta.double(), ref, rtol=0, atol=4e-6), (w_in, w_out)
+        assert torch.equal(a, _streams(n).__next__())  # the anchor is never written
+    theta = m.clone()
+    fusion.fuse_scalar(theta, a, k, 1.0, 0.0)  # keep the learning: theta_k bit for bit
+    assert torch.equal(theta, k)
+    theta = m.clone()
+    fusion.fuse_scalar(theta, a, k, 0.0, 0.0)  # back to the anchor bit for bit
+    assert torch.equal(theta, a)
+
+
+def test_fusion_in_two_parts_without_theta_k_equals_the_one_pass_fusion():
+    # undo "off": the anchor takes the terms without theta_M before rehearsal, theta_M's term comes after
+    n = 2 * fusion.CPU_BLOCK + 99
+    a, k, m = _streams(n, 2)
+    for w in ((0.7, 0.2), (1.0, 0.0), (0.0, 0.0)):
+        one = m.clone()
+        fusion.fuse_scalar(one, a, k, *w)
+        part, two = a.clone(), m.clone()
+        fusion.fuse_scalar_anchor_part(part, k, *w)
+        fusion.fuse_scalar_finish(two, part, w[1])
+        if w[0] in (0.0, 1.0):  # the end points are exact here too
+            assert torch.equal(two, one), w
+        assert torch.allclose(two, one, rtol=0, atol=4e-6), w
+
+
+def test_fuse_importance_matches_the_per_element_rule():
+    n = 2 * fusion.CPU_BLOCK + 777
+    a, k, m = _streams(n, 1)
+    s_in, s_out = torch.rand(n), torch.rand(n)
+    q_in, q_out, both, neither = 0.4, 0.6, (0.8, 0.3), (0.2, 0.1)
+    theta = m.clone()
+    fusion.fuse_importance(theta, a, k, s_in, q_in, s_out, q_out, both, neither)
+    mi, mo = s_in > q_in, s_out > q_out
+    w_in = torch.where(mi & mo, both[0], torch.where(~(mi | mo), neither[0], mi.double()))
+    w_out = torch.where(mi & mo, both[1], torch.where(~(mi | mo), neither[1], mo.double()))
+    ref = a.double() + w_in * (k.double() - a.double()) + w_out * (m.double() - k.double())
+    assert torch.allclose(theta.double(), ref, rtol=0, atol=4e-6)

@@ -36,6 +36,9 @@ KEYS = [
     "merge_records",
     "fusion_seconds_plugin_record",
     "fusion_bytes_plugin_record",
+    "undo_host_bytes",
+    "undo_bytes_per_param",
+    "merge_peak_host_bytes",
 ]
 
 
@@ -78,6 +81,9 @@ def test_gpu_check_cpu_variant(tmp_path):
         assert isinstance(d[k], float) and math.isfinite(d[k]) and d[k] > 0, (k, d[k])
     assert 0.2 < d["probe_cost"] < 10  # a probe forward costs less than a few training steps
     assert d["probes_seen"] >= 1  # the plugin did probe in phase 2
+    # the undo record: theta_k + Adam's two moments in host memory, 12 B per trainable parameter (world 1)
+    assert 11.9 < d["undo_bytes_per_param"] < 12.2, d["undo_bytes_per_param"]
+    assert d["merge_peak_host_bytes"] == d["plugin_host_bytes"] + d["undo_host_bytes"]
     assert len(d["merge_records"]) == d["merges"] >= 1
     assert all(rec["merged"] for rec in d["merge_records"])
     # scalar policy, one rank: the plugin holds one fp32 copy of the (unpadded) partition = 4 bytes / param

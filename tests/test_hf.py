@@ -82,7 +82,8 @@ def test_input_consumer_follows_pass_through_wrappers_only():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from aim_ds.memory import _input_consumer
+    from aim_ds.evaluation import keeps_logits
+    from aim_ds.memory import input_consumer as _input_consumer
     from tests.scenarios import tiny_config
 
     base = LlamaForCausalLM(tiny_config())
@@ -90,6 +91,15 @@ def test_input_consumer_follows_pass_through_wrappers_only():
     assert type(peft_model).__name__ == "PeftModel"
     assert _input_consumer(peft_model) is base
     assert _input_consumer(base) is base
+    # the causal-LM wrapper names input_ids etc. but hands logits_to_keep on to the base model: followed too
+    causal = get_peft_model(
+        LlamaForCausalLM(tiny_config()), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    )
+    assert type(causal).__name__ == "PeftModelForCausalLM"
+    assert isinstance(_input_consumer(causal), LlamaForCausalLM) and keeps_logits(causal)
+    ids = torch.randint(0, 50, (2, 7))
+    keep = torch.tensor([5, 6])
+    assert causal(input_ids=ids, logits_to_keep=keep).logits.shape[1] == 2  # really applied, not swallowed
 
     class Swallows(torch.nn.Module):  # takes anything, calls nothing we can follow: stays the one checked
         def forward(self, **kwargs):

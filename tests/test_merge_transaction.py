@@ -10,16 +10,23 @@ PG_TIMEOUT = 120  # tests/mp.py initialises the process group with this timeout
 
 
 @pytest.mark.parametrize(
-    "case,policy,world",
+    "case,policy,world,undo",
     [
-        ("nan", "signals", 2),
-        ("raise_rehearsal", "signals", 3),
-        ("raise_fusion", "signals", 2),
-        ("raise_fusion", "importance", 2),
+        ("nan", "signals", 2, "host"),
+        ("raise_rehearsal", "signals", 3, "host"),
+        ("raise_fusion", "signals", 2, "host"),
+        ("raise_fusion", "importance", 2, "host"),
+        ("raise_rehearsal", "signals", 3, "nvme"),
+        ("raise_fusion", "importance", 2, "nvme"),
     ],
 )
-def test_failed_merge_is_undone_bit_exactly_on_every_rank(tmp_path, case, policy, world):
-    res = run_ranks("tests.scenarios_fidelity:merge_undone", world, tmp_path, TIMEOUT, case=case, policy=policy)
+def test_failed_merge_is_undone_bit_exactly_on_every_rank(tmp_path, case, policy, world, undo):
+    folder = None
+    if undo == "nvme":  # the undo record in a memory-mapped file per rank in this folder
+        folder = tmp_path / "undo"
+        folder.mkdir()
+    kw = dict(case=case, policy=policy, undo=undo, undo_path=str(folder) if folder else None)
+    res = run_ranks("tests.scenarios_fidelity:merge_undone", world, tmp_path, TIMEOUT, **kw)
     for r, x in enumerate(res):
         assert x["merged"] is False, (r, x)
         assert "rank 1: " in x["reason"] and "rank 0: " not in x["reason"], (r, x["reason"])
@@ -29,6 +36,31 @@ def test_failed_merge_is_undone_bit_exactly_on_every_rank(tmp_path, case, policy
         assert x["merge_count"] == 1, (r, x)
     assert len(res[0]["warnings"]) == 1 and "undone on every rank" in res[0]["warnings"][0], res[0]["warnings"]
     assert all(not x["warnings"] for x in res[1:])  # one warning, from rank 0
+    for x in res:
+        host, disk = x["undo_bytes"]["host"], x["undo_bytes"]["disk"]
+        if undo == "nvme":  # the record was in the file (only step counts on the host), and no file is left
+            assert disk > 0 and host < 1024 and x["undo_files_left"] == [], x
+        else:
+            assert host > 0 and disk == 0, x
+
+
+def test_merge_without_undo_record_stops_every_rank(tmp_path):
+    with pytest.raises(RankFailure) as info:
+        run_ranks("tests.scenarios_fidelity:merge_without_undo_stops", 2, tmp_path, TIMEOUT)
+    msg = str(info.value)
+    per_rank = [part for part in msg.split("\nrank ") if part.strip()]
+    assert len(per_rank) == 2 and "timed out" not in msg, msg
+    for part in per_rank:
+        assert "cannot be undone" in part and '"undo": "off"' in part and "rank 1: " in part, part[:2000]
+        assert "restart from the last checkpoint" in part, part[:2000]
+
+
+def test_merge_without_undo_record_fuses_like_the_transaction(tmp_path):
+    res = run_ranks("tests.scenarios_fidelity:merge_without_undo_commits", 2, tmp_path, TIMEOUT)
+    for x in res:
+        assert x["max_abs_diff"] < 1e-6, x  # the same fusion, in two parts, up to fp32 rounding
+        assert x["off_bytes"] == [0, 0] and x["host_bytes"][0] > 0 and x["host_bytes"][1] == 0, x
+        assert x["off_anchor_is_master"] and x["host_anchor_is_master"], x  # committed: anchor = fused
 
 
 def test_rank_failing_inside_a_merge_collective_stops_every_rank_naming_it(tmp_path):
@@ -67,3 +99,13 @@ def test_undone_merge_at_every_stage_with_and_without_offload(tmp_path):
             if not (x["next_merged"] is True and x["finite"]):
                 problems.append((name, r, "the run did not continue", x["next_merged"], x["finite"]))
     assert problems == [], "\n".join(map(str, problems))
+
+
+def test_missing_undo_folder_on_one_rank_refused_at_attach_on_every_rank(tmp_path):
+    with pytest.raises(RankFailure) as info:
+        run_ranks("tests.scenarios_fidelity:undo_folder_missing", 2, tmp_path, TIMEOUT, folder=str(tmp_path))
+    msg = str(info.value)
+    per_rank = [part for part in msg.split("\nrank ") if part.strip()]
+    assert len(per_rank) == 2 and "timed out" not in msg, msg
+    for part in per_rank:
+        assert "rank 1: the undo folder check failed" in part and "is not a folder" in part, part[:2000]
