@@ -373,7 +373,7 @@ class AimPlugin(FusionSteps):
     def _decide(self, loss: float | None) -> bool:
         flag = torch.zeros(1, dtype=torch.float64, device=statistics.comm_device())
         if self.controller is not None:
-            d = self.controller.observe(loss)
+            d = self.controller.observe(loss, self.engine.optimizer.param_groups[0]["lr"])
             self._record(d, loss)
             flag[0] = 1.0 if d.merge else 0.0
         if not self._active():
@@ -382,9 +382,10 @@ class AimPlugin(FusionSteps):
         return bool(flag.item())
 
     def _record(self, d, loss) -> None:
-        self.trajectory.append(
-            TrajectoryRow(self.task_index, d.step, loss, d.threshold, d.activations, d.interval).as_dict()
-        )
+        ema = d.signal if self.config.forgetting_ema else None
+        row = TrajectoryRow(self.task_index, d.step, loss, d.threshold, d.activations, d.interval)
+        row.lr, row.forgetting_signal = d.lr, ema
+        self.trajectory.append(row.as_dict())
         mon = getattr(self.engine, "monitor", None)
         if mon is not None and getattr(mon, "enabled", False) and loss is not None:
             gs = self.engine.global_samples
@@ -455,6 +456,9 @@ class AimPlugin(FusionSteps):
                 journal.restore()
             self._restore_plugin_state(before)
             self.shards.refresh_working_copies()  # a collective: every rank is on this path
+            if self.controller is not None and not explicit:  # the retry budget (merge_retries)
+                self.controller.merge_undone()
+                self.trajectory[-1]["undone"] = 1
             if self.rank == 0:
                 warnings.warn(
                     f"aim_merging: the merge at task {self.task_index} step {self._step_in_task} failed "

@@ -65,9 +65,14 @@ def replay(rows: list[dict], cfg: AimConfig) -> list[dict]:
             row = TrajectoryRow(t, step, explicit=1).as_dict()
         else:
             loss = r.get("probe_loss") if probe_due(cfg, ctrl.active, ctrl.step + 1) else None
-            d = ctrl.observe(loss)
-            row = TrajectoryRow(t, d.step, d.probe_loss, d.threshold, d.activations, d.interval).as_dict()
-            if not d.merge:
+            d = ctrl.observe(loss, r.get("lr"))
+            row = TrajectoryRow(t, d.step, d.probe_loss, d.threshold, d.activations, d.interval, lr=d.lr)
+            row.forgetting_signal = d.signal if cfg.forgetting_ema else None
+            row = row.as_dict()
+            if d.merge and r.get("undone") == 1:  # the run's merge here failed and was undone: so does this one
+                ctrl.merge_undone()
+                row["undone"] = 1
+            if not d.merge or row["undone"]:
                 out.append(row)
                 continue
         recorded = r.get("merge") == 1 and r.get("abs_change_sum") is not None
@@ -139,6 +144,11 @@ def run(args) -> int:
             "replay needs the raw learning-signal sums"
         )
     cfg, source = _config(args)
+    if cfg.learning_signal == "lr_sqrt" and rows and all(r.get("lr") is None for r in rows):
+        raise ValueError(
+            f'{path} records no learning rate (an older aim_ds wrote it): learning_signal "lr_sqrt" needs it; '
+            "replay it with a config that uses the default learning_signal, or record the run again"
+        )
     got = replay(rows, cfg)
     print(f"replay of {path} with {source}")
     print(f"{'task':>4} {'step':>6} {'S new':>6} {'R':>4} {'w_in':>5} {'w_out':>5} {'Lambda':>12}  note")

@@ -173,11 +173,21 @@ def resume_after_failure(ckpt_dir: str):
     }
 
 
-def trajectory_for_replay(out_dir: str):
+# the de-noised signals of issue 24: EMA of the probe loss, mean + k std threshold, lr-normalised learning signal
+SIGNALS = {"forgetting_ema": 0.6, "threshold_rule": "mean_std", "threshold_std": 1.0, "learning_signal": "lr_sqrt"}
+
+
+def trajectory_for_replay(out_dir: str, signals: bool = False):
     """A short run with merges that change the interval (reference rule, no cold start) and one explicit
-    merge; rank 0 writes trajectory.csv and the config record `aim-ds replay` reads (as the driver does)."""
-    cfg = dict(AIM, cold_start=0, initial_interval=2, probe_interval=1)
-    engine, plugin = _second_task(cfg, 24)
+    merge; rank 0 writes trajectory.csv and the config record `aim-ds replay` reads (as the driver does).
+    signals: with the SIGNALS options, and a learning rate that decays step by step (lr_sqrt reads it)."""
+    cfg = dict(AIM, cold_start=0, initial_interval=2, probe_interval=1, **(SIGNALS if signals else {}))
+    engine, plugin = _second_task(cfg, 0)
+    base = engine.optimizer.param_groups[0]["lr"]
+    for i in range(24):
+        for g in engine.optimizer.param_groups:
+            g["lr"] = base * (1.0 - i / 48) if signals else base
+        train_steps(engine, 1, seed=50 + i)
     plugin.merge()
     plugin.start_task(memory(offset=4000))
     train_steps(engine, 16, seed=70)
