@@ -197,3 +197,30 @@ def trajectory_for_replay(out_dir: str, signals: bool = False):
 
         write_json(str(Path(out_dir) / "results.json"), {"config": {"aim_merging": plugin.config.to_dict()}})
     return {"merges": plugin.merge_count}
+
+
+def undone_merges_retry_budget(merge_retries: int, steps: int = 12):
+    """Every automatic merge fails on rank 1 (its rehearsal batch raises): each attempt is undone on every
+    rank, retried at most merge_retries times in its segment, then the segment is given up. Returns the
+    steps of the attempts (rows marked undone) and whether the replay of the trajectory reproduces them."""
+    cfg = dict(AIM, interval_rule="fixed", initial_interval=3, merge_retries=merge_retries)
+    engine, plugin = _second_task(cfg, 0)
+    if rank() == 1:
+
+        def broken():
+            raise RuntimeError("injected: the memory reader lost its file")
+
+        plugin._rehearsal_batch = broken
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_steps(engine, steps, seed=90)
+    out = {"merges": plugin.merge_count, "undone_warnings": sum("undone" in str(c.message) for c in caught)}
+    if rank() == 0:
+        from aim_ds import replay
+
+        rows = [r for r in plugin.trajectory if r["task"] == 1]
+        out["attempts"] = [r["step"] for r in rows if r["undone"] == 1]
+        replayed = replay.replay(plugin.trajectory, plugin.config)
+        out["replayed_attempts"] = [r["step"] for r in replayed if r["task"] == 1 and r["undone"] == 1]
+        out["replayed_merges"] = len(replay.merges(replayed))
+    return out

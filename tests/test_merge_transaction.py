@@ -46,3 +46,14 @@ def test_rank_failing_inside_a_merge_collective_stops_every_rank_naming_it(tmp_p
     assert len(stopped) == 2 and max(stopped) < PG_TIMEOUT / 4, stopped  # well within the process-group timeout
     res = run_ranks("tests.scenarios_fidelity:resume_after_failure", 2, tmp_path, TIMEOUT, ckpt_dir=str(ckpt))
     assert all(r["finite"] and r["task"] == 1 and r["step_at_load"] == 1 for r in res), res
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_persistently_failing_merge_is_retried_within_its_budget(tmp_path, retries):
+    # fixed rule, S = 3, 12 steps: attempts at 3 (+ `retries` retries on the next steps), then every 3 steps
+    # from where the segment was given up; before the budget there was one attempt (and its rehearsal) per step
+    res = run_ranks("tests.scenarios_fidelity:undone_merges_retry_budget", 2, tmp_path, TIMEOUT, merge_retries=retries)
+    expected = {0: [3, 6, 9, 12], 2: [3, 4, 5, 8, 9, 10]}[retries]
+    assert res[0]["attempts"] == expected, res[0]
+    assert res[0]["merges"] == 0 and res[0]["undone_warnings"] == len(expected)
+    assert res[0]["replayed_attempts"] == expected and res[0]["replayed_merges"] == 0
