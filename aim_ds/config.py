@@ -195,26 +195,9 @@ def _choice(key: str, v: Any, choices: tuple[str, ...]) -> str:
 _INTERVAL_CHAIN = "(and min_interval <= initial_interval <= max_interval)"
 
 
-def _validate(d: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    out["enabled"] = _bool("enabled", d["enabled"])
-    out["interval_rule"] = _choice("interval_rule", d["interval_rule"], INTERVAL_RULES)
-    for key in ("initial_interval", "min_interval", "max_interval"):
-        out[key] = _int(key, d[key], 1, f"an integer >= 1 {_INTERVAL_CHAIN}")
-    s0, lo, hi = out["initial_interval"], out["min_interval"], out["max_interval"]
-    if lo > hi:
-        raise _fail("min_interval", lo, f"an integer >= 1 and <= max_interval ({hi})")
-    if not lo <= s0 <= hi:
-        raise _fail("initial_interval", s0, f"an integer in [min_interval, max_interval] = [{lo}, {hi}]")
-    out["cold_start"] = _int(
-        "cold_start", d["cold_start"], 0, "an integer >= 0 (merges before the reference rule may change the interval)"
-    )
-    out["window"] = _int("window", d["window"], 2, "an integer >= 2 (learning-signal values compared)")
-    for key in ("gamma_up", "gamma_down"):
-        out[key] = _float(key, d[key], lambda x: x >= 1.0, "a finite number >= 1.0")
-    out["threshold_factor"] = _float(
-        "threshold_factor", d["threshold_factor"], lambda x: x > 0.0, "a finite number > 0"
-    )
+def _validate_signals(d: dict[str, Any]) -> dict[str, Any]:
+    """The de-noised signal keys (issue 24): threshold rule, EMA, learning-signal normalisation, retries."""
+    out: dict[str, Any] = {"threshold_factor": d["threshold_factor"]}
     out["threshold_rule"] = _choice("threshold_rule", d["threshold_rule"], THRESHOLD_RULES)
     out["threshold_std"] = _float(
         "threshold_std", d["threshold_std"], lambda x: x >= 0.0, "a finite number >= 0 (k in mean + k * std)"
@@ -240,6 +223,31 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
     out["merge_retries"] = _int(
         "merge_retries", d["merge_retries"], 0, "an integer >= 0 (retries of an undone merge within a segment)"
     )
+    del out["threshold_factor"]
+    return out
+
+
+def _validate(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["enabled"] = _bool("enabled", d["enabled"])
+    out["interval_rule"] = _choice("interval_rule", d["interval_rule"], INTERVAL_RULES)
+    for key in ("initial_interval", "min_interval", "max_interval"):
+        out[key] = _int(key, d[key], 1, f"an integer >= 1 {_INTERVAL_CHAIN}")
+    s0, lo, hi = out["initial_interval"], out["min_interval"], out["max_interval"]
+    if lo > hi:
+        raise _fail("min_interval", lo, f"an integer >= 1 and <= max_interval ({hi})")
+    if not lo <= s0 <= hi:
+        raise _fail("initial_interval", s0, f"an integer in [min_interval, max_interval] = [{lo}, {hi}]")
+    out["cold_start"] = _int(
+        "cold_start", d["cold_start"], 0, "an integer >= 0 (merges before the reference rule may change the interval)"
+    )
+    out["window"] = _int("window", d["window"], 2, "an integer >= 2 (learning-signal values compared)")
+    for key in ("gamma_up", "gamma_down"):
+        out[key] = _float(key, d[key], lambda x: x >= 1.0, "a finite number >= 1.0")
+    out["threshold_factor"] = _float(
+        "threshold_factor", d["threshold_factor"], lambda x: x > 0.0, "a finite number > 0"
+    )
+    out.update(_validate_signals(d))
     out["forced_activation_multiple"] = _int(
         "forced_activation_multiple",
         d["forced_activation_multiple"],

@@ -35,6 +35,12 @@ class TrajectoryRow:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def of_step(cls, task: int, d, loss: float | None, ema: bool) -> TrajectoryRow:
+        """The row of one controller step (a StepDecision `d`), as the plugin records it and replay rebuilds it."""
+        return cls(task, d.step, loss, d.threshold, d.activations, d.interval, lr=d.lr,
+                   forgetting_signal=d.signal if ema else None)  # fmt: skip
+
 
 FIELDS: list[str] = [f.name for f in fields(TrajectoryRow)]
 _INTS = {f.name for f in fields(TrajectoryRow) if "int" in str(f.type) and "float" not in str(f.type)}

@@ -8,7 +8,7 @@ Reads ``ROOT/default-<setting>-<variant>/<method>-s<seed>/results.json`` (made b
 default-<setting>-<variant>``; method ``fixed_merge`` for variants named fixed*, else ``aim``); trains nothing.
 Per setting, the best fixed interval is the fixed variant with the highest mean (over the seeds every variant
 has) OP, and separately the highest mean BWT; each variant's regret is its OP (BWT) minus that variant's,
-paired by seed (``cl_quality.paired_cell``). A regret of 0 is the best fixed interval itself; the value of
+paired by seed (``common.paired_cell``). A regret of 0 is the best fixed interval itself; the value of
 adaptivity is a regret near 0 at every task length with one config, where each fixed interval is best at
 some lengths and behind at others.
 """
@@ -18,12 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cl_quality import PAIRED_NOTE, paired_cell  # noqa: E402
+from common import PAIRED_NOTE, paired_cell
 
 
 def load(root: Path, setting: str, variant: str) -> dict[int, dict]:

@@ -216,7 +216,7 @@ def undone_merges_retry_budget(merge_retries: int, steps: int = 12):
         train_steps(engine, steps, seed=90)
     out = {"merges": plugin.merge_count, "undone_warnings": sum("undone" in str(c.message) for c in caught)}
     if rank() == 0:
-        from aim_ds import replay
+        from aim_ds import controller_replay as replay
 
         rows = [r for r in plugin.trajectory if r["task"] == 1]
         out["attempts"] = [r["step"] for r in rows if r["undone"] == 1]

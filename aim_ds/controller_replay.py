@@ -83,9 +83,7 @@ def replay(rows: list[dict], cfg: AimConfig) -> list[dict]:
         else:
             loss = r.get("probe_loss") if probe_due(cfg, ctrl.active, ctrl.step + 1) else None
             d = ctrl.observe(loss, r.get("lr"))
-            row = TrajectoryRow(t, d.step, d.probe_loss, d.threshold, d.activations, d.interval, lr=d.lr)
-            row.forgetting_signal = d.signal if cfg.forgetting_ema else None
-            row = row.as_dict()
+            row = TrajectoryRow.of_step(t, d, d.probe_loss, cfg.forgetting_ema > 0).as_dict()
             if d.merge and r.get("undone") == 1:  # the run's merge here failed and was undone: so does this one
                 ctrl.merge_undone()
                 row["undone"] = 1
