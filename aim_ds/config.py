@@ -27,6 +27,8 @@ WEIGHT_POLICIES = ("signals", "fixed", "importance")
 ANCHORS = ("device", "host")
 PROBE_SOURCES = ("memory_forward", "training_batch")
 UNDO_LOCATIONS = ("host", "nvme", "off")
+THRESHOLD_RULES = ("factor", "mean_std")
+LEARNING_SIGNALS = ("per_step", "lr_sqrt")
 WEIGHT_MAX = 2.0  # w_in, w_out accepted in [0, WEIGHT_MAX]; > 1 extrapolates along a task vector
 
 
@@ -53,6 +55,11 @@ class AimConfig:
     gamma_up: float = 2.0
     gamma_down: float = 2.0
     threshold_factor: float = 2.0
+    threshold_rule: str = "factor"
+    threshold_std: float = 2.0
+    forgetting_ema: float = 0.0
+    learning_signal: str = "per_step"
+    merge_retries: int = 2
     forced_activation_multiple: int = 2
     activation_cap: int = 3
     weight_policy: str = "signals"
@@ -191,6 +198,38 @@ def _choice(key: str, v: Any, choices: tuple[str, ...]) -> str:
 _INTERVAL_CHAIN = "(and min_interval <= initial_interval <= max_interval)"
 
 
+def _validate_signals(d: dict[str, Any]) -> dict[str, Any]:
+    """The de-noised signal keys (issue 24): threshold rule, EMA, learning-signal normalisation, retries."""
+    out: dict[str, Any] = {"threshold_factor": d["threshold_factor"]}
+    out["threshold_rule"] = _choice("threshold_rule", d["threshold_rule"], THRESHOLD_RULES)
+    out["threshold_std"] = _float(
+        "threshold_std", d["threshold_std"], lambda x: x >= 0.0, "a finite number >= 0 (k in mean + k * std)"
+    )
+    # each threshold rule reads its own key: a value set for the other rule would be silently ignored
+    unused = "threshold_std" if out["threshold_rule"] == "factor" else "threshold_factor"
+    if out[unused] != _DEFAULTS[unused]:
+        rule = "mean_std" if unused == "threshold_std" else "factor"
+        raise _fail(
+            unused,
+            d[unused],
+            f'threshold_rule "{rule}" to use it (threshold_rule is "{out["threshold_rule"]}"); remove the key or '
+            "change the rule",
+            what=f'only applies to threshold_rule "{rule}"',
+        )
+    out["forgetting_ema"] = _float(
+        "forgetting_ema",
+        d["forgetting_ema"],
+        lambda x: 0.0 <= x < 1.0,
+        "a number in [0, 1) (the EMA's weight on its previous value; 0 = the raw probe loss)",
+    )
+    out["learning_signal"] = _choice("learning_signal", d["learning_signal"], LEARNING_SIGNALS)
+    out["merge_retries"] = _int(
+        "merge_retries", d["merge_retries"], 0, "an integer >= 0 (retries of an undone merge within a segment)"
+    )
+    del out["threshold_factor"]
+    return out
+
+
 def _validate(d: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     out["enabled"] = _bool("enabled", d["enabled"])
@@ -211,6 +250,7 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
     out["threshold_factor"] = _float(
         "threshold_factor", d["threshold_factor"], lambda x: x > 0.0, "a finite number > 0"
     )
+    out.update(_validate_signals(d))
     out["forced_activation_multiple"] = _int(
         "forced_activation_multiple",
         d["forced_activation_multiple"],
@@ -301,4 +341,6 @@ __all__ = [
     "ANCHORS",
     "PROBE_SOURCES",
     "UNDO_LOCATIONS",
+    "THRESHOLD_RULES",
+    "LEARNING_SIGNALS",
 ]

@@ -2,23 +2,38 @@
 
 Per task (``start_task``): step j = 0, last merge m = 0, interval S = S_0, activations A = 0,
 threshold delta = None, the learning-signal history empty. Then, once after every training optimizer
-step of the task (rehearsal steps are not counted), ``observe(probe_loss)`` advances j by one and
+step of the task (rehearsal steps are not counted), ``observe(probe_loss, lr)`` advances j by one and
 decides:
 
-1. Threshold window: the first W = floor(2S/3) + 1 steps after the last merge (j - m <= W). Probe
-   losses seen there are averaged; at j = m + W, delta = threshold_factor * mean. Steps without a
+0. The forgetting signal h is the probe loss, or with ``forgetting_ema`` = beta > 0 its exponential
+   moving average over the task's probed steps (h <- beta h + (1 - beta) loss; the first probe of the
+   task starts it), so a threshold close to the mean does not fire on single-batch noise.
+1. Threshold window: the first W = floor(2S/3) + 1 steps after the last merge (j - m <= W). The signal
+   values seen there are collected; at j = m + W, delta = threshold_factor * mean (threshold_rule
+   "factor") or mean + threshold_std * std (threshold_rule "mean_std": the threshold scales with the
+   signal's own noise, so it can sit close to the mean where the noise is small). std is the standard
+   deviation of the window's raw probe losses times sqrt((1 - beta) / (1 + beta)), the stationary
+   std of an EMA of independent noise: the EMA values of a short window are correlated, so their own
+   spread would understate the noise the EMA keeps. Steps without a
    probe (``None``: not probed, or a non-finite loss) do not contribute. If the window held no probe,
-   the first probe after it sets delta = threshold_factor * h (that step adds no activation).
+   the first probe after it sets delta from that one value (std 0; that step adds no activation).
 2. After the window (delta known), each probed step with h >= delta adds one activation.
 3. Forced activation: if A == 0 at j >= m + forced_activation_multiple * S, A <- 1.
 4. Merge when (j >= m + S and A >= 1) or A >= activation_cap.
 
 When a decision says merge, the caller measures sum |theta - anchor| and calls
-``on_merge(abs_change_sum, numel)``: Lambda = abs_change_sum / numel / S (S = the interval planned for
-the segment that just ended, not the steps that elapsed); the interval rule gives the new S; the
-weight policy gives (w_in, w_out) from A and S at merge time (before the update); R = the interval
+``on_merge(abs_change_sum, numel)``: with learning_signal "per_step", Lambda = abs_change_sum / numel /
+S (S = the interval planned for the segment that just ended, not the steps that elapsed); with
+"lr_sqrt", Lambda = abs_change_sum / numel / (mean lr of the segment's steps) / sqrt(steps elapsed), the
+size of a random walk's step at unit learning rate, so a task that moves at a constant speed keeps a
+constant Lambda however the lr schedule decays and whatever S is. The interval rule gives the new S;
+the weight policy gives (w_in, w_out) from A and S at merge time (before the update); R = the interval
 IN FORCE when the merge fires (the S Lambda was divided by, not the one just computed) with
 ``rehearsal_steps = "interval"``, or the configured constant. m <- j; A, delta and the window reset.
+
+A merge the caller had to undo (``merge_undone``) is retried at the next step, at most
+``merge_retries`` times in a segment; then the segment is given up: m <- j with S unchanged, so a
+persistent failure costs one attempt (and its rehearsal) per interval instead of one per step.
 
 Why R = S in force, for every interval rule: the released trainer runs its rehearsal loop with the
 interval set at the PREVIOUS merge's update, and updates the interval only after the rehearsal (so
@@ -37,7 +52,7 @@ from dataclasses import dataclass
 from .config import AimConfig
 from .policies import make_interval_rule, make_weight_policy, rehearsal_steps, uses_signal
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,8 @@ class StepDecision:
     activations: int
     interval: int
     forced: bool
+    signal: float | None = None  # the forgetting signal compared with the threshold (the EMA, or the probe loss)
+    lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,12 +115,17 @@ class MergeController:
         self._last_merge = 0
         self._interval = self.cfg.initial_interval
         self._threshold: float | None = None
-        self._window_sum = 0.0
-        self._window_count = 0
+        self._window: list[float] = []  # forgetting-signal values of the threshold window
+        self._window_raw: list[float] = []  # the probe losses behind them (the noise, for "mean_std")
         self._activations = 0
         self._merges = 0
         self._signals: list[float] = []  # the task's last `_keep` learning-signal values
         self._last_signal: float | None = None
+        self._ema: float | None = None  # forgetting_ema: the task's running average of the probe loss
+        self._lr_sum = 0.0  # learning rates of the segment's steps (learning_signal "lr_sqrt")
+        self._lr_count = 0
+        self._last_lr: float | None = None
+        self._retries = 0  # undone merges in this segment
 
     def start_task(self, task_index: int) -> None:
         """Per-task reset. Merging is active iff task_index >= 1 or cfg.merge_first_task."""
@@ -121,28 +143,32 @@ class MergeController:
         """Would the NEXT observe() use a probe loss?"""
         return self._task_index is not None and probe_due(self.cfg, self._active, self._step + 1)
 
-    def observe(self, probe_loss: float | None) -> StepDecision:
+    def observe(self, probe_loss: float | None, lr: float | None = None) -> StepDecision:
+        """One training step: `probe_loss` is the forgetting signal's input (None: not probed), `lr` the
+        learning rate the step used (needed by learning_signal "lr_sqrt"; recorded for replay)."""
         self._require_task()
         self._step += 1
+        lr = self._take_lr(lr)
         j, m, s = self._step, self._last_merge, self._interval
         if not self._active:
-            return StepDecision(j, False, None, None, 0, s, False)
+            return StepDecision(j, False, None, None, 0, s, False, None, lr)
         if not self._rule.uses_signal:
-            return StepDecision(j, j >= m + s, None, None, 0, s, False)
+            return StepDecision(j, j >= m + s, None, None, 0, s, False, None, lr)
 
-        h = None if probe_loss is None else float(probe_loss)
-        if h is not None and not math.isfinite(h):
-            h = None
+        loss = None if probe_loss is None else float(probe_loss)
+        if loss is not None and not math.isfinite(loss):
+            loss = None
+        h = self._smooth(loss)
         w = threshold_window(s)
         if j - m <= w:
             if h is not None:
-                self._window_sum += h
-                self._window_count += 1
-            if j - m == w and self._window_count:
-                self._threshold = self.cfg.threshold_factor * (self._window_sum / self._window_count)
+                self._window.append(h)
+                self._window_raw.append(loss)
+            if j - m == w and self._window:
+                self._threshold = self._threshold_of(self._window, self._window_raw)
         elif self._threshold is None:
             if h is not None:  # the window held no probe: the first one after it sets the threshold
-                self._threshold = self.cfg.threshold_factor * h
+                self._threshold = self._threshold_of([h], [loss])
         elif h is not None and h >= self._threshold:
             self._activations += 1
 
@@ -152,7 +178,35 @@ class MergeController:
             forced = True
         a = self._activations
         merge = (j >= m + s and a >= 1) or a >= self.cfg.activation_cap
-        return StepDecision(j, merge, h, self._threshold, a, s, forced)
+        return StepDecision(j, merge, loss, self._threshold, a, s, forced, h, lr)
+
+    def _take_lr(self, lr: float | None) -> float | None:
+        if lr is None:
+            return None
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr must be a finite number >= 0 or None, got {lr!r}")
+        self._lr_sum += float(lr)
+        self._lr_count += 1
+        self._last_lr = float(lr)
+        return float(lr)
+
+    def _smooth(self, loss: float | None) -> float | None:
+        """The forgetting signal: the probe loss, or its EMA (a step without a probe leaves it as it is
+        and contributes nothing, like a raw step without a probe)."""
+        beta = self.cfg.forgetting_ema
+        if loss is None or beta == 0.0:
+            return loss
+        self._ema = loss if self._ema is None else beta * self._ema + (1.0 - beta) * loss
+        return self._ema
+
+    def _threshold_of(self, values: list[float], raw: list[float]) -> float:
+        mean = sum(values) / len(values)
+        if self.cfg.threshold_rule == "mean_std":
+            raw_mean = sum(raw) / len(raw)
+            beta = self.cfg.forgetting_ema
+            std = math.sqrt(sum((v - raw_mean) ** 2 for v in raw) / len(raw) * (1.0 - beta) / (1.0 + beta))
+            return mean + self.cfg.threshold_std * std
+        return self.cfg.threshold_factor * mean
 
     # ------------------------------------------------------------------ merges
     def _signal(self, abs_change_sum: float, numel: int) -> float:
@@ -161,7 +215,21 @@ class MergeController:
         total = float(abs_change_sum)
         if not math.isfinite(total) or total < 0:
             raise ValueError(f"abs_change_sum must be finite and >= 0, got {abs_change_sum!r}")
-        return total / numel / self._interval
+        if self.cfg.learning_signal == "per_step":
+            return total / numel / self._interval
+        # "lr_sqrt": displacement per unit learning rate per sqrt(step) of the steps that elapsed (a forced
+        # merge ends a segment of 2S steps, so the planned S would misstate the time by 2x)
+        if self._lr_count:
+            lr = self._lr_sum / self._lr_count
+        elif self._last_lr is not None:  # a merge with no step since the last one (explicit): the last lr
+            lr = self._last_lr
+        else:
+            raise ValueError(
+                'learning_signal "lr_sqrt" needs the learning rate of each step: pass lr to observe() '
+                "(the plugin does; a trajectory.csv without an lr column cannot be replayed with it)"
+            )
+        steps = max(1, self._step - self._last_merge)
+        return 0.0 if lr <= 0.0 else total / numel / lr / math.sqrt(steps)
 
     def on_merge(self, abs_change_sum: float, numel: int) -> ControllerPlan:
         """Record a merge at the current step; returns the plan (new S, R, weights, Lambda)."""
@@ -192,13 +260,30 @@ class MergeController:
             self._step, s, rehearsal_steps(self.cfg, s), float(w_in), float(w_out), lam, self._weights.name
         )
 
+    def merge_undone(self) -> bool:
+        """The merge this step's decision asked for was undone by the caller (its state restored to
+        before on_merge). Returns True when the next step retries it (up to merge_retries times in the
+        segment), False when the segment is given up: a new segment starts here with S unchanged."""
+        self._require_task()
+        self._retries += 1
+        if self._retries <= self.cfg.merge_retries:
+            return True
+        self._start_segment()
+        return False
+
     def _after_merge(self, lam: float) -> None:
         self._last_signal = lam
+        self._start_segment()
+
+    def _start_segment(self) -> None:
         self._last_merge = self._step
         self._threshold = None
-        self._window_sum = 0.0
-        self._window_count = 0
+        self._window = []
+        self._window_raw = []
         self._activations = 0
+        self._lr_sum = 0.0
+        self._lr_count = 0
+        self._retries = 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -211,17 +296,22 @@ class MergeController:
             "last_merge_step": self._last_merge,
             "interval": self._interval,
             "threshold": self._threshold,
-            "window_sum": self._window_sum,
-            "window_count": self._window_count,
+            "window": list(self._window),
+            "window_raw": list(self._window_raw),
             "activations": self._activations,
             "merges": self._merges,
             "signals": list(self._signals),
             "last_learning_signal": self._last_signal,
+            "ema": self._ema,
+            "lr_sum": self._lr_sum,
+            "lr_count": self._lr_count,
+            "last_lr": self._last_lr,
+            "retries": self._retries,
         }
 
     def load_state_dict(self, d: dict) -> None:
-        if d.get("version") != STATE_VERSION:
-            raise ValueError(f"MergeController state version {d.get('version')!r} != {STATE_VERSION}")
+        if d.get("version") not in (1, STATE_VERSION):
+            raise ValueError(f"MergeController state version {d.get('version')!r} is not 1 or {STATE_VERSION}")
         if d.get("interval_rule") != self.cfg.interval_rule:
             raise ValueError(
                 f"MergeController state was saved with interval_rule={d.get('interval_rule')!r}, "
@@ -234,12 +324,22 @@ class MergeController:
         self._last_merge = int(d["last_merge_step"])
         self._interval = int(d["interval"])
         self._threshold = opt(d["threshold"])
-        self._window_sum = float(d["window_sum"])
-        self._window_count = int(d["window_count"])
+        if "window" in d:
+            self._window = [float(x) for x in d["window"]]
+            self._window_raw = [float(x) for x in d["window_raw"]]
+        else:  # version 1 kept the window's sum and count; its threshold rule (factor x mean) needs only those
+            n = int(d["window_count"])
+            self._window = [float(d["window_sum"]) / n] * n if n else []
+            self._window_raw = list(self._window)
         self._activations = int(d["activations"])
         self._merges = int(d["merges"])
         self._signals = [float(x) for x in d["signals"]][-self._keep :]
         self._last_signal = opt(d["last_learning_signal"])
+        self._ema = opt(d.get("ema"))
+        self._lr_sum = float(d.get("lr_sum", 0.0))
+        self._lr_count = int(d.get("lr_count", 0))
+        self._last_lr = opt(d.get("last_lr"))
+        self._retries = int(d.get("retries", 0))
 
     # ------------------------------------------------------------------ read-only views
     @property

@@ -5,8 +5,9 @@ run recorded in trajectory.csv reproduces that run's merge schedule exactly (wit
 With another config it shows what that config would have scheduled on the SAME signals: a what-if,
 not a prediction, because in a real run the signals move with the schedule (every merge resets the
 anchor, and rehearsal and fusion change the probe losses that follow). At a merge the run did not make,
-the sum |theta - anchor| is unknown; it is estimated from the recorded learning signal of the run's
-segment covering that step (Lambda is a per-step rate, so sum = Lambda x elements x S).
+the sum |theta - anchor| is unknown; it is estimated from the run's segment covering that step: its
+displacement per unit of summed learning rate times the replayed segment's summed learning rate, where
+the run recorded its lr (else its Lambda, a per-step rate: sum = Lambda x elements x S).
 """
 
 from __future__ import annotations
@@ -24,17 +25,31 @@ CAVEAT = (
     "This is the schedule the controller gives on the RECORDED signals. In a real run the signals move "
     "with the schedule (each merge resets the anchor; rehearsal and fusion change the probe losses that "
     "follow), so for another config it is a what-if on fixed signals, not a prediction. At merges the run "
-    "did not make, sum |theta - anchor| is estimated from the recorded learning signal of the segment "
-    "covering that step."
+    "did not make, sum |theta - anchor| is estimated from the recorded displacement per unit of learning "
+    "rate (or, without a recorded lr, the learning signal) of the segment covering that step."
 )
 
 
 def _rate_lookup(rows: list[dict]):
-    """Recorded learning signals (Lambda, a per-step rate) per task: (step, Lambda) of each merge."""
+    """Recorded learning rates of displacement per task: (step, rate) of each merge, where rate is the
+    segment's sum |theta - anchor| / elements per unit of summed learning rate when the run recorded its
+    lr ("model time": a segment of the replay that covers the late, low-lr part of a long recorded segment
+    gets the smaller displacement it would have had), else the recorded Lambda (per step of S)."""
     by_task: dict[int, list[tuple[int, float]]] = {}
+    per_lr = all(r.get("lr") is not None for r in rows if not r.get("explicit"))
+    task, lr_sum = None, 0.0
     for r in rows:
+        if r["task"] != task:
+            task, lr_sum = r["task"], 0.0
+        if not r.get("explicit") and r.get("lr") is not None:
+            lr_sum += r["lr"]
         if r.get("merge") == 1 and r.get("learning_signal") is not None:
-            by_task.setdefault(int(r["task"]), []).append((int(r["step"]), float(r["learning_signal"])))
+            if per_lr and lr_sum > 0 and r.get("abs_change_sum") is not None and r.get("numel"):
+                rate = float(r["abs_change_sum"]) / int(r["numel"]) / lr_sum
+            else:
+                rate = float(r["learning_signal"])
+            by_task.setdefault(int(r["task"]), []).append((int(r["step"]), rate))
+            lr_sum = 0.0
     everything = [x for v in by_task.values() for x in v]
 
     def rate(task: int, step: int) -> float:
@@ -44,35 +59,44 @@ def _rate_lookup(rows: list[dict]):
         after = [lam for s, lam in seg if s >= step]
         return after[0] if after else seg[-1][1]
 
-    return rate
+    return rate, per_lr
 
 
 def replay(rows: list[dict], cfg: AimConfig) -> list[dict]:
     """The trajectory the controller gives with `cfg` on the recorded signals, as trajectory rows
     (merge rows carry `estimated` = 1 where the learning-signal sum had to be estimated)."""
     ctrl = MergeController(cfg)
-    rate = _rate_lookup(rows)
+    rate, per_lr = _rate_lookup(rows)
     numels = [int(r["numel"]) for r in rows if r.get("numel")]
     numel = numels[0] if numels else 1
     out: list[dict] = []
-    task = None
+    task, lr_sum = None, 0.0  # the replayed segment's summed lr (for estimated displacements)
     for r in rows:
         t, step = int(r["task"]), int(r["step"])
         if t != task:
-            task = t
+            task, lr_sum = t, 0.0
             ctrl.start_task(t)
+        if not r.get("explicit") and r.get("lr") is not None:
+            lr_sum += r["lr"]
         if r.get("explicit") == 1:  # the user's plugin.merge(): merge here whatever the config says
             row = TrajectoryRow(t, step, explicit=1).as_dict()
         else:
             loss = r.get("probe_loss") if probe_due(cfg, ctrl.active, ctrl.step + 1) else None
-            d = ctrl.observe(loss)
-            row = TrajectoryRow(t, d.step, d.probe_loss, d.threshold, d.activations, d.interval).as_dict()
-            if not d.merge:
+            d = ctrl.observe(loss, r.get("lr"))
+            row = TrajectoryRow.of_step(t, d, d.probe_loss, cfg.forgetting_ema > 0).as_dict()
+            if d.merge and r.get("undone") == 1:  # the run's merge here failed and was undone: so does this one
+                ctrl.merge_undone()
+                row["undone"] = 1
+            if not d.merge or row["undone"]:
                 out.append(row)
                 continue
         recorded = r.get("merge") == 1 and r.get("abs_change_sum") is not None
         n = int(r["numel"]) if recorded and r.get("numel") else numel
-        total = float(r["abs_change_sum"]) if recorded else rate(t, step) * n * ctrl.interval
+        if recorded:
+            total = float(r["abs_change_sum"])
+        else:
+            total = rate(t, step) * n * (lr_sum if per_lr else ctrl.interval)
+        lr_sum = 0.0
         p = ctrl.on_merge(total, n) if (ctrl.active or not row["explicit"]) else ctrl.plan_inactive(total, n)
         w_in, w_out = (r["w_in"], r["w_out"]) if row["explicit"] and recorded else (p.w_in, p.w_out)
         row.update(
@@ -139,6 +163,11 @@ def run(args) -> int:
             "replay needs the raw learning-signal sums"
         )
     cfg, source = _config(args)
+    if cfg.learning_signal == "lr_sqrt" and rows and all(r.get("lr") is None for r in rows):
+        raise ValueError(
+            f'{path} records no learning rate (an older aim_ds wrote it): learning_signal "lr_sqrt" needs it; '
+            "replay it with a config that uses the default learning_signal, or record the run again"
+        )
     got = replay(rows, cfg)
     print(f"replay of {path} with {source}")
     print(f"{'task':>4} {'step':>6} {'S new':>6} {'R':>4} {'w_in':>5} {'w_out':>5} {'Lambda':>12}  note")

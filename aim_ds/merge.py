@@ -202,6 +202,9 @@ class Merge:
         self._restore_bookkeeping(before)
         p.fuser.undo()
         p.shards.refresh_working_copies()  # a collective: every rank is on this path
+        if p.controller is not None and not self.explicit:  # the retry budget (merge_retries)
+            p.controller.merge_undone()
+            p.trajectory[-1]["undone"] = 1
         if p.rank == 0:
             warnings.warn(
                 f"aim_merging: the merge at {self.where} failed "

@@ -314,7 +314,7 @@ class AimPlugin:
     def _decide(self, loss: float | None) -> bool:
         flag = torch.zeros(1, dtype=torch.float64, device=collectives.comm_device())
         if self.controller is not None:
-            d = self.controller.observe(loss)
+            d = self.controller.observe(loss, self.engine.optimizer.param_groups[0]["lr"])
             self._record(d, loss)
             flag[0] = 1.0 if d.merge else 0.0
         if not self._active():
@@ -324,7 +324,7 @@ class AimPlugin:
 
     def _record(self, d, loss) -> None:
         self.trajectory.append(
-            TrajectoryRow(self.task_index, d.step, loss, d.threshold, d.activations, d.interval).as_dict()
+            TrajectoryRow.of_step(self.task_index, d, loss, self.config.forgetting_ema > 0).as_dict()
         )
         mon = getattr(self.engine, "monitor", None)
         if mon is not None and getattr(mon, "enabled", False) and loss is not None:

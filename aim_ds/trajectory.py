@@ -28,9 +28,18 @@ class TrajectoryRow:
     abs_change_sum: float | None = None  # sum |theta - anchor| over every rank's valid elements
     numel: int | None = None  # trainable elements behind abs_change_sum
     explicit: int = 0  # 1: plugin.merge() called by the user (its own row), not the controller
+    lr: float | None = None  # the learning rate of this training step
+    forgetting_signal: float | None = None  # what met the threshold: the probe loss's EMA (None: the raw loss)
+    undone: int = 0  # 1: the merge this step asked for failed and was undone on every rank
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of_step(cls, task: int, d, loss: float | None, ema: bool) -> TrajectoryRow:
+        """The row of one controller step (a StepDecision `d`), as the plugin records it and replay rebuilds it."""
+        return cls(task, d.step, loss, d.threshold, d.activations, d.interval, lr=d.lr,
+                   forgetting_signal=d.signal if ema else None)  # fmt: skip
 
 
 FIELDS: list[str] = [f.name for f in fields(TrajectoryRow)]

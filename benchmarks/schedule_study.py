@@ -40,7 +40,8 @@ def segments(rows: list[dict], cfg: dict) -> list[dict]:
             continue
         if r["task"] != task:
             task, last, peak = r["task"], 0, None
-        h, delta = r.get("probe_loss"), r.get("threshold")
+        h, delta = r.get("forgetting_signal"), r.get("threshold")  # the EMA where forgetting_ema set one
+        h = r.get("probe_loss") if h is None else h
         if h is not None and delta:
             peak = max(peak or 0.0, h / delta)
         if r.get("merge") != 1:

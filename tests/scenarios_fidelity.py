@@ -271,11 +271,21 @@ def resume_after_failure(ckpt_dir: str):
     }
 
 
-def trajectory_for_replay(out_dir: str):
+# the de-noised signals of issue 24: EMA of the probe loss, mean + k std threshold, lr-normalised learning signal
+SIGNALS = {"forgetting_ema": 0.6, "threshold_rule": "mean_std", "threshold_std": 1.0, "learning_signal": "lr_sqrt"}
+
+
+def trajectory_for_replay(out_dir: str, signals: bool = False):
     """A short run with merges that change the interval (reference rule, no cold start) and one explicit
-    merge; rank 0 writes trajectory.csv and the config record `aim-ds replay` reads (as the driver does)."""
-    cfg = dict(AIM, cold_start=0, initial_interval=2, probe_interval=1)
-    engine, plugin = _second_task(cfg, 24)
+    merge; rank 0 writes trajectory.csv and the config record `aim-ds replay` reads (as the driver does).
+    signals: with the SIGNALS options, and a learning rate that decays step by step (lr_sqrt reads it)."""
+    cfg = dict(AIM, cold_start=0, initial_interval=2, probe_interval=1, **(SIGNALS if signals else {}))
+    engine, plugin = _second_task(cfg, 0)
+    base = engine.optimizer.param_groups[0]["lr"]
+    for i in range(24):
+        for g in engine.optimizer.param_groups:
+            g["lr"] = base * (1.0 - i / 48) if signals else base
+        train_steps(engine, 1, seed=50 + i)
     plugin.merge()
     plugin.start_task(memory(offset=4000))
     train_steps(engine, 16, seed=70)
@@ -293,3 +303,30 @@ def undo_folder_missing(folder: str):
     engine = make_engine(ds_config(aim=dict(AIM, undo="nvme", undo_path=path)))
     aim_ds.attach(engine)
     return {"attached": True}
+
+
+def undone_merges_retry_budget(merge_retries: int, steps: int = 12):
+    """Every automatic merge fails on rank 1 (its rehearsal batch raises): each attempt is undone on every
+    rank, retried at most merge_retries times in its segment, then the segment is given up. Returns the
+    steps of the attempts (rows marked undone) and whether the replay of the trajectory reproduces them."""
+    cfg = dict(AIM, interval_rule="fixed", initial_interval=3, merge_retries=merge_retries)
+    engine, plugin = _second_task(cfg, 0)
+    if rank() == 1:
+
+        def broken():
+            raise RuntimeError("injected: the memory reader lost its file")
+
+        plugin._rehearsal_batch = broken
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_steps(engine, steps, seed=90)
+    out = {"merges": plugin.merge_count, "undone_warnings": sum("undone" in str(c.message) for c in caught)}
+    if rank() == 0:
+        from aim_ds import controller_replay as replay
+
+        rows = [r for r in plugin.trajectory if r["task"] == 1]
+        out["attempts"] = [r["step"] for r in rows if r["undone"] == 1]
+        replayed = replay.replay(plugin.trajectory, plugin.config)
+        out["replayed_attempts"] = [r["step"] for r in replayed if r["task"] == 1 and r["undone"] == 1]
+        out["replayed_merges"] = len(replay.merges(replayed))
+    return out

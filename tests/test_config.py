@@ -22,6 +22,11 @@ DEFAULTS = {
     "threshold_factor": 2.0,
     "forced_activation_multiple": 2,
     "activation_cap": 3,
+    "threshold_rule": "factor",
+    "threshold_std": 2.0,
+    "forgetting_ema": 0.0,
+    "learning_signal": "per_step",
+    "merge_retries": 2,
     "weight_policy": "signals",
     "w_in": 0.5,
     "w_out": 0.5,
@@ -66,6 +71,20 @@ def test_from_ds_config_reads_the_section_and_files(tmp_path):
     assert AimConfig.from_ds_config({"aim_merging": {"enabled": False}}).enabled is False
 
 
+def test_signal_keys_are_checked_and_each_threshold_rule_reads_only_its_own_key():
+    cfg = AimConfig.from_dict({"threshold_rule": "mean_std", "threshold_std": 1.5, "forgetting_ema": 0.8})
+    assert (cfg.threshold_rule, cfg.threshold_std, cfg.forgetting_ema) == ("mean_std", 1.5, 0.8)
+    e = err({"threshold_rule": "mean_std", "threshold_factor": 1.25})
+    assert e.key == "threshold_factor" and 'only applies to threshold_rule "factor"' in str(e)
+    e = err({"threshold_std": 1.0})
+    assert e.key == "threshold_std" and 'threshold_rule "mean_std" to use it' in str(e)
+    assert err({"forgetting_ema": 1.0}).key == "forgetting_ema"
+    assert err({"threshold_std": -1, "threshold_rule": "mean_std"}).key == "threshold_std"
+    assert err({"learning_signal": "lr"}).key == "learning_signal"
+    assert err({"merge_retries": -1}).key == "merge_retries"
+    assert err({"merge_retries": True}).key == "merge_retries"
+
+
 def test_round_trip_of_every_field_changed():
     section = {
         "enabled": False,
@@ -78,6 +97,11 @@ def test_round_trip_of_every_field_changed():
         "gamma_up": 1.5,
         "gamma_down": 3,
         "threshold_factor": 1.25,
+        "threshold_rule": "factor",
+        "threshold_std": 2.0,
+        "forgetting_ema": 0.5,
+        "learning_signal": "lr_sqrt",
+        "merge_retries": 0,
         "forced_activation_multiple": 3,
         "activation_cap": 1,
         "weight_policy": "fixed",

@@ -7,6 +7,7 @@ Learning-signal sums are chosen so that every Lambda and every ratio is an exact
 
 import json
 import math
+import random
 
 import pytest
 
@@ -433,3 +434,159 @@ def test_load_state_dict_rejects_a_different_rule_or_version():
         make(interval_rule="paper").load_state_dict(a.state_dict())
     with pytest.raises(ValueError):
         make(interval_rule="reference").load_state_dict({**a.state_dict(), "version": 99})
+
+
+# ---------------------------------------------------------------------- de-noised signals (issue 24)
+def noisy_trace(cv: float, n: int, seed: int, rise_at: int | None = None, rise: float = 1.0) -> dict:
+    """Memory-loss trace: gamma noise of coefficient of variation `cv` around 1.0 (the CV measured within
+    a segment on the benchmarks is 0.45-0.63), times `rise` from step `rise_at` on (a real rise)."""
+    rng = random.Random(seed)
+    shape = 1.0 / cv**2
+    return {
+        j: rng.gammavariate(shape, 1.0 / shape) * (rise if rise_at is not None and j >= rise_at else 1.0)
+        for j in range(1, n + 1)
+    }
+
+
+# long enough to read many steps after each window: no forced activation, one threshold for the whole trace
+QUIET = dict(initial_interval=60, forced_activation_multiple=10, activation_cap=1000, max_interval=128)
+DENOISED = dict(forgetting_ema=0.8, threshold_rule="mean_std", threshold_std=3.0)
+
+
+def activations_after_window(cfg: dict, losses: dict, until: int) -> list[int]:
+    """Steps at which the activation count rose (one task; a merge decision is not committed, so the
+    threshold of the first window stays and every later step is compared with it)."""
+    c = make(**cfg)
+    c.start_task(1)
+    got, last = [], 0
+    for j in range(1, until + 1):
+        d = c.observe(losses[j])
+        if d.activations > last:
+            got.append(j)
+        last = d.activations
+    return got
+
+
+@pytest.mark.parametrize("cv", [0.45, 0.63])
+def test_denoised_threshold_ignores_noise_of_the_measured_cv(cv):
+    # window = steps 1..41; steps 42..119 are stationary noise: the de-noised rule (EMA 0.8, mean + 3 std) stays
+    # quiet on 95% of them, 10x quieter than a raw-loss threshold close to the mean (factor 1.25, the issue-19
+    # trial), which fires on the noise
+    quiet, noisy = [], []
+    for seed in range(20):
+        losses = noisy_trace(cv, 119, seed)
+        quiet.append(len(activations_after_window({**QUIET, **DENOISED}, losses, 119)))
+        noisy.append(len(activations_after_window({**QUIET, "threshold_factor": 1.25}, losses, 119)))
+    steps = 20 * (119 - 41)
+    assert sum(quiet) / steps < 0.05, quiet
+    assert sum(noisy) / steps > 0.1, noisy  # the test can fail: the raw signal does cross such thresholds
+    assert sum(quiet) < sum(noisy) / 5
+
+
+@pytest.mark.parametrize("cv", [0.45, 0.63])
+def test_denoised_threshold_fires_on_a_real_rise(cv):
+    # the memory loss rises 1.5x at step 60 (what a task switch or real forgetting does): the EMA + mean + 3 std
+    # rule fires within 30 steps on 18 of 20 seeds (median delay about 8 steps: the EMA's lag) and seldom before
+    # the rise; factor 2 on the raw loss (the default) fires before the rise, on the noise, on twice as many seeds or more
+    delays, early, early_raw = [], 0, 0
+    for seed in range(20):
+        losses = noisy_trace(cv, 119, seed, rise_at=60, rise=1.5)
+        got = activations_after_window({**QUIET, **DENOISED}, losses, 89)
+        delays.append(next((j - 60 for j in got if j >= 60), None))
+        early += any(j < 60 for j in got)
+        early_raw += any(j < 60 for j in activations_after_window(QUIET, losses, 89))
+    assert sum(d is not None for d in delays) >= 18, delays
+    assert sorted(d if d is not None else 99 for d in delays)[10] <= 10, delays
+    assert early <= 4 and early_raw >= 2 * early, (early, early_raw)
+
+
+def test_mean_std_threshold_is_the_window_mean_plus_k_ema_noise():
+    c = make(initial_interval=3, threshold_rule="mean_std", threshold_std=2.0, forgetting_ema=0.5)
+    c.start_task(1)  # window = 3 steps; EMA: 1.0, 2.0, 1.5
+    for loss in (1.0, 3.0, 1.0):
+        d = c.observe(loss)
+    raw_std = math.sqrt(((1 - 5 / 3) ** 2 * 2 + (3 - 5 / 3) ** 2) / 3)
+    assert d.signal == 1.5
+    assert d.threshold == pytest.approx(1.5 + 2.0 * raw_std * math.sqrt(0.5 / 1.5))
+    c2 = make(initial_interval=3, threshold_rule="mean_std", threshold_std=1.0)  # beta 0: the raw std itself
+    c2.start_task(1)
+    for loss in (1.0, 3.0, 1.0):
+        d = c2.observe(loss)
+    assert d.threshold == pytest.approx(5 / 3 + raw_std)
+
+
+def test_lr_sqrt_learning_signal_is_constant_for_a_constant_speed_task():
+    # a random walk: displacement = c * mean lr * sqrt(steps). The default per-step signal follows the lr
+    # schedule and 1/sqrt(S); lr_sqrt gives the same value for every segment, so S only moves with the task
+    def lambdas(signal):
+        c = make(learning_signal=signal, threshold_factor=100.0, initial_interval=4, max_interval=64)
+        c.start_task(1)
+        out, lrs = [], []
+        for j in range(1, 400):
+            lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * j / 400))  # cosine decay
+            lrs.append(lr)
+            if c.observe(1.0, lr).merge:
+                n = len(lrs)
+                p = c.on_merge(0.7 * (sum(lrs) / n) * math.sqrt(n) * 1000, 1000)
+                out.append((p.learning_signal, p.interval))
+                lrs = []
+        return out
+
+    lr_sqrt = lambdas("lr_sqrt")
+    assert len(lr_sqrt) >= 10 and all(lam == pytest.approx(0.7) for lam, _ in lr_sqrt), lr_sqrt
+    per_step = [lam for lam, _ in lambdas("per_step")]
+    assert per_step[-1] < 0.2 * per_step[1]  # the default reads the decaying schedule as convergence
+
+
+def test_lr_sqrt_without_a_learning_rate_is_one_clear_error():
+    c = make(learning_signal="lr_sqrt", initial_interval=2, threshold_factor=100.0)
+    c.start_task(1)
+    for _ in range(4):
+        d = c.observe(1.0)
+    assert d.merge
+    with pytest.raises(ValueError, match="needs the learning rate of each step"):
+        c.on_merge(1.0, 1)
+    with pytest.raises(ValueError, match="lr must be"):
+        c.observe(1.0, float("nan"))
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_an_undone_merge_is_retried_within_the_budget_then_the_segment_is_given_up(retries):
+    c = make(initial_interval=4, merge_retries=retries, threshold_factor=100.0)
+    c.start_task(1)
+    attempts = []
+    for _ in range(30):
+        d = c.observe(1.0, 1e-3)
+        if d.merge:
+            attempts.append(d.step)
+            c.merge_undone()  # every merge fails
+    # forced activation at 8, then `retries` retries on the next steps, then a new segment from there
+    first = list(range(8, 9 + retries))
+    assert attempts[: len(first)] == first
+    assert attempts[len(first)] == first[-1] + 8  # one attempt per forced interval, not one per step
+    assert c.interval == 4 and c.merges == 0
+
+
+def test_state_dict_round_trip_keeps_the_new_signal_state():
+    cfg = dict(initial_interval=4, forgetting_ema=0.7, threshold_rule="mean_std", learning_signal="lr_sqrt")
+    losses = noisy_trace(0.5, 200, 3, rise_at=90, rise=1.6)
+
+    def drive(c, start, stop, rec):
+        for j in range(start, stop):
+            d = c.observe(losses[j], 1e-3 * (1 - j / 400))
+            rec.append(d)
+            if d.merge:
+                rec.append(c.on_merge(0.01 * j, 10))
+        return rec
+
+    a = make(**cfg)
+    a.start_task(1)
+    full = drive(a, 1, 200, [])
+    b = make(**cfg)
+    b.start_task(1)
+    part = drive(b, 1, 77, [])
+    c = make(**cfg)
+    c.load_state_dict(json.loads(json.dumps(b.state_dict())))
+    assert drive(c, 77, 200, part) == full
+    old = {k: v for k, v in b.state_dict().items() if k not in ("window", "window_raw", "ema", "retries")}
+    make(**cfg).load_state_dict({**old, "version": 1, "window_sum": 2.0, "window_count": 2})  # version 1 loads

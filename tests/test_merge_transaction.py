@@ -109,3 +109,14 @@ def test_missing_undo_folder_on_one_rank_refused_at_attach_on_every_rank(tmp_pat
     assert len(per_rank) == 2 and "timed out" not in msg, msg
     for part in per_rank:
         assert "rank 1: the undo folder check failed" in part and "is not a folder" in part, part[:2000]
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_persistently_failing_merge_is_retried_within_its_budget(tmp_path, retries):
+    # fixed rule, S = 3, 12 steps: attempts at 3 (+ `retries` retries on the next steps), then every 3 steps
+    # from where the segment was given up; before the budget there was one attempt (and its rehearsal) per step
+    res = run_ranks("tests.scenarios_fidelity:undone_merges_retry_budget", 2, tmp_path, TIMEOUT, merge_retries=retries)
+    expected = {0: [3, 6, 9, 12], 2: [3, 4, 5, 8, 9, 10]}[retries]
+    assert res[0]["attempts"] == expected, res[0]
+    assert res[0]["merges"] == 0 and res[0]["undone_warnings"] == len(expected)
+    assert res[0]["replayed_attempts"] == expected and res[0]["replayed_merges"] == 0
