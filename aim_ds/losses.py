@@ -47,6 +47,14 @@ def rows_loss(logits: torch.Tensor, labels: torch.Tensor, rows) -> tuple[float, 
     return float(tok.sum()), int(has.sum())
 
 
+def split_token_loss(logits: torch.Tensor, labels: torch.Tensor, n_new: int, who: str = "split_token_loss"):
+    """(summed token loss, label tokens) of the first ``n_new`` rows and of the rest, as tensors (no host
+    sync): the pieces from which the plain token-mean loss, the weighted mixed loss and the forgetting
+    signal are all built, so the three count tokens alike."""
+    tok, has = _token_losses(logits, labels, who)
+    return tok[:n_new].sum(), has[:n_new].sum(), tok[n_new:].sum(), has[n_new:].sum()
+
+
 def mixed_loss(
     logits: torch.Tensor, labels: torch.Tensor, n_new: int, memory_weight: float
 ) -> tuple[torch.Tensor, float, int]:
@@ -58,12 +66,10 @@ def mixed_loss(
     ``rows_loss``."""
     if not (0.0 < memory_weight < 1.0):
         raise AimInputError(f"mixed_loss(memory_weight={memory_weight!r}): must be in (0, 1).")
-    tok, has = _token_losses(logits, labels, "mixed_loss")
-    new_n, mem_n = has[:n_new].sum(), has[n_new:].sum()
-    new_sum, mem_sum = tok[:n_new].sum(), tok[n_new:].sum()
+    new_sum, new_n, mem_sum, mem_n = split_token_loss(logits, labels, n_new, "mixed_loss")
     # a side without label tokens contributes 0 (clamp: no 0/0); the counts stay tensors (no host sync) until here
     loss = (1.0 - memory_weight) * new_sum / new_n.clamp(min=1) + memory_weight * mem_sum / mem_n.clamp(min=1)
     return loss, float(mem_sum.detach()), int(mem_n)
 
 
-__all__ = ["AimInputError", "batch_tokens", "mixed_loss", "rows_loss"]
+__all__ = ["AimInputError", "batch_tokens", "mixed_loss", "rows_loss", "split_token_loss"]
