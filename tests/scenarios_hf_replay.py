@@ -88,7 +88,7 @@ def replay_draws_and_resume(tmp):
         _trainer(cb, args, model, tasks[t]).train()
     out["full"], out["traj"], out["draws"] = digest(gathered(model)), cb.trajectory, cb.draws
     out["memory_rows"], out["records"] = cb.memory_rows, cb.records
-    out["replay_seed"] = cb._replay_seed
+    out["replay_seed"] = getattr(cb, "_replay_seed", None)  # absent before the seeded draws
     ckpt = os.path.join(a, "t1", "checkpoint-3")
     for name, cls in (("resumed", Trainer), ("patched", _patched_loop_trainer())):
         args = args_for(os.path.join(tmp, name), cfg, gas=gas)
@@ -206,3 +206,24 @@ def trl_mixed_replay(tmp):
         "draws": len(cb.draws),
         "world": world(),
     }
+
+
+def hp_search_trial_folder(tmp):
+    """Trainer.hyperparameter_search (optuna, one trial) with the callback and save_steps: the callback's state
+    must land in the trial's own checkpoint folder, beside the Trainer's files for it."""
+    cfg = ds_cfg(AIM)
+    args = args_for(tmp, cfg, save_strategy="steps", save_steps=2, steps=4)
+    cb = AimMergingCallback()
+    rows = task_rows(0, n=32)
+    trainer = Trainer(
+        model_init=lambda: new_model(args), args=args, train_dataset=rows, eval_dataset=rows[:8], callbacks=[cb]
+    )
+    trainer.hyperparameter_search(
+        backend="optuna", n_trials=1, direction="minimize", hp_space=lambda trial: {}, compute_objective=lambda m: 0.0
+    )
+    found = {}
+    for root, _, files in os.walk(tmp):
+        for f in files:
+            if f.startswith("aim_plugin_") or f in ("trainer_state.json", "latest"):
+                found.setdefault(os.path.relpath(root, tmp).split(os.sep)[0], []).append(f)
+    return {k: sorted(v) for k, v in found.items()}

@@ -92,3 +92,11 @@ def test_compute_loss_func_counts_tokens_as_the_trainer():
     assert torch.allclose(loss, 0.7 * new_sum / new_n + 0.3 * mem_sum / mem_n, atol=1e-6)
     assert cb.plugin.got[1] == int(mem_n) == int((labels[4:, 1:] != -100).sum())
     assert cb.plugin.got[0] == pytest.approx(float(mem_sum.detach()), rel=1e-6)
+
+
+def test_hyperparameter_search_trial_folder_gets_the_state(tmp_path):
+    pytest.importorskip("optuna")
+    (r,) = run_ranks("tests.scenarios_hf_replay:hp_search_trial_folder", 1, tmp_path, TIMEOUT, tmp=str(tmp_path / "o"))
+    # every file of the trial's checkpoints, the callback's included, lies under run-0/
+    assert list(r) == ["run-0"], r
+    assert "aim_plugin_rank00000_of_00001.pt" in r["run-0"] and "trainer_state.json" in r["run-0"], r
