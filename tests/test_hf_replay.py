@@ -100,3 +100,23 @@ def test_hyperparameter_search_trial_folder_gets_the_state(tmp_path):
     # every file of the trial's checkpoints, the callback's included, lies under run-0/
     assert list(r) == ["run-0"], r
     assert "aim_plugin_rank00000_of_00001.pt" in r["run-0"] and "trainer_state.json" in r["run-0"], r
+
+
+def test_seeded_stream_is_the_drivers_order():
+    """The stream the replay collator draws from is the one the driver cuts its batches from: a fresh seeded
+    shuffle per pass, ranks disjoint within a global batch, any position drawn again alike."""
+    import random
+
+    from aim_ds.driver.batching import rank_batches, seeded_stream
+
+    n, seed = 10, 3
+    passes = []
+    for e in range(3):
+        idx = list(range(n))
+        random.Random(seed * 1000003 + e).shuffle(idx)
+        passes += idx
+    assert seeded_stream(n, 0, 30, seed) == passes
+    assert seeded_stream(n, 17, 5, seed) == passes[17:22]  # a resumed draw: a pure function of the position
+    got = [rank_batches(list(range(n)), 7, 2, r, 2, seed) for r in range(2)]
+    for s in range(7):
+        assert got[0][s] + got[1][s] == passes[4 * s : 4 * s + 4]
