@@ -15,8 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .data.core import Task
 from .data.dataset import encode_prompt, encode_target
+from .data.tasks import Task
 
 
 def _normalise(s: str) -> str:

@@ -36,11 +36,12 @@ import torch
 from transformers import Trainer, TrainerCallback, default_data_collator
 
 from .checkpoint import plugin_file
+from .collectives import agree
 from .driver.batching import memory_batches, seeded_stream
+from .errors import AimInputError
 from .fileio import atomic_write_bytes
 from .losses import split_token_loss
-from .plugin import AimInputError, AimPlugin
-from .statistics import agree
+from .plugin import AimPlugin
 
 STATE_DIR = "aim_merging"  # inside the Trainer's checkpoint-N/: one file per rank
 
@@ -147,7 +148,7 @@ class AimMergingCallback(TrainerCallback):
             loss = new_sum + mem_sum
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else tokens.clamp(min=1))
         p = self.plugin
-        if torch.is_grad_enabled() and p is not None and p.enabled and p.config.probe_source == "training_batch":
+        if torch.is_grad_enabled() and p is not None and p.records_probe_loss:
             # training forwards only: evaluation, and SFTTrainer's metrics forward, run without grad
             p.record_probe_loss(float(mem_sum.detach()) if k else 0.0, int(mem_n) if k else 0)
         return loss

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-class AimInputError(ValueError):
-    """Bad input to the plugin (memory, arguments); raised on every rank before any collective hangs."""
+from .errors import AimInputError
 
 
 def batch_tokens(batch: dict) -> int:
@@ -31,11 +29,15 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor, who: str) -> tuple
             f"{who}: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line up; "
             "pass the labels at the positions whose logits the model returned."
         )
-    lg, lb = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
-    tok = torch.nn.functional.cross_entropy(
-        lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(lb.shape)
+    lg, lb = _shifted(logits, labels)
+    tok = torch.nn.functional.cross_entropy(lg, lb.reshape(-1), ignore_index=-100, reduction="none").view(lb.shape)
     return tok, lb != -100
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position t predicts label t + 1: the logits as [B * (W-1), vocab] in fp32 and the labels [B, W-1]."""
+    lg, lb = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    return lg.reshape(-1, lg.shape[-1]), lb
 
 
 @torch.no_grad()
@@ -72,4 +74,4 @@ def mixed_loss(
     return loss, float(mem_sum.detach()), int(mem_n)
 
 
-__all__ = ["AimInputError", "batch_tokens", "mixed_loss", "rows_loss", "split_token_loss"]
+__all__ = ["batch_tokens", "mixed_loss", "rows_loss", "split_token_loss"]

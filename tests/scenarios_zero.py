@@ -72,7 +72,7 @@ def _importance(stages: list):
         plugin = aim_ds.attach(engine, sc.memory())
         plugin.start_task()
         sc.train_steps(engine, 3)
-        ema = sum(float(b.abs().sum()) for b in plugin._ema["i_in"])
+        ema = sum(float(b.abs().sum()) for b in plugin.fuser.ema["i_in"])
         plugin.merge(rehearsal_steps=2)
         w = sc.full_fp32(engine)
         out[str(s)] = {

@@ -80,8 +80,7 @@ def test_compute_loss_func_counts_tokens_as_the_trainer():
     cb._rows = [None] * 4  # memory set: the last 2 rows of every batch are memory rows
 
     class Probe:
-        enabled, config = True, type("C", (), {"probe_source": "training_batch"})
-        got = None
+        enabled, records_probe_loss, got = True, True, None
 
         def record_probe_loss(self, s, n):
             self.got = (s, n)
