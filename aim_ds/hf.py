@@ -10,7 +10,15 @@
 Each train() builds a new DeepSpeed engine; the callback attaches a plugin to it in on_train_begin and hands
 the previous plugin's state (task index, controller, memory positions, trajectory) to the new one. The engine is
 `trainer.model_wrapped`; callbacks are handed only the unwrapped model, so the callback finds the Trainer that
-calls it on the call stack (`bind(trainer)` names it explicitly for a loop that calls callbacks itself).
+calls it on the call stack (`bind(trainer)` names it for one train() whose callbacks run outside a Trainer method).
+A resumed train() is told by the Trainer's state (global_step > 0 at on_train_begin); its checkpoint folder is the
+`resume_from_checkpoint` the Trainer's own frames hold (or `bind(trainer, resume_from_checkpoint=...)`).
+
+Mixed replay draws its memory rows like the driver: batch c of a task takes positions c x K x world + rank x K
+.. + K of a seeded stream over all memory rows (a fresh shuffle per pass, seed = TrainingArguments.seed + 7 x task
++ 1), so the draws are reproducible, differ across batches, and a resumed run draws from the position its
+checkpoint recorded (the micro-batches already trained). The collator must run in the main process
+(dataloader_num_workers 0): a worker's copy of the position would advance alone.
 
 Under Accelerate the engine steps inside `accelerator.backward`, before the Trainer reads the step's gradient
 norm; the plugin's work (probe, merge, rehearsal) therefore waits until `on_optimizer_step`, so the Trainer logs
@@ -27,12 +35,12 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, default_data_collator
 
-from . import mixed_loss, rows_loss
 from .checkpoint import plugin_file
 from .collectives import agree
+from .driver.batching import memory_batches, seeded_stream
 from .errors import AimInputError
 from .fileio import atomic_write_bytes
-from .losses import token_loss_sum
+from .losses import split_token_loss
 from .plugin import AimPlugin
 
 STATE_DIR = "aim_merging"  # inside the Trainer's checkpoint-N/: one file per rank
@@ -41,9 +49,10 @@ STATE_DIR = "aim_merging"  # inside the Trainer's checkpoint-N/: one file per ra
 class AimMergingCallback(TrainerCallback):
     """AimMerging across a sequence of `Trainer.train()` calls, one per task (see the module docstring).
 
-    memory: rows like train_dataset items (the rehearsal memory of the tasks so far); every rank takes
-        rows[rank::world] and collates them with the Trainer's data collator into batches of
-        memory_batch_size (default: per_device_train_batch_size). May be given later with set_memory().
+    memory: rows like train_dataset items (the rehearsal memory of the tasks so far); cut, like the driver's,
+        into seeded global batches of memory_batch_size rows per rank (default: per_device_train_batch_size),
+        each rank collating its slice with the Trainer's collator (the one inside replay_collator()). May be
+        given later with set_memory().
     config: an AimConfig or dict overriding the ds_config's "aim_merging" section.
     replay_rows, memory_weight: mixed replay, used by `replay_collator()` and `compute_loss_func`.
     """
@@ -70,8 +79,12 @@ class AimMergingCallback(TrainerCallback):
         self.memory_weight = memory_weight
         self.plugin: AimPlugin | None = None
         self._rows = None
-        self._replay_position = 0
-        self._trainer = None
+        self._replay_position = 0  # the next replay batch's index in this task's stream (collate calls)
+        self._consumed = 0  # micro-batches trained in this task: the position a checkpoint records
+        self._replay_seed = 0
+        self._task = -1  # train() calls begun, 0-based; restored from a checkpoint on resume
+        self._bound = None  # (trainer, resume_from_checkpoint) named by bind(), for one train()
+        self._running = None  # the Trainer of the train() in progress
         self._engine = None
         self.trainer_args = None
         if memory is not None:
@@ -87,9 +100,11 @@ class AimMergingCallback(TrainerCallback):
             )
         self._rows = rows
 
-    def bind(self, trainer) -> AimMergingCallback:
-        """Name the Trainer explicitly (only needed when no Trainer method is on the call stack of on_train_begin)."""
-        self._trainer = trainer
+    def bind(self, trainer, resume_from_checkpoint: str | None = None) -> AimMergingCallback:
+        """Name the Trainer of the next train() (only needed when no Trainer method is on the call stack of
+        on_train_begin), and the checkpoint it resumes from when its frames do not hold it. Holds for that
+        one train(): a Trainer found on the call stack always wins, and the binding ends at on_train_end."""
+        self._bound = (trainer, resume_from_checkpoint)
         return self
 
     @property
@@ -103,9 +118,10 @@ class AimMergingCallback(TrainerCallback):
             self.plugin.write_trajectory_csv(path)
 
     def replay_collator(self, collator=default_data_collator):
-        """A data collator that appends `replay_rows` memory rows (this rank's, cycled) after each batch's new-task
-        rows, collated together by `collator`. Pair it with `compute_loss_func` (mixed replay; with
-        "probe_source": "training_batch" those rows' loss is the forgetting signal)."""
+        """A data collator that appends `replay_rows` memory rows (a seeded draw per batch, see the module doc)
+        after each batch's new-task rows, collated together by `collator`. Pair it with `compute_loss_func`
+        (mixed replay; with "probe_source": "training_batch" those rows' loss is the forgetting signal).
+        Needs dataloader_num_workers 0 (checked at train())."""
         if self.replay_rows < 1:
             raise AimInputError("replay_collator() needs AimMergingCallback(replay_rows=K) with K >= 1.")
         return _ReplayCollator(self, collator)
@@ -113,7 +129,8 @@ class AimMergingCallback(TrainerCallback):
     def compute_loss_func(self, outputs, labels, num_items_in_batch=None):
         """Trainer(compute_loss_func=cb.compute_loss_func) for batches made by `replay_collator`: the token-mean
         loss (or, with memory_weight w, (1 - w) x new rows + w x memory rows), normalised as the Trainer expects
-        (by num_items_in_batch); hands the memory rows' loss to the plugin as the forgetting signal."""
+        (by num_items_in_batch); hands the memory rows' loss to the plugin as the forgetting signal. All three
+        count label tokens as the Trainer's num_items_in_batch does (labels[:, 1:] != -100)."""
         if labels is None:
             raise AimInputError(
                 "compute_loss_func: the batch has no labels; the Trainer pops them from the inputs "
@@ -122,18 +139,36 @@ class AimMergingCallback(TrainerCallback):
         k = self._rows_in_batch()
         n_new = labels.shape[0] - k
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        tokens = int((labels[:, 1:] != -100).sum())
+        new_sum, new_n, mem_sum, mem_n = split_token_loss(logits, labels, n_new, "compute_loss_func")
+        tokens = new_n + mem_n
         if self.memory_weight is not None and 0 < k < labels.shape[0]:
-            loss, mem_sum, mem_n = mixed_loss(logits, labels, n_new, self.memory_weight)
-            loss = loss * tokens  # a token-weighted share of the window, like the plain loss below
+            w = self.memory_weight  # a token-weighted share of the window, like the plain loss
+            loss = tokens * ((1.0 - w) * new_sum / new_n.clamp(min=1) + w * mem_sum / mem_n.clamp(min=1))
         else:
-            loss = token_loss_sum(logits, labels)
-            mem_sum, mem_n = rows_loss(logits, labels, slice(n_new, None)) if k else (0.0, 0)
-        loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(tokens, 1))
+            loss = new_sum + mem_sum
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else tokens.clamp(min=1))
         p = self.plugin
         if torch.is_grad_enabled() and p is not None and p.records_probe_loss:
-            p.record_probe_loss(mem_sum, mem_n)  # training forwards only (evaluation runs without grad)
+            # training forwards only: evaluation, and SFTTrainer's metrics forward, run without grad
+            p.record_probe_loss(float(mem_sum.detach()) if k else 0.0, int(mem_n) if k else 0)
         return loss
+
+    def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The body of a Trainer subclass's `compute_loss` for mixed replay (TRL's SFTTrainer deprecates
+        `compute_loss_func` and runs a second, no-grad forward for its metrics after it): one forward,
+        `compute_loss_func`'s loss, scaled across ranks as Trainer.compute_loss scales it::
+
+            class ReplaySFTTrainer(SFTTrainer):
+                def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                    return cb.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        """
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        outputs = model(**inputs)
+        loss = self.compute_loss_func(outputs, labels, num_items_in_batch)
+        if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (trainer.accelerator.num_processes // trainer.get_tp_size())
+        return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ Trainer events
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -154,7 +189,20 @@ class AimMergingCallback(TrainerCallback):
             raise AimInputError(
                 "AimMergingCallback: this Trainer does not run DeepSpeed; pass TrainingArguments(deepspeed=ds_config)."
             )
-        self.trainer_args = args
+        if isinstance(trainer.data_collator, _ReplayCollator) and args.dataloader_num_workers > 0:
+            raise AimInputError(
+                f"AimMergingCallback.replay_collator() with dataloader_num_workers={args.dataloader_num_workers}: "
+                "the collator would draw memory rows in worker processes, whose copies of the replay position "
+                "advance alone (rows repeat, checkpoints record a stale position); set dataloader_num_workers=0."
+            )
+        resumed = state.global_step > 0  # the Trainer loaded its state from a checkpoint before this event
+        if resumed and resume is None:
+            raise AimInputError(
+                f"AimMergingCallback: this train() resumes at step {state.global_step} but no checkpoint folder was "
+                "found on the Trainer's frames (a patched training loop?); call "
+                "cb.bind(trainer, resume_from_checkpoint=PATH) before train()."
+            )
+        self.trainer_args, self._running = args, trainer
         previous, self.plugin = self.plugin, None
         if self._engine is not None and self._engine is not engine:
             # the previous task's engine still has ZeRO-3 hooks on this model (the Trainer never destroys it);
@@ -163,11 +211,15 @@ class AimMergingCallback(TrainerCallback):
             self._engine.destroy()
         self._engine = engine
         plugin = AimPlugin(engine, memory=None, config=self.config)
+        saved = self._read_saved(plugin, resume) if resumed else None
+        self._task = saved["task"] if saved is not None else self._task + 1
+        self._replay_seed = args.seed + 7 * self._task + 1  # the driver's seeds: memory + 7k, replay + 7k + 1
+        self._consumed = self._replay_position = saved["replay_position"] if saved is not None else 0
         memory = self._memory_batches(trainer) if self._rows is not None and plugin.enabled else None
-        if resume is not None and state.global_step > 0:
+        if saved is not None:
             if memory is not None:
                 plugin.set_memory(memory)  # before the state: the memory positions are restored onto it
-            self._load(plugin, resume)  # mid-task: anchor, controller and positions come from the checkpoint
+            plugin.load_state_dict(saved["plugin"])  # mid-task: anchor, controller and positions
         else:
             if previous is not None:
                 plugin.load_state_dict(previous.state_dict())
@@ -176,39 +228,52 @@ class AimMergingCallback(TrainerCallback):
             plugin.defer_steps()  # engine.step() only marks the step; on_optimizer_step runs it (see module doc)
         self.plugin = plugin
 
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._consumed += 1  # a micro-batch inside an accumulation window
+
     def on_optimizer_step(self, args, state, control, **kwargs):
+        self._consumed += 1  # the window's last micro-batch
         if self.plugin is not None and self.plugin.enabled:
             self.plugin.run_deferred_step()
 
     def on_save(self, args, state, control, **kwargs):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        p = self.plugin
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_DIR)
+        p, trainer = self.plugin, self._running
+        # where the Trainer writes this checkpoint: a hyperparameter-search trial's own run folder
+        run_dir = trainer._get_output_dir(trial=getattr(trainer, "_trial", None)) if trainer else args.output_dir
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_DIR)
         os.makedirs(folder, exist_ok=True)
         rank, world = (p.rank, p.world_size) if p.enabled else (args.process_index, args.world_size)
         buf = io.BytesIO()
-        torch.save({"plugin": p.state_dict(), "replay_position": self._replay_position}, buf)
+        torch.save({"plugin": p.state_dict(), "replay_position": self._consumed, "task": self._task}, buf)
         atomic_write_bytes(os.path.join(folder, plugin_file(rank, world)), buf.getvalue())
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.plugin is not None:
             self.plugin.detach()
+        self._bound = None  # bind() holds for one train()
 
     # ------------------------------------------------------------------ internals
     def _find_trainer(self):
-        """The Trainer running this callback, and the checkpoint it resumes from (None for a fresh start)."""
+        """The Trainer running this callback (the call stack's, else the bound one), and the checkpoint folder
+        its frames hold as resume_from_checkpoint (None when none does)."""
         frame = inspect.currentframe()
-        trainer, resume = self._trainer, None
+        trainer = resume = None
         while frame is not None:
             obj = frame.f_locals.get("self")
-            if isinstance(obj, Trainer) and self in obj.callback_handler.callbacks:
-                trainer = trainer or obj
-                if frame.f_code.co_name == "_inner_training_loop":
-                    resume = frame.f_locals.get("resume_from_checkpoint")
-                break
+            if isinstance(obj, Trainer) and self in obj.callback_handler.callbacks and obj is (trainer or obj):
+                trainer = obj
+                # any of its frames: train() and _inner_training_loop hold it, under whatever name the loop has
+                r = frame.f_locals.get("resume_from_checkpoint")
+                resume = resume or (r if isinstance(r, (str, os.PathLike)) else None)
             frame = frame.f_back
         del frame
+        bound, bound_resume = self._bound or (None, None)
+        if trainer is None:
+            trainer = bound
+        if trainer is bound and bound_resume is not None:
+            resume = bound_resume
         if trainer is None:
             raise AimInputError(
                 "AimMergingCallback: no Trainer found calling on_train_begin; call "
@@ -217,13 +282,16 @@ class AimMergingCallback(TrainerCallback):
         return trainer, resume
 
     def _memory_batches(self, trainer) -> list[dict]:
-        """This rank's memory rows, collated by the Trainer's collator into memory_batch_size batches."""
+        """This rank's memory batches, cut like the driver's (seeded global batches, each rank its slice) and
+        collated by the Trainer's collator; the replay collator's inner one, so no replay rows join them."""
         rank, world = trainer.args.process_index, trainer.args.world_size
-        rows = [self._rows[i] for i in range(rank, len(self._rows), world)]
         size = self.memory_batch_size or trainer.args.per_device_train_batch_size
+        collate = trainer.data_collator
+        if isinstance(collate, _ReplayCollator):
+            collate = collate.collator
         batches = []
-        for i in range(0, len(rows), size):
-            b = trainer.data_collator(rows[i : i + size])
+        for rows in memory_batches(list(self._rows), size, rank, world, trainer.args.seed + 7 * self._task):
+            b = collate(rows)
             batches.append({k: v for k, v in b.items() if torch.is_tensor(v)})
         return batches
 
@@ -235,13 +303,19 @@ class AimMergingCallback(TrainerCallback):
         k = self._rows_in_batch()
         if not k:
             return []
-        a = self.trainer_args
-        mine = range(a.process_index, len(self._rows), a.world_size)
-        rows = [self._rows[mine[(self._replay_position + i) % len(mine)]] for i in range(k)]
-        self._replay_position += k
-        return rows
+        from torch.utils.data import get_worker_info
 
-    def _load(self, plugin, checkpoint: str) -> None:
+        if get_worker_info() is not None:
+            raise AimInputError(
+                "AimMergingCallback.replay_collator() runs in a DataLoader worker: set dataloader_num_workers=0 "
+                "(the replay position lives in the main process)."
+            )
+        a = self.trainer_args
+        start = (self._replay_position * a.world_size + a.process_index) * k
+        self._replay_position += 1
+        return [self._rows[i] for i in seeded_stream(len(self._rows), start, k, self._replay_seed)]
+
+    def _read_saved(self, plugin, checkpoint: str) -> dict:
         rank, world = (
             (plugin.rank, plugin.world_size)
             if plugin.enabled
@@ -256,8 +330,8 @@ class AimMergingCallback(TrainerCallback):
             exc_type=AimInputError,
         )
         saved = torch.load(path, map_location="cpu", weights_only=False)
-        plugin.load_state_dict(saved["plugin"])
-        self._replay_position = saved["replay_position"]
+        saved.setdefault("task", saved["plugin"]["task_index"])  # saved before the callback recorded it
+        return saved
 
 
 class _ReplayCollator:

@@ -40,12 +40,6 @@ def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return lg.reshape(-1, lg.shape[-1]), lb
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The summed token loss of a causal-LM batch (-100 ignored), with the model's own shifted cross-entropy."""
-    lg, lb = _shifted(logits, labels)
-    return torch.nn.functional.cross_entropy(lg, lb.reshape(-1), ignore_index=-100, reduction="sum")
-
-
 @torch.no_grad()
 def rows_loss(logits: torch.Tensor, labels: torch.Tensor, rows) -> tuple[float, int]:
     """(summed token loss, label tokens) of some rows of a causal-LM batch, from the forward's own logits.
@@ -53,6 +47,14 @@ def rows_loss(logits: torch.Tensor, labels: torch.Tensor, rows) -> tuple[float, 
     there, as aim_ds.data.collate makes them). For ``AimPlugin.record_probe_loss``."""
     tok, has = _token_losses(logits[rows], labels[rows], "rows_loss")
     return float(tok.sum()), int(has.sum())
+
+
+def split_token_loss(logits: torch.Tensor, labels: torch.Tensor, n_new: int, who: str = "split_token_loss"):
+    """(summed token loss, label tokens) of the first ``n_new`` rows and of the rest, as tensors (no host
+    sync): the pieces from which the plain token-mean loss, the weighted mixed loss and the forgetting
+    signal are all built, so the three count tokens alike."""
+    tok, has = _token_losses(logits, labels, who)
+    return tok[:n_new].sum(), has[:n_new].sum(), tok[n_new:].sum(), has[n_new:].sum()
 
 
 def mixed_loss(
@@ -66,12 +68,10 @@ def mixed_loss(
     ``rows_loss``."""
     if not (0.0 < memory_weight < 1.0):
         raise AimInputError(f"mixed_loss(memory_weight={memory_weight!r}): must be in (0, 1).")
-    tok, has = _token_losses(logits, labels, "mixed_loss")
-    new_n, mem_n = has[:n_new].sum(), has[n_new:].sum()
-    new_sum, mem_sum = tok[:n_new].sum(), tok[n_new:].sum()
+    new_sum, new_n, mem_sum, mem_n = split_token_loss(logits, labels, n_new, "mixed_loss")
     # a side without label tokens contributes 0 (clamp: no 0/0); the counts stay tensors (no host sync) until here
     loss = (1.0 - memory_weight) * new_sum / new_n.clamp(min=1) + memory_weight * mem_sum / mem_n.clamp(min=1)
     return loss, float(mem_sum.detach()), int(mem_n)
 
 
-__all__ = ["batch_tokens", "mixed_loss", "rows_loss", "token_loss_sum"]
+__all__ = ["batch_tokens", "mixed_loss", "rows_loss", "split_token_loss"]

@@ -42,6 +42,16 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=160)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default=None, help="default runs/hf-trainer-<time>")
+    p.add_argument(
+        "--as-driver",
+        nargs="*",
+        default=[],
+        choices=("decay", "loss", "order"),
+        help="take the driver's choice where the Trainer's differs (BENCHMARKS.md measures each): decay = "
+        "weight decay on every parameter (the Trainer skips biases and norms), loss = each rank's own token "
+        "mean (average_tokens_across_devices=False; the Trainer's default normalises by the global batch's "
+        "tokens), order = the driver's data order (a seeded shuffle per task, cut into global batches)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -90,10 +100,24 @@ def main(argv=None):
             logging_steps=50,
             report_to=[],
             seed=args.seed,
-            data_seed=args.seed + t,
+            data_seed=args.seed + t,  # the driver's data seed for task t
+            average_tokens_across_devices="loss" not in args.as_driver,
             use_cpu=not torch.cuda.is_available(),
             disable_tqdm=True,
         )
+
+    class CLTrainer(Trainer):
+        """The Trainer with the differences --as-driver names switched to the driver's."""
+
+        def get_decay_parameter_names(self, model):
+            if "decay" in args.as_driver:
+                return [n for n, _ in model.named_parameters()]
+            return super().get_decay_parameter_names(model)
+
+        def _get_train_sampler(self, train_dataset=None):
+            if "order" in args.as_driver:
+                return DriverOrder(len(train_dataset or self.train_dataset), self.args.data_seed)
+            return super()._get_train_sampler(train_dataset)
 
     first = training_args(0)  # before the model: ZeRO-3 partitions it at construction
     torch.manual_seed(args.seed)
@@ -105,7 +129,7 @@ def main(argv=None):
     for t, task in enumerate(tasks):
         if memory:
             cb.set_memory(memory)  # rows of every earlier task; each rank takes its share
-        trainer = Trainer(
+        trainer = CLTrainer(
             model=model,
             args=first if t == 0 else training_args(t),
             train_dataset=aim_data.CausalLMExamples(task.train, tokenizer, args.max_len),
@@ -138,10 +162,30 @@ def main(argv=None):
             "seconds": time.time() - t0,
             "world": world,
             "ds_config": args.ds_config,
+            "as_driver": args.as_driver,
         }
         atomic_write_text(os.path.join(out, "results.json"), json.dumps(result, indent=1))
         print(f"OP {metrics['OP']:.1f}  BWT {metrics['BWT']:.1f}  merges {merges}  -> {out}", flush=True)
     cb.write_trajectory_csv(os.path.join(out, "trajectory.csv"))
+
+
+class DriverOrder:
+    """The driver's order of a task's examples (aim_ds.driver.batching.rank_batches): a seeded shuffle per
+    epoch; Accelerate deals consecutive per-rank batches to the ranks, so each rank gets the driver's slice."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        from aim_ds.driver.batching import seeded_stream
+
+        return iter(seeded_stream(self.n, self.epoch * self.n, self.n, self.seed))
 
 
 if __name__ == "__main__":

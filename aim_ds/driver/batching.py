@@ -7,6 +7,7 @@ resumed on another number of ranks with the same global batch trains on the same
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -17,14 +18,23 @@ def rank_batches(examples: list, n_steps: int, per_rank: int, rank: int, world: 
     if not examples:
         return [[] for _ in range(n_steps)]
     glob = per_rank * world
-    order: list[int] = []
-    epoch = 0
-    while len(order) < n_steps * glob:
-        idx = list(range(len(examples)))
-        random.Random(seed * 1000003 + epoch).shuffle(idx)
-        order.extend(idx)
-        epoch += 1
-    return [[examples[order[s * glob + rank * per_rank + j]] for j in range(per_rank)] for s in range(n_steps)]
+    return [
+        [examples[i] for i in seeded_stream(len(examples), s * glob + rank * per_rank, per_rank, seed)]
+        for s in range(n_steps)
+    ]
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    idx = list(range(n))
+    random.Random(seed * 1000003 + epoch).shuffle(idx)
+    return tuple(idx)
+
+
+def seeded_stream(n: int, start: int, count: int, seed: int) -> list[int]:
+    """Positions start .. start + count - 1 of the endless stream over n items that takes a fresh seeded
+    shuffle per pass: a pure function of (n, position, seed), so any batch of it can be drawn again (resume)."""
+    return [_epoch_order(n, seed, p // n)[p % n] for p in range(start, start + count)]
 
 
 def memory_batches(mem: list, per_rank: int, rank: int, world: int, seed: int) -> list[list]:
