@@ -66,4 +66,26 @@ def mixed_loss(
     return loss, float(mem_sum.detach()), int(mem_n)
 
 
-__all__ = ["AimInputError", "batch_tokens", "mixed_loss", "rows_loss"]
+def vocab_head(model_or_engine):
+    """The output layer when DeepSpeed AutoTP cut it over the vocabulary (a tied LM head becomes a
+    VocabParallelLinear by default): each tensor-parallel rank's forward then returns its vocabulary slice
+    of the logits. None otherwise."""
+    module = getattr(model_or_engine, "module", model_or_engine)
+    get = getattr(module, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if getattr(head, "is_vocab_parallel_lm_head", False) else None
+
+
+def whole_vocab_logits(model_or_engine, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` over the whole vocabulary: a vocabulary-sliced AutoTP head's slices gathered over its
+    tensor-parallel group (differentiable: each rank's gradient flows back to its own slice); other
+    logits unchanged. Every rank of the group calls it at the same point."""
+    head = vocab_head(model_or_engine)
+    if head is None:
+        return logits
+    from deepspeed.module_inject.layers import GatherFromTensorParallelRegion
+
+    return GatherFromTensorParallelRegion.apply(head.mp_group, logits, tuple(head._partition_sizes))
+
+
+__all__ = ["AimInputError", "batch_tokens", "mixed_loss", "rows_loss", "vocab_head", "whole_vocab_logits"]

@@ -52,15 +52,14 @@ def data_fingerprint(tasks) -> str:
     return h.hexdigest()
 
 
+def tp_size(ds_config: dict) -> int:
+    """AutoTP's tensor-parallel size (1 without a tensor_parallel section)."""
+    return max(1, int((ds_config.get("tensor_parallel") or {}).get("autotp_size") or 1))
+
+
 def check_inputs(cfg: RunConfig):
     """The collective-free checks: (cfg, ds_config, aim_cfg, resume point, tasks). Raises InputError."""
     ds_config = load_ds_config(cfg.deepspeed_config)
-    if int((ds_config.get("tensor_parallel") or {}).get("autotp_size") or 1) > 1:
-        # its batches, evaluation and label-window logits are split over every rank, and AutoTP ranks must share them
-        raise InputError(
-            f"{cfg.deepspeed_config}: tensor_parallel (AutoTP) runs through aim_ds.attach in your own loop "
-            "(docs/performance.md), not yet through this driver; remove the tensor_parallel section to use the driver"
-        )
     aim_cfg = plugin_config(cfg.method, ds_config, cfg.deepspeed_config)
     cfg, resume = resolve_resume_arg(cfg)
     if resume is not None:
@@ -141,6 +140,15 @@ def run(cfg: RunConfig, t0: float) -> int:
     import torch
 
     rank, world = info.rank, info.world_size
+    # AutoTP groups consecutive ranks (DeepSpeed's groups._init_tp_mesh_device): the ranks of one
+    # tensor-parallel group share data-parallel rank rank // tp and are fed the same batches
+    tp = tp_size(ds_config)
+    if world % tp:  # every rank sees the same world size: the same error everywhere, no collective
+        raise InputError(
+            f"{ds_path}: tensor_parallel.autotp_size {tp} needs a number of ranks that is a multiple of {tp} "
+            f"(this launch has {world}); launch {tp} x the data-parallel size ranks, or lower autotp_size"
+        )
+    dp_world = world // tp
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir = cfg.output_dir if cfg.output_dir is not None else default_output_dir(cfg, rank)
@@ -177,12 +185,13 @@ def run(cfg: RunConfig, t0: float) -> int:
     ds_run = json.loads(json.dumps(ds_config))
     ds_run["train_micro_batch_size_per_gpu"] = micro
     ds_run["gradient_accumulation_steps"] = 1
+    # DeepSpeed's batch check counts every rank, tensor-parallel ones too (its config has no mpu under AutoTP)
     ds_run["train_batch_size"] = micro * world
     ds_run.pop("scheduler", None)  # the driver owns the LR schedule
 
     # memory buffer: the same seeded selection for every method
     memories = [aim_data.select_memory(t, cfg.memory_fraction, cfg.seed) for t in tasks]
-    steps_per_task = [max(1, int(math.ceil(cfg.epochs * len(t.train) / (micro * world)))) for t in tasks]
+    steps_per_task = [max(1, int(math.ceil(cfg.epochs * len(t.train) / (micro * dp_world)))) for t in tasks]
 
     # FWT reference key (hyper-parameters shared by every method; not the method itself)
     ref_key_src = json.dumps(
@@ -194,7 +203,7 @@ def run(cfg: RunConfig, t0: float) -> int:
             "tokenizer": cfg.tokenizer,
             "seed": cfg.seed,
             "epochs": cfg.epochs,
-            "global_batch": micro * world,
+            "global_batch": micro * dp_world,
             "world": world,
             "lr": cfg.lr,
             "warmup": cfg.warmup,
@@ -212,7 +221,7 @@ def run(cfg: RunConfig, t0: float) -> int:
     # to another number of ranks keeps it (the aim_merging section is checked apart)
     from aim_ds.checkpoint import fingerprint
 
-    glob = global_batches(micro, mem_bs, replay_rows, world)
+    glob = global_batches(micro, mem_bs, replay_rows, dp_world)
     per_rank = ("train_micro_batch_size_per_gpu", "train_batch_size", "aim_merging")
     task_fp = fingerprint(
         {
@@ -226,7 +235,7 @@ def run(cfg: RunConfig, t0: float) -> int:
     )
     mem_sha = fingerprint([[e.id for e in m] for m in memories])
     if resume is not None:
-        check_resume_manifest(resume, world, task_fp, mem_sha, glob)
+        check_resume_manifest(resume, world, task_fp, mem_sha, glob, tp)
 
     from .trainer import RunState
 
@@ -240,13 +249,14 @@ def run(cfg: RunConfig, t0: float) -> int:
                 announce(resume)
             print(
                 f"[aim_ds] method={cfg.method} benchmark={cfg.benchmark} tasks={[t.name for t in tasks]} "
-                f"world={world} micro_batch={micro} steps/task={steps_per_task} out={out_dir}",
+                f"world={world}{f' (tensor parallel {tp})' if tp > 1 else ''} micro_batch={micro} steps/task={steps_per_task} out={out_dir}",
                 flush=True,
             )
         state = RunState(
             cfg=cfg,
             rank=rank,
             world=world,
+            tp=tp,
             tasks=tasks,
             memories=memories,
             tokenizer=tokenizer,
