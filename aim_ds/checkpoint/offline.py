@@ -16,6 +16,7 @@ import time
 import torch
 
 from ..fileio import check_output_dir, fsync_dir
+from . import tp
 from .format import (
     HF_SUBDIR,
     MANIFEST,
@@ -74,6 +75,8 @@ def _load_plugin_states(tag_dir: str, m: dict) -> list[dict]:
 def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a checkpoint (DeepSpeed's zero_to_fp32 consolidation; universal: zero/*/fp32.pt)."""
     tag, m = _open_offline(ckpt_dir, tag)
+    if m["layout"].get("tp_size", 1) > 1:
+        return tp.model(os.path.join(ckpt_dir, tag), m)
     if m["universal"]:
         out = {}
         for g in m["layout"]["sub_groups"]:
@@ -106,6 +109,8 @@ def anchor_state_dict(ckpt_dir: str, tag: str | None = None, key: str = "anchor"
             "no anchor yet; use --what model."
         )
     states = _load_plugin_states(tag_dir, m)
+    if m["layout"].get("tp_size", 1) > 1:
+        return tp.anchor(states, m, key, os.path.join(tag_dir, MANIFEST))
     full = gather([get_path(s, (key,)) for s in states], m["layout"])
     shapes = {n: s for g in m["layout"]["sub_groups"] for n, s, _, _ in g["params"]}
     return {n: t.reshape(shapes[n]) for n, t in full.items()}

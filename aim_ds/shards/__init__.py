@@ -99,6 +99,26 @@ def logical_shape(p) -> list[int]:
     return list(getattr(p, "ds_shape", p.shape))
 
 
+def tp_slice(p) -> list | None:
+    """How AutoTP cut a parameter over the tensor-parallel ranks, for reassembly offline: [dim, sizes per
+    tensor-parallel rank], None when every rank holds it whole, or [None, None, reason] when it is not one
+    plain cut (fused q/k/v or gate/up packs are cut per sub-parameter: aim-ds convert refuses those)."""
+    if not _is_tp_param(p):
+        return None
+    meta = getattr(p, "ds_autotp_universal_checkpoint_meta", None)
+    conv = (meta or {}).get("conversion") or {}
+    sizes = (meta or {}).get("partition_sizes")
+    dim = conv.get("partition_dim", (meta or {}).get("partition_dim"))
+    reason = conv.get("unsupported_reason")
+    if conv.get("replicated"):
+        return None
+    if reason is None and (conv.get("sub_param_shape") is not None or conv.get("sub_param_shard_widths") is not None):
+        reason = "fused sub-parameters, each cut separately"
+    if reason is None and (dim is None or sizes is None):
+        reason = "AutoTP recorded no partition dimension and sizes"
+    return [None, None, str(reason)] if reason else [int(dim), [int(x) for x in sizes]]
+
+
 def _is_tp_param(p) -> bool:
     from deepspeed.runtime.utils import is_model_parallel_parameter
 
@@ -205,6 +225,7 @@ class ZeroShards:
             "kind": self.layout_kind,
             "world_size": self.world_size,
             "tp_size": self.tp_size,
+            **({"tp_slices": {names[p]: tp_slice(p) for x in self._params_at for p, *_ in x[0]}} if tp else {}),
             "sub_group_size": None,
             "family": self.family,
             "sub_groups": [
