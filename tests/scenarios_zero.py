@@ -24,6 +24,9 @@ FUSION_CASES = {
     "stage2_bf16": {"stage": 2, "dtype": "bf16"},
     "stage2_bf16_offload": {"stage": 2, "dtype": "bf16", "offload": True},
     "stage1_fp32_offload": {"stage": 1, "offload": True},
+    "stage0_fp16": {"stage": 0, "dtype": "fp16"},  # fp16 with dynamic loss scaling
+    "stage1_fp16": {"stage": 1, "dtype": "fp16"},
+    "stage2_fp16": {"stage": 2, "dtype": "fp16"},
 }
 
 
@@ -256,6 +259,11 @@ def _equal(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def checkpoint_cases(work: str, cases: list):
+    """checkpoint_resume for each [stage, dtype], each in its own folder (one launch)."""
+    return {f"stage{st}_{dt}": checkpoint_resume(os.path.join(work, f"{st}-{dt}"), st, dt) for st, dt in cases}
 
 
 def checkpoint_resume(work: str, stage: int = 2, dtype: str = "bf16"):

@@ -75,7 +75,7 @@ def _load_plugin_states(tag_dir: str, m: dict) -> list[dict]:
 def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a checkpoint (DeepSpeed's zero_to_fp32 consolidation; universal: zero/*/fp32.pt)."""
     tag, m = _open_offline(ckpt_dir, tag)
-    if m["layout"].get("tp_size", 1) > 1:
+    if m["layout"].get("tp_size", 1) > 1 or m["layout"].get("kind") == "replicated":
         return tp.model(os.path.join(ckpt_dir, tag), m)
     if m["universal"]:
         out = {}

@@ -19,6 +19,8 @@ from .format import MANIFEST, CheckpointError
 
 
 def _slices(layout: dict, where: str) -> dict:
+    if layout.get("tp_size", 1) == 1:
+        return {}
     out = layout.get("tp_slices")
     if out is None:
         raise CheckpointError(
@@ -54,7 +56,7 @@ def _split_flat(flats: list[torch.Tensor], layout: dict, cuts: dict, t: int) -> 
                     f"tensor-parallel rank {t}: group {g['param_group']} holds {flat.numel()} elements, fewer than "
                     f"its parameters' slices need ({name} ends at {off + n}); the layout does not match the files"
                 )
-            out[name] = flat[off : off + n].reshape(local).clone()
+            out[name] = flat[off : off + n].detach().reshape(local).clone()
             off += n
     return out
 
@@ -100,9 +102,24 @@ def anchor(states: list[dict], m: dict, key: str, where: str) -> dict[str, torch
     return join(per_tp, layout, cuts)
 
 
+def _stage0_weights(tag_dir: str, layout: dict, t: int) -> dict[str, torch.Tensor]:
+    """Stage 0, tensor-parallel rank t: the unfused bf16/fp16 optimizer's fp32 copies (saved with its state, in
+    the order of its groups: the layout's), else (fp32 training) the module's own weights, which are the masters."""
+    sd = torch.load(os.path.join(tag_dir, f"mp_rank_{t:02d}_model_states.pt"), map_location="cpu", weights_only=False)
+    fp32 = (sd.get("optimizer") or {}).get("fp32_groups")
+    if fp32 is None:
+        return {k: v.detach().float().clone() for k, v in sd["module"].items()}
+    masters = [x for grp in fp32 for x in grp]
+    names = [p[0] for g in layout["sub_groups"] for p in g["params"]]
+    if len(masters) != len(names):
+        raise CheckpointError(f"{tag_dir}: {len(masters)} fp32 copies saved for the layout's {len(names)} parameters")
+    return {n: x.detach().float().clone() for n, x in zip(names, masters)}
+
+
 def model(tag_dir: str, m: dict) -> dict[str, torch.Tensor]:
     """The whole fp32 weights: stages 1-2 from the fp32 partitions in DeepSpeed's optimizer files of each
-    (data, tensor)-parallel rank; stage 0 from each tensor-parallel rank's module weights."""
+    (data, tensor)-parallel rank; stage 0 from each tensor-parallel rank's fp32 copies or fp32 weights.
+    Also serves stage 0 without tensor parallelism (DeepSpeed's zero_to_fp32 reads stages 1-3 only)."""
     layout = m["layout"]
     where = os.path.join(tag_dir, MANIFEST)
     cuts, tp = _slices(layout, where), layout["tp_size"]
@@ -110,10 +127,7 @@ def model(tag_dir: str, m: dict) -> dict[str, torch.Tensor]:
     per_tp = []
     for t in range(tp):
         if layout["kind"] == "replicated":
-            sd = torch.load(
-                os.path.join(tag_dir, f"mp_rank_{t:02d}_model_states.pt"), map_location="cpu", weights_only=False
-            )
-            per_tp.append({k: v.float() for k, v in sd["module"].items()})
+            per_tp.append(_stage0_weights(tag_dir, layout, t))
             continue
         parts = []
         for d in range(dp):

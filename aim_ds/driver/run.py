@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import socket
 import sys
 import time
 from typing import NamedTuple
@@ -242,6 +243,7 @@ def run(cfg: RunConfig, t0: float) -> int:
     lock = OutputLock(out_dir)
     try:
         take_lock(lock, rank)
+        check_shared_output(lock, rank, world)
         if rank == 0:
             if resume is None:  # a resumed run creates nothing before its checkpoint has loaded
                 os.makedirs(out_dir, exist_ok=True)
@@ -289,6 +291,31 @@ def take_lock(lock: OutputLock, rank: int) -> None:
             lock.acquire()
         except (LockError, OSError) as e:
             err = str(e)
+    agree(err, exc_type=InputError)
+
+
+def check_shared_output(lock: OutputLock, rank: int, world: int) -> None:
+    """Every rank must see the output folder rank 0 locked (one shared file system: checkpoints are written by
+    every rank and committed by rank 0). A rank on another node that sees its own node-local folder instead
+    reads no lock there, or another one: every rank raises the same InputError before anything is written
+    (collective)."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    from aim_ds.statistics import agree
+
+    from .lock import read_holder
+
+    holder = [read_holder(lock.path) if rank == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    err = None
+    if read_holder(lock.path) != holder[0]:
+        err = (
+            f"--output-dir {lock.out_dir}: this rank ({socket.gethostname()}) does not see the lock file rank 0 "
+            "wrote there; every rank must see the same output folder (a file system shared by all nodes). "
+            "Node-local output folders are not supported: give an --output-dir on shared storage"
+        )
     agree(err, exc_type=InputError)
 
 
