@@ -78,11 +78,33 @@ def node(tmp: Path, node_rank: int, port: int, out: Path, *extra, audit: bool = 
     return p
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (/proc children lists): torchrun's workers run in their own process group."""
+    out, todo = [], [pid]
+    while todo:
+        cur = todo.pop()
+        for task in Path(f"/proc/{cur}/task").glob("*"):
+            try:
+                kids = [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
 def kill(p) -> None:
+    """SIGKILL the node: its agent's process group and every process below the agent."""
+    procs = descendants(p.pid)
     try:
         os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in procs:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     p.wait(timeout=30)
 
 

@@ -82,7 +82,7 @@ def test_stage2_checkpoint_resume_bit_exact_and_convert(tmp_path):
 def test_checkpoint_resume_bit_exact_stage0_and_fp16(tmp_path):
     """Stage 0 (fp32: the parameters are the masters; bf16: the unfused optimizer's fp32 copies) and fp16 with
     dynamic loss scaling: save after a merge, resume bit-exact across the next merge, convert exactly."""
-    cases = [[0, "fp32"], [0, "bf16"], [1, "fp16"], [3, "fp16"]]
+    cases = [[0, "fp32"], [0, "bf16"], [1, "fp16"]]
     res = run_ranks("tests.scenarios_zero:checkpoint_cases", 2, tmp_path, TIMEOUT, work=str(tmp_path), cases=cases)
     for stage, dtype in cases:
         name = f"stage{stage}_{dtype}"
