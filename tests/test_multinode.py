@@ -220,3 +220,29 @@ def test_node_local_output_folders_are_refused(tmp_path):
         assert code != 0, log[-3000:]
         assert "does not see the lock file rank 0 wrote there" in log and "Node-local" in log, log[-3000:]
     assert not a.exists() and not b.exists()
+
+
+def _mpirun() -> bool:
+    import shutil
+
+    return (BIN / "mpirun").exists() or shutil.which("mpirun") is not None
+
+
+@pytest.mark.skipif(not _mpirun(), reason="no mpirun (pip install mpich into the venv)")
+def test_deepspeed_launcher_hostfile_two_hosts_without_ssh(tmp_path):
+    """DeepSpeed's launcher with a two-host hostfile (localhost and 127.0.0.1, one slot each) and its mpich
+    launcher: MPICH's hydra starts one rank per "host" without ssh (both names are this machine)."""
+    (tmp_path / "hostfile").write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out = tmp_path / "out"
+    cmd = [str(BIN / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"), "--force_multi", "--no_ssh_check"]
+    cmd += ["--launcher", "mpich", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN]
+    cmd += ["--method", "seqft", "--max-train", "8", "--max-eval", "4", "--batch-size", "2", "--no-progress"]
+    e = env(tmp_path)
+    e["PATH"] = str(BIN) + os.pathsep + e.get("PATH", "")  # the venv's mpirun
+    p = subprocess.run(
+        cmd + ["--output-dir", str(out)], cwd=str(tmp_path), env=e, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "-ppn 1" in p.stdout + p.stderr and "-hosts localhost,127.0.0.1" in p.stdout + p.stderr
+    r = json.loads((out / "results.json").read_text())
+    assert r["world_size"] == 2 and len(r["matrix"]) == 4
