@@ -143,3 +143,14 @@ def test_tp_resume_same_size_and_refuse_another(runs):
 def test_tp2_dp2_matches_tp1_dp2(tmp_path):
     """4 ranks: two tensor-parallel pairs, data split over the pairs; equals TP=1 on 2 ranks (same global batch)."""
     assert_same_run(driver(tmp_path, "tp2dp2", 4, 2), driver(tmp_path, "dp2", 2, 1), tp=2, dp=2)
+
+
+def test_vocab_sliced_head_gathered_for_scores_and_generation(tmp_path):
+    """A tied LM head under AutoTP TP=2 is cut over the vocabulary: the gathered logits equal the unsliced
+    model's, and greedy generation through aim_ds.evaluation produces the same tokens."""
+    from tests.mp import run_ranks
+
+    for r in run_ranks("tests.scenarios_zero:tp_vocab_head", 2, tmp_path, TIMEOUT):
+        assert r["sliced_width"] < r["vocab"] and r["gathered_width"] == r["vocab"], r
+        assert r["logits_max_diff"] < 1e-4, r
+        assert r["generated"] == r["reference"] and len(r["generated"]) == 3, r
