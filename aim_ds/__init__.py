@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .config import AimConfig, ConfigError  # noqa: E402
+from .errors import AimInputError  # noqa: E402
 
 
 def attach(engine, memory=None, config=None):
@@ -27,4 +28,4 @@ def mixed_loss(logits, labels, n_new, memory_weight):
     return _mixed_loss(logits, labels, n_new, memory_weight)
 
 
-__all__ = ["attach", "rows_loss", "mixed_loss", "AimConfig", "ConfigError", "__version__"]
+__all__ = ["attach", "rows_loss", "mixed_loss", "AimConfig", "AimInputError", "ConfigError", "__version__"]

@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "estimate-memory": "aim_ds.estimate",
     "convert": "aim_ds.checkpoint:ConvertCommand",  # "module:attr": an object with HELP/add_arguments/run
     "reshard": "aim_ds.checkpoint:ReshardCommand",
-    "replay": "aim_ds.replay",
+    "replay": "aim_ds.controller_replay",
 }
 
 

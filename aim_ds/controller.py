@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass
 
 from .config import AimConfig
-from .policies import make_interval_rule, make_weight_policy, rehearsal_steps
+from .policies import make_interval_rule, make_weight_policy, rehearsal_steps, uses_signal
 
 STATE_VERSION = 1
 
@@ -52,7 +52,9 @@ class StepDecision:
 
 
 @dataclass(frozen=True)
-class MergePlan:
+class ControllerPlan:
+    """The controller's decision at a merge (rank 0); aim_ds.merge.MergePlan is what every rank then does."""
+
     step: int
     interval: int  # the new S
     rehearsal_steps: int  # R, from the S in force when the merge fired (before the update)
@@ -64,13 +66,13 @@ class MergePlan:
 
 def probe_due(cfg: AimConfig, active: bool, step: int) -> bool:
     """The probe schedule: is the forgetting signal measured after training step `step` (1-based) of a
-    task? Never on an inactive task or with the "fixed" rule (it does not use the signal); every step
-    with probe_source "training_batch" (the loss is already computed); else every probe_interval-th.
+    task? Never on an inactive task or with a rule that does not use the signal ("fixed"); else every
+    probe_interval-th step (always 1 with probe_source "training_batch": the loss is already computed).
     A pure function of the config and the step, so every rank evaluates it alike (the probe is a
     collective) while the controller itself lives on rank 0."""
-    if not active or cfg.interval_rule == "fixed":
+    if not active or not uses_signal(cfg):
         return False
-    return cfg.probe_source == "training_batch" or step % cfg.probe_interval == 0
+    return step % cfg.probe_interval == 0
 
 
 def threshold_window(interval: int) -> int:
@@ -125,7 +127,7 @@ class MergeController:
         j, m, s = self._step, self._last_merge, self._interval
         if not self._active:
             return StepDecision(j, False, None, None, 0, s, False)
-        if self.cfg.interval_rule == "fixed":
+        if not self._rule.uses_signal:
             return StepDecision(j, j >= m + s, None, None, 0, s, False)
 
         h = None if probe_loss is None else float(probe_loss)
@@ -161,7 +163,7 @@ class MergeController:
             raise ValueError(f"abs_change_sum must be finite and >= 0, got {abs_change_sum!r}")
         return total / numel / self._interval
 
-    def on_merge(self, abs_change_sum: float, numel: int) -> MergePlan:
+    def on_merge(self, abs_change_sum: float, numel: int) -> ControllerPlan:
         """Record a merge at the current step; returns the plan (new S, R, weights, Lambda)."""
         self._require_task()
         lam = self._signal(abs_change_sum, numel)
@@ -170,14 +172,14 @@ class MergeController:
         self._signals = (self._signals + [lam])[-self._keep :]
         new = int(self._rule.next_interval(old, self._signals, self._merges))
         w_in, w_out = self._weights.weights(self._activations, old)
-        plan = MergePlan(
+        plan = ControllerPlan(
             self._step, new, rehearsal_steps(self.cfg, old), float(w_in), float(w_out), lam, self._weights.name
         )
         self._interval = new
         self._after_merge(lam)
         return plan
 
-    def plan_inactive(self, abs_change_sum: float, numel: int) -> MergePlan:
+    def plan_inactive(self, abs_change_sum: float, numel: int) -> ControllerPlan:
         """An explicit merge while the controller is inactive (e.g. task 0): the interval is not
         updated and the learning-signal history is untouched; weights from the policy."""
         self._require_task()
@@ -186,7 +188,7 @@ class MergeController:
         w_in, w_out = self._weights.weights(self._activations, s)
         self._merges += 1
         self._after_merge(lam)
-        return MergePlan(
+        return ControllerPlan(
             self._step, s, rehearsal_steps(self.cfg, s), float(w_in), float(w_out), lam, self._weights.name
         )
 
@@ -282,4 +284,4 @@ class MergeController:
         return tuple(self._signals)
 
 
-__all__ = ["MergeController", "StepDecision", "MergePlan", "probe_due", "threshold_window"]
+__all__ = ["MergeController", "StepDecision", "ControllerPlan", "probe_due", "threshold_window"]

@@ -15,9 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .data.core import Task
 from .data.dataset import encode_prompt, encode_target
-from .losses import vocab_head, whole_vocab_logits
+from .data.tasks import Task
+from .shards.tp import vocab_head, whole_vocab_logits
 
 
 def _normalise(s: str) -> str:

@@ -29,9 +29,11 @@ from transformers import Trainer, TrainerCallback, default_data_collator
 
 from . import mixed_loss, rows_loss
 from .checkpoint import plugin_file
+from .collectives import agree
+from .errors import AimInputError
 from .fileio import atomic_write_bytes
-from .plugin import AimInputError, AimPlugin
-from .statistics import agree
+from .losses import token_loss_sum
+from .plugin import AimPlugin
 
 STATE_DIR = "aim_merging"  # inside the Trainer's checkpoint-N/: one file per rank
 
@@ -125,14 +127,11 @@ class AimMergingCallback(TrainerCallback):
             loss, mem_sum, mem_n = mixed_loss(logits, labels, n_new, self.memory_weight)
             loss = loss * tokens  # a token-weighted share of the window, like the plain loss below
         else:
-            lg, lb = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
-            loss = torch.nn.functional.cross_entropy(
-                lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100, reduction="sum"
-            )
+            loss = token_loss_sum(logits, labels)
             mem_sum, mem_n = rows_loss(logits, labels, slice(n_new, None)) if k else (0.0, 0)
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(tokens, 1))
         p = self.plugin
-        if torch.is_grad_enabled() and p is not None and p.enabled and p.config.probe_source == "training_batch":
+        if torch.is_grad_enabled() and p is not None and p.records_probe_loss:
             p.record_probe_loss(mem_sum, mem_n)  # training forwards only (evaluation runs without grad)
         return loss
 

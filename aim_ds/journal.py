@@ -19,6 +19,7 @@ import copy
 import torch
 
 from . import fusion
+from .shards import loss_scaler_snapshot, restore_loss_scaler
 
 
 class MergeAborted(RuntimeError):
@@ -86,8 +87,7 @@ class MergeJournal:
                 else {k: (_host_copy(v) if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in st.items()}
             )
         self.counters = {n: getattr(engine, n) for n in ENGINE_COUNTERS if hasattr(engine, n)}
-        scaler = getattr(shards.optimizer, "loss_scaler", None)
-        self.scaler = (scaler, copy.deepcopy(vars(scaler))) if scaler is not None else None
+        self.scaler = loss_scaler_snapshot(shards.optimizer)
 
     @property
     def host_bytes(self) -> int:
@@ -114,8 +114,7 @@ class MergeJournal:
                     cur[key] = v.to(g.master.device) if torch.is_tensor(v) and v.dim() else v
         for n, v in self.counters.items():
             setattr(self.engine, n, v)
-        if self.scaler is not None:
-            vars(self.scaler[0]).update(copy.deepcopy(self.scaler[1]))
+        restore_loss_scaler(self.scaler)
 
 
 __all__ = ["ENGINE_COUNTERS", "MergeAborted", "MergeJournal", "fatal_error", "local_error"]

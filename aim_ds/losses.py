@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-class AimInputError(ValueError):
-    """Bad input to the plugin (memory, arguments); raised on every rank before any collective hangs."""
+from .errors import AimInputError
 
 
 def batch_tokens(batch: dict) -> int:
@@ -31,11 +29,21 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor, who: str) -> tuple
             f"{who}: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line up; "
             "pass the labels at the positions whose logits the model returned."
         )
-    lg, lb = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
-    tok = torch.nn.functional.cross_entropy(
-        lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(lb.shape)
+    lg, lb = _shifted(logits, labels)
+    tok = torch.nn.functional.cross_entropy(lg, lb.reshape(-1), ignore_index=-100, reduction="none").view(lb.shape)
     return tok, lb != -100
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position t predicts label t + 1: the logits as [B * (W-1), vocab] in fp32 and the labels [B, W-1]."""
+    lg, lb = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    return lg.reshape(-1, lg.shape[-1]), lb
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed token loss of a causal-LM batch (-100 ignored), with the model's own shifted cross-entropy."""
+    lg, lb = _shifted(logits, labels)
+    return torch.nn.functional.cross_entropy(lg, lb.reshape(-1), ignore_index=-100, reduction="sum")
 
 
 @torch.no_grad()
@@ -66,26 +74,4 @@ def mixed_loss(
     return loss, float(mem_sum.detach()), int(mem_n)
 
 
-def vocab_head(model_or_engine):
-    """The output layer when DeepSpeed AutoTP cut it over the vocabulary (a tied LM head becomes a
-    VocabParallelLinear by default): each tensor-parallel rank's forward then returns its vocabulary slice
-    of the logits. None otherwise."""
-    module = getattr(model_or_engine, "module", model_or_engine)
-    get = getattr(module, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head if getattr(head, "is_vocab_parallel_lm_head", False) else None
-
-
-def whole_vocab_logits(model_or_engine, logits: torch.Tensor) -> torch.Tensor:
-    """``logits`` over the whole vocabulary: a vocabulary-sliced AutoTP head's slices gathered over its
-    tensor-parallel group (differentiable: each rank's gradient flows back to its own slice); other
-    logits unchanged. Every rank of the group calls it at the same point."""
-    head = vocab_head(model_or_engine)
-    if head is None:
-        return logits
-    from deepspeed.module_inject.layers import GatherFromTensorParallelRegion
-
-    return GatherFromTensorParallelRegion.apply(head.mp_group, logits, tuple(head._partition_sizes))
-
-
-__all__ = ["AimInputError", "batch_tokens", "mixed_loss", "rows_loss", "vocab_head", "whole_vocab_logits"]
+__all__ = ["batch_tokens", "mixed_loss", "rows_loss", "token_loss_sum"]

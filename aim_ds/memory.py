@@ -7,7 +7,7 @@ import itertools
 
 import torch
 
-from .losses import AimInputError
+from .errors import AimInputError
 
 
 class _Cursor:

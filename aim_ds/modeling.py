@@ -74,8 +74,10 @@ def describe_model_arg(model: str | None) -> tuple[str, str | None]:
     raise ModelError(f"--model {model}: no such file or folder (give a model config JSON or a local HF model folder)")
 
 
-def model_fingerprint(model: str | None) -> str:
-    """A string that identifies the model source (for the FWT reference cache key)."""
+def model_source_key(model: str | None) -> str:
+    """A string that identifies where the model comes from (config text or folder listing), for the FWT
+    reference cache key and the driver's task fingerprint. (A checkpoint's model identity, from the built
+    engine's parameter shapes, is aim_ds.checkpoint.model_fingerprint.)"""
     kind, path = describe_model_arg(model)
     if kind == "config":
         text = Path(path).read_text() if path else json.dumps(_EMBEDDED_TINY, sort_keys=True)
@@ -154,7 +156,7 @@ def load_tokenizer(tokenizer_dir: str | None, model: str | None, tasks, cache_di
     else:
         from aim_ds.data import get_tokenizer
 
-        from .statistics import agree
+        from .collectives import agree
 
         os.makedirs(cache_dir, exist_ok=True)
         err = None

@@ -38,6 +38,7 @@ class PaperRule:
     gamma_down: float = 2.0
 
     name = "paper"
+    uses_signal = True  # reads the forgetting signal: the steps it runs on are probed
 
     @property
     def history_needed(self) -> int:
@@ -80,6 +81,7 @@ class ReferenceRule:
     cold_start: int = 3
 
     name = "reference"
+    uses_signal = True
 
     @property
     def history_needed(self) -> int:
@@ -109,19 +111,30 @@ class FixedRule:
 
     name = "fixed"
     history_needed = 1
+    uses_signal = False  # merges on the clock alone: nothing is probed
 
     def next_interval(self, interval: int, signals: Sequence[float], merge_index: int) -> int:
         return interval
 
 
+# interval_rule name -> (rule class, its arguments from the config); a new rule is one class and one entry
+RULES = {
+    "paper": (PaperRule, lambda c: (c.min_interval, c.max_interval, c.window, c.gamma_up, c.gamma_down)),
+    "reference": (ReferenceRule, lambda c: (c.min_interval, c.max_interval, c.cold_start)),
+    "fixed": (FixedRule, lambda c: ()),
+}
+
+
 def make_interval_rule(cfg: AimConfig):
-    if cfg.interval_rule == "paper":
-        return PaperRule(cfg.min_interval, cfg.max_interval, cfg.window, cfg.gamma_up, cfg.gamma_down)
-    if cfg.interval_rule == "reference":
-        return ReferenceRule(cfg.min_interval, cfg.max_interval, cfg.cold_start)
-    if cfg.interval_rule == "fixed":
-        return FixedRule()
-    raise ValueError(f"unknown interval_rule {cfg.interval_rule!r}")
+    if cfg.interval_rule not in RULES:
+        raise ValueError(f"unknown interval_rule {cfg.interval_rule!r}")
+    cls, args = RULES[cfg.interval_rule]
+    return cls(*args(cfg))
+
+
+def uses_signal(cfg: AimConfig) -> bool:
+    """Does the config's interval rule read the forgetting signal (so its steps are probed)?"""
+    return RULES[cfg.interval_rule][0].uses_signal
 
 
 # ---------------------------------------------------------------------- weight policies
@@ -136,6 +149,7 @@ def signals_weights(activations: int, interval: int) -> tuple[float, float]:
 @dataclass(frozen=True)
 class SignalsWeights:
     name = "signals"
+    fusion = "scalar"  # the aim_ds.fusers entry that applies the weights
 
     def weights(self, activations: int, interval: int) -> tuple[float, float]:
         return signals_weights(activations, interval)
@@ -146,6 +160,7 @@ class FixedWeights:
     w_in: float = 0.5
     w_out: float = 0.5
     name = "fixed"
+    fusion = "scalar"
 
     def weights(self, activations: int, interval: int) -> tuple[float, float]:
         return (self.w_in, self.w_out)
@@ -157,6 +172,7 @@ class ImportanceWeights:
     returned here is the one used where both masks are 0 (the released code's (0.5, 0.5))."""
 
     name = "importance"
+    fusion = "importance"  # element-wise weights from importance masks
     default = (0.5, 0.5)
     both = (0.4, 0.6)  # where both masks are 1
 
@@ -164,14 +180,19 @@ class ImportanceWeights:
         return self.default
 
 
+# weight_policy name -> (policy class, its arguments from the config)
+WEIGHTS = {
+    "signals": (SignalsWeights, lambda c: ()),
+    "fixed": (FixedWeights, lambda c: (c.w_in, c.w_out)),
+    "importance": (ImportanceWeights, lambda c: ()),
+}
+
+
 def make_weight_policy(cfg: AimConfig):
-    if cfg.weight_policy == "signals":
-        return SignalsWeights()
-    if cfg.weight_policy == "fixed":
-        return FixedWeights(cfg.w_in, cfg.w_out)
-    if cfg.weight_policy == "importance":
-        return ImportanceWeights()
-    raise ValueError(f"unknown weight_policy {cfg.weight_policy!r}")
+    if cfg.weight_policy not in WEIGHTS:
+        raise ValueError(f"unknown weight_policy {cfg.weight_policy!r}")
+    cls, args = WEIGHTS[cfg.weight_policy]
+    return cls(*args(cfg))
 
 
 def rehearsal_steps(cfg: AimConfig, interval: int) -> int:
@@ -187,7 +208,10 @@ __all__ = [
     "PaperRule",
     "ReferenceRule",
     "FixedRule",
+    "RULES",
+    "WEIGHTS",
     "make_interval_rule",
+    "uses_signal",
     "signals_weights",
     "SignalsWeights",
     "FixedWeights",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from .shards import accumulation_boundary
+
 
 def rehearse(
     engine,
@@ -28,7 +30,7 @@ def rehearse(
     engine.lr_scheduler = None
     # Accelerate (HF Trainer) sets the accumulation boundary by hand and DeepSpeed keeps it until set again:
     # left as it is, every rehearsal micro-batch would be an optimizer step
-    boundary = getattr(engine, "_is_gradient_accumulation_boundary", None)
+    boundary = accumulation_boundary(engine)
     gas = engine.gradient_accumulation_steps()
     try:
         for i in range(steps + 1):

@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import PAIRED_NOTE, ROOT, driver_env, fmt, paired, paired_cell, seeds_text, work_tokens  # noqa: F401
+
 METHODS = ["single", "seqft", "replay", "fixed_merge", "aim", "aim_alone", "multitask"]
 # table rows that are a driver method with other options: the paper's AimMerging alone (no memory rows in the
 # training batches; its own best-measured config: a probe forward, R = S, forced activation at m + S)
@@ -74,6 +75,13 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help="O-LoRA data folder (standard: ../shared/data/longsequence)")
     p.add_argument("--model", default=None, help="model config JSON (standard: configs/llama_2x256.json)")
     p.add_argument("--deepspeed-config", default=None, help="ds_config (default: the driver's)")
+    p.add_argument(
+        "--aim",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key of the ds_config's aim_merging section (repeatable; the driver's --aim)",
+    )
     p.add_argument("--epochs", type=float, default=None, help="epochs per task")
     p.add_argument("--max-train", type=int, default=None, help="training examples per task")
     p.add_argument("--max-eval", type=int, default=None, help="evaluation examples per task")
@@ -118,6 +126,8 @@ def driver_args(a) -> list[str]:
     ]:
         if val is not None:
             out += [opt, str(val)]
+    for pair in a.aim:
+        out += ["--aim", pair]
     return out + shlex.split(a.extra)
 
 
@@ -160,16 +170,6 @@ def build_jobs(a):
             jobs.append((f"{m}-s{seed}", cmd, out, dep))
     # singles of all seeds first so the pool starts on references; others keep seed order
     return sorted(jobs, key=lambda j: 0 if j[0].startswith("single-") else 1)
-
-
-def driver_env() -> dict:
-    """Environment for one single-process driver run side by side with another (also used by perf.py):
-    one thread each, offline, the project's prebuilt ops, no inherited rank variables."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def run_all(a) -> dict[str, float]:
@@ -219,26 +219,6 @@ def run_all(a) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------- tables
-
-
-def _fmt(vals, digits=1):
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "—"
-    m = statistics.fmean(vals)
-    if len(vals) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
-
-
-def _seeds(vals, digits=1):
-    return " / ".join("—" if v is None else f"{v:.{digits}f}" for v in vals)
-
-
-def work_tokens(work: dict) -> tuple[int, int]:
-    """A run's tokens on rank 0 (results.json "work"): through forward + backward (training batches and
-    rehearsal), and through forward only (the plugin's probe forwards): the compute a GPU pays."""
-    return work.get("train_tokens", 0) + work.get("rehearsal_tokens", 0), work.get("probe_tokens", 0)
 
 
 def _tokens(results) -> str:
@@ -307,20 +287,20 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
         ops = [r.get("OP") if r else None for r in rs]
         bwt = [r.get("BWT") if r else None for r in rs]
         fwt = [r.get("FWT") if r else None for r in rs]
-        merges = _seeds([r.get("merges") if r else None for r in rs], 0) if m in MERGING else "—"
-        eng = _seeds([r.get("steps", {}).get("engine") if r else None for r in rs], 0)
-        wall = _fmt([r.get("wall_time_s") for r in got], 0)
-        rows = _seeds(sorted({r.get("config", {}).get("replay_rows", 0) for r in got}), 0)
+        merges = seeds_text([r.get("merges") if r else None for r in rs], 0) if m in MERGING else "—"
+        eng = seeds_text([r.get("steps", {}).get("engine") if r else None for r in rs], 0)
+        wall = fmt([r.get("wall_time_s") for r in got], 0)
+        rows = seeds_text(sorted({r.get("config", {}).get("replay_rows", 0) for r in got}), 0)
         tok = _tokens(got)
         if m == "single":
             L.append(
-                f"| single (diagonal, reference) | {len(got)} | {_fmt(ops)} | — | — | {_seeds(ops)} | — | — | "
+                f"| single (diagonal, reference) | {len(got)} | {fmt(ops)} | — | — | {seeds_text(ops)} | — | — | "
                 f"{eng} | {rows} | {tok} | {wall} |"
             )
             continue
         L.append(
-            f"| {m} | {len(got)} | {_fmt(ops)} | {_fmt(bwt)} | {_fmt(fwt)} | {_seeds(ops)} | "
-            f"{_seeds(bwt)} | {merges} | {eng} | {rows} | {tok} | {wall} |"
+            f"| {m} | {len(got)} | {fmt(ops)} | {fmt(bwt)} | {fmt(fwt)} | {seeds_text(ops)} | "
+            f"{seeds_text(bwt)} | {merges} | {eng} | {rows} | {tok} | {wall} |"
         )
     L.append("")
     L.append(
@@ -346,7 +326,7 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
                 else:
                     vals.append(r["matrix"][-1][i])
             v = [x for x in vals if x is not None]
-            cells.append(f"{statistics.fmean(v):.1f} [{_seeds(vals)}]" if v else "—")
+            cells.append(f"{statistics.fmean(v):.1f} [{seeds_text(vals)}]" if v else "—")
         L.append(f"| {m} | " + " | ".join(cells) + " |")
     L.append("")
     # just-learned diagonal (what each task reached right after training on it) for the sequential methods
@@ -365,34 +345,6 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
     if a.note:
         L += [a.note, ""]
     return "\n".join(L)
-
-
-def paired(xs: list[float], ys: list[float]) -> tuple[float, float | None, str]:
-    """Mean of the per-seed differences x - y, its standard error (None under 2 seeds) and the verdict:
-    "level" when |mean| < 2 standard errors, else "ahead" / "behind". Under 3 seeds it is always "level (n
-    seeds)": a standard error from 2 differences has one degree of freedom and says almost nothing."""
-    d = [x - y for x, y in zip(xs, ys)]
-    mean = statistics.fmean(d)
-    if len(d) < 2:
-        return mean, None, "level (1 seed)"
-    se = statistics.stdev(d) / len(d) ** 0.5
-    if len(d) < 3:
-        return mean, se, f"level ({len(d)} seeds)"
-    if abs(mean) < 2 * se or (se == 0 and mean == 0):
-        return mean, se, "level"
-    return mean, se, "ahead" if mean > 0 else "behind"
-
-
-PAIRED_NOTE = (
-    'Paired by seed (mean ± standard error of the per-seed difference; "level" when under two standard errors, '
-    "or from fewer than 3 seeds):"
-)
-
-
-def paired_cell(xs: list[float], ys: list[float]) -> str:
-    """One table cell: the paired difference x - y, its standard error and the verdict."""
-    mean, se, verdict = paired(xs, ys)
-    return f"{mean:+.1f}" + (f" ± {se:.1f}" if se is not None else "") + f" ({verdict})"
 
 
 def paired_lines(res, methods, seeds) -> list[str]:

@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 # ~1.1B parameters (TinyLlama-1.1B's shape), built from this config: no weights are downloaded
 LLAMA_1B = dict(

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import cl_quality  # noqa: E402
+import cl_quality  # noqa: E402  (sibling modules: this script's folder is on sys.path)
+import common  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -86,9 +86,9 @@ def table(a, res) -> str:
         for m in a.methods:
             got = res.get((m, f), {})
             n.add(len(got))
-            cells += [cl_quality._fmt([r[k] for r in got.values()]) if got else "—" for k in ("OP", "BWT")]
+            cells += [common.fmt([r[k] for r in got.values()]) if got else "—" for k in ("OP", "BWT")]
         L.append(f"| {f * 100:g}% | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(n)))} |")
-    L += ["", cl_quality.PAIRED_NOTE, ""]
+    L += ["", common.PAIRED_NOTE, ""]
     L += ["| comparison | seeds | OP | BWT |", "|---|---|---|---|"]
     comps = [(("aim", f), ("replay", f)) for f in a.fractions]
     comps += [(("aim", f), ("replay", g)) for f in a.fractions for g in a.fractions if g > f]
@@ -97,7 +97,7 @@ def table(a, res) -> str:
         seeds = sorted(set(x) & set(y))
         if not seeds:
             continue
-        cells = [cl_quality.paired_cell([x[s][k] for s in seeds], [y[s][k] for s in seeds]) for k in ("OP", "BWT")]
+        cells = [common.paired_cell([x[s][k] for s in seeds], [y[s][k] for s in seeds]) for k in ("OP", "BWT")]
         L.append(f"| {m1} {f1 * 100:g}% − {m2} {f2 * 100:g}% | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(L) + "\n"
 

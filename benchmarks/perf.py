@@ -14,7 +14,7 @@ are in perf_jobs.py) and reports, side by side from the same runs (never as time
                                    (sum of ceil(numel/N) over parameters); 4 = one fp32 copy of the
                                    partition = 4/N per padded parameter
   stat_bytes_per_step              bytes a rank passes to the plugin's collectives on a probed step
-                                   without a merge, counted by wrapping aim_ds.statistics.all_reduce /
+                                   without a merge, counted by wrapping aim_ds.collectives.all_reduce /
                                    broadcast (tensor.numel() * element_size per call); also per model size
   fusion_vs_copy                   fusion time / time of a torch copy moving the same bytes (same rank)
   zero2                            the plugin bytes at ZeRO stage 2 (N = 1, 2, 3; partition = this rank's
@@ -61,10 +61,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-# the in-rank side (benchmarks/ is on sys.path: this script's own folder)
+# the in-rank side (a sibling module: this script's own folder is on sys.path)
 from perf_jobs import HOOK_REPS, MODELS, worker  # noqa: E402
 
 GOALS = {  # figure: (goal, how it compares)
@@ -183,7 +180,7 @@ def _driver_pair(methods, seed, root: Path, env, timeout: float) -> dict:
 
 
 def _summary(r: dict) -> dict:
-    from cl_quality import work_tokens  # benchmarks/ is on sys.path: this script's own folder
+    from common import work_tokens
 
     w = r.get("work") or {}
     fwd_bwd, fwd_only = work_tokens(w)
@@ -207,7 +204,7 @@ def driver_end_to_end(seeds, log=print, timeout: float = 600) -> list[dict]:
     (the same mixed memory rows as aim, no plugin) and aim side by side, so that machine load hits both runs of a
     pair alike. Returns per seed both ratios of train_wall_s, quality, engine steps and the tokens each run
     pushed through forward + backward (counted by the driver and the plugin)."""
-    from cl_quality import driver_env  # benchmarks/ is on sys.path: this script's own folder
+    from common import driver_env
 
     env = driver_env()
     root = Path(tempfile.mkdtemp(prefix="aim_perf_e2e_"))

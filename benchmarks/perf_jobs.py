@@ -14,11 +14,6 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-
 MODELS = {
     # Hidden sizes are multiples of 6, so every tensor (each has a hidden-size factor) splits evenly over 1, 2
     # and 3 ranks and DeepSpeed adds no partition padding, as on real models over 8 GPUs (13B Llama: 5120 = 8 x
@@ -66,19 +61,19 @@ HOOK_REPS = 30
 
 
 class CollectiveCounter:
-    """Wraps aim_ds.statistics.all_reduce / broadcast: bytes (numel * element_size) and calls, this rank."""
+    """Wraps aim_ds.collectives.all_reduce / broadcast: bytes (numel * element_size) and calls, this rank."""
 
     def __init__(self):
-        from aim_ds import statistics
+        from aim_ds import collectives
 
-        self.statistics = statistics
+        self.collectives = collectives
         self.bytes = 0
         self.calls = 0
         self._orig = {}
         for name in ("all_reduce", "broadcast"):
-            fn = getattr(statistics, name)
+            fn = getattr(collectives, name)
             self._orig[name] = fn
-            setattr(statistics, name, self._wrap(fn))
+            setattr(collectives, name, self._wrap(fn))
 
     def _wrap(self, fn):
         @functools.wraps(fn)
@@ -91,7 +86,7 @@ class CollectiveCounter:
 
     def restore(self):
         for name, fn in self._orig.items():
-            setattr(self.statistics, name, fn)
+            setattr(self.collectives, name, fn)
 
 
 class Bench:

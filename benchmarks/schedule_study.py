@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from aim_ds.trajectory import read_csv  # noqa: E402
 
@@ -104,8 +102,7 @@ def interval_row(run_dir: Path, tasks: list[str]) -> str:
 
 def compare(a_runs: list[Path], b_runs: list[Path]) -> str:
     """Paired difference by seed (folder suffix -s<seed>) of OP and BWT: runs A minus runs B."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from cl_quality import paired_cell
+    from common import paired_cell
 
     def by_seed(runs):
         return {d.name.rsplit("-s", 1)[1]: json.loads((d / "results.json").read_text()) for d in runs}
@@ -151,7 +148,7 @@ def main(argv=None):
     for d in a.runs:
         print(interval_row(d, tasks))
     if a.versus:
-        from cl_quality import PAIRED_NOTE
+        from common import PAIRED_NOTE
 
         print(f"\n{PAIRED_NOTE}\n")
         print("| runs − versus | seeds | OP | BWT |\n|---|---|---|---|")

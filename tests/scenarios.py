@@ -6,6 +6,7 @@ message shows the numbers. Models are tiny Llamas built from a config on the fly
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -20,6 +21,25 @@ import aim_ds
 
 VOCAB = 97
 _keep = []  # HfDeepSpeedConfig must stay alive while zero.Init builds the model
+
+
+@contextlib.contextmanager
+def after_rehearsal(fn):
+    """Within the block every merge calls fn() between its rehearsal and its fusion (on every rank)."""
+    from aim_ds.merge import Merge
+
+    real = Merge.rehearse
+
+    def rehearse(self, steps):
+        out = real(self, steps)
+        fn()
+        return out
+
+    Merge.rehearse = rehearse
+    try:
+        yield
+    finally:
+        Merge.rehearse = real
 
 
 def tiny_config() -> LlamaConfig:
@@ -169,15 +189,8 @@ def fusion_exact(
     train_steps(engine, 3)
     theta_k = full_fp32(engine)
     seen = {}
-    rehearse = plugin._rehearse
-
-    def rehearse_and_record(steps):  # theta_M, read on every rank between rehearsal and fusion
-        out = rehearse(steps)
-        seen["M"] = full_fp32(engine)
-        return out
-
-    plugin._rehearse = rehearse_and_record
-    rec = plugin.merge(weights=(w_in, w_out), rehearsal_steps=rehearsal)
+    with after_rehearsal(lambda: seen.__setitem__("M", full_fp32(engine))):  # theta_M, on every rank
+        rec = plugin.merge(weights=(w_in, w_out), rehearsal_steps=rehearsal)
     theta_m = seen["M"]
     ref = {k: anchor[k] + w_in * (theta_k[k] - anchor[k]) + w_out * (theta_m[k] - theta_k[k]) for k in anchor}
     fused = full_fp32(engine)
@@ -344,12 +357,12 @@ def _expect_error(case: str):
 def quantile_and_importance(q=0.8):
     """The global quantile of shard-local values equals torch.quantile of the gathered values (to a
     histogram bin), and the importance policy runs end to end on real shards."""
-    from aim_ds import statistics
+    from aim_ds import collectives
 
     g = torch.Generator().manual_seed(rank())
     local = torch.rand(1000 + 37 * rank(), generator=g).pow(3)  # skewed, different sizes per rank
     padded = torch.cat([local, torch.full((5,), 1e9)])  # padding garbage that must be excluded
-    approx = statistics.global_quantile([(padded, [(0, local.numel())])], q)
+    approx = collectives.global_quantile([(padded, [(0, local.numel())])], q)
     sizes = [1000 + 37 * r for r in range(deepspeed.comm.get_world_size())]
     buf = torch.zeros(max(sizes))
     buf[: local.numel()] = local
@@ -399,7 +412,7 @@ def shm_released():
 def batch_probe(steps1=12, skip_rank1_every=3):
     """probe_source "training_batch": the forgetting signal is the memory rows' loss of each training batch,
     recorded with record_probe_loss(); no probe forward runs. Rank 1 leaves some steps unrecorded (0, 0)."""
-    from aim_ds import statistics
+    from aim_ds import collectives
 
     aim = {
         "enabled": True,
@@ -428,7 +441,7 @@ def batch_probe(steps1=12, skip_rank1_every=3):
         if rank() == 1 and i % skip_rank1_every == 0:
             s, c = 0.0, 0  # this rank has no memory rows this step: the mean is over the others' tokens
         plugin.record_probe_loss(s, c)
-        tot, cnt = statistics.sum_over_ranks(s, c)  # what the plugin must report for this step
+        tot, cnt = collectives.sum_over_ranks(s, c)  # what the plugin must report for this step
         expected.append(tot / cnt)
         engine.backward(out.loss)
         engine.step()
@@ -445,7 +458,7 @@ def batch_probe(steps1=12, skip_rank1_every=3):
         bad_count = None
     except aim_ds.plugin.AimInputError as e:
         bad_count = str(e)
-    plugin._recorded_probe = None
+    plugin.probe.discard()
     return {
         "probe_losses": [r["probe_loss"] for r in traj],
         "expected": expected,

@@ -15,7 +15,8 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import aim_ds
 from aim_ds.hf import AimMergingCallback
-from tests.scenarios import VOCAB, tiny_config
+from aim_ds.merge import Merge
+from tests.scenarios import VOCAB, after_rehearsal, tiny_config
 
 warnings.filterwarnings("ignore")
 AIM = {"enabled": True, "initial_interval": 3, "min_interval": 2, "max_interval": 16, "threshold_factor": 1.05}
@@ -147,11 +148,14 @@ class Instrumented(AimMergingCallback):
             if q.requires_grad
         }
         self.anchor = full()
-        merge, rehearse = p._merge, p._rehearse
+        merge = p._merge
+        rehearse = self.__dict__.setdefault("_real_rehearse", Merge.rehearse)  # replaced, never chained, per task
 
-        def _rehearse(steps):
+        def _rehearse(m, steps):
+            if m.plugin is not p:
+                return rehearse(m, steps)
             self._k, before = full(), engine.global_steps
-            out = rehearse(steps)
+            out = rehearse(m, steps)
             self.rehearsal_steps_taken.append((steps, engine.global_steps - before))
             self._m = full()
             return out
@@ -168,7 +172,7 @@ class Instrumented(AimMergingCallback):
                 self.anchor = fused
             return rec
 
-        p._merge, p._rehearse = _merge, _rehearse
+        p._merge, Merge.rehearse = _merge, _rehearse
 
 
 # ---------------------------------------------------------------------------------------- scenarios
@@ -364,16 +368,9 @@ def raw_lora():
     base0, anchor = frozen(engine.module), full()
     _steps(engine, task_rows(1), 3)
     theta_k, seen = full(), {}
-    rehearse = plugin._rehearse
-
-    def rehearse_and_record(steps):  # theta_M, read on every rank between rehearsal and fusion
-        losses = rehearse(steps)
-        seen["M"] = full()
-        return losses
-
-    plugin._rehearse = rehearse_and_record
     w_in, w_out = 0.7, 0.2
-    plugin.merge(weights=(w_in, w_out), rehearsal_steps=2)
+    with after_rehearsal(lambda: seen.__setitem__("M", full())):  # theta_M, on every rank
+        plugin.merge(weights=(w_in, w_out), rehearsal_steps=2)
     m = seen["M"]
     ref = {n: anchor[n] + w_in * (theta_k[n] - anchor[n]) + w_out * (m[n] - theta_k[n]) for n in anchor}
     n_trainable = sum(q.ds_numel for q in model.parameters() if q.requires_grad)

@@ -75,7 +75,7 @@ def _importance(stages: list):
         plugin = aim_ds.attach(engine, sc.memory())
         plugin.start_task()
         sc.train_steps(engine, 3)
-        ema = sum(float(b.abs().sum()) for b in plugin._ema["i_in"])
+        ema = sum(float(b.abs().sum()) for b in plugin.fuser.ema["i_in"])
         plugin.merge(rehearsal_steps=2)
         w = sc.full_fp32(engine)
         out[str(s)] = {
@@ -207,7 +207,7 @@ def tp_vocab_head(tp: int = 2):
     """AutoTP over a model with a tied LM head (cut over the vocabulary): the driver's gathered logits and
     greedy generation against the same model unsliced on this rank."""
     from aim_ds.evaluation import generate_texts
-    from aim_ds.losses import vocab_head, whole_vocab_logits
+    from aim_ds.shards.tp import vocab_head, whole_vocab_logits
 
     class Tok:  # what generate_texts reads of a tokenizer: the special ids and a decode
         pad_token_id, eos_token_id, bos_token_id = 0, 1, 2

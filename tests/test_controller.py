@@ -11,7 +11,7 @@ import math
 import pytest
 
 from aim_ds.config import AimConfig
-from aim_ds.controller import MergeController, MergePlan, StepDecision, threshold_window
+from aim_ds.controller import ControllerPlan, MergeController, StepDecision, threshold_window
 from aim_ds.policies import PaperRule, ReferenceRule, signals_weights
 
 
@@ -199,7 +199,7 @@ def test_plan_inactive_keeps_the_interval():
     for _ in range(5):
         c.observe(None)
     p = c.plan_inactive(10.0, 2)
-    assert p == MergePlan(
+    assert p == ControllerPlan(
         step=5, interval=8, rehearsal_steps=8, w_in=0.6, w_out=0.4, learning_signal=10.0 / 2 / 8, policy="signals"
     )
     assert c.interval == 8 and c.learning_signals == ()
@@ -225,7 +225,7 @@ def test_weight_policies_and_rehearsal_constant():
     run(c, 7)
     d = c.observe(None)
     assert d.merge
-    assert c.on_merge(4.0, 4) == MergePlan(8, 8, 3, 0.7, 0.9, 0.125, "fixed")
+    assert c.on_merge(4.0, 4) == ControllerPlan(8, 8, 3, 0.7, 0.9, 0.125, "fixed")
     c = make(interval_rule="fixed", weight_policy="importance")
     c.start_task(1)
     run(c, 7)

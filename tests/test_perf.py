@@ -170,7 +170,7 @@ def test_loadavg_is_three_numbers():
 
 def test_collective_counter_counts_bytes_of_wrapped_calls(monkeypatch):
     torch = pytest.importorskip("torch")
-    from aim_ds import statistics
+    from aim_ds import collectives
 
     class FakeDist:  # stands in for deepspeed.comm: no process group needed
         class ReduceOp:
@@ -184,18 +184,18 @@ def test_collective_counter_counts_bytes_of_wrapped_calls(monkeypatch):
         def broadcast(t, src=0, group=None):
             return None
 
-    monkeypatch.setattr(statistics, "_dist", lambda: FakeDist)
-    original = statistics.all_reduce
+    monkeypatch.setattr(collectives, "_dist", lambda: FakeDist)
+    original = collectives.all_reduce
     c = perf_jobs.CollectiveCounter()
     try:
-        statistics.all_reduce(torch.zeros(3, dtype=torch.float64))  # 24 bytes
-        statistics.broadcast(torch.zeros(4, dtype=torch.float32))  # 16 bytes
-        statistics.all_reduce(torch.zeros(2, dtype=torch.int64), op="max")  # 16 bytes
+        collectives.all_reduce(torch.zeros(3, dtype=torch.float64))  # 24 bytes
+        collectives.broadcast(torch.zeros(4, dtype=torch.float32))  # 16 bytes
+        collectives.all_reduce(torch.zeros(2, dtype=torch.int64), op="max")  # 16 bytes
     finally:
         c.restore()
     assert (c.bytes, c.calls) == (56, 3)
-    assert statistics.all_reduce is original  # restored
-    statistics.all_reduce(torch.zeros(1))
+    assert collectives.all_reduce is original  # restored
+    collectives.all_reduce(torch.zeros(1))
     assert c.calls == 3
 
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from aim_ds import cli, replay
+from aim_ds import cli
+from aim_ds import controller_replay as replay
 from aim_ds.trajectory import read_csv
 from tests.mp import run_ranks
 

@@ -61,12 +61,12 @@ def check_tag(tag: str) -> str:
     return tag
 
 
-def diff_config(saved: dict | None, now: dict | None) -> list[str]:
+def diff_config(saved: dict | None, now: dict | None, name=str) -> list[str]:
     """The keys whose values differ, as "key: checkpoint A, now B" (to check resume options against a
-    manifest's)."""
+    manifest's); name(key) is how a key is written (e.g. as the command-line option that sets it)."""
     saved, now = saved or {}, now or {}
     return [
-        f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+        f"{name(k)}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))
         if saved.get(k) != now.get(k)
     ]

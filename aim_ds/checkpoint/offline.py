@@ -29,6 +29,7 @@ from .format import (
     read_tag_manifest,
     resolve_tag,
     write_json_synced,
+    write_latest,
 )
 from .layout import gather, get_path, reshard_plugin, split_layout
 from .lora import merge_adapters, read_adapter_config
@@ -231,8 +232,7 @@ def reshard(ckpt_dir: str, out_dir: str, world_size: int, tag: str | None = None
         )
         manifest["files"] = list_files(dst)
         write_json_synced(os.path.join(dst, MANIFEST), manifest)
-        with open(os.path.join(tmp, "latest"), "w") as f:
-            f.write(tag)
+        write_latest(tmp, tag)
         _commit_out(tmp, out_abs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

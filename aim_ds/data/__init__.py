@@ -3,9 +3,6 @@
 from .core import (
     BENCHMARK_ORDERS,
     ORDERS,
-    DataError,
-    Example,
-    Task,
     load_olora_tasks,
     load_task_list,
     load_tasks,
@@ -14,7 +11,8 @@ from .core import (
 )
 from .dataset import CausalLMExamples, collate, encode_example, encode_prompt, encode_target
 from .default import generate_default_tasks, generate_generation_tasks
-from .memory import select_memory
+from .memory_selection import select_memory
+from .tasks import DataError, Example, Task
 from .tokenizer import get_tokenizer
 
 __all__ = [

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from .default import generate_default_tasks, generate_generation_tasks
+from .tasks import DataError, Example, Task
 
 MAX_CLASSES = 50  # a task with at most this many distinct train outputs is classification
 EVAL_SEED = 0  # the eval subsample is fixed, independent of the run seed
@@ -74,30 +76,6 @@ ORDERS = {
 }
 BENCHMARK_ORDERS = {"long": (1, 2, 3), "standard": (4, 5, 6)}
 KNOWN_TASKS = sorted(set(ORDERS[1]))
-
-
-class DataError(ValueError):
-    """Bad benchmark input; the message names the file or task and the fix."""
-
-
-@dataclass
-class Example:
-    id: str
-    input: str
-    output: str
-
-
-@dataclass
-class Task:
-    name: str
-    train: list[Example]
-    eval: list[Example]
-    metric: str = "exact"  # "exact" | "rougeL"
-    labels: list[str] | None = field(default=None)  # candidate labels (classification) or None
-
-    @property
-    def is_classification(self) -> bool:
-        return self.labels is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,8 +316,6 @@ def load_tasks(
         if n is not None and n < 1:
             raise DataError(f"{what} must be a positive integer or None (got {n})")
     if benchmark in ("default", "default-gen"):
-        from .default import generate_default_tasks, generate_generation_tasks
-
         if order not in (None, 1):
             raise DataError(
                 f"unknown order {order} for benchmark {benchmark!r}: it has one order; omit --order (or pass 1)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import Example
+from .tasks import Example
 
 IGNORE = -100
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 
-from .core import Example, Task
+from .tasks import Example, Task
 
 DEFAULT_DATA_SEED = 1234
 WORDS = ["lop", "mar", "nix", "tup", "bex", "dov", "fip", "gam", "hul", "jor", "kes", "lun", "mib", "pav", "rix", "sol"]

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .core import Task
+from .tasks import Task
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 _FORMAT = "aim_ds-bytebpe-v1"

@@ -23,10 +23,39 @@ def write_results(state, res: dict, ds_config: dict, info, t0: float) -> None:
     """t0: the process start (wall_time_s counts from it)."""
     from aim_ds import report
 
-    cfg, tasks, out = state.cfg, state.tasks, state.out_dir
-    names = [t.name for t in tasks]
+    cfg, out = state.cfg, state.out_dir
+    names = [t.name for t in state.tasks]
     matrix = res["matrix"]
     m = metrics(cfg.method, matrix, state.single_scores)
+    plugin = res.get("plugin")
+    wall = time.time() - t0
+    report.write_json(os.path.join(out, "results.json"), results_record(state, res, ds_config, info, m, wall))
+    traj_path = os.path.join(out, "trajectory.csv")
+    rows = res.get("trajectory_rows")
+    if plugin is not None:
+        plugin.write_trajectory_csv(traj_path)
+    else:
+        rows = [
+            {"task": r["task"], "step": r["step"], "interval": None, "activations": None, "merge": 0}
+            for r in res["losses"]
+        ]
+        report.write_csv(traj_path, rows, report.TRAJECTORY_FIELDS)
+    report.write_csv(os.path.join(out, "losses.csv"), res["losses"], ["task", "step", "loss"])
+    title = f"{cfg.benchmark} / {cfg.method} / seed {cfg.seed}"
+    report.plot_accuracy(
+        os.path.join(out, "accuracy.png"), matrix, names, f"{title}: OP {_fmt(m.get('OP'))} BWT {_fmt(m.get('BWT'))}"
+    )
+    report.plot_trajectory(os.path.join(out, "trajectory.png"), rows, res["losses"], title)
+    print(
+        f"[aim_ds] {cfg.method}: OP {_fmt(m.get('OP'))}  BWT {_fmt(m.get('BWT'))}  "
+        f"FWT {_fmt(m.get('FWT'))}  merges {res['merges']}  wall {wall:.1f}s  -> {out}",
+        flush=True,
+    )
+
+
+def results_record(state, res: dict, ds_config: dict, info, m: dict, wall: float) -> dict:
+    """What results.json holds."""
+    cfg, tasks, matrix, plugin = state.cfg, state.tasks, res["matrix"], res.get("plugin")
     notes = []
     section = ds_config.get("aim_merging")
     if cfg.method not in PLUGIN_METHODS and (section or {}).get("enabled", bool(section)):
@@ -34,9 +63,7 @@ def write_results(state, res: dict, ds_config: dict, info, t0: float) -> None:
             f"the ds_config's aim_merging section is enabled but --method {cfg.method} does not use "
             "the plugin: it was not attached"
         )
-    plugin = res.get("plugin")
-    wall = time.time() - t0
-    results = {
+    return {
         "method": cfg.method,
         "benchmark": cfg.benchmark,
         "order": cfg.order,
@@ -58,7 +85,7 @@ def write_results(state, res: dict, ds_config: dict, info, t0: float) -> None:
         "FWT": m.get("FWT"),
         "single_task_scores": state.single_scores,
         "fwt_reference": state.fwt_source,
-        "final_row": dict(zip(names, matrix[-1])),
+        "final_row": dict(zip([t.name for t in tasks], matrix[-1])),
         "steps": {"train": res["train_steps"], "engine": res["engine_steps"], "per_task": state.steps_per_task},
         "merges": res["merges"],
         # tokens through forward + backward (training batches, rehearsal) and forward only (probes), rank 0
@@ -86,28 +113,6 @@ def write_results(state, res: dict, ds_config: dict, info, t0: float) -> None:
             "resumed_from": state.resume.tag_dir if state.resume else None,
         },
     }
-    report.write_json(os.path.join(out, "results.json"), results)
-    traj_path = os.path.join(out, "trajectory.csv")
-    rows = res.get("trajectory_rows")
-    if plugin is not None:
-        plugin.write_trajectory_csv(traj_path)
-    else:
-        rows = [
-            {"task": r["task"], "step": r["step"], "interval": None, "activations": None, "merge": 0}
-            for r in res["losses"]
-        ]
-        report.write_csv(traj_path, rows, report.TRAJECTORY_FIELDS)
-    report.write_csv(os.path.join(out, "losses.csv"), res["losses"], ["task", "step", "loss"])
-    title = f"{cfg.benchmark} / {cfg.method} / seed {cfg.seed}"
-    report.plot_accuracy(
-        os.path.join(out, "accuracy.png"), matrix, names, f"{title}: OP {_fmt(m.get('OP'))} BWT {_fmt(m.get('BWT'))}"
-    )
-    report.plot_trajectory(os.path.join(out, "trajectory.png"), rows, res["losses"], title)
-    print(
-        f"[aim_ds] {cfg.method}: OP {_fmt(m.get('OP'))}  BWT {_fmt(m.get('BWT'))}  "
-        f"FWT {_fmt(m.get('FWT'))}  merges {res['merges']}  wall {wall:.1f}s  -> {out}",
-        flush=True,
-    )
 
 
 def _fmt(v):

@@ -105,7 +105,7 @@ def resolve_resume_arg(cfg: RunConfig) -> tuple[RunConfig, ResumePoint | None]:
 def check_resume_options(resume: ResumePoint, cfg: RunConfig, aim_cfg) -> None:
     """Refuse a checkpoint of another run (method, aim_merging config, options) before the process group
     starts: pure file reads, identical on every rank."""
-    from aim_ds.checkpoint import MANIFEST, CheckpointError, check_compatible
+    from aim_ds.checkpoint import MANIFEST, CheckpointError, check_compatible, diff_config
 
     where = os.path.join(resume.tag_dir, MANIFEST)
     if resume.extra["method"] != cfg.method:
@@ -118,11 +118,7 @@ def check_resume_options(resume: ResumePoint, cfg: RunConfig, aim_cfg) -> None:
     except CheckpointError as e:
         raise InputError(str(e)) from None
     saved, now = resume.extra.get("options", {}), resume_options(cfg)
-    diff = [
-        f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
-        for k in sorted(set(saved) | set(now))
-        if saved.get(k) != now.get(k)
-    ]
+    diff = diff_config(saved, now, name=lambda k: "--" + k.replace("_", "-"))
     if diff:
         raise InputError(
             f"{where}: the checkpoint was made with other options ({'; '.join(diff)}); resume with the "

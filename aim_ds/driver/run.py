@@ -17,7 +17,16 @@ import sys
 import time
 from typing import NamedTuple
 
-from .args import MIXING_METHODS, InputError, RunConfig, check_output_dir, load_ds_config, parse_args, plugin_config
+from .args import (
+    MIXING_METHODS,
+    InputError,
+    RunConfig,
+    apply_aim_overrides,
+    check_output_dir,
+    load_ds_config,
+    parse_args,
+    plugin_config,
+)
 from .lock import LOCK_NAME, LockError, OutputLock, check_free
 from .resume import (
     CKPT_SUBDIR,
@@ -60,7 +69,7 @@ def tp_size(ds_config: dict) -> int:
 
 def check_inputs(cfg: RunConfig):
     """The collective-free checks: (cfg, ds_config, aim_cfg, resume point, tasks). Raises InputError."""
-    ds_config = load_ds_config(cfg.deepspeed_config)
+    ds_config = apply_aim_overrides(load_ds_config(cfg.deepspeed_config), cfg.aim)
     aim_cfg = plugin_config(cfg.method, ds_config, cfg.deepspeed_config)
     cfg, resume = resolve_resume_arg(cfg)
     if resume is not None:
@@ -131,11 +140,10 @@ def default_output_dir(cfg: RunConfig, rank: int) -> str:
 
 def run(cfg: RunConfig, t0: float) -> int:
     cfg, ds_config, aim_cfg, resume, tasks = check_inputs(cfg)
-    ds_path = cfg.deepspeed_config
 
     # ---- distributed
+    from aim_ds.collectives import agree
     from aim_ds.distributed import init_distributed
-    from aim_ds.statistics import agree
 
     info = init_distributed(cfg.dist_timeout)
     import torch
@@ -146,8 +154,8 @@ def run(cfg: RunConfig, t0: float) -> int:
     tp = tp_size(ds_config)
     if world % tp:  # every rank sees the same world size: the same error everywhere, no collective
         raise InputError(
-            f"{ds_path}: tensor_parallel.autotp_size {tp} needs a number of ranks that is a multiple of {tp} "
-            f"(this launch has {world}); launch {tp} x the data-parallel size ranks, or lower autotp_size"
+            f"{cfg.deepspeed_config}: tensor_parallel.autotp_size {tp} needs a number of ranks that is a multiple "
+            f"of {tp} (this launch has {world}); launch {tp} x the data-parallel size ranks, or lower autotp_size"
         )
     dp_world = world // tp
     torch.manual_seed(cfg.seed)
@@ -158,7 +166,7 @@ def run(cfg: RunConfig, t0: float) -> int:
     )
 
     from aim_ds import data as aim_data
-    from aim_ds.modeling import ModelError, load_tokenizer, model_fingerprint
+    from aim_ds.modeling import ModelError, load_tokenizer
 
     tok_err = None
     try:
@@ -167,74 +175,12 @@ def run(cfg: RunConfig, t0: float) -> int:
         tok_err = str(e)
     agree(tok_err, exc_type=InputError)
 
-    micro = cfg.batch_size or int(ds_config.get("train_micro_batch_size_per_gpu", 8))
-    mem_bs = cfg.memory_batch_size or micro
-    replay_rows = 0
-    if cfg.method in MIXING_METHODS:
-        replay_rows = mem_bs if cfg.replay_rows is None else cfg.replay_rows
-    if (
-        aim_cfg is not None
-        and aim_cfg.probe_source == "training_batch"
-        and aim_cfg.interval_rule != "fixed"
-        and replay_rows == 0
-    ):
-        raise InputError(
-            f'{ds_path}: aim_merging.probe_source is "training_batch" (the forgetting signal is read '
-            "from the memory rows of the training batches) but --replay-rows 0 puts none there; give "
-            '--replay-rows >= 1 or set probe_source "memory_forward" in the ds_config'
-        )
-    ds_run = json.loads(json.dumps(ds_config))
-    ds_run["train_micro_batch_size_per_gpu"] = micro
-    ds_run["gradient_accumulation_steps"] = 1
-    # DeepSpeed's batch check counts every rank, tensor-parallel ones too (its config has no mpu under AutoTP)
-    ds_run["train_batch_size"] = micro * world
-    ds_run.pop("scheduler", None)  # the driver owns the LR schedule
-
+    sizes = batch_sizes(cfg, ds_config, aim_cfg, world)
     # memory buffer: the same seeded selection for every method
     memories = [aim_data.select_memory(t, cfg.memory_fraction, cfg.seed) for t in tasks]
-    steps_per_task = [max(1, int(math.ceil(cfg.epochs * len(t.train) / (micro * dp_world)))) for t in tasks]
-
-    # FWT reference key (hyper-parameters shared by every method; not the method itself)
-    ref_key_src = json.dumps(
-        {
-            "benchmark": cfg.benchmark,
-            "order": cfg.order,
-            "data": data_fingerprint(tasks),
-            "model": model_fingerprint(cfg.model),
-            "tokenizer": cfg.tokenizer,
-            "seed": cfg.seed,
-            "epochs": cfg.epochs,
-            "global_batch": micro * dp_world,
-            "world": world,
-            "lr": cfg.lr,
-            "warmup": cfg.warmup,
-            "max_len": cfg.max_len,
-            "ds": {k: v for k, v in ds_run.items() if k != "aim_merging"},
-            # only LoRA runs add the key, so the cached references of full fine-tuning keep theirs
-            **({"lora": [cfg.lora, cfg.lora_alpha, cfg.lora_targets]} if cfg.lora else {}),
-        },
-        sort_keys=True,
-    )
-    ref_key = hashlib.sha256(ref_key_src.encode()).hexdigest()[:20]
-    ref_path = os.path.join(cache_dir, "fwt", f"{ref_key}.json")
-
-    # checkpoint identity: what decides the trajectory at the global level, so that a checkpoint resharded
-    # to another number of ranks keeps it (the aim_merging section is checked apart)
-    from aim_ds.checkpoint import fingerprint
-
-    glob = global_batches(micro, mem_bs, replay_rows, dp_world)
-    per_rank = ("train_micro_batch_size_per_gpu", "train_batch_size", "aim_merging")
-    task_fp = fingerprint(
-        {
-            "options": resume_options(cfg),
-            "data": data_fingerprint(tasks),
-            "model": model_fingerprint(cfg.model),
-            "steps_per_task": steps_per_task,
-            "global": glob,
-            "ds": {k: v for k, v in ds_run.items() if k not in per_rank},
-        }
-    )
-    mem_sha = fingerprint([[e.id for e in m] for m in memories])
+    steps_per_task = [max(1, int(math.ceil(cfg.epochs * len(t.train) / (sizes.micro * dp_world)))) for t in tasks]
+    ref = fwt_reference(cfg, tasks, sizes, world, cache_dir, tp)
+    task_fp, mem_sha, glob = checkpoint_identity(cfg, tasks, memories, sizes, steps_per_task, dp_world)
     if resume is not None:
         check_resume_manifest(resume, world, task_fp, mem_sha, glob, tp)
 
@@ -251,7 +197,7 @@ def run(cfg: RunConfig, t0: float) -> int:
                 announce(resume)
             print(
                 f"[aim_ds] method={cfg.method} benchmark={cfg.benchmark} tasks={[t.name for t in tasks]} "
-                f"world={world}{f' (tensor parallel {tp})' if tp > 1 else ''} micro_batch={micro} steps/task={steps_per_task} out={out_dir}",
+                f"world={world}{f' (tensor parallel {tp})' if tp > 1 else ''} micro_batch={sizes.micro} steps/task={steps_per_task} out={out_dir}",
                 flush=True,
             )
         state = RunState(
@@ -262,11 +208,11 @@ def run(cfg: RunConfig, t0: float) -> int:
             tasks=tasks,
             memories=memories,
             tokenizer=tokenizer,
-            ds_run=ds_run,
-            client_opt="optimizer" not in ds_run,
-            micro=micro,
-            mem_bs=mem_bs,
-            replay_rows=replay_rows,
+            ds_run=sizes.ds_run,
+            client_opt="optimizer" not in sizes.ds_run,
+            micro=sizes.micro,
+            mem_bs=sizes.mem_bs,
+            replay_rows=sizes.replay_rows,
             steps_per_task=steps_per_task,
             aim_cfg=aim_cfg,
             out_dir=out_dir,
@@ -275,23 +221,93 @@ def run(cfg: RunConfig, t0: float) -> int:
             mem_sha=mem_sha,
             setup_s=time.time() - t0,
         )  # imports, process group, tokenizer, data (not engine set-up)
-        return train_and_report(state, ds_config, info, FwtReference(ref_key, ref_key_src, ref_path), t0)
+        return train_and_report(state, ds_config, info, ref, t0)
     finally:
         lock.release()
 
 
-def take_lock(lock: OutputLock, rank: int) -> None:
-    """rank 0 takes the output folder's lock (atomic: of two runs starting together one gets it); every rank
-    raises the same InputError when it could not (collective)."""
-    from aim_ds.statistics import agree
+class BatchSizes(NamedTuple):
+    """Per-rank batch sizes and the ds_config the engines get (per-rank micro batch, no scheduler)."""
 
-    err = None
-    if rank == 0:
-        try:
-            lock.acquire()
-        except (LockError, OSError) as e:
-            err = str(e)
-    agree(err, exc_type=InputError)
+    micro: int
+    mem_bs: int
+    replay_rows: int
+    ds_run: dict
+
+
+def batch_sizes(cfg: RunConfig, ds_config: dict, aim_cfg, world: int) -> BatchSizes:
+    """The run's batch sizes; raises InputError when the forgetting signal would have no memory rows to read."""
+    from aim_ds.policies import uses_signal
+    from aim_ds.probes import probe_source
+
+    micro = cfg.batch_size or int(ds_config.get("train_micro_batch_size_per_gpu", 8))
+    mem_bs = cfg.memory_batch_size or micro
+    replay_rows = 0
+    if cfg.method in MIXING_METHODS:
+        replay_rows = mem_bs if cfg.replay_rows is None else cfg.replay_rows
+    if aim_cfg is not None and probe_source(aim_cfg).records_loss and uses_signal(aim_cfg) and replay_rows == 0:
+        raise InputError(
+            f'{cfg.deepspeed_config}: aim_merging.probe_source is "training_batch" (the forgetting signal is read '
+            "from the memory rows of the training batches) but --replay-rows 0 puts none there; give "
+            '--replay-rows >= 1 or set probe_source "memory_forward" in the ds_config'
+        )
+    ds_run = json.loads(json.dumps(ds_config))
+    ds_run["train_micro_batch_size_per_gpu"] = micro
+    ds_run["gradient_accumulation_steps"] = 1
+    # DeepSpeed's batch check counts every rank, tensor-parallel ones too (its config has no mpu under AutoTP)
+    ds_run["train_batch_size"] = micro * world
+    ds_run.pop("scheduler", None)  # the driver owns the LR schedule
+    return BatchSizes(micro, mem_bs, replay_rows, ds_run)
+
+
+def fwt_reference(cfg: RunConfig, tasks, sizes: BatchSizes, world: int, cache_dir: str, tp: int = 1) -> FwtReference:
+    """The FWT reference's cache key: the hyper-parameters shared by every method (not the method itself)."""
+    from aim_ds.modeling import model_source_key
+
+    ref_key_src = json.dumps(
+        {
+            "benchmark": cfg.benchmark,
+            "order": cfg.order,
+            "data": data_fingerprint(tasks),
+            "model": model_source_key(cfg.model),
+            "tokenizer": cfg.tokenizer,
+            "seed": cfg.seed,
+            "epochs": cfg.epochs,
+            "global_batch": sizes.micro * world // tp,
+            "world": world,
+            "lr": cfg.lr,
+            "warmup": cfg.warmup,
+            "max_len": cfg.max_len,
+            "ds": {k: v for k, v in sizes.ds_run.items() if k != "aim_merging"},
+            # only LoRA runs add the key, so the cached references of full fine-tuning keep theirs
+            **({"lora": [cfg.lora, cfg.lora_alpha, cfg.lora_targets]} if cfg.lora else {}),
+        },
+        sort_keys=True,
+    )
+    ref_key = hashlib.sha256(ref_key_src.encode()).hexdigest()[:20]
+    return FwtReference(ref_key, ref_key_src, os.path.join(cache_dir, "fwt", f"{ref_key}.json"))
+
+
+def checkpoint_identity(cfg: RunConfig, tasks, memories, sizes: BatchSizes, steps_per_task, dp_world: int):
+    """(task fingerprint, memory fingerprint, global batches): what decides the trajectory at the global level,
+    so that a checkpoint resharded to another number of ranks keeps it (the aim_merging section is checked apart).
+    dp_world: the data-parallel ranks (tensor-parallel ranks share their batches)."""
+    from aim_ds.checkpoint import fingerprint
+    from aim_ds.modeling import model_source_key
+
+    glob = global_batches(sizes.micro, sizes.mem_bs, sizes.replay_rows, dp_world)
+    per_rank = ("train_micro_batch_size_per_gpu", "train_batch_size", "aim_merging")
+    task_fp = fingerprint(
+        {
+            "options": resume_options(cfg),
+            "data": data_fingerprint(tasks),
+            "model": model_source_key(cfg.model),
+            "steps_per_task": steps_per_task,
+            "global": glob,
+            "ds": {k: v for k, v in sizes.ds_run.items() if k not in per_rank},
+        }
+    )
+    return task_fp, fingerprint([[e.id for e in m] for m in memories]), glob
 
 
 def check_shared_output(lock: OutputLock, rank: int, world: int) -> None:
@@ -303,7 +319,7 @@ def check_shared_output(lock: OutputLock, rank: int, world: int) -> None:
         return
     import torch.distributed as dist
 
-    from aim_ds.statistics import agree
+    from aim_ds.collectives import agree
 
     from .lock import read_holder
 
@@ -316,6 +332,20 @@ def check_shared_output(lock: OutputLock, rank: int, world: int) -> None:
             "wrote there; every rank must see the same output folder (a file system shared by all nodes). "
             "Node-local output folders are not supported: give an --output-dir on shared storage"
         )
+    agree(err, exc_type=InputError)
+
+
+def take_lock(lock: OutputLock, rank: int) -> None:
+    """rank 0 takes the output folder's lock (atomic: of two runs starting together one gets it); every rank
+    raises the same InputError when it could not (collective)."""
+    from aim_ds.collectives import agree
+
+    err = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except (LockError, OSError) as e:
+            err = str(e)
     agree(err, exc_type=InputError)
 
 

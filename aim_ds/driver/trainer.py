@@ -85,8 +85,9 @@ class Progress:
 
 def reset_optimizer(engine) -> None:
     """A fresh AdamW state at a task start (moments and step count cleared; lazily re-created)."""
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    inner.state.clear()
+    from aim_ds.shards import inner_optimizer
+
+    inner_optimizer(engine).state.clear()
 
 
 def set_lr(engine, lr: float) -> None:
@@ -109,6 +110,38 @@ def add_lora(model, cfg: RunConfig):
         raise InputError(f"--lora-targets {cfg.lora_targets}: {e}") from None
 
 
+def build_engine(state: RunState, encoder: EncodingCache):
+    """A DeepSpeed engine over a fresh model (the same initial weights for every engine of the run)."""
+    import deepspeed
+    import torch
+
+    from aim_ds.evaluation import keeps_logits
+    from aim_ds.modeling import build_model
+    from aim_ds.shards import keep_alive
+
+    s, cfg = state, state.cfg
+    torch.manual_seed(cfg.seed)  # the same initial model for every engine of the run
+    model, keepalive = build_model(cfg.model, s.tokenizer, s.ds_run)
+    if cfg.lora:
+        model = add_lora(model, cfg)
+    # batches carry logits_to_keep only if the forward names it (PeftModel's does not: **kwargs)
+    encoder.keeps_logits = keeps_logits(model)
+    # frozen weights (LoRA's base) stay out of the optimizer, so the plugin tracks the adapters only
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = None
+    if s.client_opt:
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        config=s.ds_run,
+        model_parameters=None if opt is not None else trainable,
+    )
+    keep_alive(engine, keepalive)
+    check_tp_groups(engine, s)
+    return engine
+
+
 def check_tp_groups(engine, s: RunState) -> None:
     """The driver feeds rank r the data of data-parallel rank r // tp: check that DeepSpeed's groups agree
     (a DeepSpeed that laid the groups out otherwise would silently train each slice on other data)."""
@@ -125,6 +158,25 @@ def check_tp_groups(engine, s: RunState) -> None:
         )
 
 
+def checkpoint_extra(s: RunState, task: int, step: int, done: bool, matrix: list, data_seed: int) -> dict:
+    """The driver's position, matrix and seed: a checkpoint manifest's extra, the same for every rank."""
+    return {
+        "driver": "launch/train.py",
+        "method": s.cfg.method,
+        "task": task,
+        "step": step,
+        "done": done,
+        "driver_step": s.steps_before(task) + step,
+        "data_seed": data_seed,
+        "memory_sha": s.mem_sha,
+        "global": global_batches(s.micro, s.mem_bs, s.replay_rows, s.dp_world),
+        "matrix": matrix,
+        "single_scores": s.single_scores,
+        "fwt_source": s.fwt_source,
+        "options": resume_options(s.cfg),
+    }
+
+
 class CLTrainer:
     def __init__(self, state: RunState):
         self.state = state
@@ -136,33 +188,7 @@ class CLTrainer:
 
     # ------------------------------------------------------------------ engine
     def make_engine(self):
-        import deepspeed
-        import torch
-
-        from aim_ds.evaluation import keeps_logits
-        from aim_ds.modeling import build_model
-
-        s = self.state
-        torch.manual_seed(self.cfg.seed)  # the same initial model for every engine of the run
-        model, keepalive = build_model(self.cfg.model, s.tokenizer, s.ds_run)
-        if self.cfg.lora:
-            model = add_lora(model, self.cfg)
-        # batches carry logits_to_keep only if the forward names it (PeftModel's does not: **kwargs)
-        self.encoder.keeps_logits = keeps_logits(model)
-        # frozen weights (LoRA's base) stay out of the optimizer, so the plugin tracks the adapters only
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = None
-        if s.client_opt:
-            opt = torch.optim.AdamW(trainable, lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=opt,
-            config=s.ds_run,
-            model_parameters=None if opt is not None else trainable,
-        )
-        engine._aim_ds_keepalive = keepalive
-        check_tp_groups(engine, s)
-        return engine
+        return build_engine(self.state, self.encoder)
 
     # ------------------------------------------------------------------ the loop
     def train_task(
@@ -182,7 +208,7 @@ class CLTrainer:
         "training_batch", given the loss of those rows before each step. start: steps already done (a resumed
         run skips their batches); on_step(s) after step s (1-based)."""
         from aim_ds import mixed_loss, rows_loss
-        from aim_ds.losses import whole_vocab_logits
+        from aim_ds.shards.tp import whole_vocab_logits
 
         cfg = self.cfg
         total = len(batches)
@@ -241,8 +267,8 @@ class CLTrainer:
                     batch_size=self.cfg.eval_batch_size,
                     rank=s.dp_rank,  # the ranks of a tensor-parallel group score the same examples together
                     world_size=s.dp_world,
-                    max_prompt_len=self.cfg.max_len,
                     synced_gpus=s.world > 1,
+                    max_prompt_len=self.cfg.max_len,
                 )
             )
         engine.train()
@@ -267,21 +293,7 @@ class CLTrainer:
 
         s = self.state
         tag = f"task{task:03d}-end" if done else f"task{task:03d}-step{step:06d}"
-        extra = {
-            "driver": "launch/train.py",
-            "method": self.cfg.method,
-            "task": task,
-            "step": step,
-            "done": done,
-            "driver_step": s.steps_before(task) + step,
-            "data_seed": data_seed,
-            "memory_sha": s.mem_sha,
-            "global": global_batches(s.micro, s.mem_bs, s.replay_rows, s.dp_world),
-            "matrix": matrix,
-            "single_scores": s.single_scores,
-            "fwt_source": s.fwt_source,
-            "options": resume_options(self.cfg),
-        }
+        extra = checkpoint_extra(s, task, step, done, matrix, data_seed)
         client = {"rng": rng_state(), "losses": list(self.losses) if s.rank == 0 else [], "work": dict(self.work)}
         save_checkpoint(
             engine,
@@ -375,9 +387,7 @@ class CLTrainer:
             replay = None
             if s.replay_rows and mem_examples:
                 replay = memory_batches(mem_examples, s.replay_rows, s.dp_rank, s.dp_world, cfg.seed + 7 * k + 1)
-            probe = (
-                plugin if (replay and plugin is not None and plugin.config.probe_source == "training_batch") else None
-            )
+            probe = plugin if (replay and plugin is not None and plugin.records_probe_loss) else None
             self.train_task(
                 engine,
                 k,

@@ -3,17 +3,7 @@ partition rule, and the switch that makes engine.load_checkpoint read a universa
 
 from __future__ import annotations
 
-from . import ZeroShards, logical_shape
-
-
-# ---------------------------------------------------------------------- checkpoint layout (ZeRO-3 reads)
-def valid_numel(numel: int, partition_numel: int, rank: int) -> int:
-    """Elements of a flattened parameter that rank `rank` owns: [rank*pn, (rank+1)*pn) cut at numel.
-
-    The rest of the rank's partition_numel() slots are padding (uninitialised; a parameter smaller than
-    the world size leaves whole ranks with padding only).
-    """
-    return max(0, min(partition_numel, numel - rank * partition_numel))
+from .zero import ZeroShards, logical_shape
 
 
 def param_shapes(module) -> list[list]:

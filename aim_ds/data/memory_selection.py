@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from .core import Example, Task
+from .tasks import Example, Task
 
 
 def select_memory(task: Task, fraction: float, seed: int) -> list[Example]:

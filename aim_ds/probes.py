@@ -1,0 +1,109 @@
+"""Probe sources: where the forgetting signal (the loss of the rehearsal memory) comes from after a training
+step. One class per ``probe_source`` name, chosen from ``PROBE_SOURCES``; a new source is one class here.
+
+- :class:`MemoryForwardProbe` ("memory_forward"): the plugin's own forward on one memory batch per rank,
+  model in eval mode, no grad; every ``probe_interval``-th step.
+- :class:`TrainingBatchProbe` ("training_batch"): the loss of the memory rows already in the step's
+  training batch, handed over by the caller (``AimPlugin.record_probe_loss``); every step, no forward.
+
+Both reduce over data parallel (tensor-parallel ranks share their data-parallel rank's batch) and return
+the token-weighted mean, or None when the step has no signal.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from . import collectives
+from .losses import batch_tokens
+from .memory import to_device
+
+
+class MemoryForwardProbe:
+    """The mean memory loss over ranks from a forward of the plugin's own (model in eval mode: no dropout)."""
+
+    name = "memory_forward"
+    records_loss = False  # the caller hands over no loss
+
+    def __init__(self, config, engine, shards, work: dict):
+        self.config, self.engine, self.shards, self.work = config, engine, shards, work
+
+    def due(self, scheduled: bool, has_memory: bool) -> bool:
+        return scheduled and has_memory
+
+    def discard(self) -> None:
+        """Nothing is held between steps."""
+
+    @torch.no_grad()
+    def read(self, next_batch: Callable[[], dict], task: int, step: int) -> float:
+        batch = next_batch()
+        n = self.config.probe_batch_size
+        if n:
+            batch = {k: (v[:n] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            local = float(self.engine(**to_device(batch, self.engine.device)).loss.detach())
+        finally:
+            module.train(was_training)
+        self.work["probe_forwards"] += 1
+        self.work["probe_tokens"] += batch_tokens(batch)
+        return collectives.mean_over_ranks(local, 1.0, group=self.shards.dp_group)
+
+
+class TrainingBatchProbe:
+    """The recorded memory-row loss of this step's training batch, token-weighted over ranks."""
+
+    name = "training_batch"
+    records_loss = True  # the caller hands over the memory rows' loss (record_probe_loss)
+
+    def __init__(self, config, engine, shards, work: dict):
+        self.shards = shards
+        self.recorded: tuple[float, float] | None = None
+        self._warned_task = -1  # the task for which a missing record was reported
+
+    def record(self, loss_sum: float, count: float) -> None:
+        prev = self.recorded or (0.0, 0.0)
+        self.recorded = (prev[0] + loss_sum, prev[1] + count)  # gradient accumulation: micro-steps add up
+
+    def due(self, scheduled: bool, has_memory: bool) -> bool:
+        if not scheduled:
+            self.recorded = None
+        return scheduled
+
+    def discard(self) -> None:
+        self.recorded = None
+
+    def read(self, next_batch, task: int, step: int) -> float | None:
+        s, c = self.recorded or (0.0, 0.0)
+        self.recorded = None
+        total, count = collectives.sum_over_ranks(s, c, group=self.shards.dp_group)
+        if count > 0:
+            return total / count
+        if self.shards.rank == 0 and self._warned_task != task:
+            self._warned_task = task
+            warnings.warn(
+                f'aim_merging: probe_source is "training_batch" but no rank recorded a memory loss '
+                f"at task {task} step {step}: the forgetting signal is empty, "
+                "so only forced activations trigger merges. Mix memory rows into the training batches "
+                "and call plugin.record_probe_loss(*aim_ds.rows_loss(...)) before engine.step(), or use "
+                'probe_source "memory_forward". (Reported once per task.)',
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
+
+
+PROBE_SOURCES = {cls.name: cls for cls in (MemoryForwardProbe, TrainingBatchProbe)}
+
+
+def probe_source(config) -> type:
+    """The probe source class a config names (a front end asks it whether to hand over the memory rows' loss)."""
+    return PROBE_SOURCES[config.probe_source]
+
+
+__all__ = ["MemoryForwardProbe", "TrainingBatchProbe", "PROBE_SOURCES", "probe_source"]

@@ -1,0 +1,69 @@
+"""What the benchmark scripts share: the repository root, the environment of a driver run, and the cells of
+their tables (mean ± std over seeds, paired differences by seed, tokens of a run). Each script imports it as
+its sibling module (a script's own folder is the first entry of sys.path), so no script edits sys.path."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def driver_env() -> dict:
+    """Environment for one single-process driver run side by side with another (cl_quality.py, perf.py):
+    one thread each, offline, the project's prebuilt ops, no inherited rank variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def fmt(vals, digits=1):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "—"
+    m = statistics.fmean(vals)
+    if len(vals) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def seeds_text(vals, digits=1):
+    return " / ".join("—" if v is None else f"{v:.{digits}f}" for v in vals)
+
+
+def work_tokens(work: dict) -> tuple[int, int]:
+    """A run's tokens on rank 0 (results.json "work"): through forward + backward (training batches and
+    rehearsal), and through forward only (the plugin's probe forwards): the compute a GPU pays."""
+    return work.get("train_tokens", 0) + work.get("rehearsal_tokens", 0), work.get("probe_tokens", 0)
+
+
+def paired(xs: list[float], ys: list[float]) -> tuple[float, float | None, str]:
+    """Mean of the per-seed differences x - y, its standard error (None under 2 seeds) and the verdict:
+    "level" when |mean| < 2 standard errors, else "ahead" / "behind". Under 3 seeds it is always "level (n
+    seeds)": a standard error from 2 differences has one degree of freedom and says almost nothing."""
+    d = [x - y for x, y in zip(xs, ys)]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return mean, None, "level (1 seed)"
+    se = statistics.stdev(d) / len(d) ** 0.5
+    if len(d) < 3:
+        return mean, se, f"level ({len(d)} seeds)"
+    if abs(mean) < 2 * se or (se == 0 and mean == 0):
+        return mean, se, "level"
+    return mean, se, "ahead" if mean > 0 else "behind"
+
+
+PAIRED_NOTE = (
+    'Paired by seed (mean ± standard error of the per-seed difference; "level" when under two standard errors, '
+    "or from fewer than 3 seeds):"
+)
+
+
+def paired_cell(xs: list[float], ys: list[float]) -> str:
+    """One table cell: the paired difference x - y, its standard error and the verdict."""
+    mean, se, verdict = paired(xs, ys)
+    return f"{mean:+.1f}" + (f" ± {se:.1f}" if se is not None else "") + f" ({verdict})"

@@ -1,0 +1,107 @@
+"""Architecture rules that import-linter cannot express (docs/architecture.md): DeepSpeed's internals are read
+only in aim_ds/shards/, and no class is over 300 lines or function over 80 (argparse builders aside). The
+import contracts themselves are in pyproject.toml, checked by `lint-imports` (.ci/run) and by the last test."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "aim_ds"
+# DeepSpeed's public entry points any layer may use; everything else of deepspeed is an internal
+PUBLIC_DEEPSPEED = (
+    "deepspeed",
+    "deepspeed.comm",
+    "deepspeed.accelerator",
+    "deepspeed.checkpoint",
+    "deepspeed.utils.zero_to_fp32",
+)
+# estimate.py calls DeepSpeed's published memory estimators, which live in deepspeed.runtime.zero
+INTERNALS_ALLOWED = {"estimate.py"}
+MAX_CLASS, MAX_FUNCTION = 300, 80
+ARGPARSE_BUILDERS = {"build_parser", "add_arguments"}
+
+
+def _sources():
+    return sorted(p for p in PKG.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _imports(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield node.lineno, a.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module
+
+
+def deepspeed_internals(source: str) -> list[tuple[int, str]]:
+    """(line, module) of every import of a DeepSpeed internal in a module's source."""
+    return [
+        (line, m)
+        for line, m in _imports(ast.parse(source))
+        if m.split(".")[0] == "deepspeed" and m not in PUBLIC_DEEPSPEED
+    ]
+
+
+def oversized(source: str) -> list[tuple[int, str, int, int]]:
+    """(line, name, lines, limit) of every class over MAX_CLASS and function over MAX_FUNCTION lines."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            limit = MAX_CLASS
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in ARGPARSE_BUILDERS:
+            limit = MAX_FUNCTION
+        else:
+            continue
+        n = node.end_lineno - node.lineno + 1
+        if n > limit:
+            out.append((node.lineno, node.name, n, limit))
+    return out
+
+
+def _where(p: Path, line: int) -> str:
+    return f"{p.relative_to(PKG.parent)}:{line}"
+
+
+def test_only_shards_read_deepspeed_internals():
+    found = [
+        f"{_where(p, line)} {mod}"
+        for p in _sources()
+        if "shards" not in p.relative_to(PKG).parts and p.name not in INTERNALS_ALLOWED
+        for line, mod in deepspeed_internals(p.read_text())
+    ]
+    assert not found, "DeepSpeed internals imported outside aim_ds/shards/: " + "; ".join(found)
+
+
+def test_no_class_over_300_lines_no_function_over_80():
+    found = [
+        f"{_where(p, line)} {name} is {n} lines (limit {limit})"
+        for p in _sources()
+        for line, name, n, limit in oversized(p.read_text())
+    ]
+    assert not found, "; ".join(found)
+
+
+def test_the_checks_can_fail():
+    src = (
+        "import deepspeed.comm\ndef f():\n    from deepspeed.runtime.zero.stage3 import X\n"
+        + "def g():\n"
+        + "    pass\n" * 80
+    )
+    assert deepspeed_internals(src) == [(3, "deepspeed.runtime.zero.stage3")]
+    assert oversized(src) == [(4, "g", 81, MAX_FUNCTION)]
+
+
+@pytest.mark.skipif(
+    shutil.which("lint-imports", path=str(Path(sys.executable).parent)) is None, reason="import-linter not installed"
+)
+def test_import_contracts():
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    r = subprocess.run([exe, "--no-logo", "--no-cache"], cwd=PKG.parent, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
