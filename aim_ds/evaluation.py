@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .data.dataset import encode_prompt, encode_target
 from .data.tasks import Task
+from .shards.tp import vocab_head, whole_vocab_logits
 
 
 def _normalise(s: str) -> str:
@@ -93,7 +94,7 @@ def score_labels(
         seqs = [prompts[p] + label_ids[l] for p, l in chunk]
         ids, mask = _pad_right(seqs, tokenizer.pad_token_id, device)
         if not keeps_logits(fwd):
-            logits = fwd(input_ids=ids, attention_mask=mask).logits.float()
+            logits = whole_vocab_logits(fwd, fwd(input_ids=ids, attention_mask=mask).logits).float()
             tok_lp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             for i, (p, l) in enumerate(chunk):
                 start, end = len(prompts[p]) - 1, len(prompts[p]) + len(label_ids[l]) - 1
@@ -103,7 +104,7 @@ def score_labels(
         width = max(len(label_ids[l]) for _, l in chunk)
         start = torch.tensor([len(prompts[p]) - 1 for p, _ in chunk], device=ids.device)
         pos = (start[:, None] + torch.arange(width, device=ids.device)[None, :]).clamp(max=ids.shape[1] - 2)
-        logits = fwd(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits.float()
+        logits = whole_vocab_logits(fwd, fwd(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits).float()
         tok_lp = F.log_softmax(logits, dim=-1).gather(-1, ids.gather(1, pos + 1).unsqueeze(-1)).squeeze(-1)
         for i, (_, l) in enumerate(chunk):
             scores[b * batch_size + i] = tok_lp[i, : len(label_ids[l])].sum().double().cpu()
@@ -122,6 +123,17 @@ def generate_texts(
 ) -> list[str]:
     """Greedy continuations (left-padded batches), decoded and cut at eos."""
     _, module, device = _unwrap(model_or_engine)
+    head = vocab_head(module)
+    # generate() reads the head's output directly: gather a vocabulary-sliced AutoTP head's slices meanwhile
+    hook = head.register_forward_hook(lambda m, a, out: whole_vocab_logits(module, out)) if head else None
+    try:
+        return _generate(module, tokenizer, prompts, batch_size, max_new_tokens, n_batches, synced_gpus, device)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _generate(module, tokenizer, prompts, batch_size, max_new_tokens, n_batches, synced_gpus, device) -> list[str]:
     need = math.ceil(len(prompts) / batch_size)
     n_batches = need if n_batches is None else n_batches
     out: list[str] = []

@@ -24,6 +24,9 @@ FUSION_CASES = {
     "stage2_bf16": {"stage": 2, "dtype": "bf16"},
     "stage2_bf16_offload": {"stage": 2, "dtype": "bf16", "offload": True},
     "stage1_fp32_offload": {"stage": 1, "offload": True},
+    "stage0_fp16": {"stage": 0, "dtype": "fp16"},  # fp16 with dynamic loss scaling
+    "stage1_fp16": {"stage": 1, "dtype": "fp16"},
+    "stage2_fp16": {"stage": 2, "dtype": "fp16"},
 }
 
 
@@ -200,6 +203,48 @@ def tp_signal(tp: int = 1, mode: str = "none", steps: int = 3, stage: int = 1, w
     }
 
 
+def tp_vocab_head(tp: int = 2):
+    """AutoTP over a model with a tied LM head (cut over the vocabulary): the driver's gathered logits and
+    greedy generation against the same model unsliced on this rank."""
+    from aim_ds.evaluation import generate_texts
+    from aim_ds.shards.tp import vocab_head, whole_vocab_logits
+
+    class Tok:  # what generate_texts reads of a tokenizer: the special ids and a decode
+        pad_token_id, eos_token_id, bos_token_id = 0, 1, 2
+
+        @staticmethod
+        def decode(ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    conf = sc.tiny_config()
+    conf.tie_word_embeddings = True
+    torch.manual_seed(0)
+    ref = sc.LlamaForCausalLM(conf).eval()
+    torch.manual_seed(0)
+    sc.unset_hf_deepspeed_config()
+    model = sc.LlamaForCausalLM(conf)
+    cfg = sc.ds_config(stage=1)
+    cfg["tensor_parallel"] = {"autotp_size": tp}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine = deepspeed.initialize(model=model, optimizer=opt, config=cfg)[0]
+    engine.eval()
+    b = sc.batch(7)
+    with torch.no_grad():
+        sliced = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        full = whole_vocab_logits(engine, sliced)
+        want = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    prompts = [[5, 9, 13, 4], [7, 3], [11, 12, 6, 8, 10]]
+    return {
+        "head": type(vocab_head(engine)).__name__,
+        "vocab": conf.vocab_size,
+        "sliced_width": sliced.shape[-1],
+        "gathered_width": full.shape[-1],
+        "logits_max_diff": float((full - want).abs().max()),
+        "generated": generate_texts(engine, Tok, prompts, batch_size=2, max_new_tokens=6),
+        "reference": generate_texts(ref, Tok, prompts, batch_size=2, max_new_tokens=6),
+    }
+
+
 def _tp_checkpoint(engine, plugin, build, mem, work):
     from aim_ds import checkpoint as ckpt
 
@@ -256,6 +301,11 @@ def _equal(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def checkpoint_cases(work: str, cases: list):
+    """checkpoint_resume for each [stage, dtype], each in its own folder (one launch)."""
+    return {f"stage{st}_{dt}": checkpoint_resume(os.path.join(work, f"{st}-{dt}"), st, dt) for st, dt in cases}
 
 
 def checkpoint_resume(work: str, stage: int = 2, dtype: str = "bf16"):

@@ -169,7 +169,7 @@ BAD = [
     ("memory_fraction_zero", lambda t: ["--memory-fraction", "0"], "--memory-fraction 0.0: must be in (0, 1]"),
     ("memory_fraction_above_one", lambda t: ["--memory-fraction", "1.5"], "--memory-fraction 1.5"),
     ("negative_lora", lambda t: ["--lora", "-1"], "--lora -1: must be >= 0"),
-    ("tensor_parallel", lambda t: ["--deepspeed_config", ds_config(t, _tp=2)], "not yet through this driver"),
+    ("tensor_parallel", lambda t: ["--deepspeed_config", ds_config(t, _tp=2)], "a multiple of 2 (this launch has 1)"),
 ]
 
 

@@ -17,6 +17,9 @@ FAMILIES = {
     "stage2_bf16": "zero1/2",
     "stage2_bf16_offload": "zero1/2",
     "stage1_fp32_offload": "zero1/2",
+    "stage0_fp16": "stage0_unfused",
+    "stage1_fp16": "zero1/2",
+    "stage2_fp16": "zero1/2",
 }
 
 
@@ -74,6 +77,20 @@ def test_stage2_checkpoint_resume_bit_exact_and_convert(tmp_path):
     assert r0["convert_model_diff"] == 0.0, r0
     assert r0["convert_anchor_diff"] == 0.0, r0  # the anchor reassembled from flat partitions cut mid-parameter
     assert "ZeRO-3" in r0["reshard_error"], r0
+
+
+def test_checkpoint_resume_bit_exact_stage0_and_fp16(tmp_path):
+    """Stage 0 (fp32: the parameters are the masters; bf16: the unfused optimizer's fp32 copies) and fp16 with
+    dynamic loss scaling: save after a merge, resume bit-exact across the next merge, convert exactly."""
+    cases = [[0, "fp32"], [0, "bf16"], [1, "fp16"]]
+    res = run_ranks("tests.scenarios_zero:checkpoint_cases", 2, tmp_path, TIMEOUT, work=str(tmp_path), cases=cases)
+    for stage, dtype in cases:
+        name = f"stage{stage}_{dtype}"
+        for r in (x[name] for x in res):
+            assert r["merges_before_save"] == 1 and r["merges"] == 2, (name, r)
+            assert r["loaded_diff"] == 0.0 and r["resumed_diff"] == 0.0 and r["state_equal"], (name, r)
+        r0 = res[0][name]
+        assert r0["convert_model_diff"] == 0.0 and r0["convert_anchor_diff"] == 0.0, (name, r0)
 
 
 def test_driver_runs_the_shipped_zero2_config(tmp_path):

@@ -16,6 +16,7 @@ import time
 import torch
 
 from ..fileio import check_output_dir, fsync_dir
+from . import tp
 from .format import (
     HF_SUBDIR,
     MANIFEST,
@@ -77,6 +78,8 @@ def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.T
     stage 0: the module's own state), frozen parameters included."""
     tag, m = _open_offline(ckpt_dir, tag)
     tag_dir = os.path.join(ckpt_dir, tag)
+    if m["layout"].get("tp_size", 1) > 1 or m["layout"].get("kind") == "replicated":
+        return tp.model(tag_dir, m)  # stage 0 too: DeepSpeed's zero_to_fp32 reads stages 1-3 only
     if m["universal"]:
         out = {}
         for g in m["layout"]["sub_groups"]:
@@ -85,8 +88,6 @@ def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.T
                 t = t["param"] if isinstance(t, dict) else t
                 out[n] = t.reshape(shape).float()
         return _with_frozen(out, tag_dir)
-    if (m.get("layout") or {}).get("kind") == "replicated":
-        return _replicated_state_dict(tag_dir, m["layout"])  # the module's state holds every parameter
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
@@ -96,19 +97,6 @@ def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.T
 
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # stages 0-2: the module's whole state dict, on rank 0
-
-
-def _replicated_state_dict(tag_dir: str, layout: dict) -> dict[str, torch.Tensor]:
-    """Stage 0 (DeepSpeed's zero_to_fp32 has no stage 0): the module's state; the fp32 masters of a bf16/fp16
-    run (FP16_UnfusedOptimizer's fp32_groups, one per trainable parameter in the layout's order) replace their
-    low-precision copies."""
-    saved = torch.load(os.path.join(tag_dir, MODEL_STATES), map_location="cpu", weights_only=False)
-    sd = {k: v.float().clone() if v.is_floating_point() else v for k, v in saved["module"].items()}
-    masters = [t for grp in (saved.get("optimizer") or {}).get("fp32_groups") or [] for t in grp]
-    if masters:
-        names = [p[0] for g in layout["sub_groups"] for p in g["params"]]
-        sd.update({n: t.detach().float().reshape(sd[n].shape).clone() for n, t in zip(names, masters)})
-    return sd
 
 
 def _with_frozen(sd: dict[str, torch.Tensor], tag_dir: str) -> dict[str, torch.Tensor]:
@@ -159,6 +147,8 @@ def anchor_state_dict(ckpt_dir: str, tag: str | None = None, key: str = "anchor"
             "no anchor yet; use --what model."
         )
     states = _load_plugin_states(tag_dir, m)
+    if m["layout"].get("tp_size", 1) > 1:
+        return tp.anchor(states, m, key, os.path.join(tag_dir, MANIFEST))
     full = gather([get_path(s, (key,)) for s in states], m["layout"])
     shapes = {n: s for g in m["layout"]["sub_groups"] for n, s, _, _ in g["params"]}
     return {n: t.reshape(shapes[n]) for n, t in full.items()}

@@ -95,6 +95,7 @@ def results_record(state, res: dict, ds_config: dict, info, m: dict, wall: float
         "eval_wall_s": round(res["eval_wall_s"], 2),
         "setup_wall_s": round(state.setup_s, 2),
         "world_size": info.world_size,
+        "tensor_parallel": state.tp,  # ranks per tensor-parallel group; world_size / tensor_parallel data-parallel
         "launcher": info.launcher,
         "config": {
             "args": cfg.options(),

@@ -126,11 +126,19 @@ def check_resume_options(resume: ResumePoint, cfg: RunConfig, aim_cfg) -> None:
         )
 
 
-def check_resume_manifest(resume: ResumePoint, world: int, task_fp: str, mem_sha: str, glob: dict) -> None:
-    """Refuse a checkpoint of another world size / global batch / data / setup before any engine is built."""
+def check_resume_manifest(resume: ResumePoint, world: int, task_fp: str, mem_sha: str, glob: dict, tp: int = 1) -> None:
+    """Refuse a checkpoint of another tensor-parallel size / world size / global batch / data / setup before
+    any engine is built."""
     from aim_ds.checkpoint import MANIFEST, CheckpointError, check_compatible
 
     where = os.path.join(resume.tag_dir, MANIFEST)
+    saved_tp = (resume.manifest.get("layout") or {}).get("tp_size", 1)
+    if saved_tp != tp:  # first: the weights are sliced per tensor-parallel rank, no reshard joins or cuts them
+        raise InputError(
+            f"{where}: the checkpoint was saved at tensor-parallel size {saved_tp}, this run has {tp}; resume "
+            f"with tensor_parallel.autotp_size {saved_tp} in the ds_config (and a multiple of {saved_tp} ranks), "
+            "or convert it (aim-ds convert) and start a new run from the Hugging Face folder"
+        )
     try:  # the world size first: its error says to reshard, after which the per-rank sizes change
         check_compatible(resume.tag_dir, resume.manifest, world_size=world)
     except CheckpointError as e:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import socket
 import sys
 import time
 from typing import NamedTuple
@@ -61,15 +62,14 @@ def data_fingerprint(tasks) -> str:
     return h.hexdigest()
 
 
+def tp_size(ds_config: dict) -> int:
+    """AutoTP's tensor-parallel size (1 without a tensor_parallel section)."""
+    return max(1, int((ds_config.get("tensor_parallel") or {}).get("autotp_size") or 1))
+
+
 def check_inputs(cfg: RunConfig):
     """The collective-free checks: (cfg, ds_config, aim_cfg, resume point, tasks). Raises InputError."""
     ds_config = apply_aim_overrides(load_ds_config(cfg.deepspeed_config), cfg.aim)
-    if int((ds_config.get("tensor_parallel") or {}).get("autotp_size") or 1) > 1:
-        # its batches, evaluation and label-window logits are split over every rank, and AutoTP ranks must share them
-        raise InputError(
-            f"{cfg.deepspeed_config}: tensor_parallel (AutoTP) runs through aim_ds.attach in your own loop "
-            "(docs/performance.md), not yet through this driver; remove the tensor_parallel section to use the driver"
-        )
     aim_cfg = plugin_config(cfg.method, ds_config, cfg.deepspeed_config)
     cfg, resume = resolve_resume_arg(cfg)
     if resume is not None:
@@ -149,6 +149,15 @@ def run(cfg: RunConfig, t0: float) -> int:
     import torch
 
     rank, world = info.rank, info.world_size
+    # AutoTP groups consecutive ranks (DeepSpeed's groups._init_tp_mesh_device): the ranks of one
+    # tensor-parallel group share data-parallel rank rank // tp and are fed the same batches
+    tp = tp_size(ds_config)
+    if world % tp:  # every rank sees the same world size: the same error everywhere, no collective
+        raise InputError(
+            f"{cfg.deepspeed_config}: tensor_parallel.autotp_size {tp} needs a number of ranks that is a multiple "
+            f"of {tp} (this launch has {world}); launch {tp} x the data-parallel size ranks, or lower autotp_size"
+        )
+    dp_world = world // tp
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir = cfg.output_dir if cfg.output_dir is not None else default_output_dir(cfg, rank)
@@ -169,17 +178,18 @@ def run(cfg: RunConfig, t0: float) -> int:
     sizes = batch_sizes(cfg, ds_config, aim_cfg, world)
     # memory buffer: the same seeded selection for every method
     memories = [aim_data.select_memory(t, cfg.memory_fraction, cfg.seed) for t in tasks]
-    steps_per_task = [max(1, int(math.ceil(cfg.epochs * len(t.train) / (sizes.micro * world)))) for t in tasks]
-    ref = fwt_reference(cfg, tasks, sizes, world, cache_dir)
-    task_fp, mem_sha, glob = checkpoint_identity(cfg, tasks, memories, sizes, steps_per_task, world)
+    steps_per_task = [max(1, int(math.ceil(cfg.epochs * len(t.train) / (sizes.micro * dp_world)))) for t in tasks]
+    ref = fwt_reference(cfg, tasks, sizes, world, cache_dir, tp)
+    task_fp, mem_sha, glob = checkpoint_identity(cfg, tasks, memories, sizes, steps_per_task, dp_world)
     if resume is not None:
-        check_resume_manifest(resume, world, task_fp, mem_sha, glob)
+        check_resume_manifest(resume, world, task_fp, mem_sha, glob, tp)
 
     from .trainer import RunState
 
     lock = OutputLock(out_dir)
     try:
         take_lock(lock, rank)
+        check_shared_output(lock, rank, world)
         if rank == 0:
             if resume is None:  # a resumed run creates nothing before its checkpoint has loaded
                 os.makedirs(out_dir, exist_ok=True)
@@ -187,13 +197,14 @@ def run(cfg: RunConfig, t0: float) -> int:
                 announce(resume)
             print(
                 f"[aim_ds] method={cfg.method} benchmark={cfg.benchmark} tasks={[t.name for t in tasks]} "
-                f"world={world} micro_batch={sizes.micro} steps/task={steps_per_task} out={out_dir}",
+                f"world={world}{f' (tensor parallel {tp})' if tp > 1 else ''} micro_batch={sizes.micro} steps/task={steps_per_task} out={out_dir}",
                 flush=True,
             )
         state = RunState(
             cfg=cfg,
             rank=rank,
             world=world,
+            tp=tp,
             tasks=tasks,
             memories=memories,
             tokenizer=tokenizer,
@@ -243,12 +254,13 @@ def batch_sizes(cfg: RunConfig, ds_config: dict, aim_cfg, world: int) -> BatchSi
     ds_run = json.loads(json.dumps(ds_config))
     ds_run["train_micro_batch_size_per_gpu"] = micro
     ds_run["gradient_accumulation_steps"] = 1
+    # DeepSpeed's batch check counts every rank, tensor-parallel ones too (its config has no mpu under AutoTP)
     ds_run["train_batch_size"] = micro * world
     ds_run.pop("scheduler", None)  # the driver owns the LR schedule
     return BatchSizes(micro, mem_bs, replay_rows, ds_run)
 
 
-def fwt_reference(cfg: RunConfig, tasks, sizes: BatchSizes, world: int, cache_dir: str) -> FwtReference:
+def fwt_reference(cfg: RunConfig, tasks, sizes: BatchSizes, world: int, cache_dir: str, tp: int = 1) -> FwtReference:
     """The FWT reference's cache key: the hyper-parameters shared by every method (not the method itself)."""
     from aim_ds.modeling import model_source_key
 
@@ -261,7 +273,7 @@ def fwt_reference(cfg: RunConfig, tasks, sizes: BatchSizes, world: int, cache_di
             "tokenizer": cfg.tokenizer,
             "seed": cfg.seed,
             "epochs": cfg.epochs,
-            "global_batch": sizes.micro * world,
+            "global_batch": sizes.micro * world // tp,
             "world": world,
             "lr": cfg.lr,
             "warmup": cfg.warmup,
@@ -276,13 +288,14 @@ def fwt_reference(cfg: RunConfig, tasks, sizes: BatchSizes, world: int, cache_di
     return FwtReference(ref_key, ref_key_src, os.path.join(cache_dir, "fwt", f"{ref_key}.json"))
 
 
-def checkpoint_identity(cfg: RunConfig, tasks, memories, sizes: BatchSizes, steps_per_task, world: int):
+def checkpoint_identity(cfg: RunConfig, tasks, memories, sizes: BatchSizes, steps_per_task, dp_world: int):
     """(task fingerprint, memory fingerprint, global batches): what decides the trajectory at the global level,
-    so that a checkpoint resharded to another number of ranks keeps it (the aim_merging section is checked apart)."""
+    so that a checkpoint resharded to another number of ranks keeps it (the aim_merging section is checked apart).
+    dp_world: the data-parallel ranks (tensor-parallel ranks share their batches)."""
     from aim_ds.checkpoint import fingerprint
     from aim_ds.modeling import model_source_key
 
-    glob = global_batches(sizes.micro, sizes.mem_bs, sizes.replay_rows, world)
+    glob = global_batches(sizes.micro, sizes.mem_bs, sizes.replay_rows, dp_world)
     per_rank = ("train_micro_batch_size_per_gpu", "train_batch_size", "aim_merging")
     task_fp = fingerprint(
         {
@@ -295,6 +308,31 @@ def checkpoint_identity(cfg: RunConfig, tasks, memories, sizes: BatchSizes, step
         }
     )
     return task_fp, fingerprint([[e.id for e in m] for m in memories]), glob
+
+
+def check_shared_output(lock: OutputLock, rank: int, world: int) -> None:
+    """Every rank must see the output folder rank 0 locked (one shared file system: checkpoints are written by
+    every rank and committed by rank 0). A rank on another node that sees its own node-local folder instead
+    reads no lock there, or another one: every rank raises the same InputError before anything is written
+    (collective)."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    from aim_ds.collectives import agree
+
+    from .lock import read_holder
+
+    holder = [read_holder(lock.path) if rank == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    err = None
+    if read_holder(lock.path) != holder[0]:
+        err = (
+            f"--output-dir {lock.out_dir}: this rank ({socket.gethostname()}) does not see the lock file rank 0 "
+            "wrote there; every rank must see the same output folder (a file system shared by all nodes). "
+            "Node-local output folders are not supported: give an --output-dir on shared storage"
+        )
+    agree(err, exc_type=InputError)
 
 
 def take_lock(lock: OutputLock, rank: int) -> None:

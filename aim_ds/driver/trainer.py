@@ -43,12 +43,21 @@ class RunState:
     task_fp: str
     mem_sha: str
     setup_s: float = 0.0
+    tp: int = 1  # tensor-parallel size (AutoTP): ranks rank // tp * tp ... + tp - 1 share one data-parallel rank
     single_scores: list | None = None
     fwt_source: str | None = None
 
     @property
     def ckpt_dir(self) -> str:
         return os.path.join(self.out_dir, CKPT_SUBDIR)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def dp_world(self) -> int:
+        return self.world // self.tp
 
     def steps_before(self, task: int) -> int:
         return sum(self.steps_per_task[:task])
@@ -129,7 +138,24 @@ def build_engine(state: RunState, encoder: EncodingCache):
         model_parameters=None if opt is not None else trainable,
     )
     keep_alive(engine, keepalive)
+    check_tp_groups(engine, s)
     return engine
+
+
+def check_tp_groups(engine, s: RunState) -> None:
+    """The driver feeds rank r the data of data-parallel rank r // tp: check that DeepSpeed's groups agree
+    (a DeepSpeed that laid the groups out otherwise would silently train each slice on other data)."""
+    if s.tp == 1:
+        return
+    from deepspeed.utils import groups
+
+    tp_rank = groups.get_tensor_model_parallel_rank()
+    dp_rank = groups.get_data_parallel_rank()
+    if (tp_rank, dp_rank) != (s.rank % s.tp, s.dp_rank):
+        raise RuntimeError(
+            f"rank {s.rank}: DeepSpeed placed it at tensor-parallel rank {tp_rank}, data-parallel rank {dp_rank}; "
+            f"the driver expects {s.rank % s.tp}, {s.dp_rank} (consecutive ranks per tensor-parallel group)"
+        )
 
 
 def checkpoint_extra(s: RunState, task: int, step: int, done: bool, matrix: list, data_seed: int) -> dict:
@@ -143,7 +169,7 @@ def checkpoint_extra(s: RunState, task: int, step: int, done: bool, matrix: list
         "driver_step": s.steps_before(task) + step,
         "data_seed": data_seed,
         "memory_sha": s.mem_sha,
-        "global": global_batches(s.micro, s.mem_bs, s.replay_rows, s.world),
+        "global": global_batches(s.micro, s.mem_bs, s.replay_rows, s.dp_world),
         "matrix": matrix,
         "single_scores": s.single_scores,
         "fwt_source": s.fwt_source,
@@ -182,6 +208,7 @@ class CLTrainer:
         "training_batch", given the loss of those rows before each step. start: steps already done (a resumed
         run skips their batches); on_step(s) after step s (1-based)."""
         from aim_ds import mixed_loss, rows_loss
+        from aim_ds.shards.tp import whole_vocab_logits
 
         cfg = self.cfg
         total = len(batches)
@@ -201,14 +228,17 @@ class CLTrainer:
             batch = to_device(batch, engine.device)
             set_lr(engine, lr_at(s, total, cfg.lr, cfg.warmup))
             # the forgetting signal (probe) is read off this forward's memory rows: no extra forward
+            # (logits gathered over the vocabulary when AutoTP sliced the head; the model's own loss handles that)
             if mem_batches and cfg.memory_weight is not None:  # the driver weights new and memory rows itself
                 labels = batch.pop("labels")  # no second loss inside the model
                 out = engine(**batch)
-                loss, *mem_rows = mixed_loss(out.logits, labels, n_new, cfg.memory_weight)
+                loss, *mem_rows = mixed_loss(whole_vocab_logits(engine, out.logits), labels, n_new, cfg.memory_weight)
             else:
                 out = engine(**batch)
                 loss = out.loss
-                mem_rows = rows_loss(out.logits, batch["labels"], slice(n_new, None)) if probe is not None else None
+                mem_rows = None
+                if probe is not None:
+                    mem_rows = rows_loss(whole_vocab_logits(engine, out.logits), batch["labels"], slice(n_new, None))
             if probe is not None:
                 probe.record_probe_loss(*mem_rows)
             engine.backward(loss)
@@ -235,8 +265,9 @@ class CLTrainer:
                     s.tokenizer,
                     s.tasks[i],
                     batch_size=self.cfg.eval_batch_size,
-                    rank=s.rank,
-                    world_size=s.world,
+                    rank=s.dp_rank,  # the ranks of a tensor-parallel group score the same examples together
+                    world_size=s.dp_world,
+                    synced_gpus=s.world > 1,
                     max_prompt_len=self.cfg.max_len,
                 )
             )
@@ -251,7 +282,7 @@ class CLTrainer:
 
     def task_batches(self, k: int) -> list:
         s = self.state
-        return rank_batches(s.tasks[k].train, s.steps_per_task[k], s.micro, s.rank, s.world, self.cfg.seed + k)
+        return rank_batches(s.tasks[k].train, s.steps_per_task[k], s.micro, s.dp_rank, s.dp_world, self.cfg.seed + k)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, engine, plugin, task: int, step: int, done: bool, matrix: list, data_seed: int) -> None:
@@ -316,7 +347,7 @@ class CLTrainer:
         mem_examples = [e for m in s.memories[:k] for e in m]
         mem_b = [
             self.encoder.collate(b)
-            for b in memory_batches(mem_examples, s.mem_bs, s.rank, s.world, self.cfg.seed + 7 * k)
+            for b in memory_batches(mem_examples, s.mem_bs, s.dp_rank, s.dp_world, self.cfg.seed + 7 * k)
         ]
         return mem_examples, mem_b
 
@@ -355,7 +386,7 @@ class CLTrainer:
                 reset_optimizer(engine)
             replay = None
             if s.replay_rows and mem_examples:
-                replay = memory_batches(mem_examples, s.replay_rows, s.rank, s.world, cfg.seed + 7 * k + 1)
+                replay = memory_batches(mem_examples, s.replay_rows, s.dp_rank, s.dp_world, cfg.seed + 7 * k + 1)
             probe = plugin if (replay and plugin is not None and plugin.records_probe_loss) else None
             self.train_task(
                 engine,
@@ -410,7 +441,7 @@ class CLTrainer:
         pool = [e for t in s.tasks for e in t.train]
         n = sum(s.steps_per_task)
         data_seed = cfg.seed + MULTITASK_SEED_OFFSET
-        batches = rank_batches(pool, n, s.micro, s.rank, s.world, data_seed)
+        batches = rank_batches(pool, n, s.micro, s.dp_rank, s.dp_world, data_seed)
         start, self.losses = 0, []
         if s.resume is not None:
             start = self.load(engine, None)["step"]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .tp import is_tp_param, tp_slice
+
 SUPPORTED_DEEPSPEED = ((0, 18, 0), (0, 20, 0))  # [min, max)
 
 
@@ -89,10 +91,7 @@ def logical_shape(p) -> list[int]:
     return list(getattr(p, "ds_shape", p.shape))
 
 
-def _is_tp_param(p) -> bool:
-    from deepspeed.runtime.utils import is_model_parallel_parameter
-
-    return is_model_parallel_parameter(p)
+_is_tp_param = is_tp_param
 
 
 class ZeroShards:
@@ -195,6 +194,7 @@ class ZeroShards:
             "kind": self.layout_kind,
             "world_size": self.world_size,
             "tp_size": self.tp_size,
+            **({"tp_slices": {names[p]: tp_slice(p) for x in self._params_at for p, *_ in x[0]}} if tp else {}),
             "sub_group_size": None,
             "family": self.family,
             "sub_groups": [
