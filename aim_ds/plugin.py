@@ -38,15 +38,26 @@ from .trajectory import TrajectoryRow
 log = logging.getLogger("aim_ds")
 
 
+def _resolve_config(engine, config: AimConfig | dict | None) -> AimConfig:
+    """The given config, else the engine's ds_config section."""
+    if config is None:
+        return AimConfig.from_ds_config(ds_config_dict(engine))
+    return AimConfig.from_dict(config) if isinstance(config, dict) else config
+
+
+def _check_merge_args(weights, rehearsal_steps) -> None:
+    if weights is not None:
+        if len(weights) != 2 or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+            raise AimInputError(f"merge(weights={weights!r}): expected a pair of finite numbers (w_in, w_out).")
+    if rehearsal_steps is not None and (not isinstance(rehearsal_steps, int) or rehearsal_steps < 0):
+        raise AimInputError(f"merge(rehearsal_steps={rehearsal_steps!r}): expected an integer >= 0.")
+
+
 class AimPlugin:
     """AimMerging attached to a DeepSpeed ZeRO-3 engine. Create with `aim_ds.attach`."""
 
     def __init__(self, engine, memory=None, config: AimConfig | dict | None = None):
-        if config is None:
-            config = AimConfig.from_ds_config(ds_config_dict(engine))
-        elif isinstance(config, dict):
-            config = AimConfig.from_dict(config)
-        self.config: AimConfig = config
+        self.config: AimConfig = (config := _resolve_config(engine, config))
         self.engine = engine
         self.enabled = bool(config.enabled)
         self.trajectory: list[dict[str, Any]] = []
@@ -115,11 +126,7 @@ class AimPlugin:
         """Merge now, on every rank (all ranks must call it). None = the controller's choice."""
         if not self.enabled:
             raise AimInputError('aim_merging is disabled ("enabled": false); merge() needs it enabled.')
-        if weights is not None:
-            if len(weights) != 2 or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
-                raise AimInputError(f"merge(weights={weights!r}): expected a pair of finite numbers (w_in, w_out).")
-        if rehearsal_steps is not None and (not isinstance(rehearsal_steps, int) or rehearsal_steps < 0):
-            raise AimInputError(f"merge(rehearsal_steps={rehearsal_steps!r}): expected an integer >= 0.")
+        _check_merge_args(weights, rehearsal_steps)
         if self.task_index < 0:
             self.start_task()
         collectives.agree(

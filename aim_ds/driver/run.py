@@ -138,6 +138,17 @@ def default_output_dir(cfg: RunConfig, rank: int) -> str:
     return holder[0]
 
 
+def data_parallel_world(cfg: RunConfig, tp: int, world: int) -> int:
+    """The number of data-parallel ranks; every rank sees the same world size, so the same error
+    everywhere and no collective."""
+    if world % tp:
+        raise InputError(
+            f"{cfg.deepspeed_config}: tensor_parallel.autotp_size {tp} needs a number of ranks that is a multiple "
+            f"of {tp} (this launch has {world}); launch {tp} x the data-parallel size ranks, or lower autotp_size"
+        )
+    return world // tp
+
+
 def run(cfg: RunConfig, t0: float) -> int:
     cfg, ds_config, aim_cfg, resume, tasks = check_inputs(cfg)
 
@@ -152,18 +163,11 @@ def run(cfg: RunConfig, t0: float) -> int:
     # AutoTP groups consecutive ranks (DeepSpeed's groups._init_tp_mesh_device): the ranks of one
     # tensor-parallel group share data-parallel rank rank // tp and are fed the same batches
     tp = tp_size(ds_config)
-    if world % tp:  # every rank sees the same world size: the same error everywhere, no collective
-        raise InputError(
-            f"{cfg.deepspeed_config}: tensor_parallel.autotp_size {tp} needs a number of ranks that is a multiple "
-            f"of {tp} (this launch has {world}); launch {tp} x the data-parallel size ranks, or lower autotp_size"
-        )
-    dp_world = world // tp
+    dp_world = data_parallel_world(cfg, tp, world)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir = cfg.output_dir if cfg.output_dir is not None else default_output_dir(cfg, rank)
-    cache_dir = (
-        cfg.cache_dir or os.environ.get("AIM_DS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aim_ds")
-    )
+    cache_dir = cfg.cache_dir or os.environ.get("AIM_DS_CACHE") or os.path.expanduser("~/.cache/aim_ds")
 
     from aim_ds import data as aim_data
     from aim_ds.modeling import ModelError, load_tokenizer

@@ -147,10 +147,9 @@ def check_tp_groups(engine, s: RunState) -> None:
     (a DeepSpeed that laid the groups out otherwise would silently train each slice on other data)."""
     if s.tp == 1:
         return
-    from deepspeed.utils import groups
+    from aim_ds.shards.tp import parallel_ranks
 
-    tp_rank = groups.get_tensor_model_parallel_rank()
-    dp_rank = groups.get_data_parallel_rank()
+    tp_rank, dp_rank = parallel_ranks()
     if (tp_rank, dp_rank) != (s.rank % s.tp, s.dp_rank):
         raise RuntimeError(
             f"rank {s.rank}: DeepSpeed placed it at tensor-parallel rank {tp_rank}, data-parallel rank {dp_rank}; "

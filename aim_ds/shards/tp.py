@@ -7,6 +7,13 @@ from __future__ import annotations
 import torch
 
 
+def parallel_ranks() -> tuple[int, int]:
+    """(tensor-parallel rank, data-parallel rank) as DeepSpeed's groups placed this process."""
+    from deepspeed.utils import groups
+
+    return groups.get_tensor_model_parallel_rank(), groups.get_data_parallel_rank()
+
+
 def is_tp_param(p) -> bool:
     from deepspeed.runtime.utils import is_model_parallel_parameter
 
