@@ -32,6 +32,7 @@ import torch
 from . import collectives, fusion, rehearsal
 from .journal import MergeAborted, MergeJournal, fatal_error, local_error
 from .memory import _Cursor
+from .shards import restore_step_report, step_report_snapshot
 from .trajectory import TrajectoryRow
 
 
@@ -151,6 +152,7 @@ class Merge:
     def record(self, plan: MergePlan, element_wise: bool) -> None:
         """The undo record; a rank that cannot make it (e.g. out of host memory) aborts the merge everywhere."""
         p, error = self.plugin, None
+        self.report = step_report_snapshot(p.engine)  # rehearsal's steps overwrite it, undo record or not
         try:
             if self.transactional:
                 self.journal = MergeJournal(p.shards, p.engine, p.config.undo, p.config.undo_path)
@@ -184,7 +186,7 @@ class Merge:
     def commit(self) -> None:
         """The fused masters become the anchor."""
         p = self.plugin
-        self.journal.restore_step_report()
+        restore_step_report(self.report)
         for g, a in zip(p.shards.groups, p.anchor):
             fusion.copy_into(a, g.master)
         p.fuser.commit(self.theta_k)

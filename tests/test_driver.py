@@ -93,6 +93,9 @@ def check_outputs(out: Path, method: str, n_tasks: int = 4) -> dict:
         "abs_change_sum",
         "numel",
         "explicit",
+        "lr",
+        "forgetting_signal",
+        "undone",
     ]
     assert sum(int(x["merge"]) for x in rows) == r["merges"]
     return r

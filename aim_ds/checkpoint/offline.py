@@ -78,8 +78,10 @@ def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.T
     stage 0: the module's own state), frozen parameters included."""
     tag, m = _open_offline(ckpt_dir, tag)
     tag_dir = os.path.join(ckpt_dir, tag)
-    if m["layout"].get("tp_size", 1) > 1 or m["layout"].get("kind") == "replicated":
-        return tp.model(tag_dir, m)  # stage 0 too: DeepSpeed's zero_to_fp32 reads stages 1-3 only
+    if m["layout"].get("tp_size", 1) > 1:
+        return tp.model(tag_dir, m)
+    if m["layout"].get("kind") == "replicated":  # stage 0: DeepSpeed's zero_to_fp32 reads stages 1-3 only
+        return _with_frozen(tp.model(tag_dir, m), tag_dir)
     if m["universal"]:
         out = {}
         for g in m["layout"]["sub_groups"]:
