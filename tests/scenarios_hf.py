@@ -423,13 +423,12 @@ def raw_lora_and_accelerate(tmp):
     return {"raw_lora": raw_lora(), "accelerate": accelerate_loop()}
 
 
-def trl_sft(tmp):
-    """TRL's SFTTrainer with the callback (memory_forward probe): memory rows without labels are collated by
-    SFTTrainer's own collator; task 0 never merges, task 1 does."""
-    from datasets import Dataset
+def sft_setup(tmp, aim):
+    """TRL set-up shared by the SFTTrainer scenarios: a word-level tokenizer over the tiny model's vocabulary,
+    and SFTConfig(task t) for a ds_config with the given aim_merging section."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<pad>": VOCAB - 1}
     tok = PreTrainedTokenizerFast(
@@ -439,7 +438,7 @@ def trl_sft(tmp):
     def args(t):
         return SFTConfig(
             output_dir=os.path.join(tmp, f"t{t}"),
-            deepspeed=ds_cfg(AIM),
+            deepspeed=ds_cfg(aim),
             per_device_train_batch_size=4,
             learning_rate=3e-3,
             num_train_epochs=1,
@@ -454,6 +453,17 @@ def trl_sft(tmp):
             packing=False,
             max_length=64,
         )
+
+    return tok, args
+
+
+def trl_sft(tmp):
+    """TRL's SFTTrainer with the callback (memory_forward probe): memory rows without labels are collated by
+    SFTTrainer's own collator; task 0 never merges, task 1 does."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    tok, args = sft_setup(tmp, AIM)
 
     first = args(0)
     torch.manual_seed(0)

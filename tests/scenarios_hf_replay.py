@@ -10,7 +10,7 @@ import torch
 from transformers import Trainer
 
 from aim_ds.hf import AimMergingCallback
-from tests.scenarios_hf import AIM, args_for, digest, ds_cfg, gathered, new_model, task_rows, world
+from tests.scenarios_hf import AIM, args_for, digest, ds_cfg, gathered, new_model, sft_setup, task_rows, world
 
 TRAINING_BATCH = dict(AIM, probe_source="training_batch")
 
@@ -137,41 +137,17 @@ def trl_mixed_replay(tmp):
     K memory rows in every batch of task 1, their loss the forgetting signal, one record per training
     micro-batch (SFTTrainer's metrics forward is not one), no probe forward of the plugin's own."""
     from datasets import Dataset
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from tests.scenarios import VOCAB, tiny_config  # noqa: F401 - VOCAB for the word-level tokenizer
+    from tests.scenarios import tiny_config
 
-    vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<pad>": VOCAB - 1}
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="<pad>", eos_token="<pad>"
-    )
+    tok, args = sft_setup(tmp, TRAINING_BATCH)
     cb = Recording(replay_rows=2)
 
     class ReplaySFTTrainer(SFTTrainer):  # the README's override, verbatim
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return cb.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-
-    def args(t):
-        return SFTConfig(
-            output_dir=os.path.join(tmp, f"t{t}"),
-            deepspeed=ds_cfg(TRAINING_BATCH),
-            per_device_train_batch_size=4,
-            learning_rate=3e-3,
-            num_train_epochs=1,
-            lr_scheduler_type="constant",
-            max_grad_norm=1.0,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            logging_steps=1,
-            disable_tqdm=True,
-            dataloader_drop_last=True,
-            packing=False,
-            max_length=64,
-        )
 
     first = args(0)
     torch.manual_seed(0)
