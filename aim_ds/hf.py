@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import math
 import os
 from typing import Any
 
@@ -46,6 +47,9 @@ from .plugin import AimPlugin
 STATE_DIR = "aim_merging"  # inside the Trainer's checkpoint-N/: one file per rank
 
 
+REPLAY_DRAWS = ("stream", "cycle")
+
+
 class AimMergingCallback(TrainerCallback):
     """AimMerging across a sequence of `Trainer.train()` calls, one per task (see the module docstring).
 
@@ -55,6 +59,9 @@ class AimMergingCallback(TrainerCallback):
         given later with set_memory().
     config: an AimConfig or dict overriding the ds_config's "aim_merging" section.
     replay_rows, memory_weight: mixed replay, used by `replay_collator()` and `compute_loss_func`.
+    replay_draw: "stream" (default: batch c takes the next K x world positions of the seeded stream, so every
+        memory row recurs with fresh partners) or "cycle" (the driver's: the memory cut once into
+        ceil(M / (K x world)) seeded global batches, batch c takes number c mod that count).
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class AimMergingCallback(TrainerCallback):
         memory_batch_size: int | None = None,
         replay_rows: int = 0,
         memory_weight: float | None = None,
+        replay_draw: str = "stream",
     ):
         if memory_batch_size is not None and (not isinstance(memory_batch_size, int) or memory_batch_size < 1):
             raise AimInputError(
@@ -73,7 +81,12 @@ class AimMergingCallback(TrainerCallback):
             raise AimInputError(f"AimMergingCallback(replay_rows={replay_rows!r}): expected an integer >= 0.")
         if memory_weight is not None and not 0.0 < memory_weight < 1.0:
             raise AimInputError(f"AimMergingCallback(memory_weight={memory_weight!r}): must be in (0, 1) or None.")
+        if replay_draw not in REPLAY_DRAWS:
+            raise AimInputError(
+                f"AimMergingCallback(replay_draw={replay_draw!r}): expected one of {', '.join(REPLAY_DRAWS)}."
+            )
         self.config = config
+        self.replay_draw = replay_draw
         self.memory_batch_size = memory_batch_size
         self.replay_rows = replay_rows
         self.memory_weight = memory_weight
@@ -311,7 +324,10 @@ class AimMergingCallback(TrainerCallback):
                 "(the replay position lives in the main process)."
             )
         a = self.trainer_args
-        start = (self._replay_position * a.world_size + a.process_index) * k
+        c = self._replay_position
+        if self.replay_draw == "cycle":  # driver.batching.memory_batches, batch c mod their count
+            c %= max(1, math.ceil(len(self._rows) / (k * a.world_size)))
+        start = (c * a.world_size + a.process_index) * k
         self._replay_position += 1
         return [self._rows[i] for i in seeded_stream(len(self._rows), start, k, self._replay_seed)]
 

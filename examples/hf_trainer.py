@@ -19,12 +19,16 @@ import os
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AS_DRIVER = ("decay", "loss", "order", "schedule", "replay")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmark", default="default", help="as launch/train.py --benchmark")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--order", type=int, default=None, help="as launch/train.py --order")
+    p.add_argument("--max-train", type=int, default=None, help="training examples per task (all when omitted)")
+    p.add_argument("--max-eval", type=int, default=None, help="evaluation examples per task (all when omitted)")
     p.add_argument(
         "--deepspeed_config",
         "--deepspeed-config",
@@ -41,19 +45,30 @@ def parse_args(argv=None):
     p.add_argument("--memory-fraction", type=float, default=0.02)
     p.add_argument("--max-len", type=int, default=160)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--lora", type=int, default=0, metavar="R", help="peft LoRA adapters of rank R (0: full fine-tuning)"
+    )
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x R)")
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names (peft target_modules)")
     p.add_argument("--output-dir", default=None, help="default runs/hf-trainer-<time>")
     p.add_argument(
         "--as-driver",
         nargs="*",
         default=[],
-        choices=("decay", "loss", "order"),
+        choices=(*AS_DRIVER, "all"),
         help="take the driver's choice where the Trainer's differs (BENCHMARKS.md measures each): decay = "
         "weight decay on every parameter (the Trainer skips biases and norms), loss = each rank's own token "
         "mean (average_tokens_across_devices=False; the Trainer's default normalises by the global batch's "
-        "tokens), order = the driver's data order (a seeded shuffle per task, cut into global batches)",
+        "tokens), order = the driver's data order (a seeded shuffle per task, cut into global batches), "
+        "schedule = the driver's learning rate per step (the Trainer's warm-up gives its first step lr 0), "
+        "replay = the driver's replay draw (the memory cut once into seeded batches, cycled: replay_draw='cycle'), "
+        "all = every one of them (reproduces launch/train.py's run)",
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if "all" in args.as_driver:
+        args.as_driver = list(AS_DRIVER)
+    return args
 
 
 def main(argv=None):
@@ -66,14 +81,21 @@ def main(argv=None):
 
     from aim_ds import data as aim_data
     from aim_ds.evaluation import cl_metrics, evaluate_task
-    from aim_ds.fileio import atomic_write_text
+    from aim_ds.fileio import atomic_write_text, write_csv
     from aim_ds.hf import AimMergingCallback
     from aim_ds.modeling import build_model, load_tokenizer
 
     rank, world = info.rank, info.world_size
     out = args.output_dir or os.path.join("runs", time.strftime("hf-trainer-%Y%m%d-%H%M%S", time.gmtime()))
     cache = os.environ.get("AIM_DS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aim_ds")
-    tasks = aim_data.load_tasks(args.benchmark, data_dir=args.data_dir, seed=args.seed)
+    tasks = aim_data.load_tasks(
+        args.benchmark,
+        data_dir=args.data_dir,
+        order=args.order,
+        max_train=args.max_train,
+        max_eval=args.max_eval,
+        seed=args.seed,
+    )
     tokenizer = load_tokenizer(None, args.model, tasks, os.path.join(cache, "tokenizers"), rank)
     with open(args.ds_config) as f:
         ds = json.load(f)
@@ -114,6 +136,17 @@ def main(argv=None):
                 return [n for n, _ in model.named_parameters()]
             return super().get_decay_parameter_names(model)
 
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if "schedule" in args.as_driver and self.lr_scheduler is None:
+                from torch.optim.lr_scheduler import LambdaLR
+
+                from aim_ds.driver.batching import lr_at
+
+                opt = optimizer if optimizer is not None else self.optimizer
+                warm = self.args.warmup_steps
+                self.lr_scheduler = LambdaLR(opt, lambda s: lr_at(s, num_training_steps, 1.0, warm))
+            return super().create_scheduler(num_training_steps, optimizer)
+
         def _get_train_sampler(self, train_dataset=None):
             if "order" in args.as_driver:
                 return DriverOrder(len(train_dataset or self.train_dataset), self.args.data_seed)
@@ -122,8 +155,31 @@ def main(argv=None):
     first = training_args(0)  # before the model: ZeRO-3 partitions it at construction
     torch.manual_seed(args.seed)
     model, _keep = build_model(args.model, tokenizer, ds)
+    if args.lora:  # the base frozen: the Trainer optimises, and the plugin tracks and merges, the adapters only
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t.strip() for t in args.lora_targets.split(",")]
+        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora
+        model = get_peft_model(
+            model, LoraConfig(r=args.lora, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM")
+        )
     collate = functools.partial(aim_data.collate, pad_id=tokenizer.pad_token_id)
-    cb = AimMergingCallback(replay_rows=replay)
+    cb = AimMergingCallback(replay_rows=replay, replay_draw="cycle" if "replay" in args.as_driver else "stream")
+    losses: list[dict] = []  # rank 0's training loss per step, as the driver's losses.csv (its own token mean)
+
+    def compute_loss(outputs, labels, num_items_in_batch=None):
+        loss = cb.compute_loss_func(outputs, labels, num_items_in_batch)
+        if rank == 0 and torch.is_grad_enabled():
+            own = loss.detach() * (num_items_in_batch or 1) / (labels[:, 1:] != -100).sum().clamp(min=1)
+            losses.append(
+                {
+                    "task": len(matrix),
+                    "step": sum(r["task"] == len(matrix) for r in losses) + 1,
+                    "loss": float(own if num_items_in_batch is not None else loss.detach()),
+                }
+            )
+        return loss
+
     memory, matrix = [], []
     t0 = time.time()
     for t, task in enumerate(tasks):
@@ -134,7 +190,7 @@ def main(argv=None):
             args=first if t == 0 else training_args(t),
             train_dataset=aim_data.CausalLMExamples(task.train, tokenizer, args.max_len),
             data_collator=cb.replay_collator(collate) if replay else collate,
-            compute_loss_func=cb.compute_loss_func,
+            compute_loss_func=compute_loss,
             callbacks=[cb],
         )
         trainer.train()
@@ -165,6 +221,7 @@ def main(argv=None):
             "as_driver": args.as_driver,
         }
         atomic_write_text(os.path.join(out, "results.json"), json.dumps(result, indent=1))
+        write_csv(os.path.join(out, "losses.csv"), losses, ["task", "step", "loss"])
         print(f"OP {metrics['OP']:.1f}  BWT {metrics['BWT']:.1f}  merges {merges}  -> {out}", flush=True)
     cb.write_trajectory_csv(os.path.join(out, "trajectory.csv"))
 
