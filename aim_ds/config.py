@@ -48,6 +48,7 @@ class AimConfig:
     enabled: bool = True
     interval_rule: str = "paper"
     initial_interval: int = 8
+    initial_interval_fraction: float = 0.0
     min_interval: int = 2
     max_interval: int = 128
     cold_start: int = 3
@@ -241,6 +242,20 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
         raise _fail("min_interval", lo, f"an integer >= 1 and <= max_interval ({hi})")
     if not lo <= s0 <= hi:
         raise _fail("initial_interval", s0, f"an integer in [min_interval, max_interval] = [{lo}, {hi}]")
+    out["initial_interval_fraction"] = _float(
+        "initial_interval_fraction",
+        d["initial_interval_fraction"],
+        lambda x: 0.0 <= x <= 1.0,
+        "a number in [0, 1] (S_0 = this fraction of each task's steps; 0 = initial_interval)",
+    )
+    if out["initial_interval_fraction"] > 0.0 and s0 != _DEFAULTS["initial_interval"]:
+        raise _fail(
+            "initial_interval",
+            s0,
+            f"the default ({_DEFAULTS['initial_interval']}) or initial_interval_fraction 0: with "
+            f"initial_interval_fraction {out['initial_interval_fraction']:g}, S_0 comes from each task's length",
+            what="is ignored when initial_interval_fraction is set",
+        )
     out["cold_start"] = _int(
         "cold_start", d["cold_start"], 0, "an integer >= 0 (merges before the reference rule may change the interval)"
     )

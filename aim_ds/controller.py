@@ -127,12 +127,24 @@ class MergeController:
         self._last_lr: float | None = None
         self._retries = 0  # undone merges in this segment
 
-    def start_task(self, task_index: int) -> None:
-        """Per-task reset. Merging is active iff task_index >= 1 or cfg.merge_first_task."""
+    def start_task(self, task_index: int, steps: int | None = None) -> None:
+        """Per-task reset. Merging is active iff task_index >= 1 or cfg.merge_first_task. steps: the task's
+        training steps, which initial_interval_fraction needs (S_0 = that fraction of them, within
+        [min_interval, max_interval]); otherwise unused."""
         if isinstance(task_index, bool) or not isinstance(task_index, int) or task_index < 0:
             raise ValueError(f"task_index must be an integer >= 0, got {task_index!r}")
+        frac = self.cfg.initial_interval_fraction
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be an integer >= 1 or None, got {steps!r}")
+        if frac > 0.0 and steps is None:
+            raise ValueError(
+                f"aim_merging.initial_interval_fraction {frac:g} needs each task's length: pass steps= to "
+                "start_task() (the driver and aim_ds.hf do), or set initial_interval instead"
+            )
         self._task_index = task_index
         self._reset(active=task_index >= 1 or self.cfg.merge_first_task)
+        if frac > 0.0:
+            self._interval = min(self.cfg.max_interval, max(self.cfg.min_interval, round(frac * steps)))
 
     def _require_task(self) -> None:
         if self._task_index is None:

@@ -71,11 +71,15 @@ def replay(rows: list[dict], cfg: AimConfig) -> list[dict]:
     numel = numels[0] if numels else 1
     out: list[dict] = []
     task, lr_sum = None, 0.0  # the replayed segment's summed lr (for estimated displacements)
+    steps_of: dict[int, int] = {}  # a task's length: its last recorded training step
+    for r in rows:
+        if not r.get("explicit"):
+            steps_of[int(r["task"])] = max(steps_of.get(int(r["task"]), 0), int(r["step"]))
     for r in rows:
         t, step = int(r["task"]), int(r["step"])
         if t != task:
             task, lr_sum = t, 0.0
-            ctrl.start_task(t)
+            ctrl.start_task(t, steps=steps_of.get(t) or None)
         if not r.get("explicit") and r.get("lr") is not None:
             lr_sum += r["lr"]
         if r.get("explicit") == 1:  # the user's plugin.merge(): merge here whatever the config says

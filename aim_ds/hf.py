@@ -236,7 +236,7 @@ class AimMergingCallback(TrainerCallback):
         else:
             if previous is not None:
                 plugin.load_state_dict(previous.state_dict())
-            plugin.start_task(memory=memory)
+            plugin.start_task(memory=memory, steps=state.max_steps)
         if plugin.enabled:
             plugin.defer_steps()  # engine.step() only marks the step; on_optimizer_step runs it (see module doc)
         self.plugin = plugin

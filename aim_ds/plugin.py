@@ -91,8 +91,9 @@ class AimPlugin:
         self._install_hook()
 
     # ------------------------------------------------------------------ public API
-    def start_task(self, memory=None) -> None:
-        """Begin the next task: the anchor becomes the current weights; the controller resets."""
+    def start_task(self, memory=None, steps: int | None = None) -> None:
+        """Begin the next task: the anchor becomes the current weights; the controller resets. steps: the
+        task's training steps (needed by aim_merging.initial_interval_fraction)."""
         if not self.enabled:
             self.task_index += 1
             return
@@ -101,7 +102,7 @@ class AimPlugin:
         self.task_index += 1
         self._step_in_task = 0
         if self.controller is not None:
-            self.controller.start_task(self.task_index)
+            self.controller.start_task(self.task_index, steps=steps)
         for g, a in zip(self.shards.groups, self.anchor):
             fusion.copy_into(a, g.master)
         self.fuser.start_task()

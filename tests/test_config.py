@@ -13,6 +13,7 @@ DEFAULTS = {
     "enabled": True,
     "interval_rule": "paper",
     "initial_interval": 8,
+    "initial_interval_fraction": 0.0,
     "min_interval": 2,
     "max_interval": 128,
     "cold_start": 3,
@@ -90,6 +91,7 @@ def test_round_trip_of_every_field_changed():
         "enabled": False,
         "interval_rule": "fixed",
         "initial_interval": 5,
+        "initial_interval_fraction": 0.0,  # a fraction > 0 excludes initial_interval (tested in test_controller)
         "min_interval": 3,
         "max_interval": 9,
         "cold_start": 0,

@@ -590,3 +590,53 @@ def test_state_dict_round_trip_keeps_the_new_signal_state():
     assert drive(c, 77, 200, part) == full
     old = {k: v for k, v in b.state_dict().items() if k not in ("window", "window_raw", "ema", "retries")}
     make(**cfg).load_state_dict({**old, "version": 1, "window_sum": 2.0, "window_count": 2})  # version 1 loads
+
+
+# ---------------------------------------------------------------------- S_0 from the task's length
+@pytest.mark.parametrize("steps,expected", [(50, 12), (200, 50), (800, 128), (4, 2)])
+def test_initial_interval_fraction_scales_s0_with_the_task(steps, expected):
+    c = make(initial_interval_fraction=0.25)  # clamped to [min_interval 2, max_interval 128]
+    c.start_task(1, steps=steps)
+    assert c.interval == expected
+    _, merges = run(c, steps, sums={i: 1.0 for i in range(1, 100)})
+    assert merges[0][:4] == (min(2 * expected, steps), expected, 1, True)  # no rise: forced at m + 2 S_0
+
+
+def test_initial_interval_fraction_needs_the_length_and_excludes_initial_interval():
+    from aim_ds.config import ConfigError
+
+    c = make(initial_interval_fraction=0.5)
+    with pytest.raises(ValueError, match="initial_interval_fraction 0.5 needs each task's length: pass steps="):
+        c.start_task(1)
+    c.start_task(0, steps=10)  # an inactive task still takes its S_0 from its length
+    assert c.interval == 5
+    with pytest.raises(ConfigError, match="initial_interval.*ignored when initial_interval_fraction is set"):
+        AimConfig.from_dict({"initial_interval": 16, "initial_interval_fraction": 0.25})
+    with pytest.raises(ConfigError, match="initial_interval_fraction"):
+        AimConfig.from_dict({"initial_interval_fraction": 1.5})
+    plain = make()
+    plain.start_task(1, steps=1000)  # without the key the length changes nothing
+    assert plain.interval == 8
+
+
+def test_replay_reproduces_a_run_with_initial_interval_fraction():
+    """aim-ds replay takes each task's length from its recorded steps, so it rebuilds S_0 as the run did."""
+    from aim_ds import controller_replay
+    from aim_ds.trajectory import TrajectoryRow
+
+    cfg = AimConfig.from_dict({"initial_interval_fraction": 0.2, "interval_rule": "reference", "cold_start": 0})
+    losses = noisy_trace(0.45, 200, 5, rise_at=70, rise=1.8)
+    ctrl, rows = MergeController(cfg), []
+    for t, n in ((1, 60), (2, 140)):
+        ctrl.start_task(t, steps=n)
+        for _ in range(n):
+            d = ctrl.observe(losses[ctrl.step + 1])
+            row = TrajectoryRow.of_step(t, d, d.probe_loss, False).as_dict()
+            if d.merge:
+                p = ctrl.on_merge(0.05 * d.step, 10)
+                row.update(merge=1, interval=p.interval, w_in=p.w_in, w_out=p.w_out, abs_change_sum=0.05 * d.step,
+                           numel=10, rehearsal_steps=p.rehearsal_steps, learning_signal=p.learning_signal)  # fmt: skip
+            rows.append(row)
+    recorded = controller_replay.merges(rows)
+    assert {m[2] for m in recorded if m[0] == 1} != {m[2] for m in recorded if m[0] == 2}  # S_0 differed by task
+    assert controller_replay.merges(controller_replay.replay(rows, cfg)) == recorded

@@ -381,7 +381,7 @@ class CLTrainer:
             mem_examples, mem_b = self._memory_for(k)
             if start == 0:  # a task in progress keeps its plugin state and AdamW moments (loaded)
                 if plugin is not None:
-                    plugin.start_task(memory=mem_b or None)
+                    plugin.start_task(memory=mem_b or None, steps=s.steps_per_task[k])
                 reset_optimizer(engine)
             replay = None
             if s.replay_rows and mem_examples:
