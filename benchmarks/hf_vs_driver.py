@@ -47,6 +47,9 @@ ARMS.update(
         for s in SWITCHES
     }
 )
+# the driver's every choice but another draw of its data order: how much one seed's order alone moves a run
+ARMS["hfall-reorder"] = ("Trainer + all, the order drawn with seed + 1000 (the driver, another order draw)", SWITCHES)
+EXTRA = {"hfall-reorder": lambda seed: ["--data-seed", str(seed + 1000)]}
 RUNNABLE = [a for a, (_, sw) in ARMS.items() if a != "hfold"]
 
 
@@ -64,7 +67,8 @@ def command(arm: str, seed: int, out: str, port: int) -> list[str]:
             out,
         ]
     cmd = launch + [str(ROOT / "examples" / "hf_trainer.py"), "--seed", str(seed), "--output-dir", out]
-    return cmd + (["--as-driver", *switches] if switches else [])
+    extra = EXTRA[arm](seed) if arm in EXTRA else []
+    return cmd + (["--as-driver", *switches] if switches else []) + extra
 
 
 def run(root: str, arms: list[str], seeds: list[int], port: int, timeout: int) -> None:

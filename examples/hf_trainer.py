@@ -46,6 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=160)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="seed of the data order (task t: this + t; default --seed): another draw of the order, all else equal",
+    )
+    p.add_argument(
         "--lora", type=int, default=0, metavar="R", help="peft LoRA adapters of rank R (0: full fine-tuning)"
     )
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x R)")
@@ -122,7 +128,7 @@ def main(argv=None):
             logging_steps=50,
             report_to=[],
             seed=args.seed,
-            data_seed=args.seed + t,  # the driver's data seed for task t
+            data_seed=(args.seed if args.data_seed is None else args.data_seed) + t,  # the driver's for task t
             average_tokens_across_devices="loss" not in args.as_driver,
             use_cpu=not torch.cuda.is_available(),
             disable_tqdm=True,
