@@ -231,10 +231,9 @@ def _validate_signals(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _validate(d: dict[str, Any]) -> dict[str, Any]:
+def _validate_intervals(d: dict[str, Any]) -> dict[str, Any]:
+    """S_0, S_min, S_max, and S_0 as a fraction of each task's steps."""
     out: dict[str, Any] = {}
-    out["enabled"] = _bool("enabled", d["enabled"])
-    out["interval_rule"] = _choice("interval_rule", d["interval_rule"], INTERVAL_RULES)
     for key in ("initial_interval", "min_interval", "max_interval"):
         out[key] = _int(key, d[key], 1, f"an integer >= 1 {_INTERVAL_CHAIN}")
     s0, lo, hi = out["initial_interval"], out["min_interval"], out["max_interval"]
@@ -256,6 +255,14 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
             f"initial_interval_fraction {out['initial_interval_fraction']:g}, S_0 comes from each task's length",
             what="is ignored when initial_interval_fraction is set",
         )
+    return out
+
+
+def _validate(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["enabled"] = _bool("enabled", d["enabled"])
+    out["interval_rule"] = _choice("interval_rule", d["interval_rule"], INTERVAL_RULES)
+    out.update(_validate_intervals(d))
     out["cold_start"] = _int(
         "cold_start", d["cold_start"], 0, "an integer >= 0 (merges before the reference rule may change the interval)"
     )
