@@ -1,13 +1,17 @@
 """Continual learning with the Hugging Face Trainer and AimMerging, one Trainer per task.
 
     deepspeed --num_gpus 2 examples/hf_trainer.py                       # the generated default benchmark, tiny Llama
-    deepspeed --num_gpus 2 examples/hf_trainer.py --benchmark standard --data-dir DATA --model HF_DIR
+    deepspeed --num_gpus 2 examples/hf_trainer.py --benchmark standard --data-dir DATA --model HF_DIR [--lora 16]
+    deepspeed --num_gpus 2 examples/hf_trainer.py --as-driver all      # launch/train.py's run, step for step
 
 Tasks, tokenizer, memory and evaluation are the driver's (aim_ds.data, aim_ds.modeling, aim_ds.evaluation);
 training is the Trainer's. With the ds_config's "probe_source": "training_batch" (ds_configs/cpu_zero3.json)
 every batch of a later task carries memory rows (mixed replay, as the driver's --method aim) and their loss is
 the forgetting signal; with "memory_forward" the plugin probes on its own. Writes results.json (the accuracy
-matrix, OP, BWT) and trajectory.csv to --output-dir.
+matrix, OP, BWT), trajectory.csv and losses.csv (rank 0's loss per step, as the driver's) to --output-dir.
+
+The Trainer path differs from the driver in five places (--as-driver names them); none is needed for quality
+(BENCHMARKS.md, "Hugging Face Trainer against the driver"), all five together reproduce the driver's run.
 """
 
 from __future__ import annotations
