@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 
-from common import PAIRED_NOTE, ROOT, paired_cell
+from common import PAIRED_NOTE, ROOT, driver_env, paired_cell
 
 SWITCHES = ("decay", "loss", "order", "schedule", "replay")  # examples/hf_trainer.py's --as-driver
 WHAT = {
@@ -72,8 +72,7 @@ def command(arm: str, seed: int, out: str, port: int) -> list[str]:
 
 
 def run(root: str, arms: list[str], seeds: list[int], port: int, timeout: int) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    env = driver_env()
     for s in seeds:  # seed-major: a cut-short queue leaves every arm with the same seeds
         for arm in arms:
             out = os.path.join(root, f"{arm}-s{s}")

@@ -180,14 +180,12 @@ def main(argv=None):
     def compute_loss(outputs, labels, num_items_in_batch=None):
         loss = cb.compute_loss_func(outputs, labels, num_items_in_batch)
         if rank == 0 and torch.is_grad_enabled():
-            own = loss.detach() * (num_items_in_batch or 1) / (labels[:, 1:] != -100).sum().clamp(min=1)
-            losses.append(
-                {
-                    "task": len(matrix),
-                    "step": sum(r["task"] == len(matrix) for r in losses) + 1,
-                    "loss": float(own if num_items_in_batch is not None else loss.detach()),
-                }
-            )
+            own = loss.detach()
+            if num_items_in_batch is not None:  # back from the global token count to this rank's mean
+                own = own * num_items_in_batch / (labels[:, 1:] != -100).sum().clamp(min=1)
+            task = len(matrix)
+            last = losses[-1]["step"] if losses and losses[-1]["task"] == task else 0
+            losses.append({"task": task, "step": last + 1, "loss": float(own)})
         return loss
 
     memory, matrix = [], []
