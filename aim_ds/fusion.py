@@ -22,8 +22,17 @@ def chunks(numel: int, chunk: int = CHUNK) -> Iterator[tuple[int, int]]:
         yield start, min(chunk, numel - start)
 
 
+def may_overlap(dst: torch.device) -> bool:
+    """Whether a copy into `dst` may be queued (non_blocking) instead of waited for.
+
+    Towards an accelerator, yes: the kernels that read the copy are queued behind it on the same stream.
+    Towards the host, no: a device-to-host copy into pinned memory returns before the data lands, and the
+    CPU op that reads it next would see stale memory (finite, so no check would notice)."""
+    return dst.type != "cpu"
+
+
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t if t.device == device else t.to(device, non_blocking=True)
+    return t if t.device == device else t.to(device, non_blocking=may_overlap(device))
 
 
 F64_CHUNK = 1 << 20  # elements per float64 piece of the learning-signal sum: two 8 MiB temporaries at most
@@ -59,8 +68,9 @@ def all_finite(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
 @torch.no_grad()
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst <- src, chunked so a host<->device copy does not need a staging buffer of shard size."""
+    overlap = may_overlap(dst.device)
     for off, n in chunks(dst.numel()):
-        dst.narrow(0, off, n).copy_(src.narrow(0, off, n), non_blocking=True)
+        dst.narrow(0, off, n).copy_(src.narrow(0, off, n), non_blocking=overlap)
 
 
 # On the CPU a fused update runs block by block, each block small enough that its three streams stay in a

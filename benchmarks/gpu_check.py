@@ -395,7 +395,56 @@ def run(args) -> dict:
         (torch.cuda.memory_allocated() - alloc0) if cuda else None
     )
     plugin.detach()
+    result["fusion_exactness"] = fusion_exactness(engine, memory, aim_cfg, lambda: train_step(train_batches[0]))
     return result
+
+
+def fusion_exactness(engine, memory, aim_cfg: dict, train_step) -> dict:
+    """For every "undo" x "anchor" pair: one training step moves the masters away from the anchor, then an
+    explicit merge with weights (0.3, 0.6) whose rehearsal runs at lr 0 (so theta_M = theta_k and the fused
+    value is a + 0.3 (theta_k - a), known from snapshots taken before the merge). Returns, per pair, the
+    largest relative error of the fused masters and of the new anchor over the valid elements. Covers the
+    accelerator-only copies: the host anchor streamed through the device, and with "undo": "off" the
+    device-to-host reads of theta_k into the host anchor."""
+    import tempfile
+
+    import aim_ds
+
+    out = {}
+    opt = engine.optimizer
+    groups = getattr(opt, "optimizer", opt).param_groups
+    for undo in ("host", "nvme", "off"):
+        for anchor in ("device", "host"):
+            with tempfile.TemporaryDirectory() as folder:
+                cfg = dict(aim_cfg, anchor=anchor, undo=undo, undo_path=folder if undo == "nvme" else None)
+                plugin = aim_ds.attach(engine, memory, config=cfg)
+                plugin.start_task()
+                train_step()
+                snap = [
+                    (a.double().cpu(), g.master.double().cpu(), g.ranges)
+                    for a, g in zip(plugin.anchor, plugin.shards.groups)
+                ]
+                lrs = [pg["lr"] for pg in groups]
+                for pg in groups:
+                    pg["lr"] = 0.0
+                try:
+                    plugin.merge(weights=(0.3, 0.6), rehearsal_steps=1)
+                finally:
+                    for pg, lr in zip(groups, lrs):
+                        pg["lr"] = lr
+                err_m = err_a = 0.0
+                for (a, k, ranges), g, new_a in zip(snap, plugin.shards.groups, plugin.anchor):
+                    ref = a + 0.3 * (k - a)
+                    m, na = g.master.double().cpu(), new_a.double().cpu()
+                    for st, n in ranges:
+                        r = ref.narrow(0, st, n)
+                        scale = float(r.abs().max()) or 1.0
+                        err_m = max(err_m, float((m.narrow(0, st, n) - r).abs().max()) / scale)
+                        err_a = max(err_a, float((na.narrow(0, st, n) - r).abs().max()) / scale)
+                out[f"undo_{undo}_anchor_{anchor}"] = {"master_rel_err": err_m, "anchor_rel_err": err_a}
+                plugin.detach()
+    out["all_exact"] = all(v["master_rel_err"] <= 1e-6 and v["anchor_rel_err"] <= 1e-6 for v in out.values())
+    return out
 
 
 def main(argv=None) -> int:

@@ -77,3 +77,34 @@ def test_fuse_importance_matches_the_per_element_rule():
     w_out = torch.where(mi & mo, both[1], torch.where(~(mi | mo), neither[1], mo.double()))
     ref = a.double() + w_in * (k.double() - a.double()) + w_out * (m.double() - k.double())
     assert torch.allclose(theta.double(), ref, rtol=0, atol=4e-6)
+
+
+def test_copies_towards_the_host_are_waited_for():
+    # a device-to-host copy into pinned memory returns before the data lands: the CPU op after it would read
+    # stale memory, so only copies towards an accelerator may be queued
+    assert fusion.may_overlap(torch.device("cpu")) is False
+    assert fusion.may_overlap(torch.device("cuda", 0)) is True
+
+
+def test_the_accelerator_chunk_path_forced_on_cpu(monkeypatch):
+    # on an accelerator each function walks 16 MiB chunks instead of the CPU's cache-sized blocks: force that
+    # path here with a length that leaves a tail chunk, and check every fusion against the formula
+    monkeypatch.setattr(fusion, "_block", lambda device: fusion.CHUNK)
+    n = fusion.CHUNK + 4321
+    a, k, m = _streams(n, 3)
+    w_in, w_out = 0.3, 0.6
+    ref = a.double() + w_in * (k.double() - a.double()) + w_out * (m.double() - k.double())
+    one = m.clone()
+    fusion.fuse_scalar(one, a, k, w_in, w_out)
+    assert torch.allclose(one.double(), ref, rtol=0, atol=4e-6)
+    part, two = a.clone(), m.clone()  # undo "off": the anchor part first, theta_M's term after rehearsal
+    fusion.fuse_scalar_anchor_part(part, k, w_in, w_out)
+    fusion.fuse_scalar_finish(two, part, w_out)
+    assert torch.allclose(two.double(), ref, rtol=0, atol=4e-6)
+    ones = torch.ones(n)
+    imp = m.clone()  # importance with every mask set: the `both` weights everywhere
+    fusion.fuse_importance(imp, a, k, ones, 0.5, ones, 0.5, (w_in, w_out), (0.0, 0.0))
+    assert torch.allclose(imp.double(), ref, rtol=0, atol=4e-6)
+    dst = torch.empty(n)
+    fusion.copy_into(dst, m)
+    assert torch.equal(dst, m)

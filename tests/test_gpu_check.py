@@ -96,3 +96,6 @@ def test_gpu_check_cpu_variant(tmp_path):
     shard_bytes = 4 * d["model"]["params"]
     assert d["fusion_bytes"] >= 3 * shard_bytes  # median bytes of one merge
     assert d["peak_memory_bytes"] is None and d["peak_rss_bytes"] > 0
+    # every undo x anchor pair fuses exactly (on the GPU this covers the device<->host copies)
+    exact = d["fusion_exactness"]
+    assert len(exact) == 7 and exact["all_exact"] is True, exact

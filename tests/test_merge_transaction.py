@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.machine import requires_fp16, split_by_fp16
 from tests.mp import RankFailure, run_ranks
 from tests.scenarios_fidelity import UNDO_CASES
 
@@ -81,13 +82,17 @@ def test_rank_failing_inside_a_merge_collective_stops_every_rank_naming_it(tmp_p
     assert all(r["finite"] and r["task"] == 1 and r["step_at_load"] == 1 for r in res), res
 
 
-def test_undone_merge_at_every_stage_with_and_without_offload(tmp_path):
+UNDO_PLAIN, UNDO_FP16 = split_by_fp16(list(UNDO_CASES), lambda name: UNDO_CASES[name].get("dtype"))
+
+
+@pytest.mark.parametrize("cases", [UNDO_PLAIN, pytest.param(UNDO_FP16, marks=requires_fp16)], ids=["fp32_bf16", "fp16"])
+def test_undone_merge_at_every_stage_with_and_without_offload(tmp_path, cases):
     """Issue 29, items 1 and 6: after an undone merge the run continues (offload's gradient buffers are
     the ones DeepSpeed allocated), and loss scale, RNG, gradient norm and overflow are as before it; a
     committed merge leaves the training step's gradient norm and overflow in place."""
-    res = run_ranks("tests.scenarios_fidelity:undo_cases", 2, tmp_path, 2 * TIMEOUT, cases=list(UNDO_CASES))
+    res = run_ranks("tests.scenarios_fidelity:undo_cases", 2, tmp_path, 2 * TIMEOUT, cases=cases)
     problems = []  # every case's findings at once: the cases differ in what they break
-    for name in UNDO_CASES:
+    for name in cases:
         for r, per_case in enumerate(res):
             x = per_case[name]
             if "error" in x:

@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.machine import requires_fp16
 from tests.mp import run_ranks
 
 TIMEOUT = 300
@@ -19,7 +20,7 @@ def _agree(results, key):
         (3, "fp32", 0),  # 3 ranks pad the last partition of most tensors
         (3, "bf16", 0),
         (2, "fp32", 100000),  # DeepSpeed's default threshold: every tiny tensor persists whole
-        (2, "fp16", 0),  # fp16 with dynamic loss scaling
+        pytest.param(2, "fp16", 0, marks=requires_fp16),  # fp16 with dynamic loss scaling
     ],
 )
 def test_fusion_exact_visible_survives_and_undo(tmp_path, world, dtype, persistence):

@@ -3,6 +3,7 @@ CPU ranks over gloo, each launch under a timeout. Several cases share a launch (
 
 import pytest
 
+from tests.machine import requires_fp16, split_by_fp16
 from tests.mp import run_ranks
 from tests.scenarios_zero import FUSION_CASES
 
@@ -23,11 +24,19 @@ FAMILIES = {
 }
 
 
-def test_fusion_exact_at_stages_0_1_2(tmp_path):
+FUSION_PLAIN, FUSION_FP16 = split_by_fp16(list(FUSION_CASES), lambda name: FUSION_CASES[name].get("dtype"))
+
+
+@pytest.mark.parametrize(
+    "cases", [FUSION_PLAIN, pytest.param(FUSION_FP16, marks=requires_fp16)], ids=["fp32_bf16", "fp16"]
+)
+def test_fusion_exact_at_stages_0_1_2(tmp_path, cases):
     # 3 ranks: ZeRO-1/2 partition boundaries cut parameters and the last partition is padded
     world = 3
-    res = run_ranks("tests.scenarios_zero:fusion_cases", world, tmp_path, TIMEOUT, cases=list(FUSION_CASES))
-    for name, kw in FUSION_CASES.items():
+    res = run_ranks("tests.scenarios_zero:fusion_cases", world, tmp_path, TIMEOUT, cases=cases)
+    assert sorted(res[0]) == sorted(cases)
+    for name in cases:
+        kw = FUSION_CASES[name]
         r = res[0][name]
         per = [x[name] for x in res]
         tol = 1e-5 if kw.get("dtype", "fp32") == "fp32" else 2e-2
@@ -79,10 +88,12 @@ def test_stage2_checkpoint_resume_bit_exact_and_convert(tmp_path):
     assert "ZeRO-3" in r0["reshard_error"], r0
 
 
-def test_checkpoint_resume_bit_exact_stage0_and_fp16(tmp_path):
+@pytest.mark.parametrize(
+    "cases", [[[0, "fp32"], [0, "bf16"]], pytest.param([[1, "fp16"]], marks=requires_fp16)], ids=["stage0", "fp16"]
+)
+def test_checkpoint_resume_bit_exact_stage0_and_fp16(tmp_path, cases):
     """Stage 0 (fp32: the parameters are the masters; bf16: the unfused optimizer's fp32 copies) and fp16 with
     dynamic loss scaling: save after a merge, resume bit-exact across the next merge, convert exactly."""
-    cases = [[0, "fp32"], [0, "bf16"], [1, "fp16"]]
     res = run_ranks("tests.scenarios_zero:checkpoint_cases", 2, tmp_path, TIMEOUT, work=str(tmp_path), cases=cases)
     for stage, dtype in cases:
         name = f"stage{stage}_{dtype}"
