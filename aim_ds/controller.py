@@ -97,6 +97,19 @@ def threshold_window(interval: int) -> int:
     return (2 * interval) // 3 + 1
 
 
+def task_steps_error(cfg, steps) -> str | None:
+    """Why start_task(steps=...) is refused, or None. A plugin checks it on every rank before rank 0's
+    controller would raise alone (the other ranks would wait in the next collective)."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        return f"steps must be an integer >= 1 or None, got {steps!r}"
+    if cfg.initial_interval_fraction > 0.0 and steps is None:
+        return (
+            f"aim_merging.initial_interval_fraction {cfg.initial_interval_fraction:g} needs each task's length: "
+            "pass steps= to start_task() (the driver and aim_ds.hf do), or set initial_interval instead"
+        )
+    return None
+
+
 class MergeController:
     def __init__(self, cfg: AimConfig):
         if not isinstance(cfg, AimConfig):
@@ -133,14 +146,10 @@ class MergeController:
         [min_interval, max_interval]); otherwise unused."""
         if isinstance(task_index, bool) or not isinstance(task_index, int) or task_index < 0:
             raise ValueError(f"task_index must be an integer >= 0, got {task_index!r}")
+        error = task_steps_error(self.cfg, steps)
+        if error is not None:
+            raise ValueError(error)
         frac = self.cfg.initial_interval_fraction
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"steps must be an integer >= 1 or None, got {steps!r}")
-        if frac > 0.0 and steps is None:
-            raise ValueError(
-                f"aim_merging.initial_interval_fraction {frac:g} needs each task's length: pass steps= to "
-                "start_task() (the driver and aim_ds.hf do), or set initial_interval instead"
-            )
         self._task_index = task_index
         self._reset(active=task_index >= 1 or self.cfg.merge_first_task)
         if frac > 0.0:

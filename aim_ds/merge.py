@@ -46,10 +46,15 @@ class MergePlan:
     w_out: float
 
     SKIP = -1
+    FAILED = -2  # rank 0's controller raised: every rank raises its message
 
     @property
     def skip(self) -> bool:
         return self.interval < 0
+
+    @property
+    def failed(self) -> bool:
+        return self.interval == self.FAILED
 
     def to_tensor(self) -> torch.Tensor:
         values = [self.interval, self.rehearsal_steps, self.w_in, self.w_out]
@@ -84,7 +89,10 @@ class Merge:
         p = self.plugin
         total = self.learning_signal()
         before = self._bookkeeping()
-        plan = MergePlan.broadcast(self.plan(total) if p.controller is not None else None)
+        mine, error = self.plan_on_rank0(total) if p.controller is not None else (None, None)
+        plan = MergePlan.broadcast(mine)
+        if plan.failed:
+            collectives.agree(error, exc_type=RuntimeError)
         if plan.skip:
             return {"merged": False, "reason": "non-finite learning signal"}
         element_wise = p.fuser.element_wise(explicit_weights=self.weights is not None)
@@ -130,6 +138,14 @@ class Merge:
         p = self.plugin
         local = sum(fusion.abs_change_sum(g.master, a, g.ranges) for g, a in zip(p.shards.groups, p.anchor))
         return collectives.sum_over_ranks(local)[0]
+
+    def plan_on_rank0(self, total: float) -> tuple[MergePlan, str | None]:
+        """The plan, or FAILED and the message: rank 0 must not raise alone before the broadcast."""
+        try:
+            return self.plan(total), None
+        except Exception as e:
+            msg = f"aim_merging: planning the merge at {self.where} failed on rank 0: {type(e).__name__}: {e}"
+            return MergePlan(MergePlan.FAILED, 0, 0.0, 0.0), msg
 
     def plan(self, total: float) -> MergePlan:
         """Rank 0: the controller's plan, with the caller's overrides, marked in the trajectory."""

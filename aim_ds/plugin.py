@@ -22,7 +22,7 @@ import torch
 
 from . import collectives, fusion
 from .config import AimConfig
-from .controller import MergeController, probe_due
+from .controller import MergeController, probe_due, task_steps_error
 from .errors import AimInputError
 from .fileio import write_csv
 from .fusers import make_fuser
@@ -71,7 +71,7 @@ class AimPlugin:
         self._in_rehearsal = False
         self._original_step = None
         self._deferred = False  # defer_steps(): engine.step only marks the step, run_deferred_step() runs it
-        self._step_pending = False
+        self._step_pending: float | None = None  # the lr of a step engine.step() marked, until it is run
         self.probe = self.fuser = None
         if not self.enabled:
             return  # nothing touched: training is exactly plain DeepSpeed
@@ -101,18 +101,12 @@ class AimPlugin:
             self.set_memory(memory)
         self.task_index += 1
         self._step_in_task = 0
+        collectives.agree(_task_start_error(self, steps), exc_type=AimInputError)  # before rank 0 alone can raise
         if self.controller is not None:
             self.controller.start_task(self.task_index, steps=steps)
         for g, a in zip(self.shards.groups, self.anchor):
             fusion.copy_into(a, g.master)
         self.fuser.start_task()
-        collectives.agree(
-            None
-            if (self._memory is not None or not self._active())
-            else f"aim_merging: task {self.task_index} will merge but no memory was given; pass the rehearsal "
-            "memory to attach(engine, memory) or start_task(memory=...).",
-            exc_type=AimInputError,
-        )
 
     def set_memory(self, memory) -> None:
         """Replace the rehearsal memory (a list or iterable of model-input dicts, this rank's own)."""
@@ -251,13 +245,14 @@ class AimPlugin:
         plugin = self
 
         def step(*args, **kwargs):
-            boundary = engine.is_gradient_accumulation_boundary()
+            boundary = engine.is_gradient_accumulation_boundary() and not plugin._in_rehearsal
+            lr = step_lr(engine) if boundary else None  # before the step moves a DeepSpeed-managed schedule
             out = original(*args, **kwargs)
-            if boundary and not plugin._in_rehearsal:
+            if boundary:
                 if engine.was_step_applied() and plugin._deferred:
-                    plugin._step_pending = True
+                    plugin._step_pending = lr
                 elif engine.was_step_applied():
-                    plugin._after_step()
+                    plugin._after_step(lr)
                 else:
                     plugin.probe.discard()  # a skipped (overflowed) step: its probe loss goes with it
             return out
@@ -275,11 +270,11 @@ class AimPlugin:
     def run_deferred_step(self) -> None:
         """The plugin's work for the optimizer step engine.step() marked last (nothing if none is pending).
         Every rank calls it at the same point: the work may be collective."""
-        if self._step_pending:
-            self._step_pending = False
-            self._after_step()
+        if self._step_pending is not None:
+            lr, self._step_pending = self._step_pending, None
+            self._after_step(lr)
 
-    def _after_step(self) -> None:
+    def _after_step(self, lr: float) -> None:
         if self.task_index < 0:
             self.start_task()  # a user who never called start_task() trains task 0
         self._step_in_task += 1
@@ -288,7 +283,7 @@ class AimPlugin:
         if self.probe.due(scheduled, self._memory is not None):
             loss = self.probe.read(self._probe_batch, self.task_index, self._step_in_task)
             loss = None if loss is None else self._finite_probe(loss)
-        if self._decide(loss):
+        if self._decide(loss, lr):
             self._merge(weights=None, rehearsal_steps=None, explicit=False)
 
     def _merge(self, weights=None, rehearsal_steps=None, explicit: bool = False) -> dict:
@@ -319,15 +314,21 @@ class AimPlugin:
             return None
         return "out" if self._in_rehearsal else "in"
 
-    def _decide(self, loss: float | None) -> bool:
+    def _decide(self, loss: float | None, lr: float) -> bool:
         flag = torch.zeros(1, dtype=torch.float64, device=collectives.comm_device())
+        error = None
         if self.controller is not None:
-            d = self.controller.observe(loss, self.engine.optimizer.param_groups[0]["lr"])
-            self._record(d, loss)
-            flag[0] = 1.0 if d.merge else 0.0
+            d, error = _observe(self.controller, loss, lr, self.task_index, self._step_in_task)
+            if d is not None:
+                self._record(d, loss)
+            flag[0] = -1.0 if d is None else float(d.merge)
         if not self._active():
+            if error is not None:  # inputs were checked on every rank (step_lr): only a controller bug is left
+                raise RuntimeError(error)
             return False  # every rank knows nothing can merge now: no collective on this step
         collectives.broadcast(flag, src=0)
+        if flag.item() < 0:  # rank 0's controller failed: every rank stops with its message
+            collectives.agree(error, exc_type=RuntimeError)
         return bool(flag.item())
 
     def _record(self, d, loss) -> None:
@@ -351,6 +352,39 @@ class AimPlugin:
         if zero:
             t.zero_()
         return t
+
+
+def step_lr(engine) -> float:
+    """The learning rate of the optimizer step about to run, as a float, on every rank. Read before
+    engine.step(), which steps a DeepSpeed-managed scheduler after the update; torch.optim accepts a Tensor lr.
+    Checked here, on every rank alike, so that rank 0's controller never refuses it alone."""
+    lr = engine.optimizer.param_groups[0]["lr"]
+    value = float(lr.item()) if torch.is_tensor(lr) else lr
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise AimInputError(
+            f"aim_merging: the optimizer's learning rate is {lr!r}; the plugin needs a finite number >= 0 "
+            "(a float or a one-element tensor) in param_groups[0]['lr']."
+        )
+    return float(value)
+
+
+def _observe(controller, loss, lr, task, step):
+    """Rank 0: (the controller's decision, None), or (None, the failure's message) for every rank to raise."""
+    try:
+        return controller.observe(loss, lr), None
+    except Exception as e:
+        return None, f"aim_merging: the controller failed at task {task} step {step}: {type(e).__name__}: {e}"
+
+
+def _task_start_error(plugin: AimPlugin, steps) -> str | None:
+    if (error := task_steps_error(plugin.config, steps)) is not None:
+        return f"aim_merging: start_task(steps={steps!r}) at task {plugin.task_index}: {error}"
+    if plugin._memory is None and plugin._active():
+        return (
+            f"aim_merging: task {plugin.task_index} will merge but no memory was given; pass the rehearsal "
+            "memory to attach(engine, memory) or start_task(memory=...)."
+        )
+    return None
 
 
 def _position_error(sd: dict, plugin: AimPlugin) -> str | None:
