@@ -124,3 +124,29 @@ def test_file_system_without_locks_is_one_clear_error(tmp_path, monkeypatch, cod
     for attempt in (lambda: check_free(str(d)), lambda: OutputLock(str(d)).acquire()):
         with pytest.raises(LockError, match="without file locks.*Choose an --output-dir"):
             attempt()
+
+
+def test_a_lock_that_cannot_be_taken_leaves_nothing(tmp_path, monkeypatch):
+    """Issue 33, item 8: on a file system without locks, acquire() refused but left the folder it made and an
+    empty lock file; a lock file of an earlier run stays where it was."""
+    import errno
+
+    import aim_ds.driver.lock as lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
+    new = tmp_path / "new" / "run"
+    with pytest.raises(LockError, match="without file locks"):
+        OutputLock(str(new)).acquire()
+    assert not new.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(LockError, match="without file locks"):
+        OutputLock(str(kept)).acquire()
+    assert kept.is_dir() and list(kept.iterdir()) == []  # the folder was the user's: kept, and left empty
+    (kept / LOCK_NAME).write_text("{}")
+    with pytest.raises(LockError, match="without file locks"):
+        OutputLock(str(kept)).acquire()
+    assert (kept / LOCK_NAME).read_text() == "{}"

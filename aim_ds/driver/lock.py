@@ -109,6 +109,7 @@ class OutputLock:
             os.makedirs(self.out_dir, exist_ok=True)
             self._made_dir = True
         for _ in range(attempts):
+            existed = os.path.exists(self.path)
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
                 _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, self.out_dir)
@@ -118,6 +119,7 @@ class OutputLock:
                 continue
             except LockError:
                 os.close(fd)
+                self._remove_own(existed)  # a run that could not start leaves nothing behind
                 raise
             try:
                 st = os.stat(self.path)
@@ -141,6 +143,15 @@ class OutputLock:
             self._fd = fd
             return
         raise LockError(_held_message(self.out_dir, read_holder(self.path)))
+
+    def _remove_own(self, lock_existed: bool) -> None:
+        try:
+            if not lock_existed:
+                os.unlink(self.path)
+            if self._made_dir and not os.listdir(self.out_dir):
+                os.rmdir(self.out_dir)
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self._fd is None:
