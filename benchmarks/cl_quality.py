@@ -28,7 +28,17 @@ import sys
 import time
 from pathlib import Path
 
-from common import PAIRED_NOTE, ROOT, driver_env, fmt, paired, paired_cell, seeds_text, work_tokens  # noqa: F401
+from common import (  # noqa: F401
+    PAIRED_NOTE,
+    ROOT,
+    band_label,
+    driver_env,
+    fmt,
+    paired,
+    paired_cell,
+    seeds_text,
+    work_tokens,
+)
 
 METHODS = ["single", "seqft", "replay", "fixed_merge", "aim", "aim_alone", "multitask"]
 # table rows that are a driver method with other options: the paper's AimMerging alone (no memory rows in the
@@ -249,7 +259,7 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
     full = any_r.get("config", {})
     cfg = dict(full.get("args", {}))
     cfg["batch_size"] = cfg.get("batch_size") or full.get("micro_batch")
-    L = []
+    L = [band_label(seeds), ""]
     L.append(f"Command: `{cmdline}`  ")
     L.append(
         (f"Runs started {started}; table" if started else "Table")
@@ -356,7 +366,9 @@ def paired_lines(res, methods, seeds) -> list[str]:
         both = [s for s in seeds if res.get((m, s)) and res.get((o, s))]
         if not both:
             continue
-        cells = [paired_cell([res[(m, s)][k] for s in both], [res[(o, s)][k] for s in both]) for k in ("OP", "BWT")]
+        cells = [
+            paired_cell([res[(m, s)][k] for s in both], [res[(o, s)][k] for s in both], both) for k in ("OP", "BWT")
+        ]
         L.append(f"| {m} − {o} | {len(both)} | " + " | ".join(cells) + " |")
     if not L:
         return []

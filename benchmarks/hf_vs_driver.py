@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 
-from common import PAIRED_NOTE, ROOT, driver_env, paired_cell
+from common import PAIRED_NOTE, ROOT, band_label, driver_env, paired_cell
 
 SWITCHES = ("decay", "loss", "order", "schedule", "replay")  # examples/hf_trainer.py's --as-driver
 WHAT = {
@@ -101,7 +101,8 @@ def load(root: str, seeds: list[int]) -> dict:
 
 def tables(res: dict, seeds: list[int]) -> str:
     arms = [a for a in ARMS if any((a, s) in res for s in seeds)]
-    L = ["| arm | seeds | OP | BWT | merges |", "|---|---|---|---|---|"]
+    have = sorted({s for s in seeds if any((a, s) in res for a in arms)})
+    L = [band_label(have), "", "| arm | seeds | OP | BWT | merges |", "|---|---|---|---|---|"]
     for arm in arms:
         rs = [res[(arm, s)] for s in seeds if (arm, s) in res]
         op, bwt = statistics.fmean(r["OP"] for r in rs), statistics.fmean(r["BWT"] for r in rs)
@@ -116,7 +117,8 @@ def tables(res: dict, seeds: list[int]) -> str:
             if not both:
                 continue
             cells = [
-                paired_cell([res[(arm, s)][k] for s in both], [res[(base, s)][k] for s in both]) for k in ("OP", "BWT")
+                paired_cell([res[(arm, s)][k] for s in both], [res[(base, s)][k] for s in both], both)
+                for k in ("OP", "BWT")
             ]
             L.append(f"| {arm} − {base} | {len(both)} | " + " | ".join(cells) + " |")
     L.append("")

@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from common import PAIRED_NOTE, paired_cell
+from common import PAIRED_NOTE, band_label, paired_cell
 
 
 def load(folder: Path, method: str) -> dict[int, dict]:
@@ -31,12 +31,14 @@ def table(root: Path, tags: list[str], method: str, versus: str) -> str:
     head = f"| order (tag) | tasks | seeds | {method} OP / BWT | {versus} OP / BWT | OP: {method} − {versus} | BWT |"
     lines = [PAIRED_NOTE, "", head, "|---|---|---|---|---|---|---|"]
     pooled: dict[str, list[float]] = {"a_op": [], "b_op": [], "a_bwt": [], "b_bwt": []}
+    every_seed: list[int] = []
     for tag in tags:
         a, b = load(root / tag, method), load(root / tag, versus)
         seeds = sorted(set(a) & set(b))
         if not seeds:
             lines.append(f"| {tag} | — | 0 | not run | not run | — | — |")
             continue
+        every_seed += seeds
         tasks = " → ".join(t["name"] for t in a[seeds[0]]["tasks"])
         col = {k: [a[s][k] for s in seeds] for k in ("OP", "BWT")}
         vcol = {k: [b[s][k] for s in seeds] for k in ("OP", "BWT")}
@@ -47,17 +49,17 @@ def table(root: Path, tags: list[str], method: str, versus: str) -> str:
         mean = statistics.fmean
         lines.append(
             f"| {tag} | {tasks} | {' '.join(map(str, seeds))} | {mean(col['OP']):.1f} / {mean(col['BWT']):.1f} | "
-            f"{mean(vcol['OP']):.1f} / {mean(vcol['BWT']):.1f} | {paired_cell(col['OP'], vcol['OP'])} | "
-            f"{paired_cell(col['BWT'], vcol['BWT'])} |"
+            f"{mean(vcol['OP']):.1f} / {mean(vcol['BWT']):.1f} | {paired_cell(col['OP'], vcol['OP'], seeds)} | "
+            f"{paired_cell(col['BWT'], vcol['BWT'], seeds)} |"
         )
     if pooled["a_op"]:
         lines.append(
             f"| all orders pooled | | {len(pooled['a_op'])} runs | {statistics.fmean(pooled['a_op']):.1f} / "
             f"{statistics.fmean(pooled['a_bwt']):.1f} | {statistics.fmean(pooled['b_op']):.1f} / "
-            f"{statistics.fmean(pooled['b_bwt']):.1f} | {paired_cell(pooled['a_op'], pooled['b_op'])} | "
-            f"{paired_cell(pooled['a_bwt'], pooled['b_bwt'])} |"
+            f"{statistics.fmean(pooled['b_bwt']):.1f} | {paired_cell(pooled['a_op'], pooled['b_op'], every_seed)} | "
+            f"{paired_cell(pooled['a_bwt'], pooled['b_bwt'], every_seed)} |"
         )
-    return "\n".join(lines)
+    return "\n".join([band_label(set(every_seed)), ""] + lines)
 
 
 def main(argv=None):

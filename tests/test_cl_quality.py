@@ -45,8 +45,11 @@ def test_paired_lines_compare_merging_methods_once():
     lines = cl_quality.paired_lines(res, ["single", "replay", "fixed_merge", "aim"], [0, 1, 2])
     pairs = [ln.split(" | ")[0].strip("| ") for ln in lines if ln.startswith("| ") and "−" in ln]
     assert pairs == ["fixed_merge − replay", "aim − replay", "aim − fixed_merge"]
-    assert "| +11.0 ± 0.0 (ahead) | +0.0 ± 0.0 (level) |" in lines[-3]  # aim − replay
-    assert "| +1.0 ± 0.0 (ahead) |" in lines[-2]  # aim − fixed_merge: no spread, so any difference counts
+    assert "| +11.0 ± 0.0 (ahead, dev band: not a result) | +0.0 ± 0.0 (level) |" in lines[-3]  # aim − replay
+    assert "| +1.0 ± 0.0 (ahead, dev band: not a result) |" in lines[-2]  # no spread: any difference counts
+    report = {(m, s + 100): v for (m, s), v in res.items()}
+    lines = cl_quality.paired_lines(report, ["single", "replay", "fixed_merge", "aim"], [100, 101, 102])
+    assert "| +11.0 ± 0.0 (ahead) | +0.0 ± 0.0 (level) |" in lines[-3]  # the report band states results
 
 
 def test_memory_sweep_runs_one_tagged_quality_call_per_fraction(tmp_path):

@@ -26,7 +26,17 @@ def test_per_order_and_pooled_paired_differences(tmp_path):
     write(tmp_path, "y", "aim", 2, 99, 0)  # no replay run for seed 2: left out of the pairs
     t = orders.table(tmp_path, ["x", "y", "z"], "aim", "replay")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in t.splitlines() if line.startswith("| ")}
-    assert "a → b" in rows["x"] and "+10.0 ± 0.6 (ahead)" in rows["x"]
+    assert "a → b" in rows["x"] and "+10.0 ± 0.6 (ahead, dev band: not a result)" in rows["x"]
+    assert t.splitlines()[0].startswith("Seed band: **dev**") and "not results" in t.splitlines()[0]
     assert "-9.5 ± 0.5 (level (2 seeds))" in rows["y"] and "-8.0" in rows["y"]
     assert "not run" in rows["z"]
     assert "5 runs" in rows["all orders pooled"] and "+2.2" in rows["all orders pooled"]
+
+
+def test_report_band_figures_are_results(tmp_path):
+    for s, (a, r) in zip(range(100, 103), [(50, 40), (52, 41), (49, 40)]):
+        write(tmp_path, "x", "aim", s, a, -5)
+        write(tmp_path, "x", "replay", s, r, -5)
+    t = orders.table(tmp_path, ["x"], "aim", "replay")
+    assert t.splitlines()[0].startswith("Seed band: **report** (seeds 100 101 102)")
+    assert "+10.0 ± 0.6 (ahead) |" in t
