@@ -20,6 +20,12 @@ Mixed replay draws its memory rows like the driver: batch c of a task takes posi
 checkpoint recorded (the micro-batches already trained). The collator must run in the main process
 (dataloader_num_workers 0): a worker's copy of the position would advance alone.
 
+The Trainer's eval dataloader collates with the same data_collator, and no event precedes an evaluation
+(on_evaluate follows it; eval_strategy="steps" runs one between two training batches). The collator therefore
+tells an evaluation batch by a Trainer's evaluate/predict frame on the call stack (the eval dataloader is iterated
+there, in the main process): such batches get no memory rows, leave the replay position where training left it,
+and `compute_loss_func` gives them the plain token-mean loss and the plugin no forgetting-signal record.
+
 Under Accelerate the engine steps inside `accelerator.backward`, before the Trainer reads the step's gradient
 norm; the plugin's work (probe, merge, rehearsal) therefore waits until `on_optimizer_step`, so the Trainer logs
 the training step's gradient norm, not the rehearsal's.
@@ -45,6 +51,8 @@ from .losses import split_token_loss
 from .plugin import AimPlugin
 
 STATE_DIR = "aim_merging"  # inside the Trainer's checkpoint-N/: one file per rank
+# the Trainer methods that iterate an evaluation dataloader or run an evaluation forward (see the module doc)
+EVAL_METHODS = frozenset({"evaluate", "predict", "evaluation_loop", "prediction_loop", "prediction_step"})
 
 
 REPLAY_DRAWS = ("stream", "cycle")
@@ -132,9 +140,9 @@ class AimMergingCallback(TrainerCallback):
 
     def replay_collator(self, collator=default_data_collator):
         """A data collator that appends `replay_rows` memory rows (a seeded draw per batch, see the module doc)
-        after each batch's new-task rows, collated together by `collator`. Pair it with `compute_loss_func`
-        (mixed replay; with "probe_source": "training_batch" those rows' loss is the forgetting signal).
-        Needs dataloader_num_workers 0 (checked at train())."""
+        after each training batch's new-task rows, collated together by `collator` (evaluation batches get
+        none). Pair it with `compute_loss_func` (mixed replay; with "probe_source": "training_batch" those rows'
+        loss is the forgetting signal). Needs dataloader_num_workers 0 (checked at train())."""
         if self.replay_rows < 1:
             raise AimInputError("replay_collator() needs AimMergingCallback(replay_rows=K) with K >= 1.")
         return _ReplayCollator(self, collator)
@@ -149,7 +157,8 @@ class AimMergingCallback(TrainerCallback):
                 "compute_loss_func: the batch has no labels; the Trainer pops them from the inputs "
                 "only when they are there."
             )
-        k = self._rows_in_batch()
+        evaluating = _in_evaluation()  # then the batch holds no memory rows (see _ReplayCollator)
+        k = 0 if evaluating else self._rows_in_batch()
         n_new = labels.shape[0] - k
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         new_sum, new_n, mem_sum, mem_n = split_token_loss(logits, labels, n_new, "compute_loss_func")
@@ -161,8 +170,8 @@ class AimMergingCallback(TrainerCallback):
             loss = new_sum + mem_sum
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else tokens.clamp(min=1))
         p = self.plugin
-        if torch.is_grad_enabled() and p is not None and p.records_probe_loss:
-            # training forwards only: evaluation, and SFTTrainer's metrics forward, run without grad
+        if torch.is_grad_enabled() and not evaluating and p is not None and p.records_probe_loss:
+            # training forwards only: SFTTrainer's metrics forward runs without grad
             p.record_probe_loss(float(mem_sum.detach()) if k else 0.0, int(mem_n) if k else 0)
         return loss
 
@@ -196,12 +205,7 @@ class AimMergingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         trainer, resume = self._find_trainer()
         engine = trainer.model_wrapped
-        from deepspeed import DeepSpeedEngine
-
-        if not isinstance(engine, DeepSpeedEngine):
-            raise AimInputError(
-                "AimMergingCallback: this Trainer does not run DeepSpeed; pass TrainingArguments(deepspeed=ds_config)."
-            )
+        _check_engine(engine)
         if isinstance(trainer.data_collator, _ReplayCollator) and args.dataloader_num_workers > 0:
             raise AimInputError(
                 f"AimMergingCallback.replay_collator() with dataloader_num_workers={args.dataloader_num_workers}: "
@@ -309,7 +313,7 @@ class AimMergingCallback(TrainerCallback):
         return batches
 
     def _rows_in_batch(self) -> int:
-        """Memory rows that replay_collator appends to every batch of this train() call."""
+        """Memory rows that replay_collator appends to every training batch of this train() call."""
         return self.replay_rows if self._rows is not None else 0
 
     def _next_replay_rows(self) -> list:
@@ -357,4 +361,39 @@ class _ReplayCollator:
         self.callback, self.collator = callback, collator
 
     def __call__(self, features):
+        if self.callback.trainer_args is None or _in_evaluation():
+            # an evaluation batch, or one before any train(): the rows alone, the replay position untouched
+            return self.collator(features)
         return self.collator(list(features) + self.callback._next_replay_rows())
+
+
+def _check_engine(engine) -> None:
+    """The Trainer's engine must be a DeepSpeed engine that trains (has an optimizer)."""
+    from deepspeed import DeepSpeedEngine
+
+    if not isinstance(engine, DeepSpeedEngine):
+        raise AimInputError(
+            "AimMergingCallback: this Trainer does not run DeepSpeed; pass TrainingArguments(deepspeed=ds_config)."
+        )
+    if type(engine.optimizer).__name__ == "DeepSpeedZeRoOffload":
+        # evaluate()/predict() before train() builds a ZeRO-3 inference engine, and train() on the same Trainer
+        # goes on with it (an open transformers issue, huggingface/transformers#44889)
+        raise AimInputError(
+            "AimMergingCallback: this Trainer's DeepSpeed engine has no optimizer: evaluate() or predict() ran on "
+            "this Trainer before train(), and transformers then trains the inference engine it built for them. "
+            "Evaluate before training with TrainingArguments(eval_on_start=True) instead."
+        )
+
+
+def _in_evaluation() -> bool:
+    """Whether a Trainer's evaluation or prediction (EVAL_METHODS) is on the call stack: its dataloader is
+    iterated there, and a training loop that evaluates mid-task (eval_strategy "steps") holds it only then."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name in EVAL_METHODS and isinstance(frame.f_locals.get("self"), Trainer):
+                return True
+            frame = frame.f_back
+        return False
+    finally:
+        del frame
