@@ -97,16 +97,21 @@ def test_tp_checkpoints_convert_to_one_hf_folder(runs):
         assert a.keys() == b.keys(), fn.__name__
         for k in a:
             assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=0, atol=atol), (fn.__name__, k)
-    for what, fn in (("model", model_state_dict), ("anchor", anchor_state_dict)):
+    ckpt = str(tp2 / "checkpoints")
+    joined = {"model": model_state_dict(ckpt), "anchor": anchor_state_dict(ckpt)}
+    for what, want in joined.items():
         out = tmp / f"hf-{what}"
-        convert(str(tp2 / "checkpoints"), str(out), what=what)
-        model = AutoModelForCausalLM.from_pretrained(str(out))
-        joined = fn(str(tp2 / "checkpoints"))
+        convert(ckpt, str(out), what=what)
+        model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (what, info)  # none random-initialised
         live = model.state_dict()
-        assert len(joined) >= 20 and joined.keys() <= live.keys()
-        for k, v in joined.items():
+        # every tensor of the model from the checkpoint; an anchor for every parameter (all trained in this run),
+        # the tied LM head still tied to the embedding (no parameter of its own), so the anchor's too
+        assert joined["model"].keys() == live.keys(), sorted(joined["model"].keys() ^ live.keys())
+        assert joined["anchor"].keys() == {n for n, _ in model.named_parameters()}, what
+        for k, v in want.items():
             assert torch.equal(live[k].float(), v), (what, k)
-        assert not torch.equal(joined["model.norm.weight"], torch.ones_like(joined["model.norm.weight"]))  # trained
+        assert not torch.equal(want["model.norm.weight"], torch.ones_like(want["model.norm.weight"]))  # trained
 
 
 def test_tp_resume_same_size_and_refuse_another(runs):

@@ -78,10 +78,11 @@ def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.T
     stage 0: the module's own state), frozen parameters included."""
     tag, m = _open_offline(ckpt_dir, tag)
     tag_dir = os.path.join(ckpt_dir, tag)
-    if m["layout"].get("tp_size", 1) > 1:
-        return tp.model(tag_dir, m)
-    if m["layout"].get("kind") == "replicated":  # stage 0: DeepSpeed's zero_to_fp32 reads stages 1-3 only
-        return _with_frozen(tp.model(tag_dir, m), tag_dir)
+    if m["layout"].get("tp_size", 1) > 1 or m["layout"].get("kind") == "replicated":
+        # tensor parallelism, and stage 0 (DeepSpeed's zero_to_fp32 reads stages 1-3 only): each tensor-parallel
+        # rank's frozen slices are in its own module state, so they are added per rank before the joining
+        local = tp.local_weights(tag_dir, m)
+        return tp.whole([_with_frozen(sd, tag_dir, tp.model_states(t)) for t, sd in enumerate(local)], tag_dir, m)
     if m["universal"]:
         out = {}
         for g in m["layout"]["sub_groups"]:
@@ -101,13 +102,16 @@ def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.T
 MODEL_STATES = "mp_rank_00_model_states.pt"  # stages 0-2: the module's whole state dict, on rank 0
 
 
-def _with_frozen(sd: dict[str, torch.Tensor], tag_dir: str) -> dict[str, torch.Tensor]:
+def _with_frozen(
+    sd: dict[str, torch.Tensor], tag_dir: str, model_states: str = MODEL_STATES
+) -> dict[str, torch.Tensor]:
     """sd plus the frozen parameters (LoRA's base weights), which DeepSpeed's fp32 fragments leave out at
     stages 0-1 and a universal checkpoint leaves out entirely: taken from the module state DeepSpeed saved
-    (stages 0-2) or from every rank's frozen fragments (ZeRO-3). A parameter found nowhere is refused."""
+    (stages 0-2: `model_states`, one file per tensor-parallel rank, each with that rank's slices) or from
+    every rank's frozen fragments (ZeRO-3). A parameter found nowhere is refused."""
     import glob
 
-    single = os.path.join(tag_dir, MODEL_STATES)
+    single = os.path.join(tag_dir, model_states)
     files = [single] if os.path.isfile(single) else glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_model_states.pt"))
     files.sort(key=lambda f: int(os.path.basename(f).split("_")[3]) if f != single else 0)  # by rank
     if not files:
@@ -132,6 +136,16 @@ def _with_frozen(sd: dict[str, torch.Tensor], tag_dir: str) -> dict[str, torch.T
             "convert the checkpoint they were saved in (before aim-ds reshard), or pass the full model."
         )
     return out
+
+
+def _shared_params(tag_dir: str) -> dict[str, str]:
+    """DeepSpeed's record of tied weights in rank 0's module state: {second name: the name holding the data}
+    (none recorded at stage 0 in fp32)."""
+    for name in (MODEL_STATES, "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        path = os.path.join(tag_dir, name)
+        if os.path.isfile(path):
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("shared_params") or {}
+    return {}
 
 
 def anchor_state_dict(ckpt_dir: str, tag: str | None = None, key: str = "anchor") -> dict[str, torch.Tensor]:
@@ -205,6 +219,9 @@ def convert(
             raise CheckpointError(f"anchor parameters {missing[:3]} are not in the model state of {tag_dir}.")
         sd = dict(sd)
         sd.update(anchor)  # frozen parameters (not in the optimizer) keep their never-changing model values
+        # a tied weight's second name (a tied LM head) is the same parameter: the anchor's value, else the folder
+        # holds two different tensors for it and from_pretrained unties them, keeping the trained head
+        sd.update({name: anchor[src] for name, src in _shared_params(tag_dir).items() if src in anchor})
     # a LoRA run: the adapters folded into the base weights (plain HF names, no peft needed to load)
     sd = merge_adapters(sd, read_adapter_config(os.path.join(tag_dir, HF_SUBDIR)), tag_dir)
     sd = {k: (v.to(dtypes[dtype]) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}

@@ -146,6 +146,11 @@ def _write_rank0_files(engine, plugin, tmp_dir, tag, world, task_fingerprint, to
         fsync_dir(hf)  # the folder's entries: its files' names
     import deepspeed
 
+    from ..shards.tp import param_slices
+
+    layout = shards.engine_layout(engine)
+    if layout.get("tp_size", 1) > 1:  # the frozen parameters' cuts too: aim-ds convert joins them as well
+        layout["tp_slices"] = param_slices(engine.module)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -162,7 +167,7 @@ def _write_rank0_files(engine, plugin, tmp_dir, tag, world, task_fingerprint, to
         "model": model_fingerprint(engine),
         "task_fingerprint": task_fingerprint,
         "extra": extra,
-        "layout": shards.engine_layout(engine),
+        "layout": layout,
         "files": list_files(tmp_dir),
     }
     write_json_synced(os.path.join(tmp_dir, MANIFEST), manifest)

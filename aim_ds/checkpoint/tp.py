@@ -4,8 +4,9 @@ anchor from its per-rank shards.
 
 Each tensor-parallel rank t holds a slice of every cut parameter; its flat fp32 groups (the data-parallel
 partitions of rank t, concatenated) hold those slices back to back, in the manifest's parameter order. The
-manifest's layout records, per cut parameter, the dimension and the slice sizes (``tp_slices``), so the
-slices are joined along that dimension in tensor-parallel rank order."""
+parameters outside the optimizer (frozen ones) are in no group: their slices are in each tensor-parallel
+rank's module state. The manifest's layout records, per cut parameter (frozen ones too), the dimension and
+the slice sizes (``tp_slices``), so the slices are joined along that dimension in tensor-parallel rank order."""
 
 from __future__ import annotations
 
@@ -61,17 +62,21 @@ def _split_flat(flats: list[torch.Tensor], layout: dict, cuts: dict, t: int) -> 
     return out
 
 
-def join(per_tp: list[dict[str, torch.Tensor]], layout: dict, cuts: dict) -> dict[str, torch.Tensor]:
-    """Every tensor-parallel rank's local slices -> whole parameters (a parameter every rank holds whole is
-    taken from rank 0)."""
+def _trained(layout: dict) -> list[list]:
+    """[name, full shape] of every parameter in the optimizer's groups (the layout's), in its order."""
+    return [[p[0], p[1]] for g in layout["sub_groups"] for p in g["params"]]
+
+
+def join(per_tp: list[dict[str, torch.Tensor]], params: list[list], cuts: dict) -> dict[str, torch.Tensor]:
+    """Every tensor-parallel rank's local slices of `params` ([name, full shape]) -> whole parameters (a
+    parameter every rank holds whole is taken from rank 0)."""
     out = {}
-    for g in layout["sub_groups"]:
-        for name, shape, *_ in g["params"]:
-            cut = cuts.get(name)
-            t = per_tp[0][name] if cut is None else torch.cat([d[name] for d in per_tp], dim=cut[0])
-            if list(t.shape) != list(shape):
-                raise CheckpointError(f"{name}: joined shape {list(t.shape)}, the manifest says {list(shape)}")
-            out[name] = t
+    for name, shape in params:
+        cut = cuts.get(name)
+        t = per_tp[0][name] if cut is None else torch.cat([d[name] for d in per_tp], dim=cut[0])
+        if list(t.shape) != list(shape):
+            raise CheckpointError(f"{name}: joined shape {list(t.shape)}, the manifest says {list(shape)}")
+        out[name] = t
     return out
 
 
@@ -99,14 +104,14 @@ def anchor(states: list[dict], m: dict, key: str, where: str) -> dict[str, torch
         else:
             flats = [torch.cat([sd[key][i].reshape(-1) for sd in row]) for i in range(len(layout["sub_groups"]))]
         per_tp.append(_split_flat(flats, layout, cuts, t))
-    return join(per_tp, layout, cuts)
+    return join(per_tp, _trained(layout), cuts)
 
 
 def _stage0_weights(tag_dir: str, layout: dict, t: int) -> dict[str, torch.Tensor]:
     """Stage 0, tensor-parallel rank t: the module's own state (frozen parameters included; the masters of fp32
     training), its trainable parameters replaced by the unfused bf16/fp16 optimizer's fp32 copies where saved
     (with its state, in the order of its groups: the layout's)."""
-    sd = torch.load(os.path.join(tag_dir, f"mp_rank_{t:02d}_model_states.pt"), map_location="cpu", weights_only=False)
+    sd = torch.load(os.path.join(tag_dir, model_states(t)), map_location="cpu", weights_only=False)
     out = {k: v.detach().float().clone() if v.is_floating_point() else v for k, v in sd["module"].items()}
     fp32 = (sd.get("optimizer") or {}).get("fp32_groups")
     if fp32 is None:
@@ -119,13 +124,17 @@ def _stage0_weights(tag_dir: str, layout: dict, t: int) -> dict[str, torch.Tenso
     return out
 
 
-def model(tag_dir: str, m: dict) -> dict[str, torch.Tensor]:
-    """The whole fp32 weights: stages 1-2 from the fp32 partitions in DeepSpeed's optimizer files of each
-    (data, tensor)-parallel rank; stage 0 from each tensor-parallel rank's fp32 copies or fp32 weights.
-    Also serves stage 0 without tensor parallelism (DeepSpeed's zero_to_fp32 reads stages 1-3 only)."""
+def model_states(t: int) -> str:
+    """Tensor-parallel rank t's module state file (stages 0-2: its slices of every parameter, frozen ones too)."""
+    return f"mp_rank_{t:02d}_model_states.pt"
+
+
+def local_weights(tag_dir: str, m: dict) -> list[dict[str, torch.Tensor]]:
+    """Each tensor-parallel rank's fp32 slices of the trainable parameters: stages 1-2 from the fp32 partitions
+    in DeepSpeed's optimizer files of each of its data-parallel ranks; stage 0 from its fp32 copies or fp32
+    weights (its whole module state, frozen parameters included)."""
     layout = m["layout"]
-    where = os.path.join(tag_dir, MANIFEST)
-    cuts, tp = _slices(layout, where), layout["tp_size"]
+    cuts, tp = _slices(layout, os.path.join(tag_dir, MANIFEST)), layout["tp_size"]
     dp = m["world_size"] // tp
     per_tp = []
     for t in range(tp):
@@ -141,10 +150,49 @@ def model(tag_dir: str, m: dict) -> dict[str, torch.Tensor]:
             parts.append(osd["single_partition_of_fp32_groups"])
         flats = [torch.cat([p[i].reshape(-1) for p in parts]).float() for i in range(len(layout["sub_groups"]))]
         per_tp.append(_split_flat(flats, layout, cuts, t))
-    out = join(per_tp, layout, cuts)
+    return per_tp
+
+
+def _cut_of(name: str, shape: list, per_tp: list[dict], cuts: dict, where: str):
+    """How a parameter outside the optimizer's groups was cut: as recorded, or, where the checkpoint records
+    no cut for it (saved by an earlier version), whole when every rank holds it at its full shape."""
+    if name in cuts:
+        return cuts[name]
+    if all(list(d[name].shape) == list(shape) for d in per_tp):
+        return None
+    raise CheckpointError(
+        f"{where}: parameter {name} is cut over the tensor-parallel ranks, and the checkpoint does not record how "
+        "(saved by an earlier version, which recorded the cuts of trainable parameters only); convert this "
+        "checkpoint with DeepSpeed's universal-checkpoint tools (ds_to_universal)"
+    )
+
+
+def whole(per_tp: list[dict[str, torch.Tensor]], tag_dir: str, m: dict) -> dict[str, torch.Tensor]:
+    """The whole fp32 weights from every tensor-parallel rank's local tensors (its trainable slices, plus the
+    frozen parameters and buffers of its module state): every parameter the model names (the manifest's list,
+    with full shapes) joined, tied names and floating-point buffers added. A parameter the model names that
+    a rank does not hold is refused: a model without it would be silently random-initialised where loaded.
+    Also serves stage 0 without tensor parallelism (DeepSpeed's zero_to_fp32 reads stages 1-3 only)."""
+    layout, where = m["layout"], os.path.join(tag_dir, MANIFEST)
+    cuts, trained = _slices(layout, where), _trained(layout)
+    others = [[n, s] for n, s in m["model"]["params"] if n not in {x[0] for x in trained}]
+    missing = [n for n, _ in others if any(n not in d for d in per_tp)]
+    if missing:
+        raise CheckpointError(
+            f"{tag_dir}: parameter {missing[0]} ({len(missing)} in all: {missing[:3]}) is named by the model but is "
+            "in no file of the checkpoint (one outside the optimizer, a frozen one, is read from each "
+            "tensor-parallel rank's module state); convert a checkpoint that holds every parameter, as "
+            "aim_ds.checkpoint.save_checkpoint writes them"
+        )
+    cuts = {**cuts, **{n: _cut_of(n, s, per_tp, cuts, where) for n, s in others}}
+    out = join(per_tp, trained + others, cuts)
     # tied weights (a tied LM head) under their second name too, as DeepSpeed's zero_to_fp32 gives them
-    ms = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    ms = torch.load(os.path.join(tag_dir, model_states(0)), map_location="cpu", weights_only=False, mmap=True)
     for name, source in (ms.get("shared_params") or {}).items():
         if source in out:
             out[name] = out[source]
+    # the buffers, as the other conversions keep them (AutoTP cuts parameters only); without tensor parallelism
+    # also a tied weight's second name where DeepSpeed records no pairing (stage 0 in fp32), rank 0's being whole
+    keep = per_tp[0] if len(per_tp) == 1 else (ms.get("buffer_names") or [])
+    out.update({k: per_tp[0][k] for k in keep if k in per_tp[0] and k not in out and per_tp[0][k].is_floating_point()})
     return out

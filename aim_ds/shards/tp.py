@@ -39,6 +39,12 @@ def tp_slice(p) -> list | None:
     return [None, None, str(reason)] if reason else [int(dim), [int(x) for x in sizes]]
 
 
+def param_slices(module) -> dict[str, list | None]:
+    """tp_slice of every parameter of the module by name, frozen ones included: they are in no optimizer group
+    (so not in the shards' layout), yet a converted model needs them whole too."""
+    return {n: tp_slice(p) for n, p in module.named_parameters()}
+
+
 def vocab_head(model_or_engine):
     """The output layer when AutoTP cut it over the vocabulary (a tied LM head becomes a VocabParallelLinear
     by default): each tensor-parallel rank's forward then returns its vocabulary slice of the logits.
