@@ -24,7 +24,9 @@ SUBCOMMANDS: dict[str, str] = {
 
 
 def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aim-ds", description="AimMerging for DeepSpeed ZeRO-3: utilities.")
+    parser = argparse.ArgumentParser(
+        prog="aim-ds", description="AimMerging for DeepSpeed (ZeRO stages 0-3, tensor parallelism): utilities."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in SUBCOMMANDS.items():
         if names is not None and name not in names:
