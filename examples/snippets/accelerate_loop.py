@@ -45,4 +45,5 @@ for task in range(2):
             optimizer.step()
             optimizer.zero_grad()
 plugin.write_trajectory_csv("trajectory.csv")  # rank 0: one row per optimizer step, "merge" = 1 where it merged
+deepspeed.comm.barrier()  # last collectives done before exit: gloo aborts if it frees one during shutdown
 deepspeed.comm.destroy_process_group()

@@ -8,7 +8,7 @@ import aim_ds
 from aim_ds.distributed import release_cpu_shm_names
 
 MEMORY_WEIGHT = None  # or e.g. 0.5: the memory rows weigh that much however few they are (the driver's --memory-weight)
-deepspeed.init_distributed()  # gloo on CPU ranks, nccl on GPUs
+deepspeed.init_distributed()  # the accelerator's backend (gloo on CPU ranks)
 release_cpu_shm_names()  # CPU ranks: DeepSpeed 0.19.8 never removes its /dev/shm file (no-op on GPUs)
 rank, world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
 ds_config = {
@@ -52,4 +52,5 @@ for task in range(2):
         engine.backward(loss)
         engine.step()
 plugin.write_trajectory_csv("trajectory.csv")  # rank 0: one row per step, "merge" = 1 where it merged
+deepspeed.comm.barrier()  # last collectives done before exit: gloo aborts if it frees one during shutdown
 deepspeed.comm.destroy_process_group()

@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import aim_ds
 from aim_ds.distributed import release_cpu_shm_names
 
-deepspeed.init_distributed()  # gloo on CPU ranks, nccl on GPUs
+deepspeed.init_distributed()  # the accelerator's backend (gloo on CPU ranks)
 release_cpu_shm_names()  # CPU ranks: DeepSpeed 0.19.8 never removes its /dev/shm file (no-op on GPUs)
 rank, world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
 ds_config = {
@@ -42,4 +42,5 @@ for task in tasks:
         engine.backward(loss)
         engine.step()  # the plugin runs after each optimizer step
 plugin.write_trajectory_csv("trajectory.csv")  # rank 0: one row per step, "merge" = 1 where it merged
+deepspeed.comm.barrier()  # last collectives done before exit: gloo aborts if it frees one during shutdown
 deepspeed.comm.destroy_process_group()

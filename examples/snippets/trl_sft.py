@@ -71,4 +71,5 @@ for t in range(2):
     ).train()
     memory += task[:16]
 cb.write_trajectory_csv("trajectory.csv")  # rank 0: "task" = the train() call, "merge" = 1 where it merged
+deepspeed.comm.barrier()  # last collectives done before exit: gloo aborts if it frees one during shutdown
 deepspeed.comm.destroy_process_group()
