@@ -1,5 +1,5 @@
 # Accelerate's own loop with AimMerging: attach to the DeepSpeed engine that accelerator.prepare returns.
-# Run: accelerate launch --num_processes 2 examples/snippets/accelerate_loop.py  (or deepspeed --num_gpus 2 ...)
+# Run: deepspeed --num_gpus 2 examples/snippets/accelerate_loop.py
 import deepspeed
 import torch
 from accelerate import Accelerator
