@@ -320,7 +320,10 @@ def _add_source_and_output(p: argparse.ArgumentParser, out_help: str) -> None:
 
 
 class ConvertCommand:
-    HELP = "convert an aim_ds/DeepSpeed ZeRO-3 checkpoint to a Hugging Face model folder (weights or anchor)"
+    HELP = (
+        "convert an aim_ds/DeepSpeed checkpoint (ZeRO stages 0-3, tensor-parallel, LoRA adapters merged) to a "
+        "Hugging Face model folder (weights or anchor)"
+    )
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
