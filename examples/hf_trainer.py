@@ -232,6 +232,9 @@ def main(argv=None):
         write_csv(os.path.join(out, "losses.csv"), losses, ["task", "step", "loss"])
         print(f"OP {metrics['OP']:.1f}  BWT {metrics['BWT']:.1f}  merges {merges}  -> {out}", flush=True)
     cb.write_trajectory_csv(os.path.join(out, "trajectory.csv"))
+    import deepspeed
+
+    deepspeed.comm.barrier()  # last collectives done before exit: gloo aborts if it frees one during shutdown
 
 
 class DriverOrder:
