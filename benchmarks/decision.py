@@ -4,10 +4,12 @@ paired by seed on the REPORT band only (benchmarks/common.py: choose on one band
     python benchmarks/decision.py --root runs/bands \
         --regime "16 rows=report-r16:report-r16-fixed30" --regime "4 rows=report-r4:report-r4-fixed8"
 
-Each --regime is NAME=TAG[:FIXED_TAG]: TAG holds cl_quality.py runs `replay-sS` and `aim-sS` (and `seqft-sS`
-when run), FIXED_TAG the `fixed_merge-sS` runs at the interval the dev band chose. A regime whose paired seeds
+Each --regime is NAME=TAG[:FIXED_TAG[:REPLAY_TAG]]: TAG holds cl_quality.py runs `replay-sS` and `aim-sS` (and
+`seqft-sS` when run), FIXED_TAG the `fixed_merge-sS` runs at the interval the dev band chose, REPLAY_TAG (when
+given) the replay runs to compare with instead, e.g. replay with more rows at aim's token count. A regime whose paired seeds
 are not all in the report band is refused: its figures would not be results. Prints markdown; the last
-column says what to use there (aim only when it is ahead of replay by more than two standard errors)."""
+column says what to use there: the cheapest method (tokens through forward + backward) that is not behind the
+best one (highest mean OP) by more than two standard errors of the paired difference."""
 
 from __future__ import annotations
 
@@ -39,9 +41,23 @@ def cost(runs: list[dict]) -> str:
     return f"{tok:.1f} k / {wall:.0f} s"
 
 
+def use(runs: dict, seeds: list[int], interval: str) -> str:
+    """The cheapest method level with (or equal to) the best by mean OP."""
+    methods = [m for m in ("replay", "aim", "fixed") if runs[m]]
+    op = {m: [runs[m][s]["OP"] for s in seeds] for m in methods}
+    top = max(methods, key=lambda m: statistics.fmean(op[m]))
+    level = [m for m in methods if m == top or paired(op[m], op[top])[2] != "behind"]
+    tokens = {m: statistics.fmean(work_tokens(runs[m][s]["work"])[0] for s in seeds) for m in level}
+    pick = min(level, key=lambda m: tokens[m])
+    return f"fixed interval {interval}" if pick == "fixed" else pick
+
+
 def regime_row(root: Path, name: str, spec: str) -> tuple[str, list[int]]:
-    tag, _, fixed_tag = spec.partition(":")
+    tag, _, rest = spec.partition(":")
+    fixed_tag, _, replay_tag = rest.partition(":")
     runs = {m: load(root / tag, m) for m in ("replay", "aim", "seqft")}
+    if replay_tag:
+        runs["replay"] = load(root / replay_tag, "replay")
     runs["fixed"] = load(root / fixed_tag, "fixed_merge") if fixed_tag else {}
     seeds = sorted(set(runs["replay"]) & set(runs["aim"]) & (set(runs["fixed"]) if fixed_tag else set(runs["aim"])))
     if not seeds:
@@ -63,7 +79,7 @@ def regime_row(root: Path, name: str, spec: str) -> tuple[str, list[int]]:
     af_op, af_v = cell(col("aim", "OP"), col("fixed", "OP")) if fixed_tag else ("—", "")
     fr_op, fr_v = cell(col("fixed", "OP"), col("replay", "OP")) if fixed_tag else ("—", "")
     interval = fixed_tag.rsplit("fixed", 1)[-1] if fixed_tag else "—"
-    best = "aim" if ar_v == "ahead" else ("fixed interval" if fr_v == "ahead" else "replay (the cheapest)")
+    best = use(runs, seeds, interval)
     costs = " · ".join(
         f"{m} {cost([runs[m][s] for s in seeds])}" for m in ("replay", "aim", "fixed") if runs[m] and seeds
     )
@@ -92,7 +108,7 @@ def table(root: Path, regimes: list[str]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, default=Path("runs/bands"))
-    p.add_argument("--regime", action="append", required=True, help="NAME=TAG[:FIXED_TAG]")
+    p.add_argument("--regime", action="append", required=True, help="NAME=TAG[:FIXED_TAG[:REPLAY_TAG]]")
     a = p.parse_args(argv)
     print(table(a.root, a.regime))
     return 0

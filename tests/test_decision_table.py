@@ -28,7 +28,7 @@ def test_report_band_rows_and_the_verdict(tmp_path):
     assert t.splitlines()[0].startswith("Seed band: **report**")
     row = t.splitlines()[-1]
     assert row.startswith("| 16 rows | 4 | 70.0 / -9.0 | 80.5 / -5.0 | 30: 75.0 / -7.0 | — |")
-    assert "+10.5 ± 0.6 (ahead) / +4.0 ± 0.0" in row and row.endswith("| aim |")
+    assert "+10.5 ± 0.6 (ahead) / +4.0 ± 0.0" in row and row.endswith("| aim |")  # the best, alone
     assert "aim 1.1 k / 20 s" in row
 
 
@@ -38,3 +38,26 @@ def test_a_regime_off_the_report_band_is_refused(tmp_path):
         write(tmp_path, "r16", "replay", s, 70, -9)
     with pytest.raises(SystemExit, match="not all in the report band"):
         decision.table(tmp_path, ["16 rows=r16"])
+
+
+def test_the_cheapest_method_level_with_the_best_is_used(tmp_path):
+    # fixed is best by mean, aim is level with it (noisy) and cheaper, replay is behind: aim
+    for s, (a, r, f) in zip(range(100, 104), [(80, 70, 75), (70, 69, 82), (79, 70, 86), (81, 69, 80)]):
+        write(tmp_path, "r", "aim", s, a, -5)
+        write(tmp_path, "r", "replay", s, r, -9)
+        write(tmp_path, "f8", "fixed_merge", s, f, -7)
+    d = tmp_path / "f8"
+    for run in d.iterdir():  # fixed costs more tokens than aim
+        res = json.loads((run / "results.json").read_text())
+        res["work"]["train_tokens"] = 2000
+        (run / "results.json").write_text(json.dumps(res))
+    assert decision.table(tmp_path, ["r=r:f8"]).splitlines()[-1].endswith("| aim |")
+
+
+def test_replay_from_another_tag(tmp_path):
+    for s in range(100, 103):
+        write(tmp_path, "r4", "aim", s, 60 + s % 2, -5)
+        write(tmp_path, "r4", "replay", s, 50, -9)
+        write(tmp_path, "r6", "replay", s, 62 + s % 3, -8)
+    row = decision.table(tmp_path, ["r=r4::r6"]).splitlines()[-1]
+    assert "| 63.0 / -8.0 | 60.3 / -5.0 |" in row and "-2.7 ± 0.3 (behind)" in row and row.endswith("| replay |")
