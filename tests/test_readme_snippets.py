@@ -71,7 +71,12 @@ def run_env_ranks(script: Path, tmp_path: Path) -> None:
     """2 ranks with RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, the contract the deepspeed,
     torchrun and accelerate launchers give a script (tests/mp.py's way, without a launcher's start-up)."""
     codes, timed_out = run_local_ranks(
-        lambda r, port: [sys.executable, str(script)], 2, str(tmp_path), TIMEOUT, env=driver_env(tmp_path), cwd=str(tmp_path)
+        lambda r, port: [sys.executable, str(script)],
+        2,
+        str(tmp_path),
+        TIMEOUT,
+        env=driver_env(tmp_path),
+        cwd=str(tmp_path),
     )
     logs = "\n".join((tmp_path / f"rank{r}.log").read_text()[-3000:] for r in range(2))
     assert not timed_out, f"{script.name} timed out after {TIMEOUT} s (deadlock?)\n{logs}"
