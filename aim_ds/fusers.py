@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from . import collectives, fusion
-from .journal import local_error
+from .errors import local_error
 from .plan import MergePlan
 from .policies import WeightPolicy
 

@@ -14,7 +14,7 @@ fusion math) are agreed on at the next sync point, which every rank reaches: eve
 the merge changed (see aim_ds/journal.py) and the merge returns {"merged": False}. A failure inside a
 collective of a rehearsal step (DeepSpeed's gathers in forward/backward/step: its peers are blocked in that
 collective, so no agreement is possible) is published in the process group's store and re-raised; the
-peers' collective then fails and they raise naming the failing rank (journal.fatal_error).
+peers' collective then fails and they raise naming the failing rank (collectives.fatal_error).
 
 A merge is built from an explicit context (MergeContext: the plugin's state, shards, anchor, fuser, controller,
 config, the engine and its own step, the rehearsal batch source); it changes the state only through it, and an
@@ -33,10 +33,12 @@ from typing import Any
 import torch
 
 from . import collectives, fusion, rehearsal
+from .collectives import fatal_error
 from .config import AimConfig
 from .controller import MergeController
+from .errors import MergeAborted, local_error
 from .fusers import Fuser
-from .journal import MergeAborted, MergeJournal, fatal_error, local_error
+from .journal import MergeJournal
 from .plan import MergePlan
 from .shards import ZeroShards, restore_step_report, step_report_snapshot
 from .state import PluginState

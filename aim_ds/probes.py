@@ -19,7 +19,8 @@ from typing import ClassVar, Protocol
 import torch
 
 from . import collectives
-from .journal import fatal_error, local_error
+from .collectives import fatal_error
+from .errors import local_error
 from .losses import batch_tokens
 from .memory import to_device
 
@@ -57,7 +58,7 @@ class MemoryForwardProbe:
     def read(self, next_batch: Callable[[], dict], task: int, step: int) -> float:
         """A rank that cannot read its batch stops every rank alike (agreed before the forward's collectives);
         a failure in the forward or the all-reduce, where the peers wait in a collective, stops every rank
-        naming it (journal.fatal_error)."""
+        naming it (collectives.fatal_error)."""
         what = f"the probe at task {task} step {step}"
         got = {}
 

@@ -235,7 +235,7 @@ def main(argv=None):
 
 
 class DriverOrder:
-    """The driver's order of a task's examples (aim_ds.driver.batching.rank_batches): a seeded shuffle per
+    """The driver's order of a task's examples (aim_ds.data.batching.rank_batches): a seeded shuffle per
     epoch; Accelerate deals consecutive per-rank batches to the ranks, so each rank gets the driver's slice."""
 
     def __init__(self, n: int, seed: int):
@@ -248,7 +248,7 @@ class DriverOrder:
         return self.n
 
     def __iter__(self):
-        from aim_ds.driver.batching import seeded_stream
+        from aim_ds.data.batching import seeded_stream
 
         return iter(seeded_stream(self.n, self.epoch * self.n, self.n, self.seed))
 

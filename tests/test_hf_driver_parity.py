@@ -66,7 +66,7 @@ def test_trainer_with_every_switch_is_the_driver(tmp_path):
 
 
 def test_replay_draw_cycle_is_the_drivers_memory_batches():
-    from aim_ds.driver.batching import memory_batches
+    from aim_ds.data.batching import memory_batches
     from aim_ds.errors import AimInputError
     from aim_ds.hf import AimMergingCallback
 

@@ -14,8 +14,9 @@ import time
 
 from aim_ds.memory import to_device
 
+from ..data.batching import memory_batches, rank_batches
 from .args import RunConfig
-from .batching import EncodingCache, lr_at, memory_batches, rank_batches
+from .batching import EncodingCache, lr_at
 from .resume import CKPT_SUBDIR, ResumePoint, global_batches, position_seed, resume_options, seed_rank_rng
 
 MULTITASK_SEED_OFFSET = 99991  # the joint pool's data order differs from every task's

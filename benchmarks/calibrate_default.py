@@ -5,7 +5,7 @@ replay (each earlier task's memory buffer, select_memory(fraction), mixed into t
 training data) and, with --methods merge, a fixed-interval AimMerging stand-in (every S steps:
 S rehearsal steps on memory batches, then theta = anchor + w_in*delta_in + w_out*delta_out), printing the accuracy matrix a[k][i] and OP / BWT.
 
-    OMP_NUM_THREADS=1 python -m aim_ds.data.calibrate_default [--steps 80] [--methods seqft,replay,merge] ...
+    OMP_NUM_THREADS=1 python benchmarks/calibrate_default.py [--steps 80] [--methods seqft,replay,merge] ...
 """
 
 from __future__ import annotations
