@@ -93,11 +93,11 @@ def main(argv=None):
     from aim_ds.evaluation import cl_metrics, evaluate_task
     from aim_ds.fileio import atomic_write_text, write_csv
     from aim_ds.hf import AimMergingCallback
-    from aim_ds.modeling import build_model, load_tokenizer
+    from aim_ds.modeling import build_model, cache_folder, load_tokenizer
 
     rank, world = info.rank, info.world_size
     out = args.output_dir or os.path.join("runs", time.strftime("hf-trainer-%Y%m%d-%H%M%S", time.gmtime()))
-    cache = os.environ.get("AIM_DS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aim_ds")
+    cache = cache_folder()
     tasks = aim_data.load_tasks(
         args.benchmark,
         data_dir=args.data_dir,

@@ -6,10 +6,25 @@ stay importable from here.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from ..data.batching import memory_batches, rank_batches, seeded_stream
 
-__all__ = ["EncodingCache", "lr_at", "memory_batches", "rank_batches", "seeded_stream"]
+__all__ = ["BatchSizes", "EncodingCache", "lr_at", "memory_batches", "rank_batches", "seeded_stream"]
+
+
+class BatchSizes(NamedTuple):
+    """Per-rank batch sizes and the ds_config the engines get (per-rank micro batch, no scheduler)."""
+
+    micro: int
+    mem_bs: int
+    replay_rows: int
+    ds_run: dict
+
+    @property
+    def client_opt(self) -> bool:
+        """The ds_config has no optimizer: the driver builds torch AdamW."""
+        return "optimizer" not in self.ds_run
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
