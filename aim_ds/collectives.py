@@ -3,6 +3,11 @@
 Every collective the plugin issues goes through `all_reduce` / `broadcast` here, so the bytes it
 communicates can be counted by wrapping these two functions (benchmarks/perf.py does). None of them
 ever carries a tensor whose size depends on the model: scalars, short vectors, fixed histograms.
+
+The rank-failure protocol: a failure a rank finds in its own work is agreed on (`agree`, with the message
+aim_ds.errors.local_error makes), so every rank stops alike; a failure inside a collective, where no agreement
+is possible, is published in the process group's store (`fatal_error`) so every rank's error names the rank
+that failed first.
 """
 
 from __future__ import annotations
@@ -152,3 +157,30 @@ def agree(error: str | None, exc_type: type[BaseException] = RuntimeError) -> No
             messages[r] = msg
         offset += n
     raise exc_type("; ".join(parts))
+
+
+FAILURE_KEY = "aim_ds/merge_failure"
+
+
+def fatal_error(e: BaseException, rank: int, what: str) -> RuntimeError:
+    """A rank failed inside a collective of a merge: its peers are blocked in that collective, so no
+    agreement is possible any more. The failing rank publishes its error in the process group's store
+    and stops; a peer whose collective then fails (the failing rank's connections close) reads it, so
+    every rank's error names the rank that failed first."""
+    mine = f"rank {rank}: {type(e).__name__}: {e}"
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+        if store.check([FAILURE_KEY]):
+            first = store.get(FAILURE_KEY).decode()
+            if not first.startswith(f"rank {rank}:"):
+                return RuntimeError(
+                    f"aim_merging: {what} failed on {first}; this rank stopped too ({mine}). "
+                    "Restart from the last checkpoint."
+                )
+        else:
+            store.set(FAILURE_KEY, mine)
+    except Exception:  # the store lives in rank 0's process: gone when rank 0 is the one that failed
+        mine += " (the process group's store is unreachable: rank 0, which hosts it, has probably failed)"
+    return RuntimeError(f"aim_merging: {what} failed on {mine}; every rank stops. Restart from the last checkpoint.")

@@ -6,7 +6,9 @@ in ``docs/configuration.md``. Parsing is strict: an unknown key, a value of the 
 is not an integer; an integer is accepted where a float is expected) or a value out of range raises
 :class:`ConfigError` with ONE message that names the key, the bad value and what is accepted.
 
-No torch import here: the config is read by the controller, the CLI and tests that run without torch.
+No torch import here: the config is read by the controller, the CLI and tests that run without torch. The
+accepted interval rules and weight policies are the names of their registries (aim_ds.policies); the probe
+sources' names are listed here (the probe classes need torch), and a test ties them to aim_ds.probes.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .policies import INTERVAL_RULES, WEIGHT_POLICIES
+
 SECTION = "aim_merging"
 
-INTERVAL_RULES = ("paper", "reference", "fixed")
-WEIGHT_POLICIES = ("signals", "fixed", "importance")
 ANCHORS = ("device", "host")
-PROBE_SOURCES = ("memory_forward", "training_batch")
+PROBE_SOURCE_NAMES = ("memory_forward", "training_batch")  # aim_ds.probes.PROBE_SOURCES's names (a test ties them)
 UNDO_LOCATIONS = ("host", "nvme", "off")
 THRESHOLD_RULES = ("factor", "mean_std")
 LEARNING_SIGNALS = ("per_step", "lr_sqrt")
@@ -313,7 +315,7 @@ def _validate(d: dict[str, Any]) -> dict[str, Any]:
     out["probe_batch_size"] = _int(
         "probe_batch_size", d["probe_batch_size"], 0, "an integer >= 0 (0 = the whole memory batch)"
     )
-    out["probe_source"] = _choice("probe_source", d["probe_source"], PROBE_SOURCES)
+    out["probe_source"] = _choice("probe_source", d["probe_source"], PROBE_SOURCE_NAMES)
     if out["probe_source"] == "training_batch":
         # the loss comes from memory rows already in every training batch: there is no probe forward to thin
         for key in ("probe_interval", "probe_batch_size"):
@@ -361,7 +363,7 @@ __all__ = [
     "INTERVAL_RULES",
     "WEIGHT_POLICIES",
     "ANCHORS",
-    "PROBE_SOURCES",
+    "PROBE_SOURCE_NAMES",
     "UNDO_LOCATIONS",
     "THRESHOLD_RULES",
     "LEARNING_SIGNALS",

@@ -50,7 +50,7 @@ import math
 from dataclasses import dataclass
 
 from .config import AimConfig
-from .policies import make_interval_rule, make_weight_policy, rehearsal_steps, uses_signal
+from .policies import WeightPolicy, make_interval_rule, make_weight_policy, rehearsal_steps, uses_signal
 
 STATE_VERSION = 2
 
@@ -111,12 +111,14 @@ def task_steps_error(cfg, steps) -> str | None:
 
 
 class MergeController:
-    def __init__(self, cfg: AimConfig):
+    def __init__(self, cfg: AimConfig, weights: WeightPolicy | None = None):
+        """weights: the config's weight policy where the caller has built it already (the plugin builds it once
+        for the controller and its fuser)."""
         if not isinstance(cfg, AimConfig):
             cfg = AimConfig.from_dict(cfg)
         self.cfg = cfg
         self._rule = make_interval_rule(cfg)
-        self._weights = make_weight_policy(cfg)
+        self._weights = weights if weights is not None else make_weight_policy(cfg)
         self._keep = max(2, self._rule.history_needed)
         self._task_index: int | None = None
         self._reset(active=False)

@@ -8,18 +8,51 @@ needs beyond the anchor: buffers, gradient hooks, their share of the plugin stat
   EMA buffers, fed by a gradient hook.
 
 A merge calls, in order: ``prepare`` (collectives on the fuser's statistics, after rehearsal),
-``fuse`` (this rank only), then ``commit`` or ``undo``.
+``fuse`` (this rank only), then ``commit`` or ``undo``. The merge's plan (aim_ds.plan.MergePlan) carries the
+weights, whether the fusion is element-wise and what ``prepare`` computed; every fuser follows ``Fuser``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from . import collectives, fusion
-from .journal import local_error
-from .policies import make_weight_policy
+from .errors import local_error
+from .plan import MergePlan
+from .policies import WeightPolicy
+
+
+class Fuser(Protocol):
+    """How a merge's weights are applied to this rank's shards (one class per weight policy ``fusion`` kind)."""
+
+    name: str
+
+    def tensors(self) -> list[torch.Tensor]: ...
+
+    def start_task(self) -> None: ...
+
+    def element_wise(self, explicit_weights: bool) -> bool: ...
+
+    def passes(self, plan: MergePlan) -> int: ...
+
+    def prepare(self, plan: MergePlan, agree: Callable[[str | None], None]) -> MergePlan: ...
+
+    def fuse(self, anchor, theta_k, plan: MergePlan) -> str | None: ...
+
+    def keep_theta_k(self, anchor, plan: MergePlan) -> list: ...
+
+    def commit(self, theta_k) -> None: ...
+
+    def undo(self) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, sd: dict) -> None: ...
+
+    def detach(self) -> None: ...
 
 
 class ScalarFuser:
@@ -27,8 +60,8 @@ class ScalarFuser:
 
     name = "scalar"
 
-    def __init__(self, config, shards, alloc: Callable, side: Callable[[], str | None]):
-        self.config, self.shards = config, shards
+    def __init__(self, config, shards, policy: WeightPolicy, alloc: Callable, side: Callable[[], str | None]):
+        self.config, self.shards, self.policy = config, shards, policy
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors the fuser holds (the plugin's held_bytes counts them)."""
@@ -40,31 +73,31 @@ class ScalarFuser:
     def element_wise(self, explicit_weights: bool) -> bool:
         return False
 
-    def passes(self, element_wise: bool) -> int:
+    def passes(self, plan: MergePlan) -> int:
         """Bytes moved per fp32 shard element by one merge, in units of 4 bytes."""
-        return 12 if element_wise else fusion.SCALAR_FUSION_PASSES
+        return 12 if plan.element_wise else fusion.SCALAR_FUSION_PASSES
 
-    def prepare(self, element_wise: bool, agree: Callable[[str | None], None]):
-        """The collective part of the fusion (every rank calls it after rehearsal); its result goes to fuse."""
-        return None
+    def prepare(self, plan: MergePlan, agree: Callable[[str | None], None]) -> MergePlan:
+        """The collective part of the fusion (every rank calls it after rehearsal): the plan with its result."""
+        return plan
 
     @torch.no_grad()
-    def fuse(self, anchor, theta_k, w_in: float, w_out: float, element_wise: bool, prepared) -> str | None:
+    def fuse(self, anchor, theta_k, plan: MergePlan) -> str | None:
         """This rank's fusion into the masters (the anchor is written only at commit); an error message or None."""
         groups = self.shards.groups
         for g, a, k in zip(groups, anchor, theta_k):
             if k is None:  # undo "off": the anchor already holds the terms without theta_M
-                fusion.fuse_scalar_finish(g.master, a, w_out)
+                fusion.fuse_scalar_finish(g.master, a, plan.w_out)
             else:
-                fusion.fuse_scalar(g.master, a, k, w_in, w_out)
+                fusion.fuse_scalar(g.master, a, k, plan.w_in, plan.w_out)
         return _finite(groups)
 
     @torch.no_grad()
-    def keep_theta_k(self, anchor, w_in: float, w_out: float, element_wise: bool) -> list:
+    def keep_theta_k(self, anchor, plan: MergePlan) -> list:
         """undo "off" (no undo record), before rehearsal: what fuse needs of theta_k, kept without a copy. The
         scalar fusion folds it into the anchor (entries None); the anchor is then lost if the merge fails."""
         for g, a in zip(self.shards.groups, anchor):
-            fusion.fuse_scalar_anchor_part(a, g.master, w_in, w_out)
+            fusion.fuse_scalar_anchor_part(a, g.master, plan.w_in, plan.w_out)
         return [None] * len(anchor)
 
     def commit(self, theta_k) -> None:
@@ -88,8 +121,8 @@ class ImportanceFuser(ScalarFuser):
 
     name = "importance"
 
-    def __init__(self, config, shards, alloc: Callable, side: Callable[[], str | None]):
-        super().__init__(config, shards, alloc, side)
+    def __init__(self, config, shards, policy: WeightPolicy, alloc: Callable, side: Callable[[], str | None]):
+        super().__init__(config, shards, policy, alloc, side)
         groups = shards.groups
         self.theta_k = [alloc(g.master) for g in groups]  # the last committed merge's theta_k (checkpointed)
         self.ema = {k: [alloc(g.master, zero=True) for g in groups] for k in ("i_in", "u_in", "i_out", "u_out")}
@@ -118,16 +151,17 @@ class ImportanceFuser(ScalarFuser):
     def element_wise(self, explicit_weights: bool) -> bool:
         return not explicit_weights
 
-    def prepare(self, element_wise: bool, agree: Callable[[str | None], None]):
-        if not element_wise:
-            return None
+    def prepare(self, plan: MergePlan, agree: Callable[[str | None], None]) -> MergePlan:
+        if not plan.element_wise:
+            return plan
         # the masks' global quantiles are collectives: agree on the local scores first
         agree(local_error(self._scores, "the importance scores"))
         q, groups = self.config.importance_quantile, self.shards.groups
-        return tuple(
+        quantiles = tuple(
             collectives.global_quantile([(s, g.ranges) for s, g in zip(self.ema[k], groups)], q)
             for k in ("u_out", "i_out")
         )  # (q_in, q_out)
+        return plan.with_prepared(quantiles)
 
     @torch.no_grad()
     def _scores(self) -> None:
@@ -139,21 +173,19 @@ class ImportanceFuser(ScalarFuser):
             fusion.importance_score(u_out, i_in, u_in)
 
     @torch.no_grad()
-    def fuse(self, anchor, theta_k, w_in: float, w_out: float, element_wise: bool, prepared) -> str | None:
-        if not element_wise:
-            return super().fuse(anchor, theta_k, w_in, w_out, element_wise, prepared)
-        policy = make_weight_policy(self.config)
+    def fuse(self, anchor, theta_k, plan: MergePlan) -> str | None:
+        if not plan.element_wise:
+            return super().fuse(anchor, theta_k, plan)
+        policy, (q_in, q_out) = self.policy, plan.prepared
         groups = self.shards.groups
         for g, a, k, s_in, s_out in zip(groups, anchor, theta_k, self.ema["u_out"], self.ema["i_out"]):
-            fusion.fuse_importance(
-                g.master, a, k, s_in, prepared[0], s_out, prepared[1], both=policy.both, neither=policy.default
-            )
+            fusion.fuse_importance(g.master, a, k, s_in, q_in, s_out, q_out, both=policy.both, neither=policy.default)
         return _finite(groups)
 
     @torch.no_grad()
-    def keep_theta_k(self, anchor, w_in: float, w_out: float, element_wise: bool) -> list:
-        if not element_wise:
-            return super().keep_theta_k(anchor, w_in, w_out, element_wise)
+    def keep_theta_k(self, anchor, plan: MergePlan) -> list:
+        if not plan.element_wise:
+            return super().keep_theta_k(anchor, plan)
         for g, t in zip(self.shards.groups, self.theta_k):  # the state's own theta_k buffer is the snapshot
             fusion.copy_into(t, g.master)
         return self.theta_k
@@ -198,9 +230,10 @@ class ImportanceFuser(ScalarFuser):
 FUSERS = {cls.name: cls for cls in (ScalarFuser, ImportanceFuser)}
 
 
-def make_fuser(config, shards, alloc: Callable, side: Callable[[], str | None]) -> ScalarFuser:
-    """The fuser of the config's weight policy (alloc(master, zero=False) makes a buffer shaped like a master)."""
-    return FUSERS[make_weight_policy(config).fusion](config, shards, alloc, side)
+def make_fuser(config, shards, policy: WeightPolicy, alloc: Callable, side: Callable[[], str | None]) -> Fuser:
+    """The fuser of a weight policy, chosen by its ``fusion`` kind (alloc(master, zero=False) makes a buffer
+    shaped like a master)."""
+    return FUSERS[policy.fusion](config, shards, policy, alloc, side)
 
 
 def _finite(groups) -> str | None:
@@ -209,4 +242,4 @@ def _finite(groups) -> str | None:
     return None
 
 
-__all__ = ["FUSERS", "ImportanceFuser", "ScalarFuser", "make_fuser"]
+__all__ = ["FUSERS", "Fuser", "ImportanceFuser", "ScalarFuser", "make_fuser"]

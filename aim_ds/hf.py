@@ -44,7 +44,7 @@ from transformers import Trainer, TrainerCallback, default_data_collator
 
 from .checkpoint import plugin_file
 from .collectives import agree
-from .driver.batching import memory_batches, seeded_stream
+from .data.batching import memory_batches, seeded_stream
 from .errors import AimInputError
 from .fileio import atomic_write_bytes
 from .losses import split_token_loss
@@ -329,7 +329,7 @@ class AimMergingCallback(TrainerCallback):
             )
         a = self.trainer_args
         c = self._replay_position
-        if self.replay_draw == "cycle":  # driver.batching.memory_batches, batch c mod their count
+        if self.replay_draw == "cycle":  # data.batching.memory_batches, batch c mod their count
             c %= max(1, math.ceil(len(self._rows) / (k * a.world_size)))
         start = (c * a.world_size + a.process_index) * k
         self._replay_position += 1

@@ -23,47 +23,8 @@ import os
 import torch
 
 from . import fusion
+from .errors import local_error
 from .shards import loss_scaler_snapshot, restore_loss_scaler, restore_step_report, step_report_snapshot
-
-
-class MergeAborted(RuntimeError):
-    """A merge failed on some rank and is undone on every rank."""
-
-
-def local_error(fn, what: str) -> str | None:
-    """Run this rank's own part of a merge (no collective inside); its error message, or None."""
-    try:
-        return fn()
-    except Exception as e:
-        return f"{what} failed: {type(e).__name__}: {e}"
-
-
-FAILURE_KEY = "aim_ds/merge_failure"
-
-
-def fatal_error(e: BaseException, rank: int, what: str) -> RuntimeError:
-    """A rank failed inside a collective of a merge: its peers are blocked in that collective, so no
-    agreement is possible any more. The failing rank publishes its error in the process group's store
-    and stops; a peer whose collective then fails (the failing rank's connections close) reads it, so
-    every rank's error names the rank that failed first."""
-    mine = f"rank {rank}: {type(e).__name__}: {e}"
-    try:
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        store = _get_default_store()
-        if store.check([FAILURE_KEY]):
-            first = store.get(FAILURE_KEY).decode()
-            if not first.startswith(f"rank {rank}:"):
-                return RuntimeError(
-                    f"aim_merging: {what} failed on {first}; this rank stopped too ({mine}). "
-                    "Restart from the last checkpoint."
-                )
-        else:
-            store.set(FAILURE_KEY, mine)
-    except Exception:  # the store lives in rank 0's process: gone when rank 0 is the one that failed
-        mine += " (the process group's store is unreachable: rank 0, which hosts it, has probably failed)"
-    return RuntimeError(f"aim_merging: {what} failed on {mine}; every rank stops. Restart from the last checkpoint.")
-
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
@@ -191,12 +152,4 @@ class MergeJournal:
         restore_step_report(self.report)
 
 
-__all__ = [
-    "ENGINE_COUNTERS",
-    "MergeAborted",
-    "MergeJournal",
-    "check_undo_path",
-    "fatal_error",
-    "undo_path_error",
-    "local_error",
-]
+__all__ = ["ENGINE_COUNTERS", "MergeJournal", "check_undo_path", "undo_path_error"]

@@ -10,7 +10,7 @@ import torch
 from .errors import AimInputError
 
 
-class _Cursor:
+class Cursor:
     """Cycles through a list (resumable by position) or re-iterates an iterable."""
 
     def __init__(self, source, position: int = 0):
@@ -117,7 +117,7 @@ def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-__all__ = ["check_memory", "to_device"]
+__all__ = ["Cursor", "check_memory", "to_device"]
 
 
 def _hands_kwargs_to_base(module, params) -> bool:

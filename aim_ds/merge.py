@@ -14,10 +14,11 @@ fusion math) are agreed on at the next sync point, which every rank reaches: eve
 the merge changed (see aim_ds/journal.py) and the merge returns {"merged": False}. A failure inside a
 collective of a rehearsal step (DeepSpeed's gathers in forward/backward/step: its peers are blocked in that
 collective, so no agreement is possible) is published in the process group's store and re-raised; the
-peers' collective then fails and they raise naming the failing rank (journal.fatal_error).
+peers' collective then fails and they raise naming the failing rank (collectives.fatal_error).
 
-The merge reads and writes the plugin state a merge changes (controller, trajectory, work counts, the
-rehearsal cursor, the merge count): exactly what an undo puts back.
+A merge is built from an explicit context (MergeContext: the plugin's state, shards, anchor, fuser, controller,
+config, the engine and its own step, the rehearsal batch source); it changes the state only through it, and an
+undo puts the state back from its snapshot (aim_ds.state.PluginState.snapshot / restore).
 """
 
 from __future__ import annotations
@@ -25,99 +26,91 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from . import collectives, fusion, rehearsal
-from .journal import MergeAborted, MergeJournal, fatal_error, local_error
-from .memory import _Cursor
-from .shards import restore_step_report, step_report_snapshot
+from .collectives import fatal_error
+from .config import AimConfig
+from .controller import MergeController
+from .errors import MergeAborted, local_error
+from .fusers import Fuser
+from .journal import MergeJournal
+from .plan import MergePlan
+from .shards import ZeroShards, restore_step_report, step_report_snapshot
+from .state import PluginState
 from .trajectory import TrajectoryRow
 
 
 @dataclass(frozen=True)
-class MergePlan:
-    """What every rank does in one merge; decided on rank 0, broadcast as four float64s."""
+class MergeContext:
+    """What a merge works on, handed over by the plugin."""
 
-    interval: int  # the new S (-1: skip the merge)
-    rehearsal_steps: int  # R
-    w_in: float
-    w_out: float
-
-    SKIP = -1
-    FAILED = -2  # rank 0's controller raised: every rank raises its message
-
-    @property
-    def skip(self) -> bool:
-        return self.interval < 0
-
-    @property
-    def failed(self) -> bool:
-        return self.interval == self.FAILED
-
-    def to_tensor(self) -> torch.Tensor:
-        values = [self.interval, self.rehearsal_steps, self.w_in, self.w_out]
-        return torch.tensor(values, dtype=torch.float64, device=collectives.comm_device())
-
-    @classmethod
-    def broadcast(cls, plan: MergePlan | None) -> MergePlan:
-        """Rank 0's plan on every rank (other ranks pass None)."""
-        t = (
-            plan.to_tensor()
-            if plan is not None
-            else torch.zeros(4, dtype=torch.float64, device=collectives.comm_device())
-        )
-        collectives.broadcast(t, src=0)
-        interval, r, w_in, w_out = t.tolist()
-        return cls(int(interval), int(r), w_in, w_out)
+    state: PluginState
+    shards: ZeroShards
+    anchor: list[torch.Tensor]
+    fuser: Fuser
+    controller: MergeController | None  # rank 0 only
+    config: AimConfig
+    engine: Any
+    optimizer_step: Callable[[], Any]  # the engine's own step (the plugin's hook wraps engine.step)
+    rehearsal_batch: Callable[[], dict]  # the next rehearsal batch, on the device
+    global_valid_numel: int  # valid master elements over all ranks (the learning signal's denominator)
 
 
 class Merge:
     """One merge on this rank: run() goes through the phases and returns the merge's record."""
 
-    def __init__(self, plugin, weights=None, rehearsal_steps=None, explicit: bool = False):
-        self.plugin = plugin
+    def __init__(self, ctx: MergeContext, weights=None, rehearsal_steps=None, explicit: bool = False):
+        self.ctx = ctx
         self.weights, self.rehearsal_steps, self.explicit = weights, rehearsal_steps, explicit
         self.journal: MergeJournal | None = None
         self.theta_k: list | None = None
-        self.transactional = plugin.config.undo != "off"
-        self.where = f"task {plugin.task_index} step {plugin._step_in_task}"
+        self.transactional = ctx.config.undo != "off"
+        self.where = f"task {ctx.state.task_index} step {ctx.state.step_in_task}"
 
     def run(self) -> dict:
         t0 = time.perf_counter()
-        p = self.plugin
+        c = self.ctx
         total = self.learning_signal()
-        before = self._bookkeeping()
-        mine, error = self.plan_on_rank0(total) if p.controller is not None else (None, None)
+        before = c.state.snapshot(), (c.controller.state_dict() if c.controller is not None else None)
+        mine, error = self.plan_on_rank0(total) if c.controller is not None else (None, None)
         plan = MergePlan.broadcast(mine)
         if plan.failed:
             collectives.agree(error, exc_type=RuntimeError)
         if plan.skip:
             return {"merged": False, "reason": "non-finite learning signal"}
-        element_wise = p.fuser.element_wise(explicit_weights=self.weights is not None)
+        plan = plan.with_fusion(c.fuser.element_wise(explicit_weights=self.weights is not None))
         try:
             _sync()
             t_prep0 = time.perf_counter()
-            self.record(plan, element_wise)
+            self.record(plan)
             _sync()
             t_prep = time.perf_counter() - t_prep0
             rehearsal_losses = self.rehearse(plan.rehearsal_steps)
             _sync()
             t1 = time.perf_counter()
-            self.fuse(plan, element_wise)
+            self.fuse(plan)
         except MergeAborted as e:
-            return self.undo(e, before)
+            return self.undo(e, *before)
         self.commit()
         _sync()
         t_fuse = time.perf_counter() - t1 + t_prep
-        p.shards.refresh_working_copies()
-        p.merge_count += 1
-        passes = p.fuser.passes(element_wise)
+        c.shards.refresh_working_copies()
+        c.state.merge_count += 1
+        return self.report(plan, total, rehearsal_losses, t_fuse, time.perf_counter() - t0)
+
+    def report(self, plan: MergePlan, total: float, rehearsal_losses: list[float], t_fuse: float, t: float) -> dict:
+        """The record of a committed merge."""
+        c = self.ctx
+        passes = c.fuser.passes(plan)
         return {
             "merged": True,
-            "task": p.task_index,
-            "step": p._step_in_task,
+            "task": c.state.task_index,
+            "step": c.state.step_in_task,
             "rehearsal_steps": plan.rehearsal_steps,
             "w_in": plan.w_in,
             "w_out": plan.w_out,
@@ -126,17 +119,17 @@ class Merge:
             "rehearsal_losses": rehearsal_losses,
             "fusion_seconds": t_fuse,
             "fusion_passes": passes,
-            "fusion_bytes": p.shards.local_numel * 4 * passes,
+            "fusion_bytes": c.shards.local_numel * 4 * passes,
             "undo_host_bytes": self.journal.host_bytes if self.journal is not None else 0,
             "undo_disk_bytes": self.journal.disk_bytes if self.journal is not None else 0,
-            "seconds": time.perf_counter() - t0,
+            "seconds": t,
         }
 
     # ------------------------------------------------------------------ phases
     def learning_signal(self) -> float:
         """sum |theta - anchor| over every rank's valid elements (one all-reduce)."""
-        p = self.plugin
-        local = sum(fusion.abs_change_sum(g.master, a, g.ranges) for g, a in zip(p.shards.groups, p.anchor))
+        c = self.ctx
+        local = sum(fusion.abs_change_sum(g.master, a, g.ranges) for g, a in zip(c.shards.groups, c.anchor))
         return collectives.sum_over_ranks(local)[0]
 
     def plan_on_rank0(self, total: float) -> tuple[MergePlan, str | None]:
@@ -149,7 +142,6 @@ class Merge:
 
     def plan(self, total: float) -> MergePlan:
         """Rank 0: the controller's plan, with the caller's overrides, marked in the trajectory."""
-        p = self.plugin
         if not math.isfinite(total):
             warnings.warn(
                 f"aim_merging: non-finite learning signal at {self.where}: the weights hold NaN/inf; merge skipped.",
@@ -157,7 +149,7 @@ class Merge:
                 stacklevel=3,
             )
             return MergePlan(MergePlan.SKIP, 0, 0.0, 0.0)  # never fuse non-finite weights
-        c, numel = p.controller, p._global_valid_numel
+        c, numel = self.ctx.controller, self.ctx.global_valid_numel
         # an explicit merge while the controller is inactive (first task): no interval update
         cp = c.on_merge(total, numel) if (c.active or not self.explicit) else c.plan_inactive(total, numel)
         w_in, w_out = self.weights if self.weights is not None else (cp.w_in, cp.w_out)
@@ -165,50 +157,47 @@ class Merge:
         self._mark(cp, w_in, w_out, r, total)
         return MergePlan(cp.interval, r, w_in, w_out)
 
-    def record(self, plan: MergePlan, element_wise: bool) -> None:
+    def record(self, plan: MergePlan) -> None:
         """The undo record; a rank that cannot make it (e.g. out of host memory) aborts the merge everywhere."""
-        p, error = self.plugin, None
-        self.report = step_report_snapshot(p.engine)  # rehearsal's steps overwrite it, undo record or not
+        c, error = self.ctx, None
+        self.step_report = step_report_snapshot(c.engine)  # rehearsal's steps overwrite it, undo record or not
         try:
             if self.transactional:
-                self.journal = MergeJournal(p.shards, p.engine, p.config.undo, p.config.undo_path)
+                self.journal = MergeJournal(c.shards, c.engine, c.config.undo, c.config.undo_path)
                 self.theta_k = self.journal.theta_k
             else:
-                self.theta_k = p.fuser.keep_theta_k(p.anchor, plan.w_in, plan.w_out, element_wise)
+                self.theta_k = c.fuser.keep_theta_k(c.anchor, plan)
         except Exception as e:
             error = f"recording the merge's undo state failed: {type(e).__name__}: {e}"
         agree(error)
 
     def rehearse(self, steps: int) -> list[float]:
         """R optimizer steps on memory batches through the engine's own step (theta_k -> theta_M)."""
-        p = self.plugin
-        p._in_rehearsal = True  # the plugin's hook stays out; a fuser's gradient hook files under rehearsal
+        c = self.ctx
+        c.state.in_rehearsal = True  # the plugin's hook stays out; a fuser's gradient hook files under rehearsal
         try:
-            losses = rehearsal.rehearse(p.engine, steps, p._rehearsal_batch, p._original_step, agree, self.fatal)
+            losses = rehearsal.rehearse(c.engine, steps, c.rehearsal_batch, c.optimizer_step, agree, self.fatal)
         finally:
-            p._in_rehearsal = False
-        p.work["rehearsal_steps"] += len(losses)
+            c.state.in_rehearsal = False
+        c.state.work["rehearsal_steps"] += len(losses)
         return losses
 
-    def fuse(self, plan: MergePlan, element_wise: bool) -> None:
-        p = self.plugin
-        prepared = p.fuser.prepare(element_wise, agree)
+    def fuse(self, plan: MergePlan) -> None:
+        c = self.ctx
+        plan = c.fuser.prepare(plan, agree)
         theta_k = self.theta_k
-        error = local_error(
-            lambda: p.fuser.fuse(p.anchor, theta_k, plan.w_in, plan.w_out, element_wise, prepared), "fusion"
-        )
-        agree(error)
+        agree(local_error(lambda: c.fuser.fuse(c.anchor, theta_k, plan), "fusion"))
 
     def commit(self) -> None:
         """The fused masters become the anchor."""
-        p = self.plugin
-        restore_step_report(self.report)
-        for g, a in zip(p.shards.groups, p.anchor):
+        c = self.ctx
+        restore_step_report(self.step_report)
+        for g, a in zip(c.shards.groups, c.anchor):
             fusion.copy_into(a, g.master)
-        p.fuser.commit(self.theta_k)
+        c.fuser.commit(self.theta_k)
 
-    def undo(self, e: MergeAborted, before: dict) -> dict:
-        p = self.plugin
+    def undo(self, e: MergeAborted, state_before, controller_before) -> dict:
+        c = self.ctx
         if not self.transactional:
             raise RuntimeError(
                 f"aim_merging: the merge at {self.where} failed ({e}) and cannot be undone: "
@@ -217,13 +206,15 @@ class Merge:
             ) from None
         if self.journal is not None:  # None where this rank's own record failed: nothing changed here yet
             self.journal.restore()
-        self._restore_bookkeeping(before)
-        p.fuser.undo()
-        p.shards.refresh_working_copies()  # a collective: every rank is on this path
-        if p.controller is not None and not self.explicit:  # the retry budget (merge_retries)
-            p.controller.merge_undone()
-            p.trajectory[-1]["undone"] = 1
-        if p.rank == 0:
+        if c.controller is not None:
+            c.controller.load_state_dict(controller_before)
+        c.state.restore(state_before)
+        c.fuser.undo()
+        c.shards.refresh_working_copies()  # a collective: every rank is on this path
+        if c.controller is not None and not self.explicit:  # the retry budget (merge_retries)
+            c.controller.merge_undone()
+            c.state.trajectory[-1]["undone"] = 1
+        if c.shards.rank == 0:
             warnings.warn(
                 f"aim_merging: the merge at {self.where} failed "
                 f"and was undone on every rank (weights, optimizer state, anchor, controller and "
@@ -231,44 +222,18 @@ class Merge:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return {"merged": False, "reason": str(e), "task": p.task_index, "step": p._step_in_task}
+        return {"merged": False, "reason": str(e), "task": c.state.task_index, "step": c.state.step_in_task}
 
     def fatal(self, e: BaseException, where: str) -> RuntimeError:
-        return fatal_error(e, self.plugin.rank, f"the merge at {self.where} ({where})")
-
-    # ------------------------------------------------------------------ the plugin state a merge changes
-    def _bookkeeping(self) -> dict:
-        """The plugin-side state a merge changes (host objects only; tensors are in the journal)."""
-        p = self.plugin
-        return {
-            "controller": p.controller.state_dict() if p.controller is not None else None,
-            "trajectory": (len(p.trajectory), dict(p.trajectory[-1]) if p.trajectory else None),
-            "rehearsal_position": p._rehearsal_cursor.position if p._rehearsal_cursor else 0,
-            "work": dict(p.work),
-            "merge_count": p.merge_count,
-        }
-
-    def _restore_bookkeeping(self, s: dict) -> None:
-        p = self.plugin
-        if p.controller is not None:
-            p.controller.load_state_dict(s["controller"])
-        n, last = s["trajectory"]
-        del p.trajectory[n:]
-        if last is not None:
-            p.trajectory[-1] = last
-        if p._rehearsal_cursor is not None and p._rehearsal_cursor.position != s["rehearsal_position"]:
-            p._rehearsal_cursor = _Cursor(p._memory, s["rehearsal_position"])
-        p.work.clear()
-        p.work.update(s["work"])
-        p.merge_count = s["merge_count"]
+        return fatal_error(e, self.ctx.shards.rank, f"the merge at {self.where} ({where})")
 
     def _mark(self, cp, w_in, w_out, r, total) -> None:
-        p = self.plugin
-        if p.trajectory and not self.explicit and p.trajectory[-1]["task"] == p.task_index:
-            row = p.trajectory[-1]
+        s = self.ctx.state
+        if s.trajectory and not self.explicit and s.trajectory[-1]["task"] == s.task_index:
+            row = s.trajectory[-1]
         else:  # an explicit merge gets its own row
-            row = TrajectoryRow(p.task_index, p._step_in_task, explicit=1).as_dict()
-            p.trajectory.append(row)
+            row = TrajectoryRow(s.task_index, s.step_in_task, explicit=1).as_dict()
+            s.trajectory.append(row)
         row.update(
             {
                 "merge": 1,
@@ -278,7 +243,7 @@ class Merge:
                 "interval": cp.interval,
                 "rehearsal_steps": r,
                 "abs_change_sum": total,
-                "numel": p._global_valid_numel,
+                "numel": self.ctx.global_valid_numel,
             }
         )
 
@@ -295,4 +260,4 @@ def _sync() -> None:
     get_accelerator().synchronize()
 
 
-__all__ = ["Merge", "MergePlan", "agree"]
+__all__ = ["Merge", "MergeContext", "MergePlan", "agree"]

@@ -42,6 +42,35 @@ _EMBEDDED_TINY = {
     "attention_dropout": 0.0,
     "use_cache": False,
 }
+# The tiny Llama that tests and benchmarks build (each with its own sizes as overrides): the one definition of
+# its shape. Every tensor is small and most dimensions are not multiples of 3, so ranks pad their partitions.
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
+
+
+def tiny_llama_shape(**overrides) -> dict[str, Any]:
+    """TINY_LLAMA with some keys changed (a dict with "model_type", as AutoConfig.for_model takes it)."""
+    return {**TINY_LLAMA, **overrides}
+
+
+def tiny_llama_config(**overrides):
+    """A transformers LlamaConfig of the tiny shape with some keys changed."""
+    from transformers import LlamaConfig
+
+    shape = tiny_llama_shape(**overrides)
+    del shape["model_type"]
+    return LlamaConfig(**shape)
+
+
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -133,6 +162,12 @@ def build_model(model: str | None, tokenizer, ds_config: dict) -> tuple[Any, Any
         raise ModelError(f"--model {path}: bad model config ({e})") from e
     m = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return m, keepalive
+
+
+def cache_folder(explicit: str | None = None) -> str:
+    """Where trained tokenizers and FWT references are kept: the given folder (--cache-dir), else $AIM_DS_CACHE,
+    else ~/.cache/aim_ds."""
+    return explicit or os.environ.get("AIM_DS_CACHE") or os.path.expanduser("~/.cache/aim_ds")
 
 
 def load_tokenizer(tokenizer_dir: str | None, model: str | None, tasks, cache_dir: str, rank: int):

@@ -28,10 +28,12 @@ from .fileio import write_csv
 from .fusers import make_fuser
 from .journal import undo_path_error
 from .losses import batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
-from .memory import _Cursor, check_memory, to_device
-from .merge import Merge
+from .memory import check_memory, to_device
+from .merge import Merge, MergeContext
+from .policies import make_weight_policy
 from .probes import PROBE_SOURCES
 from .shards import ZeroShards, ds_config_dict
+from .state import PluginState
 from .trajectory import FIELDS as TRAJECTORY_FIELDS
 from .trajectory import TrajectoryRow
 
@@ -57,18 +59,11 @@ class AimPlugin:
     """AimMerging attached to a DeepSpeed ZeRO-3 engine. Create with `aim_ds.attach`."""
 
     def __init__(self, engine, memory=None, config: AimConfig | dict | None = None):
-        self.config: AimConfig = (config := _resolve_config(engine, config))
+        config = _resolve_config(engine, config)
+        self.config: AimConfig = config
         self.engine = engine
         self.enabled = bool(config.enabled)
-        self.trajectory: list[dict[str, Any]] = []
-        self.merge_count = 0
-        # the plugin's own extra work on this rank, counted where it happens
-        self.work = {"rehearsal_steps": 0, "rehearsal_tokens": 0, "probe_forwards": 0, "probe_tokens": 0}
-        self.task_index = -1
-        self._step_in_task = 0
-        self._memory = None
-        self._probe_cursor = self._rehearsal_cursor = None
-        self._in_rehearsal = False
+        self.state = PluginState()  # task, step, merges, trajectory, work counts, memory and cursors
         self._original_step = None
         self._deferred = False  # defer_steps(): engine.step only marks the step, run_deferred_step() runs it
         self._step_pending: float | None = None  # the lr of a step engine.step() marked, until it is run
@@ -79,29 +74,51 @@ class AimPlugin:
         collectives.agree(undo_path_error(config), exc_type=ValueError)  # a folder missing on one node: all stop
         self.rank = self.shards.rank
         self.world_size = self.shards.world_size
-        self.controller = MergeController(config) if self.rank == 0 else None
+        policy = make_weight_policy(config)  # one weight policy for the controller and the fuser
+        self.controller = MergeController(config, weights=policy) if self.rank == 0 else None
         self._global_valid_numel = int(collectives.sum_over_ranks(float(self.shards.local_valid_numel))[0])
-        self._anchor_device = self.shards.device if config.anchor == "device" else torch.device("cpu")
+        alloc = _allocator(self.shards.device if config.anchor == "device" else torch.device("cpu"))
         # ONE anchor buffer per sub-group, shaped like the fp32 master partition; the fuser holds its own
-        self.anchor = [self._alloc_like(g.master) for g in self.shards.groups]
-        self.fuser = make_fuser(config, self.shards, self._alloc_like, self._statistics_side)
-        self.probe = PROBE_SOURCES[config.probe_source](config, engine, self.shards, self.work)
+        self.anchor = [alloc(g.master) for g in self.shards.groups]
+        self.fuser = make_fuser(config, self.shards, policy, alloc, self._statistics_side)
+        self.probe = PROBE_SOURCES[config.probe_source](config, engine, self.shards, self.state.work)
         if memory is not None:
             self.set_memory(memory)
         self._install_hook()
+
+    # ------------------------------------------------------------------ the state's public views
+    @property
+    def task_index(self) -> int:
+        """The current task (-1 before the first start_task)."""
+        return self.state.task_index
+
+    @property
+    def merge_count(self) -> int:
+        return self.state.merge_count
+
+    @property
+    def trajectory(self) -> list[dict[str, Any]]:
+        """Rank 0: one row per probed step or merge (trajectory.csv)."""
+        return self.state.trajectory
+
+    @property
+    def work(self) -> dict[str, int]:
+        """The plugin's own extra work on this rank (rehearsal and probe steps and tokens)."""
+        return self.state.work
 
     # ------------------------------------------------------------------ public API
     def start_task(self, memory=None, steps: int | None = None) -> None:
         """Begin the next task: the anchor becomes the current weights; the controller resets. steps: the
         task's training steps (needed by aim_merging.initial_interval_fraction)."""
         if not self.enabled:
-            self.task_index += 1
+            self.state.task_index += 1
             return
         if memory is not None:
             self.set_memory(memory)
-        self.task_index += 1
-        self._step_in_task = 0
-        collectives.agree(_task_start_error(self, steps), exc_type=AimInputError)  # before rank 0 alone can raise
+        self.state.task_index += 1
+        self.state.step_in_task = 0
+        error = _task_start_error(self.config, self.task_index, self.state.memory is not None, self._active(), steps)
+        collectives.agree(error, exc_type=AimInputError)  # before rank 0 alone can raise
         if self.controller is not None:
             self.controller.start_task(self.task_index, steps=steps)
         for g, a in zip(self.shards.groups, self.anchor):
@@ -113,9 +130,7 @@ class AimPlugin:
         error = check_memory(self.engine, memory, getattr(self, "rank", 0))
         collectives.agree(error, exc_type=AimInputError)
         collectives.agree(self.shards.tp_memory_error(memory), exc_type=AimInputError)
-        self._memory = memory
-        self._probe_cursor = _Cursor(memory)
-        self._rehearsal_cursor = _Cursor(memory)
+        self.state.set_memory(memory)
 
     def merge(self, weights: tuple[float, float] | None = None, rehearsal_steps: int | None = None) -> dict:
         """Merge now, on every rank (all ranks must call it). None = the controller's choice."""
@@ -126,7 +141,7 @@ class AimPlugin:
             self.start_task()
         collectives.agree(
             None
-            if self._memory is not None
+            if self.state.memory is not None
             else "aim_merging: merge() needs a rehearsal memory; pass it to attach() or start_task(memory=...).",
             exc_type=AimInputError,
         )
@@ -177,15 +192,9 @@ class AimPlugin:
 
     def state_dict(self) -> dict:
         """Everything the plugin holds on this rank (tensors are this rank's shards)."""
-        sd = {
-            "config": self.config.to_dict(),
-            "task_index": self.task_index,
-            "step_in_task": self._step_in_task,
-            "merge_count": self.merge_count,
-            "trajectory": list(self.trajectory),
-            "enabled": self.enabled,
-            "work": dict(self.work),
-        }
+        counts = self.state.state_dict()
+        work = counts.pop("work")
+        sd = {"config": self.config.to_dict(), **counts, "enabled": self.enabled, "work": work}  # the saved key order
         if not self.enabled:
             return sd
         sd.update(
@@ -195,8 +204,7 @@ class AimPlugin:
                 "position": self.shards.position,
                 "controller": self.controller.state_dict() if self.controller is not None else None,
                 "anchor": [t.detach().cpu().clone() for t in self.anchor],
-                "probe_position": self._probe_cursor.position if self._probe_cursor else 0,
-                "rehearsal_position": self._rehearsal_cursor.position if self._rehearsal_cursor else 0,
+                **self.state.positions(),
             }
         )
         sd.update(self.fuser.state_dict())
@@ -208,9 +216,7 @@ class AimPlugin:
                 "aim_merging: the saved plugin state was made with a different aim_merging config; "
                 "resume with the config the run started with."
             )
-        self.task_index, self._step_in_task = sd["task_index"], sd["step_in_task"]
-        self.merge_count, self.trajectory = sd["merge_count"], list(sd["trajectory"])
-        self.work.update(sd.get("work", {}))  # absent in checkpoints of aim_ds <= 0.1 (counts restart at 0)
+        self.state.load_state_dict(sd)
         if not self.enabled:
             return
         error = _position_error(sd, self)
@@ -225,9 +231,7 @@ class AimPlugin:
             dst.copy_(src)
         if self.controller is not None and sd["controller"] is not None:
             self.controller.load_state_dict(sd["controller"])
-        if self._memory is not None:
-            self._probe_cursor = _Cursor(self._memory, sd["probe_position"])
-            self._rehearsal_cursor = _Cursor(self._memory, sd["rehearsal_position"])
+        self.state.load_positions(sd)
         self.fuser.load_state_dict(sd)
 
     def detach(self) -> None:
@@ -242,10 +246,10 @@ class AimPlugin:
     def _install_hook(self) -> None:
         engine = self.engine
         original = engine.step
-        plugin = self
+        plugin, state = self, self.state
 
         def step(*args, **kwargs):
-            boundary = engine.is_gradient_accumulation_boundary() and not plugin._in_rehearsal
+            boundary = engine.is_gradient_accumulation_boundary() and not state.in_rehearsal
             lr = step_lr(engine) if boundary else None  # before the step moves a DeepSpeed-managed schedule
             out = original(*args, **kwargs)
             if boundary:
@@ -277,33 +281,31 @@ class AimPlugin:
     def _after_step(self, lr: float) -> None:
         if self.task_index < 0:
             self.start_task()  # a user who never called start_task() trains task 0
-        self._step_in_task += 1
+        s = self.state
+        s.step_in_task += 1
         loss = None
-        scheduled = probe_due(self.config, self._active(), self._step_in_task)
-        if self.probe.due(scheduled, self._memory is not None):
-            loss = self.probe.read(self._probe_batch, self.task_index, self._step_in_task)
-            loss = None if loss is None else self._finite_probe(loss)
+        scheduled = probe_due(self.config, self._active(), s.step_in_task)
+        if self.probe.due(scheduled, s.memory is not None):
+            loss = self.probe.read(s.next_probe_batch, s.task_index, s.step_in_task)
+            loss = None if loss is None else _finite_probe(loss, self.rank, s.task_index, s.step_in_task)
         if self._decide(loss, lr):
             self._merge(weights=None, rehearsal_steps=None, explicit=False)
 
     def _merge(self, weights=None, rehearsal_steps=None, explicit: bool = False) -> dict:
         """One merge on every rank (aim_ds.merge.Merge: plan, record, rehearse, fuse, agree, commit or undo)."""
-        return Merge(self, weights=weights, rehearsal_steps=rehearsal_steps, explicit=explicit).run()
-
-    def _probe_batch(self) -> dict:
-        return self._probe_cursor.next()
-
-    def _finite_probe(self, loss: float) -> float | None:
-        if not math.isfinite(loss):
-            if self.rank == 0:
-                warnings.warn(
-                    f"aim_merging: non-finite probe loss at task {self.task_index} step "
-                    f"{self._step_in_task}; this step's forgetting signal is skipped.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            return None
-        return loss
+        ctx = MergeContext(
+            state=self.state,
+            shards=self.shards,
+            anchor=self.anchor,
+            fuser=self.fuser,
+            controller=self.controller,
+            config=self.config,
+            engine=self.engine,
+            optimizer_step=self._original_step,
+            rehearsal_batch=self._rehearsal_batch,
+            global_valid_numel=self._global_valid_numel,
+        )
+        return Merge(ctx, weights=weights, rehearsal_steps=rehearsal_steps, explicit=explicit).run()
 
     def _active(self) -> bool:
         return self.task_index >= 1 or self.config.merge_first_task
@@ -312,13 +314,13 @@ class AimPlugin:
         """Which side a fuser's gradient statistics go to: training ("in"), rehearsal ("out"), none before a task."""
         if self.task_index < 0:
             return None
-        return "out" if self._in_rehearsal else "in"
+        return "out" if self.state.in_rehearsal else "in"
 
     def _decide(self, loss: float | None, lr: float) -> bool:
         flag = torch.zeros(1, dtype=torch.float64, device=collectives.comm_device())
         error = None
         if self.controller is not None:
-            d, error = _observe(self.controller, loss, lr, self.task_index, self._step_in_task)
+            d, error = _observe(self.controller, loss, lr, self.task_index, self.state.step_in_task)
             if d is not None:
                 self._record(d, loss)
             flag[0] = -1.0 if d is None else float(d.merge)
@@ -341,17 +343,35 @@ class AimPlugin:
             mon.write_events([("aim/probe_loss", loss, gs), ("aim/interval", d.interval, gs)])
 
     def _rehearsal_batch(self) -> dict:
-        batch = self._rehearsal_cursor.next()
+        batch = self.state.next_rehearsal_batch()
         self.work["rehearsal_tokens"] += batch_tokens(batch)  # on the host copy: no device sync
         return to_device(batch, self.engine.device)
 
-    def _alloc_like(self, master: torch.Tensor, zero: bool = False) -> torch.Tensor:
-        dev = self._anchor_device
+
+def _allocator(dev: torch.device):
+    """alloc(master, zero=False): a flat fp32 buffer on `dev` shaped like a master (pinned on the host of a GPU)."""
+
+    def alloc(master: torch.Tensor, zero: bool = False) -> torch.Tensor:
         pin = dev.type == "cpu" and master.device.type == "cuda"
         t = torch.empty(master.numel(), dtype=torch.float32, device=dev, pin_memory=pin)
         if zero:
             t.zero_()
         return t
+
+    return alloc
+
+
+def _finite_probe(loss: float, rank: int, task: int, step: int) -> float | None:
+    if not math.isfinite(loss):
+        if rank == 0:
+            warnings.warn(
+                f"aim_merging: non-finite probe loss at task {task} step {step}; "
+                "this step's forgetting signal is skipped.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return None
+    return loss
 
 
 def step_lr(engine) -> float:
@@ -376,12 +396,13 @@ def _observe(controller, loss, lr, task, step):
         return None, f"aim_merging: the controller failed at task {task} step {step}: {type(e).__name__}: {e}"
 
 
-def _task_start_error(plugin: AimPlugin, steps) -> str | None:
-    if (error := task_steps_error(plugin.config, steps)) is not None:
-        return f"aim_merging: start_task(steps={steps!r}) at task {plugin.task_index}: {error}"
-    if plugin._memory is None and plugin._active():
+def _task_start_error(config: AimConfig, task: int, has_memory: bool, active: bool, steps) -> str | None:
+    error = task_steps_error(config, steps)
+    if error is not None:
+        return f"aim_merging: start_task(steps={steps!r}) at task {task}: {error}"
+    if not has_memory and active:
         return (
-            f"aim_merging: task {plugin.task_index} will merge but no memory was given; pass the rehearsal "
+            f"aim_merging: task {task} will merge but no memory was given; pass the rehearsal "
             "memory to attach(engine, memory) or start_task(memory=...)."
         )
     return None

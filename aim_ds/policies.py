@@ -9,6 +9,12 @@ the task) to the next interval. See ``docs/configuration.md`` for the exact read
 - :class:`FixedRule`     S never changes.
 
 Weight policies map (activations A at merge time, interval S at merge time) to (w_in, w_out).
+
+Each family has one registry, built from its classes' ``name`` attributes (``RULES``, ``WEIGHTS``), and a
+``Protocol`` (``IntervalRule``, ``WeightPolicy``); aim_ds.config accepts exactly the registries' names
+(``INTERVAL_RULES``, ``WEIGHT_POLICIES``). A weight policy names the fuser that applies it (``fusion``, one of
+``FUSION_KINDS``; the fusers themselves need torch and live in aim_ds.fusers). No import of aim_ds.config
+here: the config reads its accepted names from this module.
 """
 
 from __future__ import annotations
@@ -16,8 +22,29 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
-from .config import AimConfig
+
+class IntervalRule(Protocol):
+    """The next interval S from the one just planned, the task's learning-signal history and the merge index."""
+
+    name: ClassVar[str]
+    uses_signal: ClassVar[bool]  # reads the forgetting signal: the steps it runs on are probed
+
+    @property
+    def history_needed(self) -> int: ...
+
+    def next_interval(self, interval: int, signals: Sequence[float], merge_index: int) -> int: ...
+
+
+class WeightPolicy(Protocol):
+    """(w_in, w_out) from the activations A and the interval S at merge time; ``fusion`` names its fuser."""
+
+    name: ClassVar[str]
+    fusion: ClassVar[str]
+
+    def weights(self, activations: int, interval: int) -> tuple[float, float]: ...
+
 
 LONG_INTERVAL = 64  # reference rule: S >= 64 is halved again after a rise, and grows with c = 0.5
 SIGNALS_LONG_INTERVAL = 70  # signals weight table: S > 70 counts as a long interval
@@ -39,6 +66,10 @@ class PaperRule:
 
     name = "paper"
     uses_signal = True  # reads the forgetting signal: the steps it runs on are probed
+
+    @classmethod
+    def from_config(cls, c) -> PaperRule:
+        return cls(c.min_interval, c.max_interval, c.window, c.gamma_up, c.gamma_down)
 
     @property
     def history_needed(self) -> int:
@@ -83,6 +114,10 @@ class ReferenceRule:
     name = "reference"
     uses_signal = True
 
+    @classmethod
+    def from_config(cls, c) -> ReferenceRule:
+        return cls(c.min_interval, c.max_interval, c.cold_start)
+
     @property
     def history_needed(self) -> int:
         return 2
@@ -113,28 +148,29 @@ class FixedRule:
     history_needed = 1
     uses_signal = False  # merges on the clock alone: nothing is probed
 
+    @classmethod
+    def from_config(cls, c) -> FixedRule:
+        return cls()
+
     def next_interval(self, interval: int, signals: Sequence[float], merge_index: int) -> int:
         return interval
 
 
-# interval_rule name -> (rule class, its arguments from the config); a new rule is one class and one entry
-RULES = {
-    "paper": (PaperRule, lambda c: (c.min_interval, c.max_interval, c.window, c.gamma_up, c.gamma_down)),
-    "reference": (ReferenceRule, lambda c: (c.min_interval, c.max_interval, c.cold_start)),
-    "fixed": (FixedRule, lambda c: ()),
-}
+# interval_rule name -> rule class (its from_config builds it); a new rule is one class added to this tuple
+RULES: dict[str, type[IntervalRule]] = {cls.name: cls for cls in (PaperRule, ReferenceRule, FixedRule)}
+INTERVAL_RULES = tuple(RULES)  # the names aim_merging.interval_rule accepts
 
 
-def make_interval_rule(cfg: AimConfig):
+def make_interval_rule(cfg) -> IntervalRule:
+    """The interval rule an AimConfig names."""
     if cfg.interval_rule not in RULES:
         raise ValueError(f"unknown interval_rule {cfg.interval_rule!r}")
-    cls, args = RULES[cfg.interval_rule]
-    return cls(*args(cfg))
+    return RULES[cfg.interval_rule].from_config(cfg)
 
 
-def uses_signal(cfg: AimConfig) -> bool:
+def uses_signal(cfg) -> bool:
     """Does the config's interval rule read the forgetting signal (so its steps are probed)?"""
-    return RULES[cfg.interval_rule][0].uses_signal
+    return RULES[cfg.interval_rule].uses_signal
 
 
 # ---------------------------------------------------------------------- weight policies
@@ -151,6 +187,10 @@ class SignalsWeights:
     name = "signals"
     fusion = "scalar"  # the aim_ds.fusers entry that applies the weights
 
+    @classmethod
+    def from_config(cls, c) -> SignalsWeights:
+        return cls()
+
     def weights(self, activations: int, interval: int) -> tuple[float, float]:
         return signals_weights(activations, interval)
 
@@ -161,6 +201,10 @@ class FixedWeights:
     w_out: float = 0.5
     name = "fixed"
     fusion = "scalar"
+
+    @classmethod
+    def from_config(cls, c) -> FixedWeights:
+        return cls(c.w_in, c.w_out)
 
     def weights(self, activations: int, interval: int) -> tuple[float, float]:
         return (self.w_in, self.w_out)
@@ -176,26 +220,29 @@ class ImportanceWeights:
     default = (0.5, 0.5)
     both = (0.4, 0.6)  # where both masks are 1
 
+    @classmethod
+    def from_config(cls, c) -> ImportanceWeights:
+        return cls()
+
     def weights(self, activations: int, interval: int) -> tuple[float, float]:
         return self.default
 
 
-# weight_policy name -> (policy class, its arguments from the config)
-WEIGHTS = {
-    "signals": (SignalsWeights, lambda c: ()),
-    "fixed": (FixedWeights, lambda c: (c.w_in, c.w_out)),
-    "importance": (ImportanceWeights, lambda c: ()),
-}
+# weight_policy name -> policy class (its from_config builds it); a new policy is one class added to this tuple
+WEIGHTS: dict[str, type[WeightPolicy]] = {cls.name: cls for cls in (SignalsWeights, FixedWeights, ImportanceWeights)}
+WEIGHT_POLICIES = tuple(WEIGHTS)  # the names aim_merging.weight_policy accepts
+# the fusers (aim_ds.fusers.FUSERS, by their name) a weight policy's `fusion` may name; a test ties the two
+FUSION_KINDS = ("scalar", "importance")
 
 
-def make_weight_policy(cfg: AimConfig):
+def make_weight_policy(cfg) -> WeightPolicy:
+    """The weight policy an AimConfig names."""
     if cfg.weight_policy not in WEIGHTS:
         raise ValueError(f"unknown weight_policy {cfg.weight_policy!r}")
-    cls, args = WEIGHTS[cfg.weight_policy]
-    return cls(*args(cfg))
+    return WEIGHTS[cfg.weight_policy].from_config(cfg)
 
 
-def rehearsal_steps(cfg: AimConfig, interval: int) -> int:
+def rehearsal_steps(cfg, interval: int) -> int:
     """R: the configured constant, or ceil(rehearsal_fraction * S) with S the interval in force when the
     merge fires, before this merge updates it (fraction 1 = the released rule R = S; a smaller fraction
     bounds rehearsal's share of the compute)."""
@@ -205,6 +252,11 @@ def rehearsal_steps(cfg: AimConfig, interval: int) -> int:
 
 
 __all__ = [
+    "IntervalRule",
+    "WeightPolicy",
+    "INTERVAL_RULES",
+    "WEIGHT_POLICIES",
+    "FUSION_KINDS",
     "PaperRule",
     "ReferenceRule",
     "FixedRule",

@@ -14,13 +14,29 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import ClassVar, Protocol
 
 import torch
 
 from . import collectives
-from .journal import fatal_error, local_error
+from .collectives import fatal_error
+from .errors import local_error
 from .losses import batch_tokens
 from .memory import to_device
+
+
+class ProbeSource(Protocol):
+    """Where the forgetting signal comes from; built as cls(config, engine, shards, work) (work: the plugin's
+    work counts, which a probe's own forwards add to)."""
+
+    name: ClassVar[str]
+    records_loss: ClassVar[bool]  # the caller hands over the memory rows' loss (AimPlugin.record_probe_loss)
+
+    def due(self, scheduled: bool, has_memory: bool) -> bool: ...
+
+    def read(self, next_batch: Callable[[], dict], task: int, step: int) -> float | None: ...
+
+    def discard(self) -> None: ...
 
 
 class MemoryForwardProbe:
@@ -42,7 +58,7 @@ class MemoryForwardProbe:
     def read(self, next_batch: Callable[[], dict], task: int, step: int) -> float:
         """A rank that cannot read its batch stops every rank alike (agreed before the forward's collectives);
         a failure in the forward or the all-reduce, where the peers wait in a collective, stops every rank
-        naming it (journal.fatal_error)."""
+        naming it (collectives.fatal_error)."""
         what = f"the probe at task {task} step {step}"
         got = {}
 
@@ -112,12 +128,13 @@ class TrainingBatchProbe:
         return None
 
 
-PROBE_SOURCES = {cls.name: cls for cls in (MemoryForwardProbe, TrainingBatchProbe)}
+# probe_source name -> class; aim_ds.config.PROBE_SOURCE_NAMES lists the same names (tests/test_config.py)
+PROBE_SOURCES: dict[str, type[ProbeSource]] = {cls.name: cls for cls in (MemoryForwardProbe, TrainingBatchProbe)}
 
 
-def probe_source(config) -> type:
+def probe_source(config) -> type[ProbeSource]:
     """The probe source class a config names (a front end asks it whether to hand over the memory rows' loss)."""
     return PROBE_SOURCES[config.probe_source]
 
 
-__all__ = ["MemoryForwardProbe", "TrainingBatchProbe", "PROBE_SOURCES", "probe_source"]
+__all__ = ["MemoryForwardProbe", "ProbeSource", "TrainingBatchProbe", "PROBE_SOURCES", "probe_source"]

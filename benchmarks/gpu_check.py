@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from aim_ds.modeling import tiny_llama_shape
+
 REPO = Path(__file__).resolve().parents[1]
 
 # ~1.1B parameters (TinyLlama-1.1B's shape), built from this config: no weights are downloaded
@@ -63,16 +65,7 @@ LLAMA_CPU = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
-LLAMA_TINY = dict(
-    LLAMA_CPU,
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+LLAMA_TINY = tiny_llama_shape(rms_norm_eps=LLAMA_CPU["rms_norm_eps"])
 
 PRESETS = {
     # name: (model, micro batch, sequence length, warm-up, plain steps, probe steps, merges, rehearsal steps)

@@ -14,6 +14,8 @@ import time
 import traceback
 from pathlib import Path
 
+from aim_ds.modeling import tiny_llama_shape
+
 MODELS = {
     # Hidden sizes are multiples of 6, so every tensor (each has a hidden-size factor) splits evenly over 1, 2
     # and 3 ranks and DeepSpeed adds no partition padding, as on real models over 8 GPUs (13B Llama: 5120 = 8 x
@@ -43,17 +45,7 @@ MODELS = {
         tie_word_embeddings=False,
     ),
     # for "the same for every model size"
-    "tiny": dict(
-        model_type="llama",
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    ),
+    "tiny": tiny_llama_shape(),
 }
 
 # the hook and batch-probe phases compare cheap steps whose ratios are noisy: at least this many pairs

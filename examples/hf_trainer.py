@@ -93,11 +93,11 @@ def main(argv=None):
     from aim_ds.evaluation import cl_metrics, evaluate_task
     from aim_ds.fileio import atomic_write_text, write_csv
     from aim_ds.hf import AimMergingCallback
-    from aim_ds.modeling import build_model, load_tokenizer
+    from aim_ds.modeling import build_model, cache_folder, load_tokenizer
 
     rank, world = info.rank, info.world_size
     out = args.output_dir or os.path.join("runs", time.strftime("hf-trainer-%Y%m%d-%H%M%S", time.gmtime()))
-    cache = os.environ.get("AIM_DS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aim_ds")
+    cache = cache_folder()
     tasks = aim_data.load_tasks(
         args.benchmark,
         data_dir=args.data_dir,
@@ -238,7 +238,7 @@ def main(argv=None):
 
 
 class DriverOrder:
-    """The driver's order of a task's examples (aim_ds.driver.batching.rank_batches): a seeded shuffle per
+    """The driver's order of a task's examples (aim_ds.data.batching.rank_batches): a seeded shuffle per
     epoch; Accelerate deals consecutive per-rank batches to the ranks, so each rank gets the driver's slice."""
 
     def __init__(self, n: int, seed: int):
@@ -251,7 +251,7 @@ class DriverOrder:
         return self.n
 
     def __iter__(self):
-        from aim_ds.driver.batching import seeded_stream
+        from aim_ds.data.batching import seeded_stream
 
         return iter(seeded_stream(self.n, self.epoch * self.n, self.n, self.seed))
 

@@ -20,7 +20,17 @@ sys.path.insert(0, str(REPO))
 
 from aim_ds.distributed import free_port, run_local_ranks  # noqa: E402
 
-__all__ = ["REPO", "RankFailure", "base_env", "driver_env", "free_port", "run_ranks"]
+__all__ = ["BIN", "REPO", "TRAIN", "RankFailure", "base_env", "deepspeed_cmd", "driver_env", "free_port", "run_ranks"]
+
+BIN = Path(sys.executable).parent  # the virtual environment's scripts (the deepspeed launcher)
+TRAIN = str(REPO / "launch" / "train.py")
+
+
+def deepspeed_cmd(script, *args, ranks: int = 2, port: int | None = None) -> list[str]:
+    """`deepspeed --num_gpus RANKS --master_port PORT SCRIPT ARGS...`, the one launcher command the tests build (on
+    CPU the launcher starts RANKS CPU ranks); PORT: a free one unless given."""
+    port = free_port() if port is None else port
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), str(script), *map(str, args)]
 
 
 def base_env() -> dict:

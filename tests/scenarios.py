@@ -18,6 +18,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import aim_ds
+from aim_ds.modeling import tiny_llama_config
 
 VOCAB = 97
 _keep = []  # HfDeepSpeedConfig must stay alive while zero.Init builds the model
@@ -45,17 +46,9 @@ def after_rehearsal(fn):
 def tiny_config(**overrides) -> LlamaConfig:
     # sizes chosen so that most tensors are not divisible by 3: 3 ranks pad the last partitions
     sizes = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=70,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=70, max_position_embeddings=64, attention_dropout=0.0
     )
-    return LlamaConfig(**{**sizes, **overrides})
+    return tiny_llama_config(**{**sizes, **overrides})
 
 
 def ds_config(dtype="fp32", persistence=0, stage=3, aim=None, gas=1, scheduler=False, offload=False):

@@ -245,7 +245,7 @@ def merge_fails_inside_collective(ckpt_dir: str, failing: int = 1):
         real = mlp.forward
 
         def forward(*args, **kwargs):
-            if plugin._in_rehearsal:
+            if plugin.state.in_rehearsal:
                 Path(ckpt_dir).parent.joinpath("failed_at").write_text(repr(time.time()))
                 raise ValueError("injected: a kernel failed in rehearsal")
             return real(*args, **kwargs)
@@ -261,7 +261,7 @@ def resume_after_failure(ckpt_dir: str):
     plugin = aim_ds.attach(engine)
     load_checkpoint(engine, plugin, ckpt_dir)
     plugin.set_memory(memory(offset=3000))
-    steps = plugin._step_in_task
+    steps = plugin.state.step_in_task
     train_steps(engine, 6, seed=61)
     return {
         "task": plugin.task_index,

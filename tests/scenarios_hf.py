@@ -153,7 +153,7 @@ class Instrumented(AimMergingCallback):
         rehearse = self.__dict__.setdefault("_real_rehearse", Merge.rehearse)  # replaced, never chained, per task
 
         def _rehearse(m, steps):
-            if m.plugin is not p:
+            if m.ctx.state is not p.state:
                 return rehearse(m, steps)
             self._k, before = full(), engine.global_steps
             out = rehearse(m, steps)

@@ -40,8 +40,8 @@ class Recording(AimMergingCallback):
     def on_train_begin(self, args, state, control, **kw):
         super().on_train_begin(args, state, control, **kw)
         p = self.plugin
-        if p.enabled and p._memory is not None:
-            self.memory_rows.append([int(b["input_ids"].shape[0]) for b in p._memory])
+        if p.enabled and p.state.memory is not None:
+            self.memory_rows.append([int(b["input_ids"].shape[0]) for b in p.state.memory])
         record = p.record_probe_loss
 
         def counted(*a):

@@ -1,6 +1,7 @@
 """Architecture rules that import-linter cannot express (docs/architecture.md): DeepSpeed's internals are read
-only in aim_ds/shards/, and no class is over 300 lines or function over 80 (argparse builders aside). The
-import contracts themselves are in pyproject.toml, checked by `lint-imports` (.ci/run) and by the last test."""
+only in aim_ds/shards/; no module reads another module's private attributes; no class is over 300 lines or
+function over 80 (argparse builders aside). The import contracts themselves are in pyproject.toml, checked by
+`lint-imports` (.ci/run) and by the last test."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ PUBLIC_DEEPSPEED = (
 # estimate.py calls DeepSpeed's published memory estimators, which live in deepspeed.runtime.zero
 INTERNALS_ALLOWED = {"estimate.py"}
 MAX_CLASS, MAX_FUNCTION = 300, 80
+# private attributes of other libraries' objects read outside aim_ds/shards/ (which reads DeepSpeed's by design)
+FOREIGN_PRIVATES_ALLOWED = {
+    ("driver/args.py", "_ArgumentGroup"),  # argparse's argument-group type, for a type check
+    ("hf.py", "_get_output_dir"),  # transformers.Trainer: a hyperparameter-search trial's run folder
+}
 ARGPARSE_BUILDERS = {"build_parser", "add_arguments"}
 
 
@@ -65,6 +71,34 @@ def oversized(source: str) -> list[tuple[int, str, int, int]]:
     return out
 
 
+def foreign_privates(source: str) -> list[tuple[int, str]]:
+    """(line, expression) of every `x._name` where x is not self/cls and _name is not one of this module's own
+    names (a function, class or variable it defines, or an attribute it sets on self/cls): a read or write of
+    another module's private state."""
+    tree = ast.parse(source)
+    own = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            own.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            own.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and _on_self(node):
+            own.add(node.attr)
+    return sorted(
+        (node.lineno, ast.unparse(node))
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.endswith("__")
+        and not _on_self(node)
+        and node.attr not in own
+    )
+
+
+def _on_self(node: ast.Attribute) -> bool:
+    return isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+
+
 def _where(p: Path, line: int) -> str:
     return f"{p.relative_to(PKG.parent)}:{line}"
 
@@ -77,6 +111,17 @@ def test_only_shards_read_deepspeed_internals():
         for line, mod in deepspeed_internals(p.read_text())
     ]
     assert not found, "DeepSpeed internals imported outside aim_ds/shards/: " + "; ".join(found)
+
+
+def test_no_module_reads_another_modules_private_attributes():
+    found = [
+        f"{_where(p, line)} {expr}"
+        for p in _sources()
+        if "shards" not in p.relative_to(PKG).parts
+        for line, expr in foreign_privates(p.read_text())
+        if (p.relative_to(PKG).as_posix(), expr.rsplit(".", 1)[1]) not in FOREIGN_PRIVATES_ALLOWED
+    ]
+    assert not found, "private attributes of another module's objects: " + "; ".join(found)
 
 
 def test_no_class_over_300_lines_no_function_over_80():
@@ -96,6 +141,12 @@ def test_the_checks_can_fail():
     )
     assert deepspeed_internals(src) == [(3, "deepspeed.runtime.zero.stage3")]
     assert oversized(src) == [(4, "g", 81, MAX_FUNCTION)]
+    src = (
+        "class A:\n    def __init__(self, p):\n        self._mine = p._theirs\n"
+        "    def f(self, other):\n        return other._mine + self._x + other.__class__.__name__\n"
+        "def g(plugin):\n    plugin._step += 1\n"
+    )
+    assert foreign_privates(src) == [(3, "p._theirs"), (7, "plugin._step")]
 
 
 @pytest.mark.skipif(

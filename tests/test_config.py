@@ -313,3 +313,40 @@ def test_undo_location_and_its_folder():
     ):
         e = err(section)
         assert e.key == "undo_path" and fragment in str(e), str(e)
+
+
+# ---------------------------------------------------------------------- one registry per strategy family
+def _protocol_members(protocol) -> set[str]:
+    own = set(vars(protocol)) | set(getattr(protocol, "__annotations__", {}))
+    return {m for m in own if not m.startswith("_")}
+
+
+def test_config_names_are_the_registries_names():
+    """Each name set aim_merging accepts is its registry's keys, and each key is its class's own name."""
+    from aim_ds import config, policies
+
+    assert config.INTERVAL_RULES == tuple(policies.RULES)
+    assert config.WEIGHT_POLICIES == tuple(policies.WEIGHTS)
+    for registry, protocol in ((policies.RULES, policies.IntervalRule), (policies.WEIGHTS, policies.WeightPolicy)):
+        for name, cls in registry.items():
+            assert cls.name == name
+            missing = [m for m in _protocol_members(protocol) if not hasattr(cls, m)]
+            assert not missing, f"{cls.__name__} lacks {missing} of {protocol.__name__}"
+    assert {cls.fusion for cls in policies.WEIGHTS.values()} <= set(policies.FUSION_KINDS)
+    for key, name in (("interval_rule", "fixed"), ("weight_policy", "importance")):
+        assert getattr(AimConfig.from_dict({key: name}), key) == name
+
+
+def test_torch_side_registries_match_the_pure_names():
+    """probe_source names (config) and fusion kinds (policies) are listed without torch; the classes that
+    implement them (aim_ds.probes, aim_ds.fusers) need it: the two must list the same names."""
+    pytest.importorskip("torch")
+    from aim_ds import config, fusers, policies, probes
+
+    assert config.PROBE_SOURCE_NAMES == tuple(probes.PROBE_SOURCES)
+    assert policies.FUSION_KINDS == tuple(fusers.FUSERS)
+    for registry, protocol in ((probes.PROBE_SOURCES, probes.ProbeSource), (fusers.FUSERS, fusers.Fuser)):
+        for name, cls in registry.items():
+            assert cls.name == name
+            missing = [m for m in _protocol_members(protocol) if not hasattr(cls, m)]
+            assert not missing, f"{cls.__name__} lacks {missing} of {protocol.__name__}"

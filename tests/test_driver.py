@@ -20,8 +20,8 @@ BIN = Path(sys.executable).parent
 SMALL = ["--max-train", "32", "--max-eval", "16", "--batch-size", "2", "--eval-batch-size", "16", "--no-progress"]
 
 
+from tests.mp import deepspeed_cmd, free_port
 from tests.mp import driver_env as env  # noqa: E402
-from tests.mp import free_port
 
 
 def run(cmd, tmp_path, timeout=240):
@@ -198,21 +198,16 @@ def test_bad_input_two_ranks_every_rank_reports(tmp_path):
     """Under the deepspeed launcher a bad config fails fast (no hang, no training). The launcher kills
     the sibling as soon as one rank exits, so how many ranks print is a race; every rank's own check
     is asserted below by starting each rank alone."""
-    cmd = [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
+    cmd = deepspeed_cmd(
         TRAIN,
         "--method",
         "aim",
         "--deepspeed_config",
         ds_config(tmp_path, enabled=False),
         "--output-dir",
-        str(tmp_path / "out"),
+        tmp_path / "out",
         *SMALL,
-    ]
+    )
     p = run(cmd, tmp_path, timeout=120)
     assert p.returncode != 0
     assert "error: --method aim but" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
@@ -250,12 +245,7 @@ def test_deepspeed_two_ranks_aim(tmp_path):
     cfg = ds_config(tmp_path, initial_interval=2, min_interval=1, max_interval=4, _monitor=str(tmp_path / "mon"))
     port = free_port()
     cmd = [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
-        TRAIN,
+        *deepspeed_cmd(TRAIN, port=port),
         "--method",
         "aim",
         "--deepspeed_config",

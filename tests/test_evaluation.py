@@ -41,17 +41,16 @@ def test_rouge_l():
 
 # ---------------------------------------------------------------- tiny models
 def _model(vocab, seed=0, hidden=64):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from aim_ds.modeling import tiny_llama_config
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = tiny_llama_config(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=4 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=128,
         tie_word_embeddings=True,
         pad_token_id=0,
         bos_token_id=1,

@@ -14,14 +14,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.mp import REPO, driver_env, free_port
+from tests.mp import REPO, deepspeed_cmd, driver_env
 
 BIN = Path(sys.executable).parent
 SMALL = ["--max-train", "48", "--max-eval", "16", "--memory-fraction", "0.25", "--seed", "3"]
 
 
 def launch(script: str, args: list, tmp_path: Path, timeout: int = 400) -> None:
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / script), *args]
+    cmd = deepspeed_cmd(REPO / script, *args)
     p = subprocess.run(
         cmd, cwd=str(tmp_path), env=driver_env(tmp_path), capture_output=True, text=True, timeout=timeout
     )
@@ -66,7 +66,7 @@ def test_trainer_with_every_switch_is_the_driver(tmp_path):
 
 
 def test_replay_draw_cycle_is_the_drivers_memory_batches():
-    from aim_ds.driver.batching import memory_batches
+    from aim_ds.data.batching import memory_batches
     from aim_ds.errors import AimInputError
     from aim_ds.hf import AimMergingCallback
 

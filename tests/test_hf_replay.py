@@ -9,7 +9,7 @@ TIMEOUT = 600
 
 
 def test_replay_draws_seeded_differ_and_resume_exactly(tmp_path):
-    from aim_ds.driver.batching import seeded_stream
+    from aim_ds.data.batching import seeded_stream
 
     res = run_ranks("tests.scenarios_hf_replay:replay_draws_and_resume", 2, tmp_path, TIMEOUT, tmp=str(tmp_path))
     for rank, r in enumerate(res):
@@ -106,7 +106,7 @@ def test_seeded_stream_is_the_drivers_order():
     shuffle per pass, ranks disjoint within a global batch, any position drawn again alike."""
     import random
 
-    from aim_ds.driver.batching import rank_batches, seeded_stream
+    from aim_ds.data.batching import rank_batches, seeded_stream
 
     n, seed = 10, 3
     passes = []

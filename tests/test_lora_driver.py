@@ -8,7 +8,7 @@ import subprocess
 
 import torch
 
-from tests.mp import free_port
+from tests.mp import deepspeed_cmd
 from tests.test_driver import BIN, REPO, SMALL, TRAIN, ds_config, py, run
 
 TARGETS = ("q_proj", "v_proj")
@@ -43,8 +43,7 @@ def test_lora_aim_run_merges_adapters_and_converts(tmp_path):
     out = tmp_path / "out"
     cfg = ds_config(tmp_path, initial_interval=2, min_interval=1, max_interval=4)
     lora = ["--model", str(hf_dir), "--lora", "4", "--checkpoint-every", "1000", "--keep-checkpoints", "1"]
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN]
-    cmd += ["--method", "aim", "--deepspeed_config", cfg, "--output-dir", str(out), *SMALL, *lora]
+    cmd = deepspeed_cmd(TRAIN) + ["--method", "aim", "--deepspeed_config", cfg, "--output-dir", str(out), *SMALL, *lora]
     p = run(cmd, tmp_path)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     r = json.loads((out / "results.json").read_text())

@@ -20,7 +20,9 @@ from aim_ds.driver import memory_batches, rank_batches
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_resume import BIN, TRAIN, finish, free_port, run, start  # noqa: E402
+from test_resume import BIN, TRAIN, finish, run, start  # noqa: E402
+
+from tests.mp import deepspeed_cmd  # noqa: E402
 
 # 18 driver steps per task at a global batch of 4 (72 examples), checkpoints every 15 driver steps:
 # task002-step000009 lies mid-task 2, after task 1's merges
@@ -46,19 +48,7 @@ def driver(world: int, out: Path, *extra) -> list[str]:
     per_rank = ["--batch-size", str(4 // world)]  # global batch 4 (memory batch and replay rows follow)
     if world == 1:
         return [sys.executable, TRAIN, *COMMON, *per_rank, "--output-dir", str(out), *extra]
-    return [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        str(world),
-        "--master_port",
-        str(free_port()),
-        TRAIN,
-        *COMMON,
-        *per_rank,
-        "--output-dir",
-        str(out),
-        *extra,
-    ]
+    return deepspeed_cmd(TRAIN, *COMMON, *per_rank, "--output-dir", out, *extra, ranks=world)
 
 
 def rows(path: Path) -> list[dict]:

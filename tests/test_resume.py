@@ -25,8 +25,8 @@ BIN = Path(sys.executable).parent
 SMALL = ["--max-train", "72", "--max-eval", "16", "--batch-size", "2", "--eval-batch-size", "16", "--no-progress"]
 
 
+from tests.mp import deepspeed_cmd
 from tests.mp import driver_env as env  # noqa: E402
-from tests.mp import free_port
 
 
 def start(cmd, tmp_path, log):
@@ -61,22 +61,7 @@ def run(cmd, tmp_path, timeout):
 
 
 def ds_cmd(out, *extra):
-    return [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        TRAIN,
-        "--seed",
-        "3",
-        "--checkpoint-every",
-        "5",
-        "--output-dir",
-        str(out),
-        *SMALL,
-        *extra,
-    ]
+    return deepspeed_cmd(TRAIN, "--seed", "3", "--checkpoint-every", "5", "--output-dir", out, *SMALL, *extra)
 
 
 def snapshot(d: Path) -> dict:

@@ -108,22 +108,15 @@ def test_driver_runs_the_shipped_zero2_config(tmp_path):
     """launch/train.py with ds_configs/cpu_zero2.json (2 ranks, deepspeed launcher): trains, merges, writes results."""
     import json
     import subprocess
-    import sys
-    from pathlib import Path
 
-    from tests.mp import REPO, driver_env, free_port
+    from tests.mp import REPO, deepspeed_cmd, driver_env
 
     cfg = json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text())
     cfg["aim_merging"].update(initial_interval=2, min_interval=1, max_interval=4)  # merges within 8 steps a task
     (tmp_path / "ds.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "launch" / "train.py"),
+        *deepspeed_cmd(REPO / "launch" / "train.py"),
         "--method",
         "aim",
         "--deepspeed_config",

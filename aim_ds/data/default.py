@@ -10,11 +10,11 @@ maps agree on at most one category of four, and each earlier map agrees with del
 one, so a model that answers an earlier task with a later task's rule scores about 25% (chance) or
 0%. The deciding word ends the prompt, so each task alone is an easy lookup: a 2-layer, 64-wide
 Llama learns it to 100% in 25-40 steps at batch 16 (lr 3e-3). Measured with 80 steps per task
-(python -m aim_ds.data.calibrate_default, 1 CPU thread, ~1 min): seqft OP 41.1 / BWT -78.5;
+(python benchmarks/calibrate_default.py, 1 CPU thread, ~1 min): seqft OP 41.1 / BWT -78.5;
 2% mixed replay OP 54.5 / BWT -60.7; a fixed-interval merge (S = R = 8, weights 0.5/0.5)
 OP 77.1 / BWT -30.5. The task name is in the prompt, so the tasks are distinguishable in
 principle and memory-based methods can keep them.
-See calibrate_default.py for the measurement.
+See benchmarks/calibrate_default.py for the measurement.
 
 Generation family ("default-gen", metric rougeL): the same input format (4 words), the output is a
 word sequence: echo (the last word twice; learned by the tiny model in ~60 steps), copy, reverse,

@@ -1,7 +1,7 @@
 """The continual-learning driver behind launch/train.py, as a package.
 
-args (the command line -> a frozen RunConfig), batching (rank slices, memory batches, LR schedule, the
-encoding cache), resume (checkpoint position, RNG and checks), trainer (CLTrainer and its methods),
+args (the command line -> a frozen RunConfig), batching (LR schedule, the encoding cache; the data order is
+aim_ds.data.batching), resume (checkpoint position, RNG and checks), trainer (CLTrainer and its methods),
 results (results.json and plots), run (set-up and main)."""
 
 from .args import METHODS, MIXING_METHODS, PLUGIN_METHODS, InputError, RunConfig, build_parser, parse_args

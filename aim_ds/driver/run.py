@@ -27,6 +27,7 @@ from .args import (
     parse_args,
     plugin_config,
 )
+from .batching import BatchSizes
 from .lock import LOCK_NAME, LockError, OutputLock, check_free
 from .resume import (
     CKPT_SUBDIR,
@@ -67,8 +68,18 @@ def tp_size(ds_config: dict) -> int:
     return max(1, int((ds_config.get("tensor_parallel") or {}).get("autotp_size") or 1))
 
 
-def check_inputs(cfg: RunConfig):
-    """The collective-free checks: (cfg, ds_config, aim_cfg, resume point, tasks). Raises InputError."""
+class CheckedInputs(NamedTuple):
+    """What the collective-free checks established (check_inputs)."""
+
+    cfg: RunConfig  # with --resume resolved
+    ds_config: dict  # with the --aim overrides applied
+    aim_cfg: object  # the plugin's AimConfig, or None for a method without the plugin
+    resume: object  # the ResumePoint, or None for a fresh run
+    tasks: list
+
+
+def check_inputs(cfg: RunConfig) -> CheckedInputs:
+    """The collective-free checks (see CheckedInputs). Raises InputError."""
     ds_config = apply_aim_overrides(load_ds_config(cfg.deepspeed_config), cfg.aim)
     aim_cfg = plugin_config(cfg.method, ds_config, cfg.deepspeed_config)
     cfg, resume = resolve_resume_arg(cfg)
@@ -118,7 +129,7 @@ def check_inputs(cfg: RunConfig):
     for t in tasks:
         if not t.train or not t.eval:
             raise InputError(f"task {t.name}: empty {'train' if not t.train else 'eval'} set")
-    return cfg, ds_config, aim_cfg, resume, tasks
+    return CheckedInputs(cfg=cfg, ds_config=ds_config, aim_cfg=aim_cfg, resume=resume, tasks=tasks)
 
 
 def default_output_dir(cfg: RunConfig, rank: int) -> str:
@@ -149,11 +160,25 @@ def data_parallel_world(cfg: RunConfig, tp: int, world: int) -> int:
     return world // tp
 
 
+def run_tokenizer(cfg: RunConfig, tasks: list, cache_dir: str, rank: int):
+    """The run's tokenizer, on every rank (a collective); a rank that cannot load it stops every rank."""
+    from aim_ds.collectives import agree
+    from aim_ds.modeling import ModelError, load_tokenizer
+
+    tokenizer, error = None, None
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.model, tasks, os.path.join(cache_dir, "tokenizers"), rank)
+    except ModelError as e:
+        error = str(e)
+    agree(error, exc_type=InputError)
+    return tokenizer
+
+
 def run(cfg: RunConfig, t0: float) -> int:
-    cfg, ds_config, aim_cfg, resume, tasks = check_inputs(cfg)
+    inputs = check_inputs(cfg)
+    cfg, tasks, resume = inputs.cfg, inputs.tasks, inputs.resume
 
     # ---- distributed
-    from aim_ds.collectives import agree
     from aim_ds.distributed import init_distributed
 
     info = init_distributed(cfg.dist_timeout)
@@ -162,24 +187,18 @@ def run(cfg: RunConfig, t0: float) -> int:
     rank, world = info.rank, info.world_size
     # AutoTP groups consecutive ranks (DeepSpeed's groups._init_tp_mesh_device): the ranks of one
     # tensor-parallel group share data-parallel rank rank // tp and are fed the same batches
-    tp = tp_size(ds_config)
+    tp = tp_size(inputs.ds_config)
     dp_world = data_parallel_world(cfg, tp, world)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir = cfg.output_dir if cfg.output_dir is not None else default_output_dir(cfg, rank)
-    cache_dir = cfg.cache_dir or os.environ.get("AIM_DS_CACHE") or os.path.expanduser("~/.cache/aim_ds")
 
     from aim_ds import data as aim_data
-    from aim_ds.modeling import ModelError, load_tokenizer
+    from aim_ds.modeling import cache_folder
 
-    tok_err = None
-    try:
-        tokenizer = load_tokenizer(cfg.tokenizer, cfg.model, tasks, os.path.join(cache_dir, "tokenizers"), rank)
-    except ModelError as e:
-        tok_err = str(e)
-    agree(tok_err, exc_type=InputError)
-
-    sizes = batch_sizes(cfg, ds_config, aim_cfg, world)
+    cache_dir = cache_folder(cfg.cache_dir)
+    tokenizer = run_tokenizer(cfg, tasks, cache_dir, rank)
+    sizes = batch_sizes(cfg, inputs.ds_config, inputs.aim_cfg, world)
     # memory buffer: the same seeded selection for every method
     memories = [aim_data.select_memory(t, cfg.memory_fraction, cfg.seed) for t in tasks]
     steps_per_task = [max(1, int(math.ceil(cfg.epochs * len(t.train) / (sizes.micro * dp_world)))) for t in tasks]
@@ -212,31 +231,18 @@ def run(cfg: RunConfig, t0: float) -> int:
             tasks=tasks,
             memories=memories,
             tokenizer=tokenizer,
-            ds_run=sizes.ds_run,
-            client_opt="optimizer" not in sizes.ds_run,
-            micro=sizes.micro,
-            mem_bs=sizes.mem_bs,
-            replay_rows=sizes.replay_rows,
+            sizes=sizes,
             steps_per_task=steps_per_task,
-            aim_cfg=aim_cfg,
+            aim_cfg=inputs.aim_cfg,
             out_dir=out_dir,
             resume=resume,
             task_fp=task_fp,
             mem_sha=mem_sha,
             setup_s=time.time() - t0,
         )  # imports, process group, tokenizer, data (not engine set-up)
-        return train_and_report(state, ds_config, info, ref, t0)
+        return train_and_report(state, inputs.ds_config, info, ref, t0)
     finally:
         lock.release()
-
-
-class BatchSizes(NamedTuple):
-    """Per-rank batch sizes and the ds_config the engines get (per-rank micro batch, no scheduler)."""
-
-    micro: int
-    mem_bs: int
-    replay_rows: int
-    ds_run: dict
 
 
 def batch_sizes(cfg: RunConfig, ds_config: dict, aim_cfg, world: int) -> BatchSizes:

@@ -14,8 +14,9 @@ import time
 
 from aim_ds.memory import to_device
 
+from ..data.batching import memory_batches, rank_batches
 from .args import RunConfig
-from .batching import EncodingCache, lr_at, memory_batches, rank_batches
+from .batching import BatchSizes, EncodingCache, lr_at
 from .resume import CKPT_SUBDIR, ResumePoint, global_batches, position_seed, resume_options, seed_rank_rng
 
 MULTITASK_SEED_OFFSET = 99991  # the joint pool's data order differs from every task's
@@ -31,11 +32,7 @@ class RunState:
     tasks: list
     memories: list
     tokenizer: object
-    ds_run: dict  # the ds_config the engines get (per-rank micro batch, no scheduler)
-    client_opt: bool  # the ds_config has no optimizer: the driver builds torch AdamW
-    micro: int
-    mem_bs: int
-    replay_rows: int
+    sizes: BatchSizes  # per-rank batch sizes and the ds_config the engines get
     steps_per_task: list
     aim_cfg: object
     out_dir: str
@@ -46,6 +43,18 @@ class RunState:
     tp: int = 1  # tensor-parallel size (AutoTP): ranks rank // tp * tp ... + tp - 1 share one data-parallel rank
     single_scores: list | None = None
     fwt_source: str | None = None
+
+    @property
+    def micro(self) -> int:
+        return self.sizes.micro
+
+    @property
+    def mem_bs(self) -> int:
+        return self.sizes.mem_bs
+
+    @property
+    def replay_rows(self) -> int:
+        return self.sizes.replay_rows
 
     @property
     def ckpt_dir(self) -> str:
@@ -121,7 +130,7 @@ def build_engine(state: RunState, encoder: EncodingCache):
 
     s, cfg = state, state.cfg
     torch.manual_seed(cfg.seed)  # the same initial model for every engine of the run
-    model, keepalive = build_model(cfg.model, s.tokenizer, s.ds_run)
+    model, keepalive = build_model(cfg.model, s.tokenizer, s.sizes.ds_run)
     if cfg.lora:
         model = add_lora(model, cfg)
     # batches carry logits_to_keep only if the forward names it (PeftModel's does not: **kwargs)
@@ -129,12 +138,12 @@ def build_engine(state: RunState, encoder: EncodingCache):
     # frozen weights (LoRA's base) stay out of the optimizer, so the plugin tracks the adapters only
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = None
-    if s.client_opt:
+    if s.sizes.client_opt:
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=opt,
-        config=s.ds_run,
+        config=s.sizes.ds_run,
         model_parameters=None if opt is not None else trainable,
     )
     keep_alive(engine, keepalive)
@@ -157,7 +166,7 @@ def check_tp_groups(engine, s: RunState) -> None:
         )
 
 
-def checkpoint_extra(s: RunState, task: int, step: int, done: bool, matrix: list, data_seed: int) -> dict:
+def checkpoint_extra(s: RunState, *, task: int, step: int, done: bool, matrix: list, data_seed: int) -> dict:
     """The driver's position, matrix and seed: a checkpoint manifest's extra, the same for every rank."""
     return {
         "driver": "launch/train.py",
@@ -284,7 +293,7 @@ class CLTrainer:
         return rank_batches(s.tasks[k].train, s.steps_per_task[k], s.micro, s.dp_rank, s.dp_world, self.cfg.seed + k)
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, engine, plugin, task: int, step: int, done: bool, matrix: list, data_seed: int) -> None:
+    def save(self, engine, plugin, *, task: int, step: int, done: bool, matrix: list, data_seed: int) -> None:
         """Everything needed to continue identically: DeepSpeed ZeRO-3 state (weights, fp32 master, AdamW moments
         and step counts, global step), the plugin (controller, anchor shards, cursors, trajectory), and the
         driver's position, matrix and seed (the manifest's extra, the same for every rank)."""
@@ -292,7 +301,7 @@ class CLTrainer:
 
         s = self.state
         tag = f"task{task:03d}-end" if done else f"task{task:03d}-step{step:06d}"
-        extra = checkpoint_extra(s, task, step, done, matrix, data_seed)
+        extra = checkpoint_extra(s, task=task, step=step, done=done, matrix=matrix, data_seed=data_seed)
         client = {"rng": rng_state(), "losses": list(self.losses) if s.rank == 0 else [], "work": dict(self.work)}
         save_checkpoint(
             engine,
@@ -336,7 +345,7 @@ class CLTrainer:
 
         def on_step(step):
             if (before + step) % n == 0 and step < total:
-                self.save(engine, plugin, k, step, False, matrix, data_seed)
+                self.save(engine, plugin, task=k, step=step, done=False, matrix=matrix, data_seed=data_seed)
 
         return on_step
 
@@ -400,7 +409,9 @@ class CLTrainer:
             scores = self._timed_eval(engine, range(k + 1 if cfg.eval_tasks == "seen" else len(s.tasks)), clock)
             matrix.append([scores.get(i) for i in range(len(s.tasks))])
             if cfg.checkpoint_every:
-                self.save(engine, plugin, k, s.steps_per_task[k], True, matrix, cfg.seed + k)
+                self.save(
+                    engine, plugin, task=k, step=s.steps_per_task[k], done=True, matrix=matrix, data_seed=cfg.seed + k
+                )
             if s.rank == 0 and progress.bar is not None:
                 progress.bar.write(
                     f"after {task.name}: " + " ".join("-" if v is None else f"{v:.1f}" for v in matrix[-1])
@@ -452,7 +463,7 @@ class CLTrainer:
 
         def on_step(step):  # one long "task": periodic checkpoints only (the results follow the last step)
             if every and step % every == 0 and step < n:
-                self.save(engine, None, 0, step, False, [], data_seed)
+                self.save(engine, None, task=0, step=step, done=False, matrix=[], data_seed=data_seed)
 
         self.train_task(engine, 0, batches, progress, start=start, on_step=on_step)
         progress.close()

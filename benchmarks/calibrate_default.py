@@ -5,7 +5,7 @@ replay (each earlier task's memory buffer, select_memory(fraction), mixed into t
 training data) and, with --methods merge, a fixed-interval AimMerging stand-in (every S steps:
 S rehearsal steps on memory batches, then theta = anchor + w_in*delta_in + w_out*delta_out), printing the accuracy matrix a[k][i] and OP / BWT.
 
-    OMP_NUM_THREADS=1 python -m aim_ds.data.calibrate_default [--steps 80] [--methods seqft,replay,merge] ...
+    OMP_NUM_THREADS=1 python benchmarks/calibrate_default.py [--steps 80] [--methods seqft,replay,merge] ...
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ import torch
 
 
 def build_model(vocab: int, hidden: int, layers: int, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from aim_ds.modeling import tiny_llama_config
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = tiny_llama_config(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=4 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=128,
         tie_word_embeddings=True,
         pad_token_id=0,
         bos_token_id=1,
