@@ -2,12 +2,18 @@
 
 __version__ = "0.1.0"
 
-from .config import AimConfig, ConfigError  # noqa: E402
+from .config import AimConfig, ConfigError, ForeverConfig  # noqa: E402
 from .errors import AimInputError  # noqa: E402
 
 
 def attach(engine, memory=None, config=None):
-    """Attach AimMerging to a DeepSpeed ZeRO-3 engine; see aim_ds.plugin.attach."""
+    """Attach a continual-learning method to a DeepSpeed engine: AimMerging (config None, a dict of the
+    "aim_merging" section or an AimConfig; see aim_ds.plugin.attach), or FOREVER (a ForeverConfig; see
+    aim_ds.forever_plugin)."""
+    if isinstance(config, ForeverConfig):
+        from .forever_plugin import ForeverPlugin
+
+        return ForeverPlugin(engine, memory, config)
     from .plugin import attach as _attach
 
     return _attach(engine, memory, config)
@@ -28,4 +34,13 @@ def mixed_loss(logits, labels, n_new, memory_weight):
     return _mixed_loss(logits, labels, n_new, memory_weight)
 
 
-__all__ = ["attach", "rows_loss", "mixed_loss", "AimConfig", "AimInputError", "ConfigError", "__version__"]
+__all__ = [
+    "attach",
+    "rows_loss",
+    "mixed_loss",
+    "AimConfig",
+    "ForeverConfig",
+    "AimInputError",
+    "ConfigError",
+    "__version__",
+]

@@ -103,14 +103,7 @@ class AimConfig:
                 f"AimMerging)",
                 None,
             )
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in section:
-            if not isinstance(key, str):
-                raise ConfigError(f"{SECTION} has a non-string key {_show(key)}: keys must be strings", None)
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ConfigError(f"{SECTION}.{key} is not a known key: {hint}known keys are {', '.join(known)}", key)
+        _check_keys(section, [f.name for f in dataclasses.fields(cls)], SECTION)
         return cls(**dict(section))
 
     @classmethod
@@ -132,6 +125,17 @@ class AimConfig:
     def replace(self, **changes: Any) -> AimConfig:
         """A copy with some keys changed (validated like :meth:`from_dict`)."""
         return AimConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _check_keys(section: Mapping[str, Any], known: list[str], name: str) -> None:
+    """Unknown keys are refused up front, with the closest known one."""
+    for key in section:
+        if not isinstance(key, str):
+            raise ConfigError(f"{name} has a non-string key {_show(key)}: keys must be strings", None)
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"{name}.{key} is not a known key: {hint}known keys are {', '.join(known)}", key)
 
 
 # ---------------------------------------------------------------------- validation
@@ -160,41 +164,48 @@ def _show(v: Any) -> str:
         return repr(v)
 
 
-def _fail(key: str, value: Any, expected: str, wrong_type: bool = False, what: str = "is out of range") -> ConfigError:
+def _fail(
+    key: str,
+    value: Any,
+    expected: str,
+    wrong_type: bool = False,
+    what: str = "is out of range",
+    section: str = SECTION,
+) -> ConfigError:
     if wrong_type:
         what = f"has the wrong type ({_type_name(value)})"
-    return ConfigError(f"{SECTION}.{key} = {_show(value)} {what}: expected {expected}", key)
+    return ConfigError(f"{section}.{key} = {_show(value)} {what}: expected {expected}", key)
 
 
-def _int(key: str, v: Any, lo: int, expected: str) -> int:
+def _int(key: str, v: Any, lo: int, expected: str, section: str = SECTION) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise _fail(key, v, expected, wrong_type=True)
+        raise _fail(key, v, expected, wrong_type=True, section=section)
     if v < lo:
-        raise _fail(key, v, expected)
+        raise _fail(key, v, expected, section=section)
     return int(v)
 
 
-def _float(key: str, v: Any, ok, expected: str) -> float:
+def _float(key: str, v: Any, ok, expected: str, section: str = SECTION) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _fail(key, v, expected, wrong_type=True)
+        raise _fail(key, v, expected, wrong_type=True, section=section)
     f = float(v)
     if not math.isfinite(f) or not ok(f):
-        raise _fail(key, v, expected)
+        raise _fail(key, v, expected, section=section)
     return f
 
 
-def _bool(key: str, v: Any) -> bool:
+def _bool(key: str, v: Any, section: str = SECTION) -> bool:
     if not isinstance(v, bool):
-        raise _fail(key, v, "true or false", wrong_type=True)
+        raise _fail(key, v, "true or false", wrong_type=True, section=section)
     return v
 
 
-def _choice(key: str, v: Any, choices: tuple[str, ...]) -> str:
+def _choice(key: str, v: Any, choices: tuple[str, ...], section: str = SECTION) -> str:
     expected = "one of " + ", ".join(f'"{c}"' for c in choices)
     if not isinstance(v, str):
-        raise _fail(key, v, expected, wrong_type=True)
+        raise _fail(key, v, expected, wrong_type=True, section=section)
     if v not in choices:
-        raise _fail(key, v, expected, what="is not an accepted value")
+        raise _fail(key, v, expected, what="is not an accepted value", section=section)
     return v
 
 
@@ -354,10 +365,98 @@ def _undo(d: dict[str, Any]) -> tuple[str, str | None]:
     return undo, path
 
 
+# ---------------------------------------------------------------------- FOREVER
+FOREVER_SECTION = "forever"
+FOREVER_DAYS = (1.0, 2.0, 4.0, 7.0, 15.0, 30.0)
+
+
+@dataclass(frozen=True)
+class ForeverConfig:
+    """The ``"forever"`` section of a DeepSpeed config: FOREVER's model-time replay schedule (the same authors'
+    follow-up to AimMerging). The paper states day_steps, days, intensity_ema, beta_base and the clip; it does
+    not state gamma or the steps of one replay event, so those are keys with chosen defaults
+    (docs/configuration.md says why)."""
+
+    enabled: bool = True
+    day_steps: int = 24  # one model day = the model time of the task's first day_steps steps
+    days: tuple[float, ...] = FOREVER_DAYS  # replay event j fires when tau >= days[j] x one day
+    intensity_ema: float = 0.05  # lambda of mu_t = (1 - lambda) mu_{t-1} + lambda Delta_t
+    beta_base: float = 1e-3  # the L2 pull's base weight toward the previous task's end
+    gamma: float = 1.0  # beta_t = beta_base x clip(1 + gamma (r_t - 1), beta_min_factor, beta_max_factor)
+    beta_min_factor: float = 0.5
+    beta_max_factor: float = 3.0
+    replay_steps: int = 4  # optimizer steps on memory batches per replay event
+    consolidation_steps: int = 4  # optimizer steps of the end-of-task replay (0: none)
+    anchor: str = "device"  # where the previous task's end (theta*) is kept: "device" or "host"
+
+    def __post_init__(self) -> None:
+        for name, value in _validate_forever(dataclasses.asdict(self)).items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any] | ForeverConfig | None) -> ForeverConfig:
+        """Parse the ``forever`` object; ``None`` (absent) gives the defaults, enabled."""
+        if isinstance(section, ForeverConfig):
+            return section
+        if section is None:
+            return cls()
+        if not isinstance(section, Mapping):
+            raise ConfigError(
+                f"{FOREVER_SECTION} = {_show(section)} has the wrong type ({_type_name(section)}): "
+                "expected a JSON object of settings",
+                None,
+            )
+        _check_keys(section, [f.name for f in dataclasses.fields(cls)], FOREVER_SECTION)
+        return cls(**dict(section))
+
+    @classmethod
+    def from_ds_config(cls, ds_config: Mapping[str, Any]) -> ForeverConfig:
+        return cls.from_dict(ds_config.get(FOREVER_SECTION))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every key with its value, JSON-shaped (days as a list): what a checkpoint's manifest records."""
+        d = dataclasses.asdict(self)
+        d["days"] = list(self.days)
+        return d
+
+
+def _validate_forever(d: dict[str, Any]) -> dict[str, Any]:
+    sec = FOREVER_SECTION
+    out: dict[str, Any] = {"enabled": _bool("enabled", d["enabled"], section=sec)}
+    out["day_steps"] = _int("day_steps", d["day_steps"], 1, "an integer >= 1 (steps of the first model day)", sec)
+    days = d["days"]
+    expected = "a non-empty list of increasing numbers > 0 (the replay days, in model days)"
+    if isinstance(days, (str, bytes)) or not isinstance(days, (list, tuple)) or not days:
+        raise _fail("days", days, expected, wrong_type=not isinstance(days, (list, tuple)), section=sec)
+    values = tuple(_float("days", v, lambda x: x > 0, expected, sec) for v in days)
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise _fail("days", days, expected, what="is not increasing", section=sec)
+    out["days"] = values
+    out["intensity_ema"] = _float("intensity_ema", d["intensity_ema"], lambda x: 0 < x <= 1, "a number in (0, 1]", sec)
+    out["beta_base"] = _float("beta_base", d["beta_base"], lambda x: x >= 0, "a finite number >= 0", sec)
+    out["gamma"] = _float("gamma", d["gamma"], lambda x: x >= 0, "a finite number >= 0", sec)
+    out["beta_min_factor"] = _float("beta_min_factor", d["beta_min_factor"], lambda x: x >= 0, "a number >= 0", sec)
+    out["beta_max_factor"] = _float(
+        "beta_max_factor",
+        d["beta_max_factor"],
+        lambda x: x >= out["beta_min_factor"],
+        f"a number >= beta_min_factor ({out['beta_min_factor']:g})",
+        sec,
+    )
+    out["replay_steps"] = _int("replay_steps", d["replay_steps"], 1, "an integer >= 1 (steps per replay event)", sec)
+    out["consolidation_steps"] = _int(
+        "consolidation_steps", d["consolidation_steps"], 0, "an integer >= 0 (0: no end-of-task replay)", sec
+    )
+    out["anchor"] = _choice("anchor", d["anchor"], ANCHORS, sec)
+    return out
+
+
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(AimConfig)}
 
 __all__ = [
     "AimConfig",
+    "ForeverConfig",
+    "FOREVER_SECTION",
     "ConfigError",
     "SECTION",
     "INTERVAL_RULES",

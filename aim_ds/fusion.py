@@ -185,3 +185,29 @@ def update_importance(
 def importance_score(out: torch.Tensor, ema_i: torch.Tensor, ema_u: torch.Tensor) -> torch.Tensor:
     """out <- EMA(I) * U, the score whose global quantile sets the mask (out may be ema_i itself)."""
     return torch.mul(ema_i, ema_u, out=out)
+
+
+@torch.no_grad()
+def squared_change_and_keep(theta: torch.Tensor, previous: torch.Tensor, ranges: list[tuple[int, int]]) -> float:
+    """sum (theta - previous)^2 over the valid ranges in float64 (like abs_change_sum), then previous <- theta.
+
+    FOREVER's update size ||theta_t - theta_{t-1}||^2 on this rank's shard; `previous` lives beside theta."""
+    total = torch.zeros((), dtype=torch.float64, device=theta.device)
+    for start, length in ranges:
+        for off, n in chunks(length, F64_CHUNK):
+            p = _on(previous.narrow(0, start + off, n), theta.device)
+            d = theta.narrow(0, start + off, n).double()
+            total += d.sub_(p.double()).square_().sum()
+    value = float(total)
+    copy_into(previous, theta)
+    return value
+
+
+@torch.no_grad()
+def add_pull(grad: torch.Tensor, theta: torch.Tensor, anchor: torch.Tensor, coeff: float, ranges) -> None:
+    """grad += coeff (theta - anchor) over the valid ranges: the gradient of (coeff / 2) ||theta - anchor||^2,
+    added to the fp32 gradient the optimizer is about to apply (padding is left alone)."""
+    for start, length in ranges:
+        for off, n in chunks(length):
+            a = _on(anchor.narrow(0, start + off, n), theta.device)
+            grad.narrow(0, start + off, n).add_(theta.narrow(0, start + off, n) - a, alpha=coeff)

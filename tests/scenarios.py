@@ -79,12 +79,16 @@ def ds_config(dtype="fp32", persistence=0, stage=3, aim=None, gas=1, scheduler=F
     return cfg
 
 
-def make_engine(cfg: dict, seed: int = 0, lr: float = 1e-3, dropout: float = 0.0):
+def make_engine(cfg: dict, seed: int = 0, lr: float = 1e-3, dropout: float = 0.0, sgd: bool = False):
+    """sgd: plain SGD (no momentum, no weight decay), where a step is theta - lr * grad; else AdamW."""
     torch.manual_seed(seed)
     unset_hf_deepspeed_config()
     _keep.append(HfDeepSpeedConfig(cfg))
     model = LlamaForCausalLM._from_config(tiny_config(attention_dropout=dropout))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    if sgd:
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return engine
 

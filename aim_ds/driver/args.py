@@ -11,9 +11,9 @@ import json
 import math
 import os
 
-METHODS = ("aim", "seqft", "replay", "fixed_merge", "single", "multitask")
-PLUGIN_METHODS = ("aim", "fixed_merge")
-MIXING_METHODS = ("replay", "fixed_merge", "aim")  # memory rows mixed into the training batches
+METHODS = ("aim", "seqft", "replay", "fixed_merge", "forever", "single", "multitask")
+PLUGIN_METHODS = ("aim", "fixed_merge", "forever")
+MIXING_METHODS = ("replay", "fixed_merge", "aim", "forever")  # memory rows mixed into the training batches
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_DS_CONFIG = os.path.join(_REPO, "ds_configs", "cpu_zero3.json")
 DEFAULT_LORA_TARGETS = "q_proj,v_proj"  # Llama's attention query and value projections
@@ -345,13 +345,19 @@ def apply_aim_overrides(ds_config: dict, pairs) -> dict:
 
 
 def plugin_config(method: str, ds_config: dict, ds_path: str):
-    """The AimConfig the method runs with, or None (no plugin). Raises InputError."""
+    """The AimConfig (or, for forever, the ForeverConfig) the method runs with, or None (no plugin). Raises
+    InputError."""
     section = ds_config.get("aim_merging")
     if method not in PLUGIN_METHODS:
         return None
-    from aim_ds.config import AimConfig, ConfigError
+    from aim_ds.config import AimConfig, ConfigError, ForeverConfig
 
     try:
+        if method == "forever":  # the ds_config's "forever" section (absent: FOREVER's defaults)
+            cfg = ForeverConfig.from_ds_config(ds_config)
+            if not cfg.enabled:
+                raise InputError(f'--method forever but {ds_path} sets "forever": {{"enabled": false}}')
+            return cfg
         if method == "aim":
             cfg = AimConfig.from_ds_config(ds_config)
             if not cfg.enabled:

@@ -7,6 +7,8 @@ import time
 
 from .args import PLUGIN_METHODS
 
+AIM_METHODS = tuple(m for m in PLUGIN_METHODS if m != "forever")  # the methods that read "aim_merging"
+
 
 def metrics(method: str, matrix: list, single_scores) -> dict:
     K = len(matrix[0])
@@ -58,10 +60,10 @@ def results_record(state, res: dict, ds_config: dict, info, m: dict, wall: float
     cfg, tasks, matrix, plugin = state.cfg, state.tasks, res["matrix"], res.get("plugin")
     notes = []
     section = ds_config.get("aim_merging")
-    if cfg.method not in PLUGIN_METHODS and (section or {}).get("enabled", bool(section)):
+    if cfg.method not in AIM_METHODS and (section or {}).get("enabled", bool(section)):
         notes.append(
             f"the ds_config's aim_merging section is enabled but --method {cfg.method} does not use "
-            "the plugin: it was not attached"
+            "AimMerging: it was not attached"
         )
     return {
         "method": cfg.method,
@@ -104,7 +106,7 @@ def results_record(state, res: dict, ds_config: dict, info, m: dict, wall: float
             "replay_rows": state.replay_rows,
             "deepspeed_config_path": cfg.deepspeed_config,
             "deepspeed_config": ds_config,
-            "aim_merging": state.aim_cfg.to_dict() if state.aim_cfg is not None else None,
+            **_method_config(state.aim_cfg),
         },
         "notes": notes,
         "checkpoints": {
@@ -117,3 +119,12 @@ def results_record(state, res: dict, ds_config: dict, info, m: dict, wall: float
 
 def _fmt(v):
     return "n/a" if v is None else f"{v:.2f}"
+
+
+def _method_config(plugin_cfg) -> dict:
+    """The plugin's parsed config under its ds_config section's name ("aim_merging", or "forever")."""
+    from aim_ds.config import ForeverConfig
+
+    if isinstance(plugin_cfg, ForeverConfig):
+        return {"aim_merging": None, "forever": plugin_cfg.to_dict()}
+    return {"aim_merging": plugin_cfg.to_dict() if plugin_cfg is not None else None}

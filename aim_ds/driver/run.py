@@ -73,7 +73,7 @@ class CheckedInputs(NamedTuple):
 
     cfg: RunConfig  # with --resume resolved
     ds_config: dict  # with the --aim overrides applied
-    aim_cfg: object  # the plugin's AimConfig, or None for a method without the plugin
+    aim_cfg: object  # the plugin's AimConfig (ForeverConfig for forever), or None for a method without the plugin
     resume: object  # the ResumePoint, or None for a fresh run
     tasks: list
 
@@ -255,7 +255,16 @@ def batch_sizes(cfg: RunConfig, ds_config: dict, aim_cfg, world: int) -> BatchSi
     replay_rows = 0
     if cfg.method in MIXING_METHODS:
         replay_rows = mem_bs if cfg.replay_rows is None else cfg.replay_rows
-    if aim_cfg is not None and probe_source(aim_cfg).records_loss and uses_signal(aim_cfg) and replay_rows == 0:
+    from aim_ds.config import AimConfig
+
+    aim = aim_cfg if isinstance(aim_cfg, AimConfig) else None  # FOREVER reads no forgetting signal
+    if (
+        aim is not None
+        and probe_source(aim).records_loss
+        and uses_signal(aim)
+        and uses_signal(aim_cfg)
+        and replay_rows == 0
+    ):
         raise InputError(
             f'{cfg.deepspeed_config}: aim_merging.probe_source is "training_batch" (the forgetting signal is read '
             "from the memory rows of the training batches) but --replay-rows 0 puts none there; give "

@@ -185,6 +185,15 @@ def checkpoint_extra(s: RunState, *, task: int, step: int, done: bool, matrix: l
     }
 
 
+def attach_plugin(engine, plugin_cfg, memory):
+    """The method's plugin on the engine (AimMerging, or FOREVER for a ForeverConfig), or None without one."""
+    if plugin_cfg is None:
+        return None
+    import aim_ds
+
+    return aim_ds.attach(engine, memory, config=plugin_cfg)
+
+
 class CLTrainer:
     def __init__(self, state: RunState):
         self.state = state
@@ -365,14 +374,9 @@ class CLTrainer:
         engine = self.make_engine()
         resume = s.resume
         self.losses = []
-        plugin = None
-        if s.aim_cfg is not None:
-            import aim_ds
-
-            # resumed: attach with the checkpoint's task memory BEFORE loading (its cursors are restored)
-            plugin = aim_ds.attach(
-                engine, (self._memory_for(resume.extra["task"])[1] or None) if resume else None, config=s.aim_cfg
-            )
+        # resumed: attach with the checkpoint's task memory BEFORE loading (its cursors are restored)
+        resumed_memory = resume and s.aim_cfg is not None and self._memory_for(resume.extra["task"])[1]
+        plugin = attach_plugin(engine, s.aim_cfg, resumed_memory or None)
         matrix, clock = [], {"eval": 0.0}
         first_k, first_s = 0, 0
         if resume is not None:
@@ -406,6 +410,8 @@ class CLTrainer:
                 on_step=self.checkpoint_hook(engine, plugin, k, matrix, cfg.seed + k),
                 probe=probe,
             )
+            if hasattr(plugin, "end_task"):
+                plugin.end_task()  # FOREVER's end-of-task consolidation replay
             scores = self._timed_eval(engine, range(k + 1 if cfg.eval_tasks == "seen" else len(s.tasks)), clock)
             matrix.append([scores.get(i) for i in range(len(s.tasks))])
             if cfg.checkpoint_every:
