@@ -40,11 +40,12 @@ from common import (  # noqa: F401
     work_tokens,
 )
 
-METHODS = ["single", "seqft", "replay", "fixed_merge", "aim", "aim_alone", "multitask"]
+METHODS = ["single", "seqft", "replay", "fixed_merge", "aim", "aim_alone", "forever", "multitask"]
 # table rows that are a driver method with other options: the paper's AimMerging alone (no memory rows in the
 # training batches; its own best-measured config: a probe forward, R = S, forced activation at m + S)
 VARIANTS = {"aim_alone": ("aim", ["--replay-rows", "0", "--deepspeed_config", "ds_configs/cpu_zero3_alone.json"])}
 MERGING = ("aim", "aim_alone", "fixed_merge")
+PAIRED = (*MERGING, "forever")  # the methods whose paired differences against the others are listed
 # Settings chosen for Standard CL on the 2-core CPU machine (see BENCHMARKS.md for why).
 STANDARD_PRESET = {
     "order": 4,
@@ -360,7 +361,7 @@ def table(a, res, cmdline: str, total_wall: float | None, started: str | None = 
 def paired_lines(res, methods, seeds) -> list[str]:
     """Paired differences (by seed) of each merging method against the other sequential methods."""
     seq = [m for m in methods if m not in ("single", "multitask")]
-    pairs = [(m, o) for m in seq if m in MERGING for o in seq if o != m and not (o in MERGING and o < m)]
+    pairs = [(m, o) for m in seq if m in PAIRED for o in seq if o != m and not (o in PAIRED and o < m)]
     L = []
     for m, o in pairs:
         both = [s for s in seeds if res.get((m, s)) and res.get((o, s))]
