@@ -281,7 +281,7 @@ class ForeverPlugin:
         anchor, coeff = self.anchor, 2.0 * beta
 
         def pull(index: int, master: torch.Tensor, grad: torch.Tensor) -> None:
-            fusion.add_pull(grad, master, anchor[index], coeff, self.shards.groups[index].ranges)
+            fusion.add_pull(grad, master, anchor[index], coeff, self.shards.groups[index].owned)
 
         return pull
 

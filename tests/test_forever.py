@@ -106,7 +106,7 @@ def test_model_time_is_exact_and_the_same_at_world_1_2_and_3(tmp_path):
         assert math.isclose(by_world[world]["measured"][0], by_world[1]["measured"][0], rel_tol=1e-4)
 
 
-@pytest.mark.parametrize("stage", [3, 2])
+@pytest.mark.parametrize("stage", [3, 2, 1, 0])
 def test_the_l2_pull_adds_its_gradient_in_the_replay_step(tmp_path, stage):
     r = run_ranks("tests.scenarios_forever:pull_gradient", 2, tmp_path, TIMEOUT, stage=stage)[0]
     assert r["same_start"] == 0.0  # both runs reach the replay with the same weights
@@ -170,3 +170,11 @@ def test_forever_resumes_bit_identically_through_a_replay_event(forever_run):
         assert (out / f).read_text() == (ref / f).read_text(), f
     a, b = (json.loads((d / "results.json").read_text()) for d in (ref, out))
     assert (a["matrix"], a["work"]) == (b["matrix"], b["work"])
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_model_time_is_exact_at_stages_0_and_1(tmp_path, stage):
+    """Stage 0 replicates every master (each rank counts a slice), stage 1 cuts flat groups across ranks."""
+    r = run_ranks("tests.scenarios_forever:model_time", 2, tmp_path, TIMEOUT, stage=stage)[0]
+    compared = [(m, e) for m, e in zip(r["measured"], r["expected"], strict=True) if m is not None]
+    assert len(compared) >= 7 and all(m == pytest.approx(e, rel=1e-9) for m, e in compared)

@@ -56,6 +56,9 @@ class SubGroup:
     working: torch.Tensor | None  # low-precision flat used by forward; None when it aliases master
     ranges: list[tuple[int, int]]  # (start, length) of the elements this rank counts, merged
     valid_numel: int  # elements in `ranges`
+    # the elements this rank's optimizer updates (padding excluded): `ranges` plus what another rank counts
+    # (stage 0's replicas, tensor-parallel duplicates); a change written into a gradient covers these
+    owned: list[tuple[int, int]]
 
     @property
     def numel(self) -> int:
@@ -346,10 +349,12 @@ class _Stage3Shards(ZeroShards):
                 raise ShardError("aim_merging: a sub-group has no flat low-precision partition (NVMe offload?).")
             if working.data_ptr() == master.data_ptr() and working.dtype == master.dtype:
                 working = None  # same storage: the optimizer refreshes nothing, neither do we
-            ranges, valid = self._valid_ranges(params, i)
-            self.groups.append(SubGroup(i, master, working, ranges, valid))
+            spans = self._spans(params, i)
+            ranges, valid = _slice_ranges(spans, 0, master.numel())
+            owned, _ = _slice_ranges([(o, n, True) for o, n, _ in spans], 0, master.numel())
+            self.groups.append(SubGroup(i, master, working, ranges, valid, owned))
 
-    def _valid_ranges(self, params, group_index):
+    def _spans(self, params, group_index):
         # Each parameter contributes partition_numel() elements to the flat partition; rank r owns
         # elements [r*pn, (r+1)*pn) of the flattened parameter, so everything past numel is padding.
         # DeepSpeed's own groups_padding charges all padding to the last rank, which is wrong for
@@ -369,7 +374,7 @@ class _Stage3Shards(ZeroShards):
                 f"{opt.fp32_partitioned_groups_flat[group_index].numel()} elements but its parameters need {offset}; "
                 "this DeepSpeed layout is not supported."
             )
-        return _slice_ranges(spans, 0, offset)
+        return spans
 
     @torch.no_grad()
     def refresh_working_copies(self) -> None:
@@ -420,7 +425,8 @@ class _FlatPartitionShards(ZeroShards):
                 )
             spans = [(off, n, self._counted(p)) for p, off, n, _ in params_at[i]]
             ranges, valid = _slice_ranges(spans, pid * size, (pid + 1) * size)
-            self.groups.append(SubGroup(i, master, partitions[i][pid], ranges, valid))
+            owned, _ = _slice_ranges([(o, n, True) for o, n, _ in spans], pid * size, (pid + 1) * size)
+            self.groups.append(SubGroup(i, master, partitions[i][pid], ranges, valid, owned))
 
     @torch.no_grad()
     def refresh_working_copies(self) -> None:
@@ -506,7 +512,8 @@ class _ReplicatedShards(ZeroShards):
             lo = min(flat.numel(), self.dp_rank * pn)
             ranges, valid = _slice_ranges([(0, flat.numel(), self._counted(p))], lo, lo + pn)
             ranges = [(s + lo, n) for s, n in ranges]
-            self.groups.append(SubGroup(i, flat, None if working is None else working.data.view(-1), ranges, valid))
+            working = None if working is None else working.data.view(-1)
+            self.groups.append(SubGroup(i, flat, working, ranges, valid, [(0, flat.numel())]))
 
     def _grad_sources(self) -> list[torch.Tensor]:
         return self._masters
