@@ -79,16 +79,22 @@ def ds_config(dtype="fp32", persistence=0, stage=3, aim=None, gas=1, scheduler=F
     return cfg
 
 
-def make_engine(cfg: dict, seed: int = 0, lr: float = 1e-3, dropout: float = 0.0, sgd: bool = False):
-    """sgd: plain SGD (no momentum, no weight decay), where a step is theta - lr * grad; else AdamW."""
+def make_engine(cfg: dict, seed: int = 0, lr: float = 1e-3, dropout: float = 0.0, sgd: bool = False, lora=None):
+    """sgd: plain SGD (no momentum, no weight decay), where a step is theta - lr * grad; else AdamW.
+    lora: peft LoRA adapters of rank 4 on these modules, the base frozen."""
     torch.manual_seed(seed)
     unset_hf_deepspeed_config()
     _keep.append(HfDeepSpeedConfig(cfg))
     model = LlamaForCausalLM._from_config(tiny_config(attention_dropout=dropout))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(lora)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if sgd:
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        opt = torch.optim.SGD(trainable, lr=lr)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return engine
 

@@ -8,7 +8,7 @@ import deepspeed
 
 import aim_ds
 from aim_ds.config import ForeverConfig
-from tests.scenarios import batch, ds_config, full_fp32, make_engine, memory, rank
+from tests.scenarios import batch, ds_config, full_fp32, full_working, make_engine, memory, rank
 
 GLOBAL_ROWS = 6  # one global batch per step, cut evenly at world 1, 2 and 3: the same update at every world size
 
@@ -30,10 +30,11 @@ def _norm(before: dict, after: dict) -> float:
     return math.sqrt(sum(float(((after[k].double() - before[k].double()) ** 2).sum()) for k in before))
 
 
-def model_time(stage: int = 3, steps0: int = 4, steps1: int = 5) -> dict:
+def model_time(stage: int = 3, steps0: int = 4, steps1: int = 5, lora=None) -> dict:
     """Task 0 (no replay) and task 1 (one day = 2 steps, replay at days 1 and 2): every step's Delta against the
-    norm of the gathered fp32 masters' change, and the replay rows."""
-    engine = make_engine(ds_config(stage=stage), lr=1e-2)
+    norm of the gathered fp32 masters' change, and the replay rows. lora: adapters on these modules."""
+    engine = make_engine(ds_config(stage=stage), lr=1e-2, lora=lora)
+    frozen_before = {k: v for k, v in full_working(engine).items() if "lora_" not in k} if lora else {}
     cfg = ForeverConfig(day_steps=2, days=(1.0, 2.0, 4.0), replay_steps=2, consolidation_steps=1)
     plugin = aim_ds.attach(engine, config=cfg)
     expected, measured = [], []
@@ -52,6 +53,7 @@ def model_time(stage: int = 3, steps0: int = 4, steps1: int = 5) -> dict:
                 measured.append(None if row["replay"] is not None else row["delta"])
         plugin.end_task()
     rows = plugin.trajectory if rank() == 0 else []
+    after = full_working(engine)
     return {
         "expected": expected,
         "measured": measured,
@@ -60,7 +62,7 @@ def model_time(stage: int = 3, steps0: int = 4, steps1: int = 5) -> dict:
             (r["task"], r["step"], r["replay"], r["replay_steps"]) for r in rows if r.get("replay") is not None
         ],
         "work": plugin.work,
-        "global_valid_numel": sum(v.numel() for v in full_fp32(engine).values()),
+        "frozen_moved": max((float((after[k] - v).abs().max()) for k, v in frozen_before.items()), default=0),
     }
 
 

@@ -178,3 +178,11 @@ def test_model_time_is_exact_at_stages_0_and_1(tmp_path, stage):
     r = run_ranks("tests.scenarios_forever:model_time", 2, tmp_path, TIMEOUT, stage=stage)[0]
     compared = [(m, e) for m, e in zip(r["measured"], r["expected"], strict=True) if m is not None]
     assert len(compared) >= 7 and all(m == pytest.approx(e, rel=1e-9) for m, e in compared)
+
+
+def test_model_time_and_replay_with_lora_adapters(tmp_path):
+    """With peft LoRA the masters are the adapters: model time is theirs, replay and pull leave the base frozen."""
+    r = run_ranks("tests.scenarios_forever:model_time", 2, tmp_path, TIMEOUT, lora=["q_proj", "v_proj"])[0]
+    compared = [(m, e) for m, e in zip(r["measured"], r["expected"], strict=True) if m is not None]
+    assert len(compared) >= 7 and all(m == pytest.approx(e, rel=1e-9) for m, e in compared)
+    assert r["replays"][0] == [1, 2, 0, 2] and r["frozen_moved"] == 0.0
