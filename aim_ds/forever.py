@@ -97,3 +97,29 @@ class ForeverSchedule:
     def load_state_dict(self, d: dict) -> None:
         for k, v in d.items():
             setattr(self, k, v)
+
+
+def replay_events(rows: list[dict], cfg: ForeverConfig) -> list[tuple[int, int, int]]:
+    """(task, step, event) of each replay event the schedule fires on a run's recorded update sizes (the rows of
+    its trajectory.csv, as read by csv; task 0 replays nothing: it has no old task). The schedule reads nothing
+    but Delta, so with the run's own config this reproduces the run's events exactly; with another config it
+    is a what-if on the same updates (in a real run replay changes the updates that follow)."""
+    schedule, task, out = ForeverSchedule(cfg), None, []
+    for r in rows:
+        if r.get("delta") in (None, ""):
+            continue  # an end-of-task replay row
+        t = int(r["task"])
+        if t != task:
+            schedule.start_task(t)
+            task = t
+        d = schedule.observe(float(r["delta"]))
+        if d.event is not None and t >= 1:
+            out.append((t, d.step, d.event))
+    return out
+
+
+def recorded_events(rows: list[dict]) -> list[tuple[int, int, int]]:
+    """(task, step, event) of each replay event a run recorded (end-of-task replays aside)."""
+    return [
+        (int(r["task"]), int(r["step"]), int(r["replay"])) for r in rows if r.get("replay") not in (None, "", "end")
+    ]

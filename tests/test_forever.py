@@ -186,3 +186,14 @@ def test_model_time_and_replay_with_lora_adapters(tmp_path):
     compared = [(m, e) for m, e in zip(r["measured"], r["expected"], strict=True) if m is not None]
     assert len(compared) >= 7 and all(m == pytest.approx(e, rel=1e-9) for m, e in compared)
     assert r["replays"][0] == [1, 2, 0, 2] and r["frozen_moved"] == 0.0
+
+
+def test_replaying_the_recorded_updates_reproduces_the_events(forever_run):
+    from aim_ds.forever import recorded_events, replay_events
+
+    _, out = forever_run
+    rows = list(csv.DictReader(open(out / "trajectory.csv")))
+    recorded = recorded_events(rows)
+    assert recorded and replay_events(rows, ForeverConfig()) == recorded
+    later = replay_events(rows, ForeverConfig(day_steps=30))  # a what-if: another day length moves every event
+    assert later and all(step >= 30 for _, step, _ in later) and later != recorded
