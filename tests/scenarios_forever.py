@@ -66,19 +66,19 @@ def model_time(stage: int = 3, steps0: int = 4, steps1: int = 5, lora=None) -> d
     }
 
 
-def _sgd_engine(beta_base: float, stage: int):
+def _sgd_engine(beta_base: float, stage: int, offload: bool = False):
     """Plain SGD without clipping: the L2 pull's share of a replay step can be read off the weights."""
-    engine = make_engine({**ds_config(stage=stage), "gradient_clipping": 0.0}, lr=0.1, sgd=True)
+    engine = make_engine({**ds_config(stage=stage, offload=offload), "gradient_clipping": 0.0}, lr=0.1, sgd=True)
     forever = ForeverConfig(day_steps=100, replay_steps=1, consolidation_steps=1, beta_base=beta_base)
     return engine, aim_ds.attach(engine, config=forever)
 
 
-def pull_gradient(stage: int = 3, beta: float = 0.5) -> dict:
+def pull_gradient(stage: int = 3, beta: float = 0.5, offload: bool = False) -> dict:
     """Two identical runs, one with the pull (beta) and one without (0), each: task 0 for 3 steps, task 1 for 3
     steps, then the end-of-task replay. The replay step's weights differ by exactly -lr * 2 beta (theta - theta*)."""
     out = {}
     for name, b in (("pull", beta), ("plain", 0.0)):
-        engine, plugin = _sgd_engine(b, stage)
+        engine, plugin = _sgd_engine(b, stage, offload)
         plugin.start_task()
         for i in range(3):
             _global_step(engine, i)

@@ -106,9 +106,9 @@ def test_model_time_is_exact_and_the_same_at_world_1_2_and_3(tmp_path):
         assert math.isclose(by_world[world]["measured"][0], by_world[1]["measured"][0], rel_tol=1e-4)
 
 
-@pytest.mark.parametrize("stage", [3, 2, 1, 0])
-def test_the_l2_pull_adds_its_gradient_in_the_replay_step(tmp_path, stage):
-    r = run_ranks("tests.scenarios_forever:pull_gradient", 2, tmp_path, TIMEOUT, stage=stage)[0]
+@pytest.mark.parametrize("stage,offload", [(3, False), (3, True), (2, False), (1, False), (0, False)])
+def test_the_l2_pull_adds_its_gradient_in_the_replay_step(tmp_path, stage, offload):
+    r = run_ranks("tests.scenarios_forever:pull_gradient", 2, tmp_path, TIMEOUT, stage=stage, offload=offload)[0]
     assert r["same_start"] == 0.0  # both runs reach the replay with the same weights
     assert r["scale"] > 1e-4  # the pull moves the weights measurably
     assert r["worst"] <= 1e-6 * max(1.0, r["scale"]) + 2e-7
