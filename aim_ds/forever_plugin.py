@@ -30,9 +30,9 @@ from .fileio import write_csv
 from .forever import ForeverSchedule
 from .losses import batch_tokens
 from .memory import check_memory, to_device
-from .plugin import _allocator, step_lr
 from .shards import ZeroShards, restore_step_report, step_report_snapshot
 from .state import PluginState
+from .step_hook import StepHook
 
 TRAJECTORY_FIELDS = [
     "task",
@@ -61,18 +61,18 @@ class ForeverPlugin:
         self.enabled = bool(self.config.enabled)
         self.state = PluginState()
         self.state.work["replay_events"] = 0
-        self._original_step = None
+        self._hook: StepHook | None = None
         if not self.enabled:
             return
         self.shards = ZeroShards(engine)
         self.rank, self.world_size = self.shards.rank, self.shards.world_size
         self.schedule = ForeverSchedule(self.config) if self.rank == 0 else None
-        alloc = _allocator(self.shards.device if self.config.anchor == "device" else torch.device("cpu"))
+        alloc = fusion.allocator(self.shards.device if self.config.anchor == "device" else torch.device("cpu"))
         self.anchor = [alloc(g.master) for g in self.shards.groups]  # theta*: the end of the previous task
         self.previous = [torch.empty_like(g.master) for g in self.shards.groups]  # theta_{t-1}, beside the masters
         if memory is not None:
             self.set_memory(memory)
-        self._install_hook()
+        self._hook = StepHook(engine, self.state, self._after_step, lambda: None)
 
     # ------------------------------------------------------------------ the state's public views
     @property
@@ -188,32 +188,25 @@ class ForeverPlugin:
         self.state.load_positions(sd)
 
     def detach(self) -> None:
-        if self._original_step is not None:
-            del self.engine.__dict__["step"]
-            self._original_step = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
-    # ------------------------------------------------------------------ hook
-    def _install_hook(self) -> None:
-        engine, plugin, state = self.engine, self, self.state
-        original = engine.step
+    def defer_steps(self) -> None:
+        """engine.step() only marks an applied step; run_deferred_step() runs the plugin's work for it (a
+        framework that steps the engine before it reads the gradient norm: see AimPlugin.defer_steps)."""
+        self._hook.defer()
 
-        def step(*args, **kwargs):
-            boundary = engine.is_gradient_accumulation_boundary() and not state.in_rehearsal
-            if boundary:
-                step_lr(engine)  # the same check of the optimizer's lr as AimMerging's, on every rank
-            out = original(*args, **kwargs)
-            if boundary and engine.was_step_applied():
-                plugin._after_step()
-            return out
+    def run_deferred_step(self) -> None:
+        self._hook.run_deferred()
 
-        self._original_step = original
-        engine.step = step
-
+    # ------------------------------------------------------------------ the step
     def _active(self) -> bool:
         """Replay needs old tasks: from task 1 on (start_task checks every rank has a memory then)."""
         return self.task_index >= 1
 
-    def _after_step(self) -> None:
+    def _after_step(self, lr: float) -> None:
+        del lr  # the schedule runs on model time
         if self.task_index < 0:
             self.start_task()
         s = self.state
@@ -255,7 +248,7 @@ class ForeverPlugin:
                 engine,
                 steps,
                 self._replay_batch,
-                self._original_step,
+                self._hook.original,
                 lambda error: collectives.agree(error, exc_type=RuntimeError),
                 lambda e, what: fatal_error(e, self.rank, f"the {where} ({what})"),
             )

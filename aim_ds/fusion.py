@@ -211,3 +211,16 @@ def add_pull(grad: torch.Tensor, theta: torch.Tensor, anchor: torch.Tensor, coef
         for off, n in chunks(length):
             a = _on(anchor.narrow(0, start + off, n), theta.device)
             grad.narrow(0, start + off, n).add_(theta.narrow(0, start + off, n) - a, alpha=coeff)
+
+
+def allocator(dev: torch.device):
+    """alloc(master, zero=False): a flat fp32 buffer on `dev` shaped like a master (pinned on the host of a GPU)."""
+
+    def alloc(master: torch.Tensor, zero: bool = False) -> torch.Tensor:
+        pin = dev.type == "cpu" and master.device.type == "cuda"
+        t = torch.empty(master.numel(), dtype=torch.float32, device=dev, pin_memory=pin)
+        if zero:
+            t.zero_()
+        return t
+
+    return alloc

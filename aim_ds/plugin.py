@@ -34,6 +34,7 @@ from .policies import make_weight_policy
 from .probes import PROBE_SOURCES
 from .shards import ZeroShards, ds_config_dict
 from .state import PluginState
+from .step_hook import StepHook
 from .trajectory import FIELDS as TRAJECTORY_FIELDS
 from .trajectory import TrajectoryRow
 
@@ -64,9 +65,7 @@ class AimPlugin:
         self.engine = engine
         self.enabled = bool(config.enabled)
         self.state = PluginState()  # task, step, merges, trajectory, work counts, memory and cursors
-        self._original_step = None
-        self._deferred = False  # defer_steps(): engine.step only marks the step, run_deferred_step() runs it
-        self._step_pending: float | None = None  # the lr of a step engine.step() marked, until it is run
+        self._hook: StepHook | None = None
         self.probe = self.fuser = None
         if not self.enabled:
             return  # nothing touched: training is exactly plain DeepSpeed
@@ -77,14 +76,14 @@ class AimPlugin:
         policy = make_weight_policy(config)  # one weight policy for the controller and the fuser
         self.controller = MergeController(config, weights=policy) if self.rank == 0 else None
         self._global_valid_numel = int(collectives.sum_over_ranks(float(self.shards.local_valid_numel))[0])
-        alloc = _allocator(self.shards.device if config.anchor == "device" else torch.device("cpu"))
+        alloc = fusion.allocator(self.shards.device if config.anchor == "device" else torch.device("cpu"))
         # ONE anchor buffer per sub-group, shaped like the fp32 master partition; the fuser holds its own
         self.anchor = [alloc(g.master) for g in self.shards.groups]
         self.fuser = make_fuser(config, self.shards, policy, alloc, self._statistics_side)
         self.probe = PROBE_SOURCES[config.probe_source](config, engine, self.shards, self.state.work)
         if memory is not None:
             self.set_memory(memory)
-        self._install_hook()
+        self._hook = StepHook(engine, self.state, self._after_step, self.probe.discard)
 
     # ------------------------------------------------------------------ the state's public views
     @property
@@ -236,47 +235,24 @@ class AimPlugin:
 
     def detach(self) -> None:
         """Remove the hooks; the engine is plain DeepSpeed again."""
-        if self._original_step is not None:
-            del self.engine.__dict__["step"]
-            self._original_step = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         if self.fuser is not None:
             self.fuser.detach()
 
     # ------------------------------------------------------------------ hook
-    def _install_hook(self) -> None:
-        engine = self.engine
-        original = engine.step
-        plugin, state = self, self.state
-
-        def step(*args, **kwargs):
-            boundary = engine.is_gradient_accumulation_boundary() and not state.in_rehearsal
-            lr = step_lr(engine) if boundary else None  # before the step moves a DeepSpeed-managed schedule
-            out = original(*args, **kwargs)
-            if boundary:
-                if engine.was_step_applied() and plugin._deferred:
-                    plugin._step_pending = lr
-                elif engine.was_step_applied():
-                    plugin._after_step(lr)
-                else:
-                    plugin.probe.discard()  # a skipped (overflowed) step: its probe loss goes with it
-            return out
-
-        self._original_step = original
-        engine.step = step  # instance attribute: no change to the user's loop or to DeepSpeed's class
-
     def defer_steps(self) -> None:
         """From now on engine.step() only marks an applied optimizer step; the caller runs the plugin's work for
         it (probe, decision, merge) with run_deferred_step(). A framework that steps the engine before it has
         read the step's gradient norm (Accelerate inside accelerator.backward) calls this, so the rehearsal's
         steps come after that read."""
-        self._deferred = True
+        self._hook.defer()
 
     def run_deferred_step(self) -> None:
         """The plugin's work for the optimizer step engine.step() marked last (nothing if none is pending).
         Every rank calls it at the same point: the work may be collective."""
-        if self._step_pending is not None:
-            lr, self._step_pending = self._step_pending, None
-            self._after_step(lr)
+        self._hook.run_deferred()
 
     def _after_step(self, lr: float) -> None:
         if self.task_index < 0:
@@ -301,7 +277,7 @@ class AimPlugin:
             controller=self.controller,
             config=self.config,
             engine=self.engine,
-            optimizer_step=self._original_step,
+            optimizer_step=self._hook.original,
             rehearsal_batch=self._rehearsal_batch,
             global_valid_numel=self._global_valid_numel,
         )
@@ -348,19 +324,6 @@ class AimPlugin:
         return to_device(batch, self.engine.device)
 
 
-def _allocator(dev: torch.device):
-    """alloc(master, zero=False): a flat fp32 buffer on `dev` shaped like a master (pinned on the host of a GPU)."""
-
-    def alloc(master: torch.Tensor, zero: bool = False) -> torch.Tensor:
-        pin = dev.type == "cpu" and master.device.type == "cuda"
-        t = torch.empty(master.numel(), dtype=torch.float32, device=dev, pin_memory=pin)
-        if zero:
-            t.zero_()
-        return t
-
-    return alloc
-
-
 def _finite_probe(loss: float, rank: int, task: int, step: int) -> float | None:
     if not math.isfinite(loss):
         if rank == 0:
@@ -372,20 +335,6 @@ def _finite_probe(loss: float, rank: int, task: int, step: int) -> float | None:
             )
         return None
     return loss
-
-
-def step_lr(engine) -> float:
-    """The learning rate of the optimizer step about to run, as a float, on every rank. Read before
-    engine.step(), which steps a DeepSpeed-managed scheduler after the update; torch.optim accepts a Tensor lr.
-    Checked here, on every rank alike, so that rank 0's controller never refuses it alone."""
-    lr = engine.optimizer.param_groups[0]["lr"]
-    value = float(lr.item()) if torch.is_tensor(lr) else lr
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise AimInputError(
-            f"aim_merging: the optimizer's learning rate is {lr!r}; the plugin needs a finite number >= 0 "
-            "(a float or a one-element tensor) in param_groups[0]['lr']."
-        )
-    return float(value)
 
 
 def _observe(controller, loss, lr, task, step):
