@@ -14,16 +14,16 @@ def attach(engine, memory=None, config=None):
 
 
 def rows_loss(logits, labels, rows):
-    """(summed token loss, label tokens) of some rows of a causal-LM batch; see aim_ds.losses.rows_loss."""
-    from .losses import rows_loss as _rows_loss
+    """(summed token loss, label tokens) of some rows of a causal-LM batch; see aim_ds.ops.losses.rows_loss."""
+    from .ops.losses import rows_loss as _rows_loss
 
     return _rows_loss(logits, labels, rows)
 
 
 def mixed_loss(logits, labels, n_new, memory_weight):
     """Weighted loss of a mixed batch (new rows, then memory rows) and the memory rows' probe figures; see
-    aim_ds.losses.mixed_loss."""
-    from .losses import mixed_loss as _mixed_loss
+    aim_ds.ops.losses.mixed_loss."""
+    from .ops.losses import mixed_loss as _mixed_loss
 
     return _mixed_loss(logits, labels, n_new, memory_weight)
 
