@@ -9,9 +9,9 @@ from .errors import AimInputError  # noqa: E402
 def attach(engine, memory=None, config=None):
     """Attach a continual-learning method to a DeepSpeed engine: AimMerging (config None, a dict of the
     "aim_merging" section or an AimConfig; see aim_ds.plugin.attach), or FOREVER (a ForeverConfig; see
-    aim_ds.forever_plugin)."""
+    aim_ds.plugin.forever)."""
     if isinstance(config, ForeverConfig):
-        from .forever_plugin import ForeverPlugin
+        from .plugin.forever import ForeverPlugin
 
         return ForeverPlugin(engine, memory, config)
     from .plugin import attach as _attach
@@ -20,16 +20,16 @@ def attach(engine, memory=None, config=None):
 
 
 def rows_loss(logits, labels, rows):
-    """(summed token loss, label tokens) of some rows of a causal-LM batch; see aim_ds.losses.rows_loss."""
-    from .losses import rows_loss as _rows_loss
+    """(summed token loss, label tokens) of some rows of a causal-LM batch; see aim_ds.ops.losses.rows_loss."""
+    from .ops.losses import rows_loss as _rows_loss
 
     return _rows_loss(logits, labels, rows)
 
 
 def mixed_loss(logits, labels, n_new, memory_weight):
     """Weighted loss of a mixed batch (new rows, then memory rows) and the memory rows' probe figures; see
-    aim_ds.losses.mixed_loss."""
-    from .losses import mixed_loss as _mixed_loss
+    aim_ds.ops.losses.mixed_loss."""
+    from .ops.losses import mixed_loss as _mixed_loss
 
     return _mixed_loss(logits, labels, n_new, memory_weight)
 

@@ -7,8 +7,8 @@ is not an integer; an integer is accepted where a float is expected) or a value 
 :class:`ConfigError` with ONE message that names the key, the bad value and what is accepted.
 
 No torch import here: the config is read by the controller, the CLI and tests that run without torch. The
-accepted interval rules and weight policies are the names of their registries (aim_ds.policies); the probe
-sources' names are listed here (the probe classes need torch), and a test ties them to aim_ds.probes.
+accepted interval rules and weight policies are the names of their registries (aim_ds.control.policies); the probe
+sources' names are listed here (the probe classes need torch), and a test ties them to aim_ds.plugin.probes.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .policies import INTERVAL_RULES, WEIGHT_POLICIES
+from .control.policies import INTERVAL_RULES, WEIGHT_POLICIES
 
 SECTION = "aim_merging"
 
 ANCHORS = ("device", "host")
-PROBE_SOURCE_NAMES = ("memory_forward", "training_batch")  # aim_ds.probes.PROBE_SOURCES's names (a test ties them)
+# aim_ds.plugin.probes.PROBE_SOURCES's names (a test ties them)
+PROBE_SOURCE_NAMES = ("memory_forward", "training_batch")
 UNDO_LOCATIONS = ("host", "nvme", "off")
 THRESHOLD_RULES = ("factor", "mean_std")
 LEARNING_SIGNALS = ("per_step", "lr_sqrt")

@@ -1,6 +1,6 @@
 """The plugin's errors: AimInputError, the one bad input raises (the ds_config section has its own,
 aim_ds.config.ConfigError), and the rank-failure protocol's pure half: MergeAborted and local_error (the half
-that needs the process group, fatal_error, is in aim_ds.collectives)."""
+that needs the process group, fatal_error, is in aim_ds.ops.collectives)."""
 
 from __future__ import annotations
 

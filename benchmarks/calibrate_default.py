@@ -22,7 +22,7 @@ import torch
 def build_model(vocab: int, hidden: int, layers: int, seed: int):
     from transformers import LlamaForCausalLM
 
-    from aim_ds.modeling import tiny_llama_config
+    from aim_ds.experiment.modeling import tiny_llama_config
 
     torch.manual_seed(seed)
     cfg = tiny_llama_config(
@@ -41,7 +41,7 @@ def build_model(vocab: int, hidden: int, layers: int, seed: int):
 
 def run(method: str, args, tasks, tok) -> list[list[float]]:
     from aim_ds.data import CausalLMExamples, collate, select_memory
-    from aim_ds.evaluation import evaluate_task
+    from aim_ds.experiment.evaluation import evaluate_task
 
     model = build_model(len(tok), args.hidden, args.layers, args.seed)
     memory = []
@@ -95,7 +95,7 @@ def run(method: str, args, tasks, tok) -> list[list[float]]:
 
 def main(argv=None):
     from aim_ds.data import get_tokenizer, load_tasks
-    from aim_ds.evaluation import cl_metrics
+    from aim_ds.experiment.evaluation import cl_metrics
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="seqft,replay,merge")

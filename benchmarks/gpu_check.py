@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from aim_ds.modeling import tiny_llama_shape
+from aim_ds.experiment.modeling import tiny_llama_shape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ class Sync:
 
 
 class FusionTimer:
-    """Wraps aim_ds.fusion's scalar fusion: device-synchronised time and the bytes it must move.
+    """Wraps aim_ds.ops.fusion's scalar fusion: device-synchronised time and the bytes it must move.
 
     Bytes are counted from the tensors passed in, each fp32 element read or written counted once (the
     bytes a single fused kernel must move; the ratio to a copy of as many bytes shows the overhead):
@@ -131,7 +131,7 @@ class FusionTimer:
     }
 
     def __init__(self, sync: Sync):
-        from aim_ds import fusion
+        from aim_ds.ops import fusion
 
         self.fusion, self.sync = fusion, sync
         self.seconds = 0.0

@@ -14,7 +14,7 @@ are in perf_jobs.py) and reports, side by side from the same runs (never as time
                                    (sum of ceil(numel/N) over parameters); 4 = one fp32 copy of the
                                    partition = 4/N per padded parameter
   stat_bytes_per_step              bytes a rank passes to the plugin's collectives on a probed step
-                                   without a merge, counted by wrapping aim_ds.collectives.all_reduce /
+                                   without a merge, counted by wrapping aim_ds.ops.collectives.all_reduce /
                                    broadcast (tensor.numel() * element_size per call); also per model size
   fusion_vs_copy                   fusion time / time of a torch copy moving the same bytes (same rank)
   zero2                            the plugin bytes at ZeRO stage 2 (N = 1, 2, 3; partition = this rank's

@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from aim_ds.modeling import tiny_llama_shape
+from aim_ds.experiment.modeling import tiny_llama_shape
 
 MODELS = {
     # Hidden sizes are multiples of 6, so every tensor (each has a hidden-size factor) splits evenly over 1, 2
@@ -53,10 +53,10 @@ HOOK_REPS = 30
 
 
 class CollectiveCounter:
-    """Wraps aim_ds.collectives.all_reduce / broadcast: bytes (numel * element_size) and calls, this rank."""
+    """Wraps aim_ds.ops.collectives.all_reduce / broadcast: bytes (numel * element_size) and calls, this rank."""
 
     def __init__(self):
-        from aim_ds import collectives
+        from aim_ds.ops import collectives
 
         self.collectives = collectives
         self.bytes = 0

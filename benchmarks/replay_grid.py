@@ -5,7 +5,7 @@
 
 For each run folder (``trajectory.csv`` + ``results.json`` of an aim run) and each ``--set`` (comma-separated
 KEY=VALUE overrides of the run's own ``aim_merging`` section; the first row is always the run's own config),
-re-runs the controller with ``aim_ds.controller_replay.replay`` on the RECORDED signals and prints, summed over the runs:
+re-runs the controller with ``aim_ds.tools.replay.replay`` on the RECORDED signals and prints, summed over the runs:
 merges, how many came from an activation / were forced / hit the cap (``schedule_study.segments``), rehearsal
 steps, mean R, and the S in force at each merge of the last run's tasks. A what-if on fixed signals, not a
 prediction (see ``aim-ds replay``): it shows which rule a setting lets act, not what quality it gives.
@@ -20,8 +20,8 @@ from pathlib import Path
 from schedule_study import LETTER, segments
 
 from aim_ds.config import AimConfig
-from aim_ds.controller_replay import replay
-from aim_ds.trajectory import read_csv
+from aim_ds.control.trajectory import read_csv
+from aim_ds.tools.replay import replay
 
 
 def parse_set(text: str) -> dict:

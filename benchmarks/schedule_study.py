@@ -6,7 +6,7 @@ the forgetting signal came to its threshold.
 
 Reads each run folder's ``trajectory.csv`` and ``results.json`` (made by ``launch/train.py``); trains nothing.
 For every merge it tells which rule fired it, re-deriving the controller's own decision from the recorded row
-(``aim_ds/controller.py``):
+(``aim_ds/control/controller.py``):
 
 - activation: the forgetting signal h reached the threshold delta at least once in the segment;
 - forced: no activation, and the merge fell at m + forced_activation_multiple x S (A set to 1 there);
@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from aim_ds.trajectory import read_csv  # noqa: E402
+from aim_ds.control.trajectory import read_csv  # noqa: E402
 
 LETTER = {"activation": "a", "forced": "f", "cap": "c"}  # none for the fixed rule's merges
 

@@ -4,7 +4,7 @@
     deepspeed --num_gpus 2 examples/hf_trainer.py --benchmark standard --data-dir DATA --model HF_DIR [--lora 16]
     deepspeed --num_gpus 2 examples/hf_trainer.py --as-driver all      # launch/train.py's run, step for step
 
-Tasks, tokenizer, memory and evaluation are the driver's (aim_ds.data, aim_ds.modeling, aim_ds.evaluation);
+Tasks, tokenizer, memory and evaluation are the driver's (aim_ds.data, aim_ds.experiment.modeling, aim_ds.experiment.evaluation);
 training is the Trainer's. With the ds_config's "probe_source": "training_batch" (ds_configs/cpu_zero3.json)
 every batch of a later task carries memory rows (mixed replay, as the driver's --method aim) and their loss is
 the forgetting signal; with "memory_forward" the plugin probes on its own. Writes results.json (the accuracy
@@ -90,10 +90,10 @@ def main(argv=None):
     from transformers import Trainer, TrainingArguments
 
     from aim_ds import data as aim_data
-    from aim_ds.evaluation import cl_metrics, evaluate_task
+    from aim_ds.experiment.evaluation import cl_metrics, evaluate_task
+    from aim_ds.experiment.modeling import build_model, cache_folder, load_tokenizer
     from aim_ds.fileio import atomic_write_text, write_csv
     from aim_ds.hf import AimMergingCallback
-    from aim_ds.modeling import build_model, cache_folder, load_tokenizer
 
     rank, world = info.rank, info.world_size
     out = args.output_dir or os.path.join("runs", time.strftime("hf-trainer-%Y%m%d-%H%M%S", time.gmtime()))

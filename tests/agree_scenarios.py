@@ -1,4 +1,4 @@
-"""Multi-rank scenario for aim_ds.collectives.agree (run by tests/mp.py); imports only torch and DeepSpeed."""
+"""Multi-rank scenario for aim_ds.ops.collectives.agree (run by tests/mp.py); imports only torch and DeepSpeed."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ class _Refused(ValueError):
 
 
 def agree_cases():
-    """2 ranks: aim_ds.collectives.agree in each case; returns per case (exception type, message) or None."""
-    from aim_ds.collectives import agree
+    """2 ranks: aim_ds.ops.collectives.agree in each case; returns per case (exception type, message) or None."""
+    from aim_ds.ops.collectives import agree
 
     r = deepspeed.comm.get_rank()
     cases = {

@@ -20,7 +20,18 @@ sys.path.insert(0, str(REPO))
 
 from aim_ds.distributed import free_port, run_local_ranks  # noqa: E402
 
-__all__ = ["BIN", "REPO", "TRAIN", "RankFailure", "base_env", "deepspeed_cmd", "driver_env", "free_port", "run_ranks"]
+__all__ = [
+    "BIN",
+    "REPO",
+    "TRAIN",
+    "RankFailure",
+    "aim_ds_cmd",
+    "base_env",
+    "deepspeed_cmd",
+    "driver_env",
+    "free_port",
+    "run_ranks",
+]
 
 BIN = Path(sys.executable).parent  # the virtual environment's scripts (the deepspeed launcher)
 TRAIN = str(REPO / "launch" / "train.py")
@@ -31,6 +42,23 @@ def deepspeed_cmd(script, *args, ranks: int = 2, port: int | None = None) -> lis
     CPU the launcher starts RANKS CPU ranks); PORT: a free one unless given."""
     port = free_port() if port is None else port
     return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), str(script), *map(str, args)]
+
+
+def aim_ds_cmd(*args) -> list[str]:
+    """`aim-ds ARGS...` as a user runs it: the installed console script when its entry point is the one
+    pyproject.toml declares; else (an install older than the checkout, e.g. an editable install made before the
+    entry point last moved: its script imports what is no longer there) that entry point, run by this
+    interpreter as the script would run it."""
+    import re
+    from importlib.metadata import entry_points
+
+    declared = re.search(r'^aim-ds = "([\w.]+):(\w+)"$', (REPO / "pyproject.toml").read_text(), re.M)
+    module, func = declared.groups()
+    installed = [e.value for e in entry_points(group="console_scripts") if e.name == "aim-ds"]
+    if (BIN / "aim-ds").exists() and installed == [f"{module}:{func}"]:
+        return [str(BIN / "aim-ds"), *map(str, args)]
+    run = f"import sys; from {module} import {func}; sys.exit({func}())"
+    return [sys.executable, "-c", run, *map(str, args)]
 
 
 def base_env() -> dict:

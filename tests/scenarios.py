@@ -18,7 +18,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import aim_ds
-from aim_ds.modeling import tiny_llama_config
+from aim_ds.experiment.modeling import tiny_llama_config
 
 VOCAB = 97
 _keep = []  # HfDeepSpeedConfig must stay alive while zero.Init builds the model
@@ -27,7 +27,7 @@ _keep = []  # HfDeepSpeedConfig must stay alive while zero.Init builds the model
 @contextlib.contextmanager
 def after_rehearsal(fn):
     """Within the block every merge calls fn() between its rehearsal and its fusion (on every rank)."""
-    from aim_ds.merge import Merge
+    from aim_ds.plugin.merge import Merge
 
     real = Merge.rehearse
 
@@ -361,7 +361,7 @@ def _expect_error(case: str):
 def quantile_and_importance(q=0.8):
     """The global quantile of shard-local values equals torch.quantile of the gathered values (to a
     histogram bin), and the importance policy runs end to end on real shards."""
-    from aim_ds import collectives
+    from aim_ds.ops import collectives
 
     g = torch.Generator().manual_seed(rank())
     local = torch.rand(1000 + 37 * rank(), generator=g).pow(3)  # skewed, different sizes per rank
@@ -416,7 +416,7 @@ def shm_released():
 def batch_probe(steps1=12, skip_rank1_every=3):
     """probe_source "training_batch": the forgetting signal is the memory rows' loss of each training batch,
     recorded with record_probe_loss(); no probe forward runs. Rank 1 leaves some steps unrecorded (0, 0)."""
-    from aim_ds import collectives
+    from aim_ds.ops import collectives
 
     aim = {
         "enabled": True,

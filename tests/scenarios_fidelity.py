@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 import aim_ds
-from aim_ds import fusion
 from aim_ds.checkpoint import load_checkpoint, save_checkpoint
+from aim_ds.ops import fusion
 from tests.scenarios import (
     batch,
     ds_config,
@@ -291,7 +291,7 @@ def trajectory_for_replay(out_dir: str, signals: bool = False):
     train_steps(engine, 16, seed=70)
     if rank() == 0:
         plugin.write_trajectory_csv(str(Path(out_dir) / "trajectory.csv"))
-        from aim_ds.report import write_json
+        from aim_ds.experiment.report import write_json
 
         write_json(str(Path(out_dir) / "results.json"), {"config": {"aim_merging": plugin.config.to_dict()}})
     return {"merges": plugin.merge_count}
@@ -322,7 +322,7 @@ def undone_merges_retry_budget(merge_retries: int, steps: int = 12):
         train_steps(engine, steps, seed=90)
     out = {"merges": plugin.merge_count, "undone_warnings": sum("undone" in str(c.message) for c in caught)}
     if rank() == 0:
-        from aim_ds import controller_replay as replay
+        from aim_ds.tools import replay
 
         rows = [r for r in plugin.trajectory if r["task"] == 1]
         out["attempts"] = [r["step"] for r in rows if r["undone"] == 1]

@@ -15,7 +15,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import aim_ds
 from aim_ds.hf import AimMergingCallback
-from aim_ds.merge import Merge
+from aim_ds.plugin.merge import Merge
 from tests.scenarios import VOCAB, after_rehearsal, tiny_config
 
 warnings.filterwarnings("ignore")

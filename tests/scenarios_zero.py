@@ -206,7 +206,7 @@ def tp_signal(tp: int = 1, mode: str = "none", steps: int = 3, stage: int = 1, w
 def tp_vocab_head(tp: int = 2):
     """AutoTP over a model with a tied LM head (cut over the vocabulary): the driver's gathered logits and
     greedy generation against the same model unsliced on this rank."""
-    from aim_ds.evaluation import generate_texts
+    from aim_ds.experiment.evaluation import generate_texts
     from aim_ds.shards.tp import vocab_head, whole_vocab_logits
 
     class Tok:  # what generate_texts reads of a tokenizer: the special ids and a decode

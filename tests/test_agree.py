@@ -1,4 +1,4 @@
-"""aim_ds.collectives.agree: one cross-rank error agreement (2 real gloo ranks, and without a process group)."""
+"""aim_ds.ops.collectives.agree: one cross-rank error agreement (2 real gloo ranks, and without a process group)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_agree_on_two_ranks(tmp_path):
 
 
 def test_agree_without_process_group():
-    from aim_ds.collectives import agree
+    from aim_ds.ops.collectives import agree
 
     agree(None)
     with pytest.raises(KeyError, match="rank 0: nope"):

@@ -76,7 +76,7 @@ def test_bad_input_errors_on_every_rank(saved, case, words):
 def test_convert_model_and_anchor(saved, work):
     from transformers import AutoModelForCausalLM
 
-    from aim_ds import cli
+    from aim_ds.tools import cli
 
     ref = torch.load(work / "ref_two.pt", weights_only=False)
     out = work / "hf_model"
@@ -122,7 +122,7 @@ def test_convert_model_and_anchor(saved, work):
 
 
 def test_reshard_2_1_2(saved, work):
-    from aim_ds import cli
+    from aim_ds.tools import cli
 
     assert cli.main(["reshard", str(work / "two"), str(work / "r1"), "--world-size", "1"]) == 0
     one = run_ranks(

@@ -120,7 +120,7 @@ def test_bad_tags(tag):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    from aim_ds import cli
+    from aim_ds.tools import cli
 
     assert cli.main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

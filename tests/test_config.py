@@ -270,7 +270,7 @@ def test_config_module_imports_without_torch():
     pkg_dir = str(Path(__file__).resolve().parents[1] / "aim_ds")
     code = (
         f"import sys, types; pkg = types.ModuleType('aim_ds'); pkg.__path__ = [{pkg_dir!r}]; "
-        "sys.modules['aim_ds'] = pkg; import aim_ds.config, aim_ds.policies, aim_ds.controller; "
+        "sys.modules['aim_ds'] = pkg; import aim_ds.config, aim_ds.control.policies, aim_ds.control.controller; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -278,7 +278,7 @@ def test_config_module_imports_without_torch():
 
 
 def test_rehearsal_fraction_scales_the_interval_rule_only():
-    from aim_ds.policies import rehearsal_steps
+    from aim_ds.control.policies import rehearsal_steps
 
     cfg = AimConfig.from_dict({"rehearsal_fraction": 0.25})
     assert [rehearsal_steps(cfg, s) for s in (1, 2, 8, 9, 32)] == [1, 1, 2, 3, 8]
@@ -323,7 +323,8 @@ def _protocol_members(protocol) -> set[str]:
 
 def test_config_names_are_the_registries_names():
     """Each name set aim_merging accepts is its registry's keys, and each key is its class's own name."""
-    from aim_ds import config, policies
+    from aim_ds import config
+    from aim_ds.control import policies
 
     assert config.INTERVAL_RULES == tuple(policies.RULES)
     assert config.WEIGHT_POLICIES == tuple(policies.WEIGHTS)
@@ -339,9 +340,11 @@ def test_config_names_are_the_registries_names():
 
 def test_torch_side_registries_match_the_pure_names():
     """probe_source names (config) and fusion kinds (policies) are listed without torch; the classes that
-    implement them (aim_ds.probes, aim_ds.fusers) need it: the two must list the same names."""
+    implement them (aim_ds.plugin.probes, aim_ds.plugin.fusers) need it: the two must list the same names."""
     pytest.importorskip("torch")
-    from aim_ds import config, fusers, policies, probes
+    from aim_ds import config
+    from aim_ds.control import policies
+    from aim_ds.plugin import fusers, probes
 
     assert config.PROBE_SOURCE_NAMES == tuple(probes.PROBE_SOURCES)
     assert policies.FUSION_KINDS == tuple(fusers.FUSERS)

@@ -1,4 +1,4 @@
-"""aim_ds.controller / aim_ds.policies: the pure merge controller (no torch, no distributed).
+"""aim_ds.control.controller / aim_ds.control.policies: the pure merge controller (no torch, no distributed).
 
 The expected schedules below are derived BY HAND from the rules in ../shared/docs/aimmerging.md
 (section 2.1 / 2.2) and written out literally; the derivation of each merge is in the comments.
@@ -12,8 +12,8 @@ import random
 import pytest
 
 from aim_ds.config import AimConfig
-from aim_ds.controller import ControllerPlan, MergeController, StepDecision, threshold_window
-from aim_ds.policies import PaperRule, ReferenceRule, signals_weights
+from aim_ds.control.controller import ControllerPlan, MergeController, StepDecision, threshold_window
+from aim_ds.control.policies import PaperRule, ReferenceRule, signals_weights
 
 
 def make(**kw) -> MergeController:
@@ -621,8 +621,8 @@ def test_initial_interval_fraction_needs_the_length_and_excludes_initial_interva
 
 def test_replay_reproduces_a_run_with_initial_interval_fraction():
     """aim-ds replay takes each task's length from its recorded steps, so it rebuilds S_0 as the run did."""
-    from aim_ds import controller_replay
-    from aim_ds.trajectory import TrajectoryRow
+    from aim_ds.control.trajectory import TrajectoryRow
+    from aim_ds.tools import replay as controller_replay
 
     cfg = AimConfig.from_dict({"initial_interval_fraction": 0.2, "interval_rule": "reference", "cold_start": 0})
     losses = noisy_trace(0.45, 200, 5, rise_at=70, rise=1.8)

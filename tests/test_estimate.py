@@ -8,13 +8,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from aim_ds import cli
-from aim_ds.estimate import EstimateError, count_params, estimate, load_model_config
+from aim_ds.tools import cli
+from aim_ds.tools.estimate import EstimateError, count_params, estimate, load_model_config
+from tests.mp import aim_ds_cmd
 
 stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
 
@@ -236,12 +236,11 @@ def test_model_config_bad(tmp_path, content, word):
 
 
 def test_console_script_entry_point():
-    """`aim-ds` is installed from pyproject's [project.scripts]; run it as a user would."""
-    exe = Path(sys.executable).with_name("aim-ds")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "aim_ds.cli"]
+    """`aim-ds` is installed from pyproject's [project.scripts]; run it as a user would (where the install is older
+    than the checkout, its declared entry point run the way the script runs it: tests.mp.aim_ds_cmd)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     r = subprocess.run(
-        [*cmd, "estimate-memory", "--params", "1e9", "--world-size", "2", "--json"],
+        aim_ds_cmd("estimate-memory", "--params", "1e9", "--world-size", "2", "--json"),
         capture_output=True,
         text=True,
         env=env,
@@ -253,7 +252,7 @@ def test_console_script_entry_point():
 
 
 def test_registry_is_the_only_place_to_add_a_command():
-    assert cli.SUBCOMMANDS["estimate-memory"] == "aim_ds.estimate"
+    assert cli.SUBCOMMANDS["estimate-memory"] == "aim_ds.tools.estimate"
     rc, out, _ = _cli(["--help"])
     assert rc == 0 and "estimate-memory" in out
 

@@ -71,7 +71,7 @@ def test_cluster_configs_say_what_the_issue_asks():
 def test_13b_offload_fits_8x80gb():
     """The estimator says the offload config's model states fit an 80 GB GPU with the plugin on."""
     pytest.importorskip("deepspeed.runtime.zero.stage3")
-    from aim_ds.estimate import estimate
+    from aim_ds.tools.estimate import estimate
 
     e = estimate(13e9, 8, offload="both", anchor="host", largest_layer_params=32000 * 5120)
     assert e.plugin_gpu_bytes == 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aim_ds.data import CausalLMExamples, Task, collate, encode_prompt, get_tokenizer, load_tasks
-from aim_ds.evaluation import cl_metrics, evaluate_task, generate_texts, rouge_l, score_labels
+from aim_ds.experiment.evaluation import cl_metrics, evaluate_task, generate_texts, rouge_l, score_labels
 
 
 # ---------------------------------------------------------------- cl_metrics
@@ -43,7 +43,7 @@ def test_rouge_l():
 def _model(vocab, seed=0, hidden=64):
     from transformers import LlamaForCausalLM
 
-    from aim_ds.modeling import tiny_llama_config
+    from aim_ds.experiment.modeling import tiny_llama_config
 
     torch.manual_seed(seed)
     cfg = tiny_llama_config(

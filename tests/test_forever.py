@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aim_ds.config import ConfigError, ForeverConfig
-from aim_ds.forever import ForeverSchedule
+from aim_ds.control.forever import ForeverSchedule
 from tests.mp import TRAIN, deepspeed_cmd, driver_env, run_ranks
 
 TIMEOUT = 300
@@ -189,7 +189,7 @@ def test_model_time_and_replay_with_lora_adapters(tmp_path):
 
 
 def test_replaying_the_recorded_updates_reproduces_the_events(forever_run):
-    from aim_ds.forever import recorded_events, replay_events
+    from aim_ds.control.forever import recorded_events, replay_events
 
     _, out = forever_run
     rows = list(csv.DictReader(open(out / "trajectory.csv")))

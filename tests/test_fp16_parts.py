@@ -10,7 +10,7 @@ import torch
 from deepspeed.runtime.fp16 import loss_scaler
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
-from aim_ds import fusion
+from aim_ds.ops import fusion
 from aim_ds.shards import loss_scaler_snapshot, restore_loss_scaler
 
 

@@ -1,11 +1,11 @@
-"""aim_ds.fusion: pure tensor math on flat shards."""
+"""aim_ds.ops.fusion: pure tensor math on flat shards."""
 
 import math
 
 import numpy as np
 import torch
 
-from aim_ds import fusion
+from aim_ds.ops import fusion
 
 
 def test_abs_change_sum_is_float64_exact_on_large_chunks():

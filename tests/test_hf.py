@@ -82,8 +82,8 @@ def test_input_consumer_follows_pass_through_wrappers_only():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from aim_ds.evaluation import keeps_logits
-    from aim_ds.memory import input_consumer as _input_consumer
+    from aim_ds.experiment.evaluation import keeps_logits
+    from aim_ds.plugin.memory import input_consumer as _input_consumer
     from tests.scenarios import tiny_config
 
     base = LlamaForCausalLM(tiny_config())

@@ -62,7 +62,7 @@ def test_compute_loss_func_counts_tokens_as_the_trainer():
     from transformers import LlamaForCausalLM
 
     from aim_ds.hf import AimMergingCallback
-    from aim_ds.losses import split_token_loss
+    from aim_ds.ops.losses import split_token_loss
     from tests.scenarios import tiny_config
 
     torch.manual_seed(0)

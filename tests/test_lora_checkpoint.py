@@ -15,7 +15,7 @@ TIMEOUT = 300
 def test_lora_checkpoint_converts_to_peft_merge(tmp_path, stage):
     from safetensors.torch import load_file
 
-    from aim_ds import cli
+    from aim_ds.tools import cli
 
     ckpt, ref = tmp_path / "ckpt", tmp_path / "ref.pt"
     run_ranks(

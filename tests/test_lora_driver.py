@@ -8,8 +8,8 @@ import subprocess
 
 import torch
 
-from tests.mp import deepspeed_cmd
-from tests.test_driver import BIN, REPO, SMALL, TRAIN, ds_config, py, run
+from tests.mp import aim_ds_cmd, deepspeed_cmd
+from tests.test_driver import REPO, SMALL, TRAIN, ds_config, py, run
 
 TARGETS = ("q_proj", "v_proj")
 
@@ -66,7 +66,7 @@ def test_lora_aim_run_merges_adapters_and_converts(tmp_path):
 
     # a LoRA run's checkpoint converts to a plain HF folder: adapters merged, peft names stripped
     conv = tmp_path / "conv"
-    c = subprocess.run([str(BIN / "aim-ds"), "convert", str(ckpt), str(conv)], capture_output=True, text=True)
+    c = subprocess.run(aim_ds_cmd("convert", ckpt, conv), capture_output=True, text=True)
     assert c.returncode == 0, c.stderr[-3000:]
     converted = AutoModelForCausalLM.from_pretrained(conv)
     names = set(converted.state_dict())
@@ -93,9 +93,7 @@ def test_lora_aim_run_merges_adapters_and_converts(tmp_path):
             assert torch.equal(conv_sd[k], v), k
     # the anchor converts the same way: its adapters merged into the (unchanged) base
     conv_a = tmp_path / "conv_anchor"
-    c = subprocess.run(
-        [str(BIN / "aim-ds"), "convert", str(ckpt), str(conv_a), "--what", "anchor"], capture_output=True, text=True
-    )
+    c = subprocess.run(aim_ds_cmd("convert", ckpt, conv_a, "--what", "anchor"), capture_output=True, text=True)
     assert c.returncode == 0, c.stderr[-3000:]
     anchor_sd = AutoModelForCausalLM.from_pretrained(conv_a).state_dict()
     assert set(anchor_sd) == set(conv_sd)

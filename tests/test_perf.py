@@ -170,7 +170,7 @@ def test_loadavg_is_three_numbers():
 
 def test_collective_counter_counts_bytes_of_wrapped_calls(monkeypatch):
     torch = pytest.importorskip("torch")
-    from aim_ds import collectives
+    from aim_ds.ops import collectives
 
     class FakeDist:  # stands in for deepspeed.comm: no process group needed
         class ReduceOp:

@@ -16,7 +16,7 @@ import random
 import pytest
 
 from aim_ds.config import AimConfig
-from aim_ds.controller import MergeController
+from aim_ds.control.controller import MergeController
 
 S0, S_MIN, S_MAX, COLD, FACTOR, CAP, FORCED = 8, 2, 128, 3, 2.0, 3, 2
 

@@ -5,9 +5,8 @@ import json
 
 import pytest
 
-from aim_ds import cli
-from aim_ds import controller_replay as replay
-from aim_ds.trajectory import read_csv
+from aim_ds.control.trajectory import read_csv
+from aim_ds.tools import cli, replay
 from tests.mp import run_ranks
 
 

@@ -20,9 +20,9 @@ from aim_ds.driver import memory_batches, rank_batches
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_resume import BIN, TRAIN, finish, run, start  # noqa: E402
+from test_resume import TRAIN, finish, run, start  # noqa: E402
 
-from tests.mp import deepspeed_cmd  # noqa: E402
+from tests.mp import aim_ds_cmd, deepspeed_cmd  # noqa: E402
 
 # 18 driver steps per task at a global batch of 4 (72 examples), checkpoints every 15 driver steps:
 # task002-step000009 lies mid-task 2, after task 1's merges
@@ -71,16 +71,7 @@ def runs(tmp_path_factory):
     for src, dst in ((2, 1), (1, 2)):
         resh = tmp / f"resh{src}to{dst}"
         rc, log = run(
-            [
-                str(BIN / "aim-ds"),
-                "reshard",
-                str(refs[src] / "checkpoints"),
-                str(resh),
-                "--world-size",
-                str(dst),
-                "--tag",
-                TAG,
-            ],
+            aim_ds_cmd("reshard", refs[src] / "checkpoints", resh, "--world-size", dst, "--tag", TAG),
             tmp,
             300,
         )

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from aim_ds.config import AimConfig
-from aim_ds.controller import MergeController
-from aim_ds.trajectory import FIELDS, TrajectoryRow
+from aim_ds.control.controller import MergeController
+from aim_ds.control.trajectory import FIELDS, TrajectoryRow
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))

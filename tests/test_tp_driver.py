@@ -152,7 +152,7 @@ def test_tp2_dp2_matches_tp1_dp2(tmp_path):
 
 def test_vocab_sliced_head_gathered_for_scores_and_generation(tmp_path):
     """A tied LM head under AutoTP TP=2 is cut over the vocabulary: the gathered logits equal the unsliced
-    model's, and greedy generation through aim_ds.evaluation produces the same tokens."""
+    model's, and greedy generation through aim_ds.experiment.evaluation produces the same tokens."""
     from tests.mp import run_ranks
 
     for r in run_ranks("tests.scenarios_zero:tp_vocab_head", 2, tmp_path, TIMEOUT):

@@ -15,8 +15,8 @@ import time
 import torch
 
 from .. import shards
-from ..collectives import agree
 from ..fileio import exchange_paths, fsync_dir
+from ..ops.collectives import agree
 from .format import (
     DEL_PREFIX,
     FORMAT,

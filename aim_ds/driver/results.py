@@ -16,14 +16,14 @@ def metrics(method: str, matrix: list, single_scores) -> dict:
         return {"OP": sum(matrix[i][i] for i in range(K)) / K, "BWT": None, "FWT": 0.0}
     if method == "multitask":
         return {"OP": sum(matrix[-1]) / K, "BWT": None, "FWT": None}
-    from aim_ds.evaluation import cl_metrics
+    from aim_ds.experiment.evaluation import cl_metrics
 
     return dict(cl_metrics(matrix, single_scores))
 
 
 def write_results(state, res: dict, ds_config: dict, info, t0: float) -> None:
     """t0: the process start (wall_time_s counts from it)."""
-    from aim_ds import report
+    from aim_ds.experiment import report
 
     cfg, out = state.cfg, state.out_dir
     names = [t.name for t in state.tasks]

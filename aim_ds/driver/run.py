@@ -103,7 +103,7 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
             pass  # a run killed before its first complete checkpoint
         else:
             check_output_dir(cfg.output_dir, cfg.overwrite)
-    from aim_ds.modeling import ModelError, describe_model_arg
+    from aim_ds.experiment.modeling import ModelError, describe_model_arg
 
     try:
         describe_model_arg(cfg.model)
@@ -162,8 +162,8 @@ def data_parallel_world(cfg: RunConfig, tp: int, world: int) -> int:
 
 def run_tokenizer(cfg: RunConfig, tasks: list, cache_dir: str, rank: int):
     """The run's tokenizer, on every rank (a collective); a rank that cannot load it stops every rank."""
-    from aim_ds.collectives import agree
-    from aim_ds.modeling import ModelError, load_tokenizer
+    from aim_ds.experiment.modeling import ModelError, load_tokenizer
+    from aim_ds.ops.collectives import agree
 
     tokenizer, error = None, None
     try:
@@ -194,7 +194,7 @@ def run(cfg: RunConfig, t0: float) -> int:
     out_dir = cfg.output_dir if cfg.output_dir is not None else default_output_dir(cfg, rank)
 
     from aim_ds import data as aim_data
-    from aim_ds.modeling import cache_folder
+    from aim_ds.experiment.modeling import cache_folder
 
     cache_dir = cache_folder(cfg.cache_dir)
     tokenizer = run_tokenizer(cfg, tasks, cache_dir, rank)
@@ -247,8 +247,8 @@ def run(cfg: RunConfig, t0: float) -> int:
 
 def batch_sizes(cfg: RunConfig, ds_config: dict, aim_cfg, world: int) -> BatchSizes:
     """The run's batch sizes; raises InputError when the forgetting signal would have no memory rows to read."""
-    from aim_ds.policies import uses_signal
-    from aim_ds.probes import probe_source
+    from aim_ds.control.policies import uses_signal
+    from aim_ds.plugin.probes import probe_source
 
     micro = cfg.batch_size or int(ds_config.get("train_micro_batch_size_per_gpu", 8))
     mem_bs = cfg.memory_batch_size or micro
@@ -281,7 +281,7 @@ def batch_sizes(cfg: RunConfig, ds_config: dict, aim_cfg, world: int) -> BatchSi
 
 def fwt_reference(cfg: RunConfig, tasks, sizes: BatchSizes, world: int, cache_dir: str, tp: int = 1) -> FwtReference:
     """The FWT reference's cache key: the hyper-parameters shared by every method (not the method itself)."""
-    from aim_ds.modeling import model_source_key
+    from aim_ds.experiment.modeling import model_source_key
 
     ref_key_src = json.dumps(
         {
@@ -312,7 +312,7 @@ def checkpoint_identity(cfg: RunConfig, tasks, memories, sizes: BatchSizes, step
     so that a checkpoint resharded to another number of ranks keeps it (the aim_merging section is checked apart).
     dp_world: the data-parallel ranks (tensor-parallel ranks share their batches)."""
     from aim_ds.checkpoint import fingerprint
-    from aim_ds.modeling import model_source_key
+    from aim_ds.experiment.modeling import model_source_key
 
     glob = global_batches(sizes.micro, sizes.mem_bs, sizes.replay_rows, dp_world)
     per_rank = ("train_micro_batch_size_per_gpu", "train_batch_size", "aim_merging")
@@ -338,7 +338,7 @@ def check_shared_output(lock: OutputLock, rank: int, world: int) -> None:
         return
     import torch.distributed as dist
 
-    from aim_ds.collectives import agree
+    from aim_ds.ops.collectives import agree
 
     from .lock import read_holder
 
@@ -357,7 +357,7 @@ def check_shared_output(lock: OutputLock, rank: int, world: int) -> None:
 def take_lock(lock: OutputLock, rank: int) -> None:
     """rank 0 takes the output folder's lock (atomic: of two runs starting together one gets it); every rank
     raises the same InputError when it could not (collective)."""
-    from aim_ds.collectives import agree
+    from aim_ds.ops.collectives import agree
 
     err = None
     if rank == 0:
@@ -392,7 +392,7 @@ def train_and_report(state, ds_config: dict, info, ref: FwtReference, t0: float)
         single_res = trainer.single()
         single_scores = single_res["scores"]
         if rank == 0:
-            from aim_ds.report import write_json
+            from aim_ds.experiment.report import write_json
 
             write_json(
                 ref_path,

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from aim_ds.memory import to_device
+from aim_ds.plugin.memory import to_device
 
 from ..data.batching import memory_batches, rank_batches
 from .args import RunConfig
@@ -124,8 +124,8 @@ def build_engine(state: RunState, encoder: EncodingCache):
     import deepspeed
     import torch
 
-    from aim_ds.evaluation import keeps_logits
-    from aim_ds.modeling import build_model
+    from aim_ds.experiment.evaluation import keeps_logits
+    from aim_ds.experiment.modeling import build_model
     from aim_ds.shards import keep_alive
 
     s, cfg = state, state.cfg
@@ -270,7 +270,7 @@ class CLTrainer:
                 on_step(s + 1)
 
     def evaluate(self, engine, task_ids) -> dict:
-        from aim_ds.evaluation import evaluate_task
+        from aim_ds.experiment.evaluation import evaluate_task
 
         s = self.state
         out = {}

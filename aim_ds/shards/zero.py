@@ -151,7 +151,7 @@ class ZeroShards:
         of a list every batch, of another iterable its first). Every rank of the group calls it."""
         if self.tp_size == 1:
             return None
-        from .. import collectives
+        from ..ops import collectives
 
         fp = _memory_fingerprint(memory)
         t = torch.tensor([fp, -fp], dtype=torch.float64, device=collectives.comm_device())

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import os
 
-from .config import AimConfig
-from .controller import MergeController, probe_due
-from .trajectory import TrajectoryRow, read_csv
+from ..config import AimConfig
+from ..control.controller import MergeController, probe_due
+from ..control.trajectory import TrajectoryRow, read_csv
 
 HELP = "re-run the merge controller on a run's recorded trajectory (what-if schedules for other configs)"
 
@@ -185,7 +185,7 @@ def run(args) -> int:
     want, have = merges(rows), merges(got)
     print(f"merges: replayed {len(have)}, recorded {len(want)}")
     if args.plot:
-        from .report import plot_trajectory
+        from ..experiment.report import plot_trajectory
 
         plot_trajectory(args.plot, got, None, f"replay: {os.path.basename(os.path.abspath(args.run_dir))}")
     if have == want:

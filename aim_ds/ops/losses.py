@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import AimInputError
+from ..errors import AimInputError
 
 
 def batch_tokens(batch: dict) -> int:

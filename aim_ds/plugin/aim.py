@@ -3,12 +3,12 @@ optimizer step, as data flows:
 
     engine.step()                      (the user's loop, unchanged)
       -> AimPlugin._after_step()
-           probe (aim_ds.probes): the memory loss, summed over ranks                -> all_reduce   16 B
+           probe (aim_ds.plugin.probes): the memory loss, summed over ranks                -> all_reduce   16 B
            rank 0: controller.observe(loss) -> merge?                               -> broadcast(flag) 8 B
-           if merge: aim_ds.merge.Merge: plan -> record -> rehearse -> fuse -> agree -> commit / undo
+           if merge: aim_ds.plugin.merge.Merge: plan -> record -> rehearse -> fuse -> agree -> commit / undo
 
-The weight policy's fusion and its buffers live in a fuser (aim_ds.fusers), the probe in a probe source
-(aim_ds.probes), DeepSpeed's internals in aim_ds.shards.
+The weight policy's fusion and its buffers live in a fuser (aim_ds.plugin.fusers), the probe in a probe source
+(aim_ds.plugin.probes), DeepSpeed's internals in aim_ds.shards.
 """
 
 from __future__ import annotations
@@ -20,23 +20,23 @@ from typing import Any
 
 import torch
 
-from . import collectives, fusion
-from .config import AimConfig
-from .controller import MergeController, probe_due, task_steps_error
-from .errors import AimInputError
-from .fileio import write_csv
+from ..config import AimConfig
+from ..control.controller import MergeController, probe_due, task_steps_error
+from ..control.policies import make_weight_policy
+from ..control.trajectory import FIELDS as TRAJECTORY_FIELDS
+from ..control.trajectory import TrajectoryRow
+from ..errors import AimInputError
+from ..fileio import write_csv
+from ..ops import collectives, fusion
+from ..ops.losses import batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
+from ..shards import ZeroShards, ds_config_dict
 from .fusers import make_fuser
 from .journal import undo_path_error
-from .losses import batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
 from .memory import check_memory, to_device
 from .merge import Merge, MergeContext
-from .policies import make_weight_policy
 from .probes import PROBE_SOURCES
-from .shards import ZeroShards, ds_config_dict
 from .state import PluginState
 from .step_hook import StepHook
-from .trajectory import FIELDS as TRAJECTORY_FIELDS
-from .trajectory import TrajectoryRow
 
 log = logging.getLogger("aim_ds")
 
@@ -268,7 +268,7 @@ class AimPlugin:
             self._merge(weights=None, rehearsal_steps=None, explicit=False)
 
     def _merge(self, weights=None, rehearsal_steps=None, explicit: bool = False) -> dict:
-        """One merge on every rank (aim_ds.merge.Merge: plan, record, rehearse, fuse, agree, commit or undo)."""
+        """One merge on every rank (aim_ds.plugin.merge.Merge: plan, record, rehearse, fuse, agree, commit or undo)."""
         ctx = MergeContext(
             state=self.state,
             shards=self.shards,

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_CONFIG = REPO_ROOT / "configs" / "tiny_llama.json"
 _EMBEDDED_TINY = {
     "model_type": "llama",
@@ -191,7 +191,7 @@ def load_tokenizer(tokenizer_dir: str | None, model: str | None, tasks, cache_di
     else:
         from aim_ds.data import get_tokenizer
 
-        from .collectives import agree
+        from ..ops.collectives import agree
 
         os.makedirs(cache_dir, exist_ok=True)
         err = None

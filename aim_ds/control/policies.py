@@ -13,7 +13,7 @@ Weight policies map (activations A at merge time, interval S at merge time) to (
 Each family has one registry, built from its classes' ``name`` attributes (``RULES``, ``WEIGHTS``), and a
 ``Protocol`` (``IntervalRule``, ``WeightPolicy``); aim_ds.config accepts exactly the registries' names
 (``INTERVAL_RULES``, ``WEIGHT_POLICIES``). A weight policy names the fuser that applies it (``fusion``, one of
-``FUSION_KINDS``; the fusers themselves need torch and live in aim_ds.fusers). No import of aim_ds.config
+``FUSION_KINDS``; the fusers themselves need torch and live in aim_ds.plugin.fusers). No import of aim_ds.config
 here: the config reads its accepted names from this module.
 """
 
@@ -185,7 +185,7 @@ def signals_weights(activations: int, interval: int) -> tuple[float, float]:
 @dataclass(frozen=True)
 class SignalsWeights:
     name = "signals"
-    fusion = "scalar"  # the aim_ds.fusers entry that applies the weights
+    fusion = "scalar"  # the aim_ds.plugin.fusers entry that applies the weights
 
     @classmethod
     def from_config(cls, c) -> SignalsWeights:
@@ -231,7 +231,7 @@ class ImportanceWeights:
 # weight_policy name -> policy class (its from_config builds it); a new policy is one class added to this tuple
 WEIGHTS: dict[str, type[WeightPolicy]] = {cls.name: cls for cls in (SignalsWeights, FixedWeights, ImportanceWeights)}
 WEIGHT_POLICIES = tuple(WEIGHTS)  # the names aim_merging.weight_policy accepts
-# the fusers (aim_ds.fusers.FUSERS, by their name) a weight policy's `fusion` may name; a test ties the two
+# the fusers (aim_ds.plugin.fusers.FUSERS, by their name) a weight policy's `fusion` may name; a test ties the two
 FUSION_KINDS = ("scalar", "importance")
 
 

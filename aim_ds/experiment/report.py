@@ -13,8 +13,8 @@ import io
 import json
 import math
 
-from .fileio import atomic_write_bytes, atomic_write_text, write_csv  # noqa: F401
-from .trajectory import FIELDS as TRAJECTORY_FIELDS  # noqa: F401
+from ..control.trajectory import FIELDS as TRAJECTORY_FIELDS  # noqa: F401
+from ..fileio import atomic_write_bytes, atomic_write_text, write_csv  # noqa: F401
 
 
 def _json_safe(x):

@@ -7,7 +7,7 @@ import itertools
 
 import torch
 
-from .errors import AimInputError
+from ..errors import AimInputError
 
 
 class Cursor:

@@ -1,5 +1,5 @@
 """Fusers: how a merge's weights are applied to this rank's shards, one class per kind of weight policy,
-chosen from ``FUSERS`` by the policy's ``fusion`` attribute (aim_ds.policies). A fuser owns what its fusion
+chosen from ``FUSERS`` by the policy's ``fusion`` attribute (aim_ds.control.policies). A fuser owns what its fusion
 needs beyond the anchor: buffers, gradient hooks, their share of the plugin state, and the fuse itself.
 
 - :class:`ScalarFuser` ("signals", "fixed"): one (w_in, w_out) pair for every element; nothing held.
@@ -8,7 +8,7 @@ needs beyond the anchor: buffers, gradient hooks, their share of the plugin stat
   EMA buffers, fed by a gradient hook.
 
 A merge calls, in order: ``prepare`` (collectives on the fuser's statistics, after rehearsal),
-``fuse`` (this rank only), then ``commit`` or ``undo``. The merge's plan (aim_ds.plan.MergePlan) carries the
+``fuse`` (this rank only), then ``commit`` or ``undo``. The merge's plan (aim_ds.plugin.plan.MergePlan) carries the
 weights, whether the fusion is element-wise and what ``prepare`` computed; every fuser follows ``Fuser``.
 """
 
@@ -19,10 +19,10 @@ from typing import Protocol
 
 import torch
 
-from . import collectives, fusion
-from .errors import local_error
+from ..control.policies import WeightPolicy
+from ..errors import local_error
+from ..ops import collectives, fusion
 from .plan import MergePlan
-from .policies import WeightPolicy
 
 
 class Fuser(Protocol):

@@ -13,7 +13,7 @@ a step that crosses several marks fires once. Its strength follows the update si
     beta_t = beta_base x clip(1 + gamma (mu_t / mu_0 - 1), beta_min_factor, beta_max_factor)
 
 and a replay step minimises L_old + beta_t ||theta - theta*||^2, theta* the weights at the end of the previous task.
-No torch here: the plugin (aim_ds.forever_plugin) measures Delta_t on the shards and runs the replay.
+No torch here: the plugin (aim_ds.plugin.forever) measures Delta_t on the shards and runs the replay.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .config import ForeverConfig
+from ..config import ForeverConfig
 
 
 @dataclass(frozen=True)

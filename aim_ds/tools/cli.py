@@ -16,10 +16,10 @@ import sys
 
 # name -> module (imported lazily: `aim-ds --help` stays fast and one broken command cannot break the others)
 SUBCOMMANDS: dict[str, str] = {
-    "estimate-memory": "aim_ds.estimate",
+    "estimate-memory": "aim_ds.tools.estimate",
     "convert": "aim_ds.checkpoint:ConvertCommand",  # "module:attr": an object with HELP/add_arguments/run
     "reshard": "aim_ds.checkpoint:ReshardCommand",
-    "replay": "aim_ds.controller_replay",
+    "replay": "aim_ds.tools.replay",
 }
 
 

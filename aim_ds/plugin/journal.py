@@ -22,9 +22,9 @@ import os
 
 import torch
 
-from . import fusion
-from .errors import local_error
-from .shards import loss_scaler_snapshot, restore_loss_scaler, restore_step_report, step_report_snapshot
+from ..errors import local_error
+from ..ops import fusion
+from ..shards import loss_scaler_snapshot, restore_loss_scaler, restore_step_report, step_report_snapshot
 
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 

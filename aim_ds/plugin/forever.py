@@ -13,7 +13,7 @@ One optimizer step, as data flows:
 theta* is kept like AimMerging's anchor (one fp32 buffer per sub-group, on the device or the host); theta_{t-1}
 is one more fp32 buffer beside the masters (the update is read as a difference, which no optimizer exposes).
 Replay steps move the weights but are not model time: theta_{t-1} is reset after them. `end_task()` runs the
-end-of-task consolidation replay. The schedule itself is pure: aim_ds.forever.
+end-of-task consolidation replay. The schedule itself is pure: aim_ds.control.forever.
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ import math
 
 import torch
 
-from . import collectives, fusion, rehearsal
-from .collectives import fatal_error
-from .config import ForeverConfig
-from .errors import AimInputError
-from .fileio import write_csv
-from .forever import ForeverSchedule
-from .losses import batch_tokens
+from ..config import ForeverConfig
+from ..control.forever import ForeverSchedule
+from ..errors import AimInputError
+from ..fileio import write_csv
+from ..ops import collectives, fusion
+from ..ops.collectives import fatal_error
+from ..ops.losses import batch_tokens
+from ..shards import ZeroShards, restore_step_report, step_report_snapshot
+from . import rehearsal
 from .memory import check_memory, to_device
-from .shards import ZeroShards, restore_step_report, step_report_snapshot
 from .state import PluginState
 from .step_hook import StepHook
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import collectives
+from ..ops import collectives
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .shards import accumulation_boundary
+from ..shards import accumulation_boundary
 
 
 def rehearse(

@@ -11,14 +11,14 @@
 
 Failures found in a rank's own work (the undo record, a rehearsal batch, a non-finite rehearsal loss, the
 fusion math) are agreed on at the next sync point, which every rank reaches: every rank then restores what
-the merge changed (see aim_ds/journal.py) and the merge returns {"merged": False}. A failure inside a
+the merge changed (see aim_ds/plugin/journal.py) and the merge returns {"merged": False}. A failure inside a
 collective of a rehearsal step (DeepSpeed's gathers in forward/backward/step: its peers are blocked in that
 collective, so no agreement is possible) is published in the process group's store and re-raised; the
 peers' collective then fails and they raise naming the failing rank (collectives.fatal_error).
 
 A merge is built from an explicit context (MergeContext: the plugin's state, shards, anchor, fuser, controller,
 config, the engine and its own step, the rehearsal batch source); it changes the state only through it, and an
-undo puts the state back from its snapshot (aim_ds.state.PluginState.snapshot / restore).
+undo puts the state back from its snapshot (aim_ds.plugin.state.PluginState.snapshot / restore).
 """
 
 from __future__ import annotations
@@ -32,17 +32,18 @@ from typing import Any
 
 import torch
 
-from . import collectives, fusion, rehearsal
-from .collectives import fatal_error
-from .config import AimConfig
-from .controller import MergeController
-from .errors import MergeAborted, local_error
+from ..config import AimConfig
+from ..control.controller import MergeController
+from ..control.trajectory import TrajectoryRow
+from ..errors import MergeAborted, local_error
+from ..ops import collectives, fusion
+from ..ops.collectives import fatal_error
+from ..shards import ZeroShards, restore_step_report, step_report_snapshot
+from . import rehearsal
 from .fusers import Fuser
 from .journal import MergeJournal
 from .plan import MergePlan
-from .shards import ZeroShards, restore_step_report, step_report_snapshot
 from .state import PluginState
-from .trajectory import TrajectoryRow
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import AimInputError
+from ..errors import AimInputError
 
 
 class StepHook:

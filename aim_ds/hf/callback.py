@@ -1,35 +1,5 @@
-"""AimMerging for the Hugging Face Trainer (and Trainers built on it, such as TRL's SFTTrainer).
-
-    cb = AimMergingCallback()                  # config: the "aim_merging" section of the Trainer's ds_config
-    for task in tasks:                         # one Trainer per task, on the same model object
-        if memory: cb.set_memory(memory)       # rows like train_dataset items
-        Trainer(model=model, args=TrainingArguments(..., deepspeed=ds_config), train_dataset=task,
-                callbacks=[cb]).train()        # each train() is one task
-    cb.write_trajectory_csv("trajectory.csv")  # rank 0
-
-Each train() builds a new DeepSpeed engine; the callback attaches a plugin to it in on_train_begin and hands
-the previous plugin's state (task index, controller, memory positions, trajectory) to the new one. The engine is
-`trainer.model_wrapped`; callbacks are handed only the unwrapped model, so the callback finds the Trainer that
-calls it on the call stack (`bind(trainer)` names it for one train() whose callbacks run outside a Trainer method).
-A resumed train() is told by the Trainer's state (global_step > 0 at on_train_begin); its checkpoint folder is the
-`resume_from_checkpoint` the Trainer's own frames hold (or `bind(trainer, resume_from_checkpoint=...)`).
-
-Mixed replay draws its memory rows like the driver: batch c of a task takes positions c x K x world + rank x K
-.. + K of a seeded stream over all memory rows (a fresh shuffle per pass, seed = TrainingArguments.seed + 7 x task
-+ 1), so the draws are reproducible, differ across batches, and a resumed run draws from the position its
-checkpoint recorded (the micro-batches already trained). The collator must run in the main process
-(dataloader_num_workers 0): a worker's copy of the position would advance alone.
-
-The Trainer's eval dataloader collates with the same data_collator, and no event precedes an evaluation
-(on_evaluate follows it; eval_strategy="steps" runs one between two training batches). The collator therefore
-tells an evaluation batch by a Trainer's evaluate/predict frame on the call stack (the eval dataloader is iterated
-there, in the main process): such batches get no memory rows, leave the replay position where training left it,
-and `compute_loss_func` gives them the plain token-mean loss and the plugin no forgetting-signal record.
-
-Under Accelerate the engine steps inside `accelerator.backward`, before the Trainer reads the step's gradient
-norm; the plugin's work (probe, merge, rehearsal) therefore waits until `on_optimizer_step`, so the Trainer logs
-the training step's gradient norm, not the rehearsal's.
-"""
+"""AimMergingCallback: AimMerging across a sequence of Trainer.train() calls, one per task, and its checks of
+the Trainer's engine. How it finds the engine, hands the plugin on, resumes and replays: aim_ds.hf's docstring."""
 
 from __future__ import annotations
 
@@ -42,24 +12,21 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, default_data_collator
 
-from .checkpoint import plugin_file
-from .collectives import agree
-from .data.batching import memory_batches, seeded_stream
-from .errors import AimInputError
-from .fileio import atomic_write_bytes
-from .losses import split_token_loss
-from .plugin import AimPlugin
+from ..checkpoint import plugin_file
+from ..data.batching import memory_batches, seeded_stream
+from ..errors import AimInputError
+from ..fileio import atomic_write_bytes
+from ..ops.collectives import agree
+from ..ops.losses import split_token_loss
+from ..plugin import AimPlugin
+from .collator import ReplayCollator, in_evaluation
 
 STATE_DIR = "aim_merging"  # inside the Trainer's checkpoint-N/: one file per rank
-# the Trainer methods that iterate an evaluation dataloader or run an evaluation forward (see the module doc)
-EVAL_METHODS = frozenset({"evaluate", "predict", "evaluation_loop", "prediction_loop", "prediction_step"})
-
-
 REPLAY_DRAWS = ("stream", "cycle")
 
 
 class AimMergingCallback(TrainerCallback):
-    """AimMerging across a sequence of `Trainer.train()` calls, one per task (see the module docstring).
+    """AimMerging across a sequence of `Trainer.train()` calls, one per task (see aim_ds.hf's docstring).
 
     memory: rows like train_dataset items (the rehearsal memory of the tasks so far); cut, like the driver's,
         into seeded global batches of memory_batch_size rows per rank (default: per_device_train_batch_size),
@@ -139,13 +106,13 @@ class AimMergingCallback(TrainerCallback):
             self.plugin.write_trajectory_csv(path)
 
     def replay_collator(self, collator=default_data_collator):
-        """A data collator that appends `replay_rows` memory rows (a seeded draw per batch, see the module doc)
+        """A data collator that appends `replay_rows` memory rows (a seeded draw per batch, see aim_ds.hf's doc)
         after each training batch's new-task rows, collated together by `collator` (evaluation batches get
         none). Pair it with `compute_loss_func` (mixed replay; with "probe_source": "training_batch" those rows'
         loss is the forgetting signal). Needs dataloader_num_workers 0 (checked at train())."""
         if self.replay_rows < 1:
             raise AimInputError("replay_collator() needs AimMergingCallback(replay_rows=K) with K >= 1.")
-        return _ReplayCollator(self, collator)
+        return ReplayCollator(self, collator, self._next_replay_rows)
 
     def compute_loss_func(self, outputs, labels, num_items_in_batch=None):
         """Trainer(compute_loss_func=cb.compute_loss_func) for batches made by `replay_collator`: the token-mean
@@ -157,7 +124,7 @@ class AimMergingCallback(TrainerCallback):
                 "compute_loss_func: the batch has no labels; the Trainer pops them from the inputs "
                 "only when they are there."
             )
-        evaluating = _in_evaluation()  # then the batch holds no memory rows (see _ReplayCollator)
+        evaluating = in_evaluation()  # then the batch holds no memory rows (see ReplayCollator)
         k = 0 if evaluating else self._rows_in_batch()
         n_new = labels.shape[0] - k
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
@@ -206,7 +173,7 @@ class AimMergingCallback(TrainerCallback):
         trainer, resume = self._find_trainer()
         engine = trainer.model_wrapped
         _check_engine(engine)
-        if isinstance(trainer.data_collator, _ReplayCollator) and args.dataloader_num_workers > 0:
+        if isinstance(trainer.data_collator, ReplayCollator) and args.dataloader_num_workers > 0:
             raise AimInputError(
                 f"AimMergingCallback.replay_collator() with dataloader_num_workers={args.dataloader_num_workers}: "
                 "the collator would draw memory rows in worker processes, whose copies of the replay position "
@@ -242,7 +209,7 @@ class AimMergingCallback(TrainerCallback):
                 plugin.load_state_dict(previous.state_dict())
             plugin.start_task(memory=memory, steps=state.max_steps)
         if plugin.enabled:
-            plugin.defer_steps()  # engine.step() only marks the step; on_optimizer_step runs it (see module doc)
+            plugin.defer_steps()  # engine.step() only marks the step; on_optimizer_step runs it (see aim_ds.hf's doc)
         self.plugin = plugin
 
     def on_substep_end(self, args, state, control, **kwargs):
@@ -304,7 +271,7 @@ class AimMergingCallback(TrainerCallback):
         rank, world = trainer.args.process_index, trainer.args.world_size
         size = self.memory_batch_size or trainer.args.per_device_train_batch_size
         collate = trainer.data_collator
-        if isinstance(collate, _ReplayCollator):
+        if isinstance(collate, ReplayCollator):
             collate = collate.collator
         batches = []
         for rows in memory_batches(list(self._rows), size, rank, world, trainer.args.seed + 7 * self._task):
@@ -354,19 +321,6 @@ class AimMergingCallback(TrainerCallback):
         return saved
 
 
-class _ReplayCollator:
-    """New-task rows followed by the callback's replay rows, collated together (padding applies to both)."""
-
-    def __init__(self, callback: AimMergingCallback, collator):
-        self.callback, self.collator = callback, collator
-
-    def __call__(self, features):
-        if self.callback.trainer_args is None or _in_evaluation():
-            # an evaluation batch, or one before any train(): the rows alone, the replay position untouched
-            return self.collator(features)
-        return self.collator(list(features) + self.callback._next_replay_rows())
-
-
 def _check_engine(engine) -> None:
     """The Trainer's engine must be a DeepSpeed engine that trains (has an optimizer)."""
     from deepspeed import DeepSpeedEngine
@@ -383,17 +337,3 @@ def _check_engine(engine) -> None:
             "this Trainer before train(), and transformers then trains the inference engine it built for them. "
             "Evaluate before training with TrainingArguments(eval_on_start=True) instead."
         )
-
-
-def _in_evaluation() -> bool:
-    """Whether a Trainer's evaluation or prediction (EVAL_METHODS) is on the call stack: its dataloader is
-    iterated there, and a training loop that evaluates mid-task (eval_strategy "steps") holds it only then."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if frame.f_code.co_name in EVAL_METHODS and isinstance(frame.f_locals.get("self"), Trainer):
-                return True
-            frame = frame.f_back
-        return False
-    finally:
-        del frame

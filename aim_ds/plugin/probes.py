@@ -18,10 +18,10 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from . import collectives
-from .collectives import fatal_error
-from .errors import local_error
-from .losses import batch_tokens
+from ..errors import local_error
+from ..ops import collectives
+from ..ops.collectives import fatal_error
+from ..ops.losses import batch_tokens
 from .memory import to_device
 
 

@@ -15,9 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .data.dataset import encode_prompt, encode_target
-from .data.tasks import Task
-from .shards.tp import vocab_head, whole_vocab_logits
+from ..data.dataset import encode_prompt, encode_target
+from ..data.tasks import Task
+from ..shards.tp import vocab_head, whole_vocab_logits
 
 
 def _normalise(s: str) -> str:
@@ -39,7 +39,7 @@ def _unwrap(model_or_engine):
 def keeps_logits(model_or_engine) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do, also under peft's
     causal-LM wrapper, which hands it on: see memory.input_consumer)."""
-    from .memory import input_consumer
+    from ..plugin.memory import input_consumer
 
     module = getattr(model_or_engine, "module", model_or_engine)
     try:

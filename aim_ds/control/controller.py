@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import AimConfig
+from ..config import AimConfig
 from .policies import WeightPolicy, make_interval_rule, make_weight_policy, rehearsal_steps, uses_signal
 
 STATE_VERSION = 2
@@ -70,7 +70,7 @@ class StepDecision:
 
 @dataclass(frozen=True)
 class ControllerPlan:
-    """The controller's decision at a merge (rank 0); aim_ds.merge.MergePlan is what every rank then does."""
+    """The controller's decision at a merge (rank 0); aim_ds.plugin.plan.MergePlan is what every rank then does."""
 
     step: int
     interval: int  # the new S
