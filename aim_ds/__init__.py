@@ -8,12 +8,7 @@ from .errors import AimInputError  # noqa: E402
 
 def attach(engine, memory=None, config=None):
     """Attach a continual-learning method to a DeepSpeed engine: AimMerging (config None, a dict of the
-    "aim_merging" section or an AimConfig; see aim_ds.plugin.attach), or FOREVER (a ForeverConfig; see
-    aim_ds.plugin.forever)."""
-    if isinstance(config, ForeverConfig):
-        from .plugin.forever import ForeverPlugin
-
-        return ForeverPlugin(engine, memory, config)
+    "aim_merging" section or an AimConfig), or FOREVER (a ForeverConfig); see aim_ds.plugin.attach."""
     from .plugin import attach as _attach
 
     return _attach(engine, memory, config)

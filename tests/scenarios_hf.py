@@ -486,3 +486,19 @@ def trl_sft(tmp):
         "merges": [sum(r["merge"] for r in traj if r["task"] == t) for t in range(2)],
         "probe_forwards": cb.plugin.work["probe_forwards"],
     }
+
+
+def forever_trainer(tmp):
+    """FOREVER through the callback: two train() calls, one per task; task 1 replays at its day-1 mark (step 2)
+    and at its end (on_train_end)."""
+    from aim_ds.config import ForeverConfig
+
+    cb = AimMergingCallback(config=ForeverConfig(day_steps=2, replay_steps=1, consolidation_steps=1))
+    run_tasks(os.path.join(tmp, "f"), ds_cfg(), [task_rows(0), task_rows(1)], cb)
+    rows = cb.plugin.trajectory
+    return {
+        "steps": [(r["task"], r["step"]) for r in rows if r.get("delta") is not None],
+        "replays": [(r["task"], r["step"], r["replay"]) for r in rows if r.get("replay") is not None],
+        "work": cb.plugin.work,
+        "method": type(cb.plugin).__name__,
+    }

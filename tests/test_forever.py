@@ -197,3 +197,25 @@ def test_replaying_the_recorded_updates_reproduces_the_events(forever_run):
     assert recorded and replay_events(rows, ForeverConfig()) == recorded
     later = replay_events(rows, ForeverConfig(day_steps=30))  # a what-if: another day length moves every event
     assert later and all(step >= 30 for _, step, _ in later) and later != recorded
+
+
+def test_forever_through_the_trainer_callback(tmp_path):
+    r = run_ranks("tests.scenarios_hf:forever_trainer", 2, tmp_path, TIMEOUT, tmp=str(tmp_path))[0]
+    assert r["method"] == "ForeverPlugin"
+    per_task = 64 // (4 * 2)  # 64 rows, 4 per device, 2 ranks
+    assert r["steps"] == [[t, s] for t in (0, 1) for s in range(1, per_task + 1)]
+    assert r["replays"][0] == [1, 2, 0] and r["replays"][-1] == [1, per_task, "end"]
+    assert r["work"]["replay_events"] == len(r["replays"])
+
+
+def test_aim_ds_replay_reproduces_a_forever_run(forever_run, tmp_path):
+    from tests.mp import aim_ds_cmd
+
+    _, out = forever_run
+    p = subprocess.run([*aim_ds_cmd(), "replay", str(out)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "reproduces the recorded replay events exactly" in p.stdout
+    what_if = tmp_path / "ds.json"
+    what_if.write_text(json.dumps({"forever": {"day_steps": 30}}))
+    p = subprocess.run([*aim_ds_cmd(), "replay", str(out), "--config", str(what_if)], capture_output=True, text=True)
+    assert p.returncode == 0 and "differs from the recorded events" in p.stdout, p.stdout + p.stderr

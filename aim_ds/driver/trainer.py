@@ -410,8 +410,8 @@ class CLTrainer:
                 on_step=self.checkpoint_hook(engine, plugin, k, matrix, cfg.seed + k),
                 probe=probe,
             )
-            if hasattr(plugin, "end_task"):
-                plugin.end_task()  # FOREVER's end-of-task consolidation replay
+            if plugin is not None:
+                plugin.end_task()  # FOREVER's end-of-task consolidation replay; nothing for AimMerging
             scores = self._timed_eval(engine, range(k + 1 if cfg.eval_tasks == "seen" else len(s.tasks)), clock)
             matrix.append([scores.get(i) for i in range(len(s.tasks))])
             if cfg.checkpoint_every:

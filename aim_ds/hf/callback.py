@@ -18,7 +18,7 @@ from ..errors import AimInputError
 from ..fileio import atomic_write_bytes
 from ..ops.collectives import agree
 from ..ops.losses import split_token_loss
-from ..plugin import AimPlugin
+from ..plugin import AimPlugin, ForeverPlugin, attach
 from .collator import ReplayCollator, in_evaluation
 
 STATE_DIR = "aim_merging"  # inside the Trainer's checkpoint-N/: one file per rank
@@ -32,7 +32,9 @@ class AimMergingCallback(TrainerCallback):
         into seeded global batches of memory_batch_size rows per rank (default: per_device_train_batch_size),
         each rank collating its slice with the Trainer's collator (the one inside replay_collator()). May be
         given later with set_memory().
-    config: an AimConfig or dict overriding the ds_config's "aim_merging" section.
+    config: an AimConfig or dict overriding the ds_config's "aim_merging" section; or a ForeverConfig, which runs
+        FOREVER instead (docs/forever.md): model-time replay events during each train(), and the end-of-task
+        replay in on_train_end.
     replay_rows, memory_weight: mixed replay, used by `replay_collator()` and `compute_loss_func`.
     replay_draw: "stream" (default: batch c takes the next K x world positions of the seeded stream, so every
         memory row recurs with fresh partners) or "cycle" (the driver's: the memory cut once into
@@ -65,7 +67,7 @@ class AimMergingCallback(TrainerCallback):
         self.memory_batch_size = memory_batch_size
         self.replay_rows = replay_rows
         self.memory_weight = memory_weight
-        self.plugin: AimPlugin | None = None
+        self.plugin: AimPlugin | ForeverPlugin | None = None
         self._rows = None
         self._replay_position = 0  # the next replay batch's index in this task's stream (collate calls)
         self._consumed = 0  # micro-batches trained in this task: the position a checkpoint records
@@ -194,7 +196,7 @@ class AimMergingCallback(TrainerCallback):
             # parameter coordinator. Destroyed only now, so the user can evaluate the finished task with it.
             self._engine.destroy()
         self._engine = engine
-        plugin = AimPlugin(engine, memory=None, config=self.config)
+        plugin = attach(engine, None, self.config)  # AimPlugin, or ForeverPlugin for a ForeverConfig
         saved = self._read_saved(plugin, resume) if resumed else None
         self._task = saved["task"] if saved is not None else self._task + 1
         self._replay_seed = args.seed + 7 * self._task + 1  # the driver's seeds: memory + 7k, replay + 7k + 1
@@ -235,6 +237,7 @@ class AimMergingCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.plugin is not None:
+            self.plugin.end_task()  # FOREVER's end-of-task replay (every rank is here); nothing for AimMerging
             self.plugin.detach()
         self._bound = None  # bind() holds for one train()
 

@@ -13,14 +13,25 @@ state      PluginState: the plugin's mutable bookkeeping, one owner
 memory     checks of a rehearsal memory and the cursors that walk it
 """
 
-from ..config import AimConfig
+from ..config import AimConfig, ForeverConfig
 from ..control.trajectory import FIELDS as TRAJECTORY_FIELDS
 from ..control.trajectory import TrajectoryRow
 from ..errors import AimInputError
 from ..ops.losses import batch_tokens, mixed_loss, rows_loss
-from .aim import AimPlugin, attach
+from .aim import AimPlugin
 from .forever import ForeverPlugin
 from .step_hook import step_lr
+
+
+def attach(engine, memory=None, config=None) -> AimPlugin | ForeverPlugin:
+    """Attach a method to a DeepSpeed engine: FOREVER for a ForeverConfig, AimMerging otherwise (config None
+    reads the engine's ds_config "aim_merging" section; absent: disabled, plain DeepSpeed). The user's training
+    loop is unchanged. memory: a list or iterable of model-input dicts (with labels) for this rank; it may also
+    be given later with `start_task(memory=...)`."""
+    if isinstance(config, ForeverConfig):
+        return ForeverPlugin(engine, memory, config)
+    return AimPlugin(engine, memory, config)
+
 
 __all__ = [
     "TRAJECTORY_FIELDS",

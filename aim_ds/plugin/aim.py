@@ -124,6 +124,10 @@ class AimPlugin:
             fusion.copy_into(a, g.master)
         self.fuser.start_task()
 
+    def end_task(self) -> None:
+        """The end of a task: nothing for AimMerging (the controller merges during the task); FOREVER replays
+        here. Loops call it on every rank after a task's last step, whichever method runs."""
+
     def set_memory(self, memory) -> None:
         """Replace the rehearsal memory (a list or iterable of model-input dicts, this rank's own)."""
         error = check_memory(self.engine, memory, getattr(self, "rank", 0))
@@ -372,13 +376,3 @@ def _position_error(sd: dict, plugin: AimPlugin) -> str | None:
             "(plugin state cannot be resharded across tensor-parallel sizes)."
         )
     return None
-
-
-def attach(engine, memory=None, config: AimConfig | dict | None = None) -> AimPlugin:
-    """Attach AimMerging to a DeepSpeed engine. The user's training loop is unchanged.
-
-    config None reads the engine's ds_config "aim_merging" section (absent -> disabled: plain DeepSpeed).
-    memory: a list or iterable of model-input dicts (with labels) for this rank; it may also be given
-    later with `start_task(memory=...)`.
-    """
-    return AimPlugin(engine, memory, config)

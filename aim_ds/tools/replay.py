@@ -8,15 +8,20 @@ anchor, and rehearsal and fusion change the probe losses that follow). At a merg
 the sum |theta - anchor| is unknown; it is estimated from the run's segment covering that step: its
 displacement per unit of summed learning rate times the replayed segment's summed learning rate, where
 the run recorded its lr (else its Lambda, a per-step rate: sum = Lambda x elements x S).
+
+A FOREVER run (`--method forever`; results.json records its "forever" section) is replayed by its own pure
+schedule (aim_ds.control.forever) on the recorded update sizes: its replay events, exactly.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
-from ..config import AimConfig
+from ..config import FOREVER_SECTION, AimConfig, ForeverConfig
 from ..control.controller import MergeController, probe_due
+from ..control.forever import recorded_events, replay_events
 from ..control.trajectory import TrajectoryRow, read_csv
 
 HELP = "re-run the merge controller on a run's recorded trajectory (what-if schedules for other configs)"
@@ -27,6 +32,12 @@ CAVEAT = (
     "follow), so for another config it is a what-if on fixed signals, not a prediction. At merges the run "
     "did not make, sum |theta - anchor| is estimated from the recorded displacement per unit of learning "
     "rate (or, without a recorded lr, the learning signal) of the segment covering that step."
+)
+
+
+FOREVER_CAVEAT = (
+    "This is where the schedule fires on the RECORDED update sizes. In a real run every replay event changes the "
+    "updates that follow, so for another config it is a what-if on fixed updates, not a prediction."
 )
 
 
@@ -146,16 +157,60 @@ def add_arguments(p) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output folder (with trajectory.csv)")
     p.add_argument(
         "--config",
-        help="a ds_config (its aim_merging section) or an aim_merging JSON; "
+        help="a ds_config (its aim_merging or forever section) or an aim_merging JSON; "
         "default: the run's own, from RUN_DIR/results.json",
     )
     p.add_argument("--plot", metavar="PNG", help="also plot the replayed trajectory like trajectory.png")
+
+
+def _forever_config(args) -> tuple[ForeverConfig, str] | None:
+    """The FOREVER config to replay with, when RUN_DIR is a --method forever run or --config holds a "forever"
+    section; None for AimMerging."""
+    if args.config:
+        with open(args.config) as f:
+            d = json.load(f)
+        return (ForeverConfig.from_dict(d[FOREVER_SECTION]), args.config) if FOREVER_SECTION in d else None
+    res = os.path.join(args.run_dir, "results.json")
+    if not os.path.isfile(res):
+        return None
+    with open(res) as f:
+        section = (json.load(f).get("config") or {}).get(FOREVER_SECTION)
+    return (ForeverConfig.from_dict(section), "the run's own config (results.json)") if section else None
+
+
+def _run_forever(path: str, cfg: ForeverConfig, source: str, what_if: bool) -> int:
+    """FOREVER's schedule reads nothing but the update sizes: the run's own config reproduces its events."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "delta" not in rows[0]:
+        raise ValueError(f"{path} has no delta column: it is not the trajectory of a FOREVER run")
+    got, want = replay_events(rows, cfg), recorded_events(rows)
+    print(f"replay of {path} with {source} (FOREVER: replay events on the recorded update sizes)")
+    print(f"{'task':>4} {'step':>6} {'day':>6}")
+    for task, step, event in got:
+        print(f"{task:>4} {step:>6} {cfg.days[event]:>6g}")
+    print(f"replay events: replayed {len(got)}, recorded {len(want)}")
+    if got == want:
+        print("the replay reproduces the recorded replay events exactly (tasks, steps, days)")
+    else:
+        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        print(
+            f"{'differs from' if what_if else 'MISMATCH with'} the recorded events from event {first + 1}: "
+            f"replayed {got[first] if first < len(got) else None}, recorded {want[first] if first < len(want) else None}"
+        )
+    if what_if:
+        print(FOREVER_CAVEAT)
+        return 0
+    return 0 if got == want else 1
 
 
 def run(args) -> int:
     path = os.path.join(args.run_dir, "trajectory.csv")
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found: RUN_DIR must be a run's output folder (the driver writes trajectory.csv)")
+    forever = _forever_config(args)
+    if forever is not None:
+        return _run_forever(path, *forever, what_if=bool(args.config))
     rows = read_csv(path)
     if (
         rows
