@@ -369,7 +369,7 @@ class CLTrainer:
         return mem_examples, mem_b
 
     def sequential(self) -> dict:
-        """The task sequence on one engine (seqft, replay, fixed_merge, aim)."""
+        """The task sequence on one engine (seqft, replay, fixed_merge, aim, forever)."""
         s, cfg = self.state, self.cfg
         engine = self.make_engine()
         resume = s.resume
