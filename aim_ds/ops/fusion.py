@@ -46,12 +46,18 @@ def abs_change_sum(theta: torch.Tensor, anchor: torch.Tensor, ranges: list[tuple
     across an integer boundary (e.g. 64 halved to 32 instead of 63). Each bounded piece is widened to
     float64 before the subtraction, so the difference and the sum are exact to float64 rounding; the
     running total stays on the device (one host sync at the end)."""
+    return _change_sum(theta, anchor, ranges, squared=False)
+
+
+@torch.no_grad()
+def _change_sum(theta: torch.Tensor, other: torch.Tensor, ranges: list[tuple[int, int]], squared: bool) -> float:
+    """sum |theta - other| (or of its squares) over the valid ranges, each bounded piece widened to float64."""
     total = torch.zeros((), dtype=torch.float64, device=theta.device)
     for start, length in ranges:
         for off, n in chunks(length, F64_CHUNK):
-            a = _on(anchor.narrow(0, start + off, n), theta.device)
-            d = theta.narrow(0, start + off, n).double()
-            total += d.sub_(a.double()).abs_().sum()
+            o = _on(other.narrow(0, start + off, n), theta.device)
+            d = theta.narrow(0, start + off, n).double().sub_(o.double())
+            total += (d.square_() if squared else d.abs_()).sum()
     return float(total)
 
 
@@ -192,13 +198,7 @@ def squared_change_and_keep(theta: torch.Tensor, previous: torch.Tensor, ranges:
     """sum (theta - previous)^2 over the valid ranges in float64 (like abs_change_sum), then previous <- theta.
 
     FOREVER's update size ||theta_t - theta_{t-1}||^2 on this rank's shard; `previous` lives beside theta."""
-    total = torch.zeros((), dtype=torch.float64, device=theta.device)
-    for start, length in ranges:
-        for off, n in chunks(length, F64_CHUNK):
-            p = _on(previous.narrow(0, start + off, n), theta.device)
-            d = theta.narrow(0, start + off, n).double()
-            total += d.sub_(p.double()).square_().sum()
-    value = float(total)
+    value = _change_sum(theta, previous, ranges, squared=True)
     copy_into(previous, theta)
     return value
 

@@ -163,6 +163,18 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", metavar="PNG", help="also plot the replayed trajectory like trajectory.png")
 
 
+def _verdict(got: list, want: list, exactly: str, from_what: str, what_if) -> None:
+    """One line: the replay equals the record, or where they first part (a MISMATCH under the run's own config)."""
+    if got == want:
+        print(f"the replay reproduces the recorded {exactly}")
+        return
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    print(
+        f"{'differs from' if what_if else 'MISMATCH with'} the recorded {from_what} {first + 1}: "
+        f"replayed {got[first] if first < len(got) else None}, recorded {want[first] if first < len(want) else None}"
+    )
+
+
 def _forever_config(args) -> tuple[ForeverConfig, str] | None:
     """The FOREVER config to replay with, when RUN_DIR is a --method forever run or --config holds a "forever"
     section; None for AimMerging."""
@@ -190,14 +202,7 @@ def _run_forever(path: str, cfg: ForeverConfig, source: str, what_if: bool) -> i
     for task, step, event in got:
         print(f"{task:>4} {step:>6} {cfg.days[event]:>6g}")
     print(f"replay events: replayed {len(got)}, recorded {len(want)}")
-    if got == want:
-        print("the replay reproduces the recorded replay events exactly (tasks, steps, days)")
-    else:
-        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-        print(
-            f"{'differs from' if what_if else 'MISMATCH with'} the recorded events from event {first + 1}: "
-            f"replayed {got[first] if first < len(got) else None}, recorded {want[first] if first < len(want) else None}"
-        )
+    _verdict(got, want, "replay events exactly (tasks, steps, days)", "events from event", what_if)
     if what_if:
         print(FOREVER_CAVEAT)
         return 0
@@ -243,14 +248,9 @@ def run(args) -> int:
         from ..experiment.report import plot_trajectory
 
         plot_trajectory(args.plot, got, None, f"replay: {os.path.basename(os.path.abspath(args.run_dir))}")
-    if have == want:
-        print("the replay reproduces the recorded merges exactly (steps, intervals, R, weights, learning signals)")
-    else:
-        first = next((i for i, (a, b) in enumerate(zip(have, want)) if a != b), min(len(have), len(want)))
-        print(
-            f"{'differs from' if args.config else 'MISMATCH with'} the recorded merges from merge {first + 1}: "
-            f"replayed {have[first] if first < len(have) else None}, recorded {want[first] if first < len(want) else None}"
-        )
+    _verdict(
+        have, want, "merges exactly (steps, intervals, R, weights, learning signals)", "merges from merge", args.config
+    )
     if args.config:
         print(CAVEAT)
         return 0
