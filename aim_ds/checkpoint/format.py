@@ -38,10 +38,11 @@ def fingerprint(obj: Any) -> str:
 
 
 def model_fingerprint(engine) -> dict:
-    """Class, parameter count and a hash of every parameter's name and full shape (also under ZeRO-3)."""
-    from ..shards import param_shapes
+    """Class, parameter count and a hash of every parameter's name and full shape (also under ZeRO-3; under
+    pipelines every stage's, so every rank calls it)."""
+    from ..shards.checkpointing import engine_param_shapes
 
-    params = param_shapes(engine.module)
+    params = engine_param_shapes(engine)
     count = sum(math.prod(s) for _, s in params)
     return {
         "class": type(engine.module).__name__,

@@ -115,10 +115,11 @@ def save_checkpoint(
         err = _failure(e)
     agree(err, exc_type=CheckpointSaveError)  # also the barrier: every rank's files are durable
     final = os.path.join(save_dir, tag)
+    layout, model = _layout_and_model(engine)  # collectives under pipelines: on every rank, before rank 0 writes
     err = None
     if rank == 0:
         try:
-            _write_rank0_files(engine, plugin, tmp_dir, tag, world, task_fingerprint, tokenizer, extra)
+            _write_rank0_files(engine, plugin, tmp_dir, tag, world, task_fingerprint, tokenizer, extra, layout, model)
             _commit(save_dir, tag, keep_last)
         except Exception as e:  # noqa: BLE001
             err = _failure(e)
@@ -126,7 +127,17 @@ def save_checkpoint(
     return final
 
 
-def _write_rank0_files(engine, plugin, tmp_dir, tag, world, task_fingerprint, tokenizer, extra) -> None:
+def _layout_and_model(engine) -> tuple[dict, dict]:
+    """The partition layout and the model's fingerprint, as the manifest records them; every rank calls it."""
+    from ..shards.tp import param_slices
+
+    layout = shards.engine_layout(engine)
+    if layout.get("tp_size", 1) > 1:  # the frozen parameters' cuts too: aim-ds convert joins them as well
+        layout["tp_slices"] = param_slices(engine.module)
+    return layout, model_fingerprint(engine)
+
+
+def _write_rank0_files(engine, plugin, tmp_dir, tag, world, task_fingerprint, tokenizer, extra, layout, model) -> None:
     """The model config (+ tokenizer) under hf/, then the manifest: the file whose presence makes a tag complete."""
     hf = os.path.join(tmp_dir, HF_SUBDIR)
     cfg = getattr(engine.module, "config", None)
@@ -146,11 +157,6 @@ def _write_rank0_files(engine, plugin, tmp_dir, tag, world, task_fingerprint, to
         fsync_dir(hf)  # the folder's entries: its files' names
     import deepspeed
 
-    from ..shards.tp import param_slices
-
-    layout = shards.engine_layout(engine)
-    if layout.get("tp_size", 1) > 1:  # the frozen parameters' cuts too: aim-ds convert joins them as well
-        layout["tp_slices"] = param_slices(engine.module)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -164,7 +170,7 @@ def _write_rank0_files(engine, plugin, tmp_dir, tag, world, task_fingerprint, to
         "plugin": None
         if plugin is None
         else {"enabled": bool(plugin.enabled), "task_index": plugin.task_index, "merge_count": plugin.merge_count},
-        "model": model_fingerprint(engine),
+        "model": model,
         "task_fingerprint": task_fingerprint,
         "extra": extra,
         "layout": layout,
@@ -213,20 +219,23 @@ def _prune(save_dir: str, keep_last: int | None, current: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- load
-def _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world) -> tuple[str, dict]:
+def _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world, live, now) -> tuple[str, dict]:
     tag = resolve_tag(load_dir, tag)
     tag_dir = os.path.join(load_dir, tag)
     m = read_tag_manifest(tag_dir)
     mpath = os.path.join(tag_dir, MANIFEST)
     check_compatible(tag_dir, m, world_size=world)
-    live = shards.engine_layout(engine)
+    if live.get("pp_size", 1) != m["layout"].get("pp_size", 1):
+        raise CheckpointError(
+            f"{mpath}: checkpoint was saved with {m['layout'].get('pp_size', 1)} pipeline stage(s), this run has "
+            f"{live.get('pp_size', 1)}; resume with the pipeline-parallel size it was saved with."
+        )
     if live.get("tp_size", 1) != m["layout"].get("tp_size", 1):
         raise CheckpointError(
             f"{mpath}: checkpoint was saved at tensor-parallel size {m['layout'].get('tp_size', 1)}, "
             f"this run has {live.get('tp_size', 1)}; resume with the tensor_parallel settings it was "
             "saved with (aim_ds cannot reshard across tensor-parallel sizes)."
         )
-    now = model_fingerprint(engine)
     saved = m["model"]
     if saved["params_sha256"] != now["params_sha256"]:
         sp, np_ = {n: s for n, s in saved["params"]}, {n: s for n, s in now["params"]}
@@ -282,8 +291,9 @@ def load_checkpoint(
 
     rank, world = dist.get_rank(), dist.get_world_size()
     err, manifest = None, None
+    live, now = _layout_and_model(engine)  # collectives under pipelines: on every rank, before any can raise
     try:
-        tag, manifest = _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world)
+        tag, manifest = _validate(engine, plugin, load_dir, tag, task_fingerprint, rank, world, live, now)
     except CheckpointError as e:
         err = str(e)
     except Exception as e:  # noqa: BLE001 - an unexpected failure on one rank must not hang the others

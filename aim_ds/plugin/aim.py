@@ -30,6 +30,7 @@ from ..fileio import write_csv
 from ..ops import collectives, fusion
 from ..ops.losses import batch_tokens, mixed_loss, rows_loss  # noqa: F401 (public names stay here)
 from ..shards import ZeroShards, ds_config_dict
+from ..shards.pipe import PipeSteps
 from .fusers import make_fuser
 from .journal import undo_path_error
 from .memory import check_memory, to_device
@@ -59,13 +60,14 @@ def _check_merge_args(weights, rehearsal_steps) -> None:
 class AimPlugin:
     """AimMerging attached to a DeepSpeed ZeRO-3 engine. Create with `aim_ds.attach`."""
 
-    def __init__(self, engine, memory=None, config: AimConfig | dict | None = None):
+    def __init__(self, engine, memory=None, config: AimConfig | dict | None = None, pipe_batch=None):
         config = _resolve_config(engine, config)
         self.config: AimConfig = config
         self.engine = engine
         self.enabled = bool(config.enabled)
         self.state = PluginState()  # task, step, merges, trajectory, work counts, memory and cursors
         self._hook: StepHook | None = None
+        self.pipe: PipeSteps | None = None
         self.probe = self.fuser = None
         if not self.enabled:
             return  # nothing touched: training is exactly plain DeepSpeed
@@ -80,7 +82,10 @@ class AimPlugin:
         # ONE anchor buffer per sub-group, shaped like the fp32 master partition; the fuser holds its own
         self.anchor = [alloc(g.master) for g in self.shards.groups]
         self.fuser = make_fuser(config, self.shards, policy, alloc, self._statistics_side)
-        self.probe = PROBE_SOURCES[config.probe_source](config, engine, self.shards, self.state.work)
+        # a pipeline engine's own forwards and steps, on micro-batches pipe_batch(memory batch) (default
+        # (input_ids, labels)); None for other engines
+        self.pipe = PipeSteps(engine, pipe_batch) if self.shards.pipeline else None
+        self.probe = PROBE_SOURCES[config.probe_source](config, engine, self.shards, self.state.work, pipe=self.pipe)
         if memory is not None:
             self.set_memory(memory)
         self._hook = StepHook(engine, self.state, self._after_step, self.probe.discard)
@@ -130,7 +135,9 @@ class AimPlugin:
 
     def set_memory(self, memory) -> None:
         """Replace the rehearsal memory (a list or iterable of model-input dicts, this rank's own)."""
-        error = check_memory(self.engine, memory, getattr(self, "rank", 0))
+        error = check_memory(
+            self.engine, memory, getattr(self, "rank", 0), self.pipe.pipe_batch if self.pipe is not None else None
+        )
         collectives.agree(error, exc_type=AimInputError)
         collectives.agree(self.shards.tp_memory_error(memory), exc_type=AimInputError)
         self.state.set_memory(memory)
@@ -282,6 +289,7 @@ class AimPlugin:
             config=self.config,
             engine=self.engine,
             optimizer_step=self._hook.original,
+            pipe=self.pipe,
             rehearsal_batch=self._rehearsal_batch,
             global_valid_numel=self._global_valid_numel,
         )
@@ -367,6 +375,12 @@ def _position_error(sd: dict, plugin: AimPlugin) -> str | None:
         return (
             f"aim_merging: plugin state of rank {sd['rank']}/{sd['world_size']} loaded on rank "
             f"{plugin.rank}/{plugin.world_size}; reshard it first (aim-ds reshard)."
+        )
+    saved_pp = sd.get("position", {}).get("pp_size", 1)
+    if saved_pp != plugin.shards.pp["pp_size"]:
+        return (
+            f"aim_merging: plugin state saved with {saved_pp} pipeline stage(s), this run has "
+            f"{plugin.shards.pp['pp_size']}; resume with the pipeline-parallel size the run was saved with."
         )
     saved_tp = sd.get("position", {}).get("tp_size", 1)
     if saved_tp != plugin.shards.tp_size:

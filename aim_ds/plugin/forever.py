@@ -30,6 +30,7 @@ from ..ops import collectives, fusion
 from ..ops.collectives import fatal_error
 from ..ops.losses import batch_tokens
 from ..shards import ZeroShards, restore_step_report, step_report_snapshot
+from ..shards.pipe import PipeSteps
 from . import rehearsal
 from .memory import check_memory, to_device
 from .state import PluginState
@@ -56,17 +57,19 @@ class ForeverPlugin:
     """FOREVER attached to a DeepSpeed engine (ZeRO 0-3). Create with `aim_ds.attach(engine, memory,
     config=ForeverConfig(...))`; the loop calls start_task() before each task and end_task() after it."""
 
-    def __init__(self, engine, memory=None, config: ForeverConfig | dict | None = None):
+    def __init__(self, engine, memory=None, config: ForeverConfig | dict | None = None, pipe_batch=None):
         self.config = ForeverConfig.from_dict(config)
         self.engine = engine
         self.enabled = bool(self.config.enabled)
         self.state = PluginState()
         self.state.work["replay_events"] = 0
         self._hook: StepHook | None = None
+        self.pipe: PipeSteps | None = None
         if not self.enabled:
             return
         self.shards = ZeroShards(engine)
         self.rank, self.world_size = self.shards.rank, self.shards.world_size
+        self.pipe = PipeSteps(engine, pipe_batch) if self.shards.pipeline else None  # a pipeline's own steps
         self.schedule = ForeverSchedule(self.config) if self.rank == 0 else None
         alloc = fusion.allocator(self.shards.device if self.config.anchor == "device" else torch.device("cpu"))
         self.anchor = [alloc(g.master) for g in self.shards.groups]  # theta*: the end of the previous task
@@ -132,7 +135,9 @@ class ForeverPlugin:
 
     def set_memory(self, memory) -> None:
         """Replace the replay memory (a list or iterable of model-input dicts, this rank's own)."""
-        error = check_memory(self.engine, memory, getattr(self, "rank", 0))
+        error = check_memory(
+            self.engine, memory, getattr(self, "rank", 0), self.pipe.pipe_batch if self.pipe is not None else None
+        )
         collectives.agree(error, exc_type=AimInputError)
         self.state.set_memory(memory)
 
@@ -252,6 +257,7 @@ class ForeverPlugin:
                 self._hook.original,
                 lambda error: collectives.agree(error, exc_type=RuntimeError),
                 lambda e, what: fatal_error(e, self.rank, f"the {where} ({what})"),
+                pipe=self.pipe,
             )
         finally:
             s.in_rehearsal = False

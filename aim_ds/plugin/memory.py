@@ -41,8 +41,9 @@ class Cursor:
         return item
 
 
-def check_memory(engine, memory, rank: int) -> str | None:
-    """The first problem with a rehearsal memory (one clear message naming the fix), or None."""
+def check_memory(engine, memory, rank: int, pipe_batch=None) -> str | None:
+    """The first problem with a rehearsal memory (one clear message naming the fix), or None. pipe_batch: a
+    pipeline engine's conversion of a memory dict to its micro-batch (the model's forward names no inputs)."""
     if memory is None:
         return "aim_merging: memory is None; give a list or iterable of model-input dicts."
     if isinstance(memory, dict):
@@ -66,6 +67,8 @@ def check_memory(engine, memory, rank: int) -> str | None:
             f"aim_merging: the rehearsal memory is empty on rank {rank}; every rank needs at least one batch "
             "(check the memory fraction and the number of ranks)."
         )
+    if pipe_batch is not None:
+        return _pipe_memory_error(batches, pipe_batch)
     module = input_consumer(engine.module)
     sig = inspect.signature(module.forward)
     accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
@@ -109,6 +112,27 @@ def check_memory(engine, memory, rank: int) -> str | None:
                     f"{where}: input_ids range [{int(ids.min())}, {int(ids.max())}] is outside the model's "
                     f"vocabulary [0, {vocab}); tokenize with the model's tokenizer."
                 )
+    return None
+
+
+def _pipe_memory_error(batches: list, pipe_batch) -> str | None:
+    """A pipeline's memory: dicts with integer labels that pipe_batch turns into a micro-batch."""
+    for i, b in enumerate(batches):
+        where = f"aim_merging: memory batch {i}"
+        if not isinstance(b, dict):
+            return (
+                f"{where} is a {type(b).__name__}; each batch must be a dict (pipe_batch turns it into a micro-batch)."
+            )
+        labels = b.get("labels")
+        if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
+            return f"{where}: labels must be an integer tensor (token ids, -100 = ignore)."
+        try:
+            pipe_batch(b)
+        except Exception as e:
+            return (
+                f"{where}: pipe_batch could not turn it into a pipeline micro-batch ({type(e).__name__}: {e}); "
+                "give dicts with the keys your pipe_batch reads (the default reads input_ids and labels)."
+            )
     return None
 
 

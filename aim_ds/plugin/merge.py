@@ -58,6 +58,7 @@ class MergeContext:
     config: AimConfig
     engine: Any
     optimizer_step: Callable[[], Any]  # the engine's own step (the plugin's hook wraps engine.step)
+    pipe: Any  # a pipeline engine's own steps and forwards (aim_ds.shards.pipe.PipeSteps), else None
     rehearsal_batch: Callable[[], dict]  # the next rehearsal batch, on the device
     global_valid_numel: int  # valid master elements over all ranks (the learning signal's denominator)
 
@@ -177,7 +178,9 @@ class Merge:
         c = self.ctx
         c.state.in_rehearsal = True  # the plugin's hook stays out; a fuser's gradient hook files under rehearsal
         try:
-            losses = rehearsal.rehearse(c.engine, steps, c.rehearsal_batch, c.optimizer_step, agree, self.fatal)
+            losses = rehearsal.rehearse(
+                c.engine, steps, c.rehearsal_batch, c.optimizer_step, agree, self.fatal, pipe=c.pipe
+            )
         finally:
             c.state.in_rehearsal = False
         c.state.work["rehearsal_steps"] += len(losses)

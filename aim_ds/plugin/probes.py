@@ -26,8 +26,8 @@ from .memory import to_device
 
 
 class ProbeSource(Protocol):
-    """Where the forgetting signal comes from; built as cls(config, engine, shards, work) (work: the plugin's
-    work counts, which a probe's own forwards add to)."""
+    """Where the forgetting signal comes from; built as cls(config, engine, shards, work, pipe=None) (work: the
+    plugin's work counts, which a probe's own forwards add to; pipe: a pipeline engine's own forwards)."""
 
     name: ClassVar[str]
     records_loss: ClassVar[bool]  # the caller hands over the memory rows' loss (AimPlugin.record_probe_loss)
@@ -45,8 +45,9 @@ class MemoryForwardProbe:
     name = "memory_forward"
     records_loss = False  # the caller hands over no loss
 
-    def __init__(self, config, engine, shards, work: dict):
+    def __init__(self, config, engine, shards, work: dict, pipe=None):
         self.config, self.engine, self.shards, self.work = config, engine, shards, work
+        self.pipe = pipe  # under a pipeline engine the forward is its eval_batch (aim_ds.shards.pipe.PipeSteps)
 
     def due(self, scheduled: bool, has_memory: bool) -> bool:
         return scheduled and has_memory
@@ -74,7 +75,10 @@ class MemoryForwardProbe:
         was_training = module.training
         module.eval()
         try:
-            local = float(self.engine(**got["on_device"]).loss.detach())
+            if self.pipe is not None:
+                local = self.pipe.loss(got["on_device"])
+            else:
+                local = float(self.engine(**got["on_device"]).loss.detach())
             mean = collectives.mean_over_ranks(local, 1.0, group=self.shards.dp_group)
         except Exception as e:
             raise fatal_error(e, self.shards.rank, what) from e
@@ -91,7 +95,7 @@ class TrainingBatchProbe:
     name = "training_batch"
     records_loss = True  # the caller hands over the memory rows' loss (record_probe_loss)
 
-    def __init__(self, config, engine, shards, work: dict):
+    def __init__(self, config, engine, shards, work: dict, pipe=None):
         self.shards = shards
         self.recorded: tuple[float, float] | None = None
         self._warned_task = -1  # the task for which a missing record was reported

@@ -15,6 +15,7 @@ def rehearse(
     optimizer_step: Callable[[], None],
     agree: Callable[[str | None], None],
     fatal: Callable[[BaseException, str], BaseException],
+    pipe=None,
 ) -> list[float]:
     """Run `steps` optimizer steps (gradient accumulation respected) and return their mean losses.
 
@@ -22,7 +23,8 @@ def rehearse(
     the optimizer's learning rates are restored after. Before each step every rank `agree`s that its batches
     are ready and its previous loss was finite, so a rank's failure there stops every rank alike; a failure
     inside a step's collectives cannot be agreed on and is re-raised through `fatal`.
-    `optimizer_step` is the engine's own step (the plugin's hook wraps engine.step).
+    `optimizer_step` is the engine's own step (the plugin's hook wraps engine.step). Under a pipeline engine
+    `pipe` (aim_ds.shards.pipe.PipeSteps) runs each step as one train_batch over the step's micro-batches.
     """
     scheduler = engine.lr_scheduler
     lrs = [g["lr"] for g in engine.optimizer.param_groups]
@@ -46,6 +48,9 @@ def rehearse(
             if i == steps:
                 break
             try:
+                if pipe is not None:
+                    losses.append(pipe.step(batches))
+                    continue
                 total = 0.0
                 for micro, batch in enumerate(batches):
                     if boundary is not None:

@@ -9,22 +9,34 @@ from collections.abc import Callable
 import torch
 
 from ..errors import AimInputError
+from ..shards.pipe import is_pipeline
 
 
 class StepHook:
-    """After each applied optimizer step (at an accumulation boundary, outside the method's own rehearsal or
-    replay steps, which `state.in_rehearsal` marks) call `on_step(lr)`, lr being the step's learning rate; after a
-    skipped (overflowed) one call `on_skipped()`. `original` is the engine's own step, for the method's own steps."""
+    """After each applied optimizer step (engine.step at an accumulation boundary, or a pipeline's train_batch),
+    outside the method's own rehearsal or replay steps, which `state.in_rehearsal` marks, call `on_step(lr)`, lr
+    being the step's learning rate; after a skipped (overflowed) one call `on_skipped()`. `original` is the
+    engine's own step (or train_batch)."""
 
-    def __init__(self, engine, state, on_step: Callable[[float], None], on_skipped: Callable[[], None]):
+    def __init__(
+        self,
+        engine,
+        state,
+        on_step: Callable[[float], None],
+        on_skipped: Callable[[], None],
+    ):
         self.engine = engine
-        self.original = engine.step
         self._deferred = False  # defer(): engine.step only marks the step, run_deferred() runs it
         self._pending: float | None = None  # the lr of a step engine.step() marked, until it is run
-        hook, original = self, self.original
+        self._on_step = on_step
+        # A pipeline engine steps inside train_batch (its step() raises): that is the call to wrap, and every
+        # train_batch ends at an accumulation boundary
+        self.name = "train_batch" if is_pipeline(engine) else "step"
+        self.original = getattr(engine, self.name)
+        hook, original, pipeline = self, self.original, self.name == "train_batch"
 
         def step(*args, **kwargs):
-            boundary = engine.is_gradient_accumulation_boundary() and not state.in_rehearsal
+            boundary = (pipeline or engine.is_gradient_accumulation_boundary()) and not state.in_rehearsal
             lr = step_lr(engine) if boundary else None  # before the step moves a DeepSpeed-managed schedule
             out = original(*args, **kwargs)
             if boundary:
@@ -36,8 +48,7 @@ class StepHook:
                     on_skipped()
             return out
 
-        self._on_step = on_step
-        engine.step = step
+        setattr(engine, self.name, step)
 
     def defer(self) -> None:
         """From now on engine.step() only marks an applied step; run_deferred() runs the method's work for it."""
@@ -51,8 +62,8 @@ class StepHook:
 
     def remove(self) -> None:
         """The engine's own step again."""
-        if self.engine.__dict__.get("step") is not None:
-            del self.engine.__dict__["step"]
+        if self.engine.__dict__.get(self.name) is not None:
+            del self.engine.__dict__[self.name]
 
 
 def step_lr(engine) -> float:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .pipe import check_pipeline_engine, is_pipeline, pipe_position
 from .tp import is_tp_param, tp_slice
 
 SUPPORTED_DEEPSPEED = ((0, 18, 0), (0, 20, 0))  # [min, max)
@@ -127,15 +128,24 @@ class ZeroShards:
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         mpu = getattr(engine, "mpu", None)
-        if mpu is not None and bwc_pipeline_parallel_world_size(mpu) > 1:
+        self.pipeline = is_pipeline(engine)
+        if self.pipeline:
+            error = check_pipeline_engine(engine)
+            if error is not None:
+                raise ShardError(error)
+        elif mpu is not None and bwc_pipeline_parallel_world_size(mpu) > 1:
             raise ShardError(
-                "aim_merging does not support pipeline parallelism (the probe and rehearsal run the "
-                "whole model's forward on each rank); use tensor and data parallelism only."
+                "aim_merging: the model's mpu has pipeline stages but the engine is not DeepSpeed's "
+                "PipelineEngine; build the model as a deepspeed.pipe.PipelineModule so the plugin can run its "
+                "probe and rehearsal through the pipeline's schedule."
             )
+        self.pp = pipe_position(engine)
         self.tp_rank = bwc_tensor_model_parallel_rank(mpu)
         self.tp_size = bwc_tensor_model_parallel_world_size(mpu)
         self.tp_group = bwc_tensor_model_parallel_group(mpu) if self.tp_size > 1 else None
         self.dp_group = engine.seq_data_parallel_group if hasattr(engine, "seq_data_parallel_group") else None
+        if self.pipeline:  # the stage's data-parallel group: the ranks that see other rows at the same layers
+            self.dp_group = engine.grid.get_data_parallel_group()
         self.dp_rank = dist.get_rank(group=self.dp_group)
         self.dp_size = dist.get_world_size(group=self.dp_group)
         self.groups: list[SubGroup] = []
@@ -143,7 +153,13 @@ class ZeroShards:
     @property
     def position(self) -> dict:
         """Where this rank's shards sit in the run: plugin state saved here loads only at the same place."""
-        return {"tp_rank": self.tp_rank, "tp_size": self.tp_size, "dp_rank": self.dp_rank, "dp_size": self.dp_size}
+        return {
+            "tp_rank": self.tp_rank,
+            "tp_size": self.tp_size,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            **(self.pp if self.pipeline else {}),  # without pipelines the position is what it always was
+        }
 
     def tp_memory_error(self, memory) -> str | None:
         """Tensor-parallel ranks compute one forward together, so they must probe and rehearse on the same
@@ -165,7 +181,10 @@ class ZeroShards:
         return None
 
     def _counted(self, p) -> bool:
-        """A parameter every tensor-parallel rank holds whole is counted on tensor-parallel rank 0 only."""
+        """A parameter every tensor-parallel rank holds whole is counted on tensor-parallel rank 0 only; a tied
+        pipeline layer on its first stage only (DeepSpeed marks the other copies ds_pipe_replicated)."""
+        if getattr(p, "ds_pipe_replicated", False):
+            return False
         return self.tp_rank == 0 or _is_tp_param(p)
 
     # ------------------------------------------------------------------ facts

@@ -1,0 +1,92 @@
+"""DeepSpeed's PipelineEngine as the plugin meets it: a pipeline engine has no forward, backward or step of its
+own (each raises); one `train_batch(data_iter)` runs the whole schedule of forwards, backwards and the optimizer
+step over `gradient_accumulation_steps()` micro-batches, and `eval_batch(data_iter)` the forwards only, the loss
+broadcast to every stage. So under pipelines the plugin's probe is an `eval_batch` and a rehearsal step a
+`train_batch` over memory micro-batches, each converted from the plugin's batch dicts by `pipe_batch`.
+
+Each stage owns distinct layers, so a rank's shard is its stage's parameters (cut by ZeRO-1 over the stage's
+data-parallel group): sums over every rank still count each element once, except a tied layer (an embedding
+used again as the head on the last stage), which DeepSpeed marks `ds_pipe_replicated` on every owner but the
+first; `zero.py` counts it there only.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+
+def is_pipeline(engine) -> bool:
+    """Is this a DeepSpeed PipelineEngine (train_batch / eval_batch only)?"""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
+def default_pipe_batch(batch: dict) -> tuple:
+    """The plugin's batch dict as the micro-batch a pipeline's data iterator yields: (input_ids, labels), the
+    form of DeepSpeed's pipeline examples and of aim_ds's own pipeline Llama. Other layouts pass their own
+    function to attach(pipe_batch=...)."""
+    return batch["input_ids"], batch["labels"]
+
+
+def pipe_position(engine) -> dict:
+    """This rank's pipeline stage and the number of stages (0 and 1 without pipelines)."""
+    if not is_pipeline(engine):
+        return {"pp_rank": 0, "pp_size": 1}
+    return {"pp_rank": int(engine.stage_id), "pp_size": int(engine.num_stages)}
+
+
+def check_pipeline_engine(engine) -> str | None:
+    """Why the plugin cannot merge on this pipeline engine, or None."""
+    stage = engine.zero_optimization_stage()
+    if stage > 1:  # DeepSpeed refuses these too; said here in the plugin's words
+        return (
+            f"aim_merging: ZeRO stage {stage} with pipeline parallelism; DeepSpeed's pipeline engine runs ZeRO "
+            "stage 0 or 1 only. Set zero_optimization.stage to 1."
+        )
+    return None
+
+
+class PipeSteps:
+    """The plugin's own forwards and optimizer steps through a pipeline engine's schedule.
+
+    Every rank calls each method at the same point (the schedule's sends and receives pair the stages). The
+    activation shapes are sent afresh around each call: memory batches may differ in shape from the training
+    batches, and a pipeline without `dynamic_shape` would reuse the first shapes it saw.
+    """
+
+    def __init__(self, engine, pipe_batch: Callable[[dict], tuple] | None = None):
+        self.engine = engine
+        # the class's train_batch: the plugin's hook wraps the instance attribute, its own steps bypass it
+        self.train_batch = functools.partial(type(engine).train_batch, engine)
+        self.pipe_batch = pipe_batch or default_pipe_batch
+
+    def loss(self, batch: dict) -> float:
+        """The loss of one memory batch, no gradients, model in eval mode (eval_batch sets it and leaves it so:
+        the training mode is restored here). The same value on every stage."""
+        e = self.engine
+        was_training = e.module.training
+        e.reset_activation_shape()
+        try:
+            out = e.eval_batch(iter([self.pipe_batch(batch)]), num_micro_batches=1)
+        finally:
+            e.reset_activation_shape()
+            e.module.train(was_training)
+        return float(out.detach().float().mean()) if torch.is_tensor(out) else float(out)
+
+    def step(self, batches: list[dict]) -> float:
+        """One optimizer step over `batches` (one per accumulation micro-step) through the engine's own
+        train_batch; the mean loss of the micro-batches."""
+        e = self.engine
+        e.reset_activation_shape()
+        try:
+            out = self.train_batch(iter([self.pipe_batch(b) for b in batches]))
+        finally:
+            e.reset_activation_shape()
+        return float(out.detach().float().mean()) if torch.is_tensor(out) else float(out)
+
+
+__all__ = ["PipeSteps", "check_pipeline_engine", "default_pipe_batch", "is_pipeline", "pipe_position"]
