@@ -20,6 +20,7 @@ PUBLIC_DEEPSPEED = (
     "deepspeed.comm",
     "deepspeed.accelerator",
     "deepspeed.checkpoint",
+    "deepspeed.pipe",
     "deepspeed.utils.zero_to_fp32",
 )
 # modules by their path in aim_ds/: tools/estimate.py calls DeepSpeed's published memory estimators, which live in

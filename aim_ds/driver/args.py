@@ -98,6 +98,13 @@ class RunConfig:
         'DeepSpeed config JSON (ZeRO stage, precision, "aim_merging" section)',
         flags=("--deepspeed_config", "--deepspeed-config"),
     )
+    pipeline_parallel_size: int = _opt(
+        1,
+        "training",
+        "pipeline stages: the model runs as a DeepSpeed PipelineModule cut into P stages (ZeRO stage 0 or 1; "
+        "ranks = P x data-parallel ranks); evaluation joins the stages into one model on every rank",
+        metavar="P",
+    )
     aim: tuple = _opt(
         (),
         "training",
@@ -253,6 +260,7 @@ def check_args(args) -> RunConfig:
             "without memory use --method seqft"
         )
     lora_alpha = check_lora(args)
+    check_pipeline(args)
     lr = args.lr
     if lr is None:
         lr = 3e-3 if args.benchmark in ("default", "default-gen") else 1e-3
@@ -276,6 +284,22 @@ def check_args(args) -> RunConfig:
     values["lr"] = lr
     values["lora_alpha"] = lora_alpha
     return RunConfig(**values)
+
+
+def check_pipeline(args) -> None:
+    """The options a pipeline run cannot take (checked before the process group). Raises InputError."""
+    pp = getattr(args, "pipeline_parallel_size", 1)
+    if pp < 1:
+        raise InputError(f"--pipeline-parallel-size {pp}: must be >= 1 (1 = no pipeline)")
+    if pp == 1:
+        return
+    if args.lora:
+        raise InputError("--lora with --pipeline-parallel-size > 1 is not supported; train the full model or drop P")
+    if args.memory_weight is not None:
+        raise InputError(
+            "--memory-weight needs the logits of every row (the driver weights new and memory rows itself); a "
+            "pipeline returns only its loss: drop --memory-weight or --pipeline-parallel-size"
+        )
 
 
 def check_lora(args) -> float | None:

@@ -98,6 +98,7 @@ def results_record(state, res: dict, ds_config: dict, info, m: dict, wall: float
         "setup_wall_s": round(state.setup_s, 2),
         "world_size": info.world_size,
         "tensor_parallel": state.tp,  # ranks per tensor-parallel group; world_size / tensor_parallel data-parallel
+        "pipeline_parallel": state.pp,  # pipeline stages; data-parallel ranks = world_size / (stages x tensor_parallel)
         "launcher": info.launcher,
         "config": {
             "args": cfg.options(),

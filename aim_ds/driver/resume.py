@@ -126,12 +126,21 @@ def check_resume_options(resume: ResumePoint, cfg: RunConfig, aim_cfg) -> None:
         )
 
 
-def check_resume_manifest(resume: ResumePoint, world: int, task_fp: str, mem_sha: str, glob: dict, tp: int = 1) -> None:
-    """Refuse a checkpoint of another tensor-parallel size / world size / global batch / data / setup before
-    any engine is built."""
+def check_resume_manifest(
+    resume: ResumePoint, world: int, task_fp: str, mem_sha: str, glob: dict, tp: int = 1, pp: int = 1
+) -> None:
+    """Refuse a checkpoint of another pipeline / tensor-parallel size / world size / global batch / data / setup
+    before any engine is built."""
     from aim_ds.checkpoint import MANIFEST, CheckpointError, check_compatible
 
     where = os.path.join(resume.tag_dir, MANIFEST)
+    saved_pp = (resume.manifest.get("layout") or {}).get("pp_size", 1)
+    if saved_pp != pp:  # each rank's files hold its stage's layers: another cut of the layers cannot load them
+        raise InputError(
+            f"{where}: the checkpoint was saved with {saved_pp} pipeline stage(s), this run has {pp}; resume with "
+            f"--pipeline-parallel-size {saved_pp}, or convert it (aim-ds convert) and start a new run from the "
+            "Hugging Face folder"
+        )
     saved_tp = (resume.manifest.get("layout") or {}).get("tp_size", 1)
     if saved_tp != tp:  # first: the weights are sliced per tensor-parallel rank, no reshard joins or cuts them
         raise InputError(

@@ -126,10 +126,31 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
         raise InputError(str(e)) from e
     if not tasks:
         raise InputError(f"--benchmark {cfg.benchmark}: no tasks")
+    check_pipeline_config(cfg, ds_config, aim_cfg)
     for t in tasks:
         if not t.train or not t.eval:
             raise InputError(f"task {t.name}: empty {'train' if not t.train else 'eval'} set")
     return CheckedInputs(cfg=cfg, ds_config=ds_config, aim_cfg=aim_cfg, resume=resume, tasks=tasks)
+
+
+def check_pipeline_config(cfg: RunConfig, ds_config: dict, aim_cfg) -> None:
+    """What the ds_config cannot have under --pipeline-parallel-size > 1. Raises InputError."""
+    if cfg.pipeline_parallel_size == 1:
+        return
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    where = f"{cfg.deepspeed_config} with --pipeline-parallel-size {cfg.pipeline_parallel_size}"
+    if stage > 1:
+        raise InputError(
+            f"{where}: zero_optimization.stage {stage}; DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only "
+            "(ds_configs/cpu_pipe_zero1.json is one)"
+        )
+    if tp_size(ds_config) > 1:
+        raise InputError(f"{where}: tensor_parallel with pipelines is not supported by the driver; drop one of them")
+    if getattr(aim_cfg, "probe_source", None) == "training_batch":
+        raise InputError(
+            f'{where}: aim_merging.probe_source "training_batch" reads the memory rows\' logits, which a pipeline '
+            'does not return; use probe_source "memory_forward"'
+        )
 
 
 def default_output_dir(cfg: RunConfig, rank: int) -> str:
@@ -152,6 +173,14 @@ def default_output_dir(cfg: RunConfig, rank: int) -> str:
 def data_parallel_world(cfg: RunConfig, tp: int, world: int) -> int:
     """The number of data-parallel ranks; every rank sees the same world size, so the same error
     everywhere and no collective."""
+    pp = cfg.pipeline_parallel_size
+    if pp > 1:
+        if world % pp:
+            raise InputError(
+                f"--pipeline-parallel-size {pp} needs a number of ranks that is a multiple of {pp} (this launch has "
+                f"{world}); launch {pp} x the data-parallel size ranks"
+            )
+        return world // pp
     if world % tp:
         raise InputError(
             f"{cfg.deepspeed_config}: tensor_parallel.autotp_size {tp} needs a number of ranks that is a multiple "
@@ -205,7 +234,7 @@ def run(cfg: RunConfig, t0: float) -> int:
     ref = fwt_reference(cfg, tasks, sizes, world, cache_dir, tp)
     task_fp, mem_sha, glob = checkpoint_identity(cfg, tasks, memories, sizes, steps_per_task, dp_world)
     if resume is not None:
-        check_resume_manifest(resume, world, task_fp, mem_sha, glob, tp)
+        check_resume_manifest(resume, world, task_fp, mem_sha, glob, tp, cfg.pipeline_parallel_size)
 
     from .trainer import RunState
 
@@ -220,7 +249,8 @@ def run(cfg: RunConfig, t0: float) -> int:
                 announce(resume)
             print(
                 f"[aim_ds] method={cfg.method} benchmark={cfg.benchmark} tasks={[t.name for t in tasks]} "
-                f"world={world}{f' (tensor parallel {tp})' if tp > 1 else ''} micro_batch={sizes.micro} steps/task={steps_per_task} out={out_dir}",
+                f"world={world}{f' (tensor parallel {tp})' if tp > 1 else ''}"
+                f"{f' (pipeline stages {cfg.pipeline_parallel_size})' if cfg.pipeline_parallel_size > 1 else ''} micro_batch={sizes.micro} steps/task={steps_per_task} out={out_dir}",
                 flush=True,
             )
         state = RunState(
@@ -228,6 +258,7 @@ def run(cfg: RunConfig, t0: float) -> int:
             rank=rank,
             world=world,
             tp=tp,
+            pp=cfg.pipeline_parallel_size,
             tasks=tasks,
             memories=memories,
             tokenizer=tokenizer,
@@ -274,7 +305,8 @@ def batch_sizes(cfg: RunConfig, ds_config: dict, aim_cfg, world: int) -> BatchSi
     ds_run["train_micro_batch_size_per_gpu"] = micro
     ds_run["gradient_accumulation_steps"] = 1
     # DeepSpeed's batch check counts every rank, tensor-parallel ones too (its config has no mpu under AutoTP)
-    ds_run["train_batch_size"] = micro * world
+    # and under pipelines the data-parallel ranks only (its config has the pipeline's grid as mpu)
+    ds_run["train_batch_size"] = micro * world // cfg.pipeline_parallel_size
     ds_run.pop("scheduler", None)  # the driver owns the LR schedule
     return BatchSizes(micro, mem_bs, replay_rows, ds_run)
 
@@ -292,7 +324,7 @@ def fwt_reference(cfg: RunConfig, tasks, sizes: BatchSizes, world: int, cache_di
             "tokenizer": cfg.tokenizer,
             "seed": cfg.seed,
             "epochs": cfg.epochs,
-            "global_batch": sizes.micro * world // tp,
+            "global_batch": sizes.micro * world // (tp * cfg.pipeline_parallel_size),
             "world": world,
             "lr": cfg.lr,
             "warmup": cfg.warmup,

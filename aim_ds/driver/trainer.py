@@ -13,6 +13,7 @@ import sys
 import time
 
 from aim_ds.plugin.memory import to_device
+from aim_ds.shards import kept_alive
 
 from ..data.batching import memory_batches, rank_batches
 from .args import RunConfig
@@ -41,6 +42,7 @@ class RunState:
     mem_sha: str
     setup_s: float = 0.0
     tp: int = 1  # tensor-parallel size (AutoTP): ranks rank // tp * tp ... + tp - 1 share one data-parallel rank
+    pp: int = 1  # pipeline stages: stage s holds ranks s * D ... s * D + D - 1 (DeepSpeed's pipe-outermost grid)
     single_scores: list | None = None
     fwt_source: str | None = None
 
@@ -62,11 +64,11 @@ class RunState:
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp
+        return (self.rank % (self.world // self.pp)) // self.tp
 
     @property
     def dp_world(self) -> int:
-        return self.world // self.tp
+        return self.world // (self.tp * self.pp)
 
     def steps_before(self, task: int) -> int:
         return sum(self.steps_per_task[:task])
@@ -136,12 +138,19 @@ def build_engine(state: RunState, encoder: EncodingCache):
     # batches carry logits_to_keep only if the forward names it (PeftModel's does not: **kwargs)
     encoder.keeps_logits = keeps_logits(model)
     # frozen weights (LoRA's base) stay out of the optimizer, so the plugin tracks the adapters only
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    net = model
+    if s.pp > 1:  # the stages' layers share the HF model's tensors; the HF model is kept to evaluate with
+        from aim_ds.experiment.pipeline import build_pipeline_model
+
+        encoder.keeps_logits = False  # the pipeline's loss reads whole label rows
+        net = build_pipeline_model(model, s.pp)
+        keepalive = model
+    trainable = [p for p in net.parameters() if p.requires_grad]
     opt = None
     if s.sizes.client_opt:
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
+        model=net,
         optimizer=opt,
         config=s.sizes.ds_run,
         model_parameters=None if opt is not None else trainable,
@@ -246,6 +255,10 @@ class CLTrainer:
             set_lr(engine, lr_at(s, total, cfg.lr, cfg.warmup))
             # the forgetting signal (probe) is read off this forward's memory rows: no extra forward
             # (logits gathered over the vocabulary when AutoTP sliced the head; the model's own loss handles that)
+            if self.state.pp > 1:  # one train_batch: forward, backward and step through the stages
+                lv = float(engine.train_batch(iter([(batch["input_ids"], batch["labels"])])))
+                self._after_step(engine, task_index, s, lv, progress, on_step, mon_on)
+                continue
             if mem_batches and cfg.memory_weight is not None:  # the driver weights new and memory rows itself
                 labels = batch.pop("labels")  # no second loss inside the model
                 out = engine(**batch)
@@ -260,31 +273,40 @@ class CLTrainer:
                 probe.record_probe_loss(*mem_rows)
             engine.backward(loss)
             engine.step()
-            lv = float(loss.detach())
-            if self.state.rank == 0:
-                self.losses.append({"task": task_index, "step": s + 1, "loss": lv})
-            if mon_on:
-                mon.write_events([("train/loss", lv, engine.global_samples)])
-            progress.update(lv, task=task_index)
-            if on_step is not None:
-                on_step(s + 1)
+            self._after_step(engine, task_index, s, float(loss.detach()), progress, on_step, mon_on)
+
+    def _after_step(self, engine, task_index: int, s: int, lv: float, progress, on_step, mon_on: bool) -> None:
+        """The step's loss recorded, logged and shown; then on_step."""
+        if self.state.rank == 0:
+            self.losses.append({"task": task_index, "step": s + 1, "loss": lv})
+        if mon_on:
+            engine.monitor.write_events([("train/loss", lv, engine.global_samples)])
+        progress.update(lv, task=task_index)
+        if on_step is not None:
+            on_step(s + 1)
 
     def evaluate(self, engine, task_ids) -> dict:
         from aim_ds.experiment.evaluation import evaluate_task
 
         s = self.state
+        model = engine
+        if s.pp > 1:  # the stages joined into the HF model on every rank (its own layers already hold theirs)
+            from aim_ds.experiment.pipeline import gather_hf_state_dict
+
+            model = kept_alive(engine)
+            model.load_state_dict(gather_hf_state_dict(engine))
         out = {}
         for i in task_ids:
             engine.eval()
             out[i] = float(
                 evaluate_task(
-                    engine,
+                    model,
                     s.tokenizer,
                     s.tasks[i],
                     batch_size=self.cfg.eval_batch_size,
                     rank=s.dp_rank,  # the ranks of a tensor-parallel group score the same examples together
                     world_size=s.dp_world,
-                    synced_gpus=s.world > 1,
+                    synced_gpus=s.world > 1 and s.pp == 1,  # the joined model is whole on every rank
                     max_prompt_len=self.cfg.max_len,
                 )
             )

@@ -57,10 +57,16 @@ def keep_alive(engine, obj) -> None:
     engine._aim_ds_keepalive = obj
 
 
+def kept_alive(engine):
+    """What keep_alive(engine, obj) keeps (None if nothing)."""
+    return getattr(engine, "_aim_ds_keepalive", None)
+
+
 __all__ = [
     "accumulation_boundary",
     "inner_optimizer",
     "keep_alive",
+    "kept_alive",
     "loss_scaler_snapshot",
     "restore_loss_scaler",
     "restore_step_report",
