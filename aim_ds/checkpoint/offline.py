@@ -16,7 +16,7 @@ import time
 import torch
 
 from ..fileio import check_output_dir, fsync_dir
-from . import tp
+from . import pipe, tp
 from .format import (
     HF_SUBDIR,
     MANIFEST,
@@ -78,6 +78,12 @@ def model_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.T
     stage 0: the module's own state), frozen parameters included."""
     tag, m = _open_offline(ckpt_dir, tag)
     tag_dir = os.path.join(ckpt_dir, tag)
+    if m["layout"].get("pp_size", 1) > 1:  # the layer files (frozen parameters too), then the fp32 masters
+        layers, tied = _pipeline_shape(tag_dir)
+        sd = pipe.pipeline_hf_state_dict(tag_dir, layers, tied)
+        sd = {k: v.float() for k, v in sd.items()}
+        sd.update(pipe.master_weights(tag_dir, m, layers, tied))
+        return pipe.tie_head(sd, tied)
     if m["layout"].get("tp_size", 1) > 1 or m["layout"].get("kind") == "replicated":
         # tensor parallelism, and stage 0 (DeepSpeed's zero_to_fp32 reads stages 1-3 only): each tensor-parallel
         # rank's frozen slices are in its own module state, so they are added per rank before the joining
@@ -163,11 +169,20 @@ def anchor_state_dict(ckpt_dir: str, tag: str | None = None, key: str = "anchor"
             "no anchor yet; use --what model."
         )
     states = _load_plugin_states(tag_dir, m)
+    if m["layout"].get("pp_size", 1) > 1:
+        return pipe.anchor_weights(states, m, key, *_pipeline_shape(tag_dir))
     if m["layout"].get("tp_size", 1) > 1:
         return tp.anchor(states, m, key, os.path.join(tag_dir, MANIFEST))
     full = gather([get_path(s, (key,)) for s in states], m["layout"])
     shapes = {n: s for g in m["layout"]["sub_groups"] for n, s, _, _ in g["params"]}
     return {n: t.reshape(shapes[n]) for n, t in full.items()}
+
+
+def _pipeline_shape(tag_dir: str) -> tuple[int, bool]:
+    """(num_hidden_layers, tie_word_embeddings) of a pipeline checkpoint's model, from its saved HF config: they
+    name its layers."""
+    cfg = _model_config(tag_dir, None)
+    return int(cfg.num_hidden_layers), bool(getattr(cfg, "tie_word_embeddings", False))
 
 
 def _model_config(tag_dir: str, config: str | None):

@@ -15,8 +15,9 @@ import re
 
 import torch
 
-from ..experiment.pipeline import hf_param_name, tie_head
+from ..experiment.pipeline import hf_name, hf_param_name, tie_head
 from .format import CheckpointError
+from .layout import gather
 
 _LAYER_FILE = re.compile(r"^layer_(\d+)-(?:model_(\d+)-)?model_states\.pt$")
 
@@ -69,3 +70,50 @@ def pipeline_hf_state_dict(ckpt_tag_dir: str, num_hidden_layers: int, tied: bool
         sd = torch.load(path, map_location="cpu", weights_only=True)
         out.update({hf_param_name(i, local, num_hidden_layers, tied): t for local, t in sd.items()})
     return tie_head(out, tied)
+
+
+def _by_stage(layout: dict, parts_of_rank, positions: list[dict]) -> dict[str, torch.Tensor]:
+    """Every stage's flat sub-group shards joined into whole parameters (by pipeline name, flat). positions: each
+    rank's {pp_rank, dp_rank}; parts_of_rank(r): rank r's per-sub-group flat shards."""
+    full: dict[str, torch.Tensor] = {}
+    for stage in range(layout["pp_size"]):
+        groups = [g for g in layout["sub_groups"] if g["stage"] == stage]
+        ranks = sorted((p["dp_rank"], r) for r, p in enumerate(positions) if p["pp_rank"] == stage)
+        full.update(gather([parts_of_rank(r) for _, r in ranks], {**layout, "sub_groups": groups}))
+    return full
+
+
+def _hf(full: dict[str, torch.Tensor], layout: dict, num_hidden_layers: int, tied: bool) -> dict[str, torch.Tensor]:
+    shapes = {n: s for g in layout["sub_groups"] for n, s, _, _ in g["params"]}
+    return {hf_name(n, num_hidden_layers, tied): t.reshape(shapes[n]) for n, t in full.items()}
+
+
+def master_weights(tag_dir: str, manifest: dict, num_hidden_layers: int, tied: bool) -> dict[str, torch.Tensor]:
+    """The fp32 masters of a ZeRO-1 pipeline checkpoint by HF name, from each stage's optimizer partitions
+    (zero_pp_rank_D_mp_rank_SS_optim_states.pt: data-parallel rank D of stage SS). Exact where the layer files
+    hold a lower precision (bf16 training). Stage 0 (no partitions): {} (its layer files are the masters)."""
+    layout = manifest["layout"]
+    if layout.get("kind") != "flat":
+        return {}
+    pp, world = layout["pp_size"], manifest["world_size"]
+    dp = world // pp
+    positions = [{"pp_rank": r // dp, "dp_rank": r % dp} for r in range(world)]  # DeepSpeed's pipe-outermost grid
+
+    def parts(r: int):
+        pos = positions[r]
+        path = os.path.join(tag_dir, f"zero_pp_rank_{pos['dp_rank']}_mp_rank_{pos['pp_rank']:02d}_optim_states.pt")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing: the checkpoint has no fp32 partition for that rank.")
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+        return [t.float() for t in state["single_partition_of_fp32_groups"]]
+
+    return _hf(_by_stage(layout, parts, positions), layout, num_hidden_layers, tied)
+
+
+def anchor_weights(states: list[dict], manifest: dict, key: str, num_hidden_layers: int, tied: bool) -> dict:
+    """The plugin's anchor (or another per-sub-group shard list under `key`) of a pipeline checkpoint by HF
+    name, joined per stage from every rank's plugin state (each names its stage and data-parallel rank)."""
+    layout = manifest["layout"]
+    positions = [s["position"] for s in states]
+    full = _by_stage(layout, lambda r: states[r][key], positions)
+    return tie_head(_hf(full, layout, num_hidden_layers, tied), tied)

@@ -188,6 +188,7 @@ def build_pipeline_model(
         **pipe_kwargs,
     )
     pipe.hf_layout = (cfg.num_hidden_layers, tied)  # what hf_name_map needs to name this pipeline's parameters
+    pipe.config = cfg  # a checkpoint saves it (hf/config.json): aim-ds convert names the layers from it
     return pipe
 
 
@@ -218,15 +219,17 @@ def hf_name_map(pipe) -> dict[str, str]:
     if layout is None:
         raise ValueError("hf_name_map: the PipelineModule was not built by build_pipeline_model (no hf_layout).")
     num_hidden_layers, tied = layout
-    out = {}
-    for name in pipe.state_dict():
-        if m := _TIED_NAME.match(name):
-            out[name] = hf_param_name(0, m.group(1), num_hidden_layers, tied)
-        elif m := _LAYER_NAME.match(name):
-            out[name] = hf_param_name(int(m.group(1)), m.group(2), num_hidden_layers, tied)
-        else:
-            raise ValueError(f"hf_name_map: unexpected PipelineModule state name {name!r}.")
-    return out
+    return {name: hf_name(name, num_hidden_layers, tied) for name in pipe.state_dict()}
+
+
+def hf_name(pipe_name: str, num_hidden_layers: int, tied: bool) -> str:
+    """The HF name of a PipelineModule state name ("3.mlp.down_proj.weight", "tied_modules.embed.weight"), as
+    checkpoint layouts record them. A pure function of the layer layout."""
+    if m := _TIED_NAME.match(pipe_name):
+        return hf_param_name(0, m.group(1), num_hidden_layers, tied)
+    if m := _LAYER_NAME.match(pipe_name):
+        return hf_param_name(int(m.group(1)), m.group(2), num_hidden_layers, tied)
+    raise ValueError(f"unexpected PipelineModule state name {pipe_name!r} (not a layer's or a tied module's).")
 
 
 def tie_head(sd: dict, tied: bool) -> dict:
