@@ -203,6 +203,45 @@ def attach_plugin(engine, plugin_cfg, memory):
     return aim_ds.attach(engine, memory, config=plugin_cfg)
 
 
+def train_step(engine, batch: dict, n_new: int, mixed: bool, probe, memory_weight, pp: int) -> float:
+    """One optimizer step on a collated batch (its first n_new rows new, the rest memory rows when mixed); the
+    step's loss. probe: a plugin given the memory rows' loss (probe_source "training_batch")."""
+    from aim_ds import mixed_loss, rows_loss
+    from aim_ds.shards.tp import whole_vocab_logits
+
+    if pp > 1:  # one train_batch: forward, backward and step through the stages
+        return float(engine.train_batch(iter([(batch["input_ids"], batch["labels"])])))
+    # the forgetting signal (probe) is read off this forward's memory rows: no extra forward
+    # (logits gathered over the vocabulary when AutoTP sliced the head; the model's own loss handles that)
+    if mixed and memory_weight is not None:  # the driver weights new and memory rows itself
+        labels = batch.pop("labels")  # no second loss inside the model
+        out = engine(**batch)
+        loss, *mem_rows = mixed_loss(whole_vocab_logits(engine, out.logits), labels, n_new, memory_weight)
+    else:
+        out = engine(**batch)
+        loss = out.loss
+        mem_rows = None
+        if probe is not None:
+            mem_rows = rows_loss(whole_vocab_logits(engine, out.logits), batch["labels"], slice(n_new, None))
+    if probe is not None:
+        probe.record_probe_loss(*mem_rows)
+    engine.backward(loss)
+    engine.step()
+    return float(loss.detach())
+
+
+def evaluation_model(engine, s: RunState):
+    """What evaluation runs: the engine, or under pipelines the stages joined into the HF model on every rank
+    (the model build_engine kept; its own stage's layers already hold their weights)."""
+    if s.pp == 1:
+        return engine
+    from aim_ds.experiment.pipeline import gather_hf_state_dict
+
+    model = kept_alive(engine)
+    model.load_state_dict(gather_hf_state_dict(engine))
+    return model
+
+
 class CLTrainer:
     def __init__(self, state: RunState):
         self.state = state
@@ -233,9 +272,6 @@ class CLTrainer:
         mem_batches: memory rows appended to every batch (mixed replay). probe: a plugin with probe_source
         "training_batch", given the loss of those rows before each step. start: steps already done (a resumed
         run skips their batches); on_step(s) after step s (1-based)."""
-        from aim_ds import mixed_loss, rows_loss
-        from aim_ds.shards.tp import whole_vocab_logits
-
         cfg = self.cfg
         total = len(batches)
         mon = getattr(engine, "monitor", None)
@@ -253,48 +289,20 @@ class CLTrainer:
             self.work["train_memory_tokens"] += int(mask[n_new:].sum())
             batch = to_device(batch, engine.device)
             set_lr(engine, lr_at(s, total, cfg.lr, cfg.warmup))
-            # the forgetting signal (probe) is read off this forward's memory rows: no extra forward
-            # (logits gathered over the vocabulary when AutoTP sliced the head; the model's own loss handles that)
-            if self.state.pp > 1:  # one train_batch: forward, backward and step through the stages
-                lv = float(engine.train_batch(iter([(batch["input_ids"], batch["labels"])])))
-                self._after_step(engine, task_index, s, lv, progress, on_step, mon_on)
-                continue
-            if mem_batches and cfg.memory_weight is not None:  # the driver weights new and memory rows itself
-                labels = batch.pop("labels")  # no second loss inside the model
-                out = engine(**batch)
-                loss, *mem_rows = mixed_loss(whole_vocab_logits(engine, out.logits), labels, n_new, cfg.memory_weight)
-            else:
-                out = engine(**batch)
-                loss = out.loss
-                mem_rows = None
-                if probe is not None:
-                    mem_rows = rows_loss(whole_vocab_logits(engine, out.logits), batch["labels"], slice(n_new, None))
-            if probe is not None:
-                probe.record_probe_loss(*mem_rows)
-            engine.backward(loss)
-            engine.step()
-            self._after_step(engine, task_index, s, float(loss.detach()), progress, on_step, mon_on)
-
-    def _after_step(self, engine, task_index: int, s: int, lv: float, progress, on_step, mon_on: bool) -> None:
-        """The step's loss recorded, logged and shown; then on_step."""
-        if self.state.rank == 0:
-            self.losses.append({"task": task_index, "step": s + 1, "loss": lv})
-        if mon_on:
-            engine.monitor.write_events([("train/loss", lv, engine.global_samples)])
-        progress.update(lv, task=task_index)
-        if on_step is not None:
-            on_step(s + 1)
+            lv = train_step(engine, batch, n_new, bool(mem_batches), probe, cfg.memory_weight, self.state.pp)
+            if self.state.rank == 0:
+                self.losses.append({"task": task_index, "step": s + 1, "loss": lv})
+            if mon_on:
+                mon.write_events([("train/loss", lv, engine.global_samples)])
+            progress.update(lv, task=task_index)
+            if on_step is not None:
+                on_step(s + 1)
 
     def evaluate(self, engine, task_ids) -> dict:
         from aim_ds.experiment.evaluation import evaluate_task
 
         s = self.state
-        model = engine
-        if s.pp > 1:  # the stages joined into the HF model on every rank (its own layers already hold theirs)
-            from aim_ds.experiment.pipeline import gather_hf_state_dict
-
-            model = kept_alive(engine)
-            model.load_state_dict(gather_hf_state_dict(engine))
+        model = evaluation_model(engine, s)
         out = {}
         for i in task_ids:
             engine.eval()
