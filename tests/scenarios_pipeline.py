@@ -226,3 +226,28 @@ def make_engine_only(pp: int, stage: int) -> dict:
     engine = make_engine(pp, stage=stage)
     aim_ds.attach(engine)
     return {"built": True}
+
+
+def forever_two_tasks(pp: int) -> dict:
+    """FOREVER on the pipeline: model time from the stages' updates (one all-reduce of every rank's squared
+    change), replay events and the end-of-task replay as train_batch steps with the L2 pull on each stage."""
+    from aim_ds.config import ForeverConfig
+
+    engine = make_engine(pp)
+    cfg = ForeverConfig(day_steps=2, days=(1.0, 2.0, 4.0), replay_steps=2, consolidation_steps=1, beta_base=0.1)
+    plugin = aim_ds.attach(engine, config=cfg)
+    plugin.start_task()
+    train(engine, 0, 3)
+    plugin.end_task()
+    plugin.start_task(memory=memory(engine))
+    train(engine, 100, 6)
+    plugin.end_task()
+    rows = plugin.trajectory if tdist.get_rank() == 0 else []
+    return {
+        "deltas": [r["delta"] for r in rows if r.get("delta") is not None],
+        "replays": [
+            (r["task"], r["step"], r["replay"], r["replay_steps"]) for r in rows if r.get("replay") is not None
+        ],
+        "work": dict(plugin.work),
+        "weights": {k: v.reshape(-1).tolist() for k, v in whole_model(engine).items()},
+    }

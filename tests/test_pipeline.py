@@ -85,3 +85,12 @@ def test_resume_at_another_pipeline_size_is_refused(tmp_path):
 def test_zero_stage_2_with_pipelines_is_refused(tmp_path):
     with pytest.raises(RankFailure, match="ZeRO|stage"):
         run_ranks(f"{SCENARIO}:make_engine_only", 2, tmp_path, TIMEOUT, pp=2, stage=2)
+
+
+def test_forever_on_two_stages_as_on_one(tmp_path):
+    one = run_ranks(f"{SCENARIO}:forever_two_tasks", 1, tmp_path, TIMEOUT, pp=1)[0]
+    two = run_ranks(f"{SCENARIO}:forever_two_tasks", 2, tmp_path, TIMEOUT, pp=2)[0]
+    assert one["replays"] == two["replays"] and len(one["replays"]) >= 2  # events and the end-of-task replay
+    assert one["replays"][-1][2] == "end" and one["work"] == two["work"]
+    assert two["deltas"] == pytest.approx(one["deltas"], rel=1e-5)  # model time summed over the stages
+    assert _max_diff(one["weights"], two["weights"]) < 1e-5
