@@ -286,3 +286,48 @@ def test_stage_option_and_its_errors():
         estimate(7e9, 4, offload="param", stage=2)
     with pytest.raises(EstimateError, match="stage"):
         estimate(7e9, 4, stage=0)
+
+
+@pytest.mark.parametrize("stages,world,offload", [(2, 8, "none"), (4, 16, "none"), (4, 16, "optimizer")])
+def test_pipeline_rows_are_the_heaviest_stage_cut_over_its_data_parallel_ranks(stages, world, offload):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as ds
+
+    held = 4e9
+    e = estimate(13e9, world, stage=1, offload=offload, pipeline_parallel_size=stages, stage_params=held)
+    dp = world // stages
+    assert e.stage_params == held and e.pipeline_parallel_size == stages
+    assert e.zero_gpu_bytes == ds(int(held), num_gpus_per_node=dp, num_nodes=1, cpu_offload=offload != "none")[1]
+    assert e.zero_host_bytes_per_node == ds(int(held), world, 1, cpu_offload=offload != "none")[0]
+    assert e.plugin_bytes_per_rank == int(4 * held / dp) and e.undo_bytes_per_rank == int(12 * held / dp)
+    even = estimate(13e9, world, stage=1, pipeline_parallel_size=stages)  # no stage count given: an even split
+    assert even.stage_params == -(-int(13e9) // stages)
+
+
+def test_pipeline_stage_params_split_the_layers_as_deepspeed_does(tmp_path):
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({**TINY_LLAMA, "tie_word_embeddings": True}))
+    from aim_ds.tools.estimate import heaviest_stage_params
+
+    cfg = load_model_config(str(f))
+    embed = 1000 * 64
+    layer = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64  # attention, MLP, two norms
+    # 2 stages: embedding + layer 0 | layer 1 + norm + the tied head (the embedding again)
+    assert heaviest_stage_params(cfg, 2) == max(embed + layer, layer + 64 + embed)
+    rc, out, _ = _cli(
+        ["estimate-memory", "--model-config", str(f), "--world-size", "4", "--stage", "1"]
+        + ["--pipeline-parallel-size", "2", "--json"]
+    )
+    assert rc == 0 and json.loads(out)["stage_params"] == heaviest_stage_params(cfg, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,word",
+    [
+        (dict(stage=3, pipeline_parallel_size=2), "stage=3"),
+        (dict(stage=1, pipeline_parallel_size=3), "divisor of world_size=8"),
+        (dict(stage=1, pipeline_parallel_size=0), "pipeline_parallel_size=0"),
+    ],
+)
+def test_pipeline_bad_input(kwargs, word):
+    with pytest.raises(EstimateError, match=re.escape(word)):
+        estimate(13e9, 8, **kwargs)

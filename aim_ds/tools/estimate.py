@@ -21,6 +21,14 @@ fp32 master and Adam moments per parameter) and moves the 2 parameter bytes to t
 GPU = 4 L + 16 P / N, host/node = 2 P / n 1.5 (zero.Init) | max(4 g, 2 / n) P 1.5. Such rows say
 "derived" in the output.
 
+Pipelines (`--pipeline-parallel-size P`, ZeRO-1 only, as DeepSpeed's pipeline engine allows): a rank holds its
+stage's parameters P_s, cut over the stage's D = N / P data-parallel ranks. The rows are those of the heaviest
+stage: DeepSpeed's ZeRO-1/2 estimator on P_s with D GPUs for the GPU bytes and with the node's g GPUs for the
+host bytes. P_s is the largest stage's share of the layers split the way DeepSpeed's `partition_method
+"parameters"` splits them (`deepspeed.runtime.utils.partition_balanced` of the embedding, each decoder layer,
+the norm and the head; a tied embedding counts on the first and the last stage) with --model-config, else
+ceil(P / stages).
+
 The plugin's own bytes (what `AimPlugin.held_bytes()` reports on each rank):
   * scalar weight policies ("signals", "fixed"): ONE fp32 buffer shaped like the rank's fp32 master
     partition (the anchor, reused as the fusion buffer): 4 P / N bytes per rank;
@@ -76,6 +84,8 @@ class Estimate:
     undo_bytes_per_rank: int = 0  # the undo record's peak, during a merge
     undo_host_bytes_per_node: int = 0
     undo_disk_bytes_per_node: int = 0
+    pipeline_parallel_size: int = 1
+    stage_params: int = 0  # parameters of the heaviest pipeline stage (the whole model without pipelines)
 
     @property
     def with_plugin_gpu_bytes(self) -> int:
@@ -105,11 +115,28 @@ class Estimate:
 
 # ---------------------------------------------------------------------------------------- checks
 def _check(
-    total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor, stage=3, undo="host"
+    total_params,
+    largest_layer_params,
+    world_size,
+    nodes,
+    offload,
+    anchor,
+    policy,
+    buffer_factor,
+    stage=3,
+    undo="host",
+    pipeline_parallel_size=1,
 ) -> None:
     def bad(name, value, accepted):
         raise EstimateError(f"{name}={value!r} is invalid: expected {accepted}.")
 
+    pp = pipeline_parallel_size
+    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+        bad("pipeline_parallel_size", pp, "an integer >= 1 (1 = no pipeline)")
+    if pp > 1 and stage != 1:
+        bad("stage", stage, "1 with pipeline_parallel_size > 1 (DeepSpeed's pipeline engine runs ZeRO-1 at most)")
+    if pp > 1 and isinstance(world_size, int) and world_size % pp:
+        bad("pipeline_parallel_size", pp, f"a divisor of world_size={world_size} (stages x data-parallel ranks)")
     if stage not in STAGE_CHOICES:
         bad("stage", stage, " | ".join(map(str, STAGE_CHOICES)))
     if stage < 3 and offload in ("param", "both"):
@@ -231,19 +258,31 @@ def estimate(
     buffer_factor: float = 1.5,
     stage: int = 3,
     undo: str = "host",
+    pipeline_parallel_size: int = 1,
+    stage_params=None,
 ) -> Estimate:
-    _check(total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor, stage, undo)
+    """stage_params: the heaviest pipeline stage's parameters (default: an even split of total_params)."""
+    pp = pipeline_parallel_size
+    _check(
+        total_params, largest_layer_params, world_size, nodes, offload, anchor, policy, buffer_factor, stage, undo, pp
+    )
     total_params, largest_layer_params = int(total_params), int(largest_layer_params)
     g = world_size // nodes
+    held = total_params if pp == 1 else int(stage_params or math.ceil(total_params / pp))
+    dp = world_size // pp  # the ranks each stage's ZeRO partitions are cut over
     if stage == 3:
         host, gpu, source = zero3_model_states(
             total_params, largest_layer_params, g, nodes, offload, zero_init, buffer_factor
         )
-    else:
+    elif pp == 1:
         host, gpu, source = zero12_model_states(total_params, g, nodes, offload, buffer_factor)
-    per_rank = plugin_bytes_per_rank(total_params, world_size, policy)
+    else:
+        host, _, _ = zero12_model_states(held, g, nodes, offload, buffer_factor)
+        _, gpu, _ = zero12_model_states(held, dp, 1, offload, buffer_factor)
+        source = "deepspeed, per stage"
+    per_rank = plugin_bytes_per_rank(held, dp, policy)
     where = plugin_location(offload, anchor)
-    undo_rank = undo_bytes_per_rank(total_params, world_size, undo)
+    undo_rank = undo_bytes_per_rank(held, dp, undo)
     return Estimate(
         stage=stage,
         total_params=total_params,
@@ -267,6 +306,8 @@ def estimate(
         undo_bytes_per_rank=undo_rank,
         undo_host_bytes_per_node=undo_rank * g if undo == "host" else 0,
         undo_disk_bytes_per_node=undo_rank * g if undo == "nvme" else 0,
+        pipeline_parallel_size=pp,
+        stage_params=held,
     )
 
 
@@ -314,6 +355,33 @@ def count_params(config) -> tuple[int, int]:
     return int(total), int(largest)
 
 
+def heaviest_stage_params(config, stages: int) -> int:
+    """The parameters of the heaviest of `stages` pipeline stages of a causal LM, its layers (embedding, each
+    decoder layer, final norm, head) split as DeepSpeed's partition_method "parameters" splits them; a tied
+    embedding counts on the first and the last stage (each holds a copy)."""
+    import torch
+    from deepspeed.runtime.utils import partition_balanced
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    body = model.get_decoder()
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    embed = count(model.get_input_embeddings())
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    weights = [
+        embed,
+        *(count(layer) for layer in body.layers),
+        count(body.norm),
+        embed if tied else count(model.lm_head),
+    ]
+    bounds = partition_balanced(weights, stages)
+    return int(max(sum(weights[bounds[i] : bounds[i + 1]]) for i in range(stages)))
+
+
 # ---------------------------------------------------------------------------------------- output
 def _gib(b: int) -> str:
     return f"{b / GiB:9.2f}"
@@ -338,7 +406,16 @@ def format_table(e: Estimate) -> str:
         + f", {e.world_size} GPUs = {e.nodes} node(s) x {g}, offload={e.offload}, "
         + (f"zero.Init={'on' if e.zero_init else 'off'}, " if e.stage == 3 else "")
         + f"buffer factor {e.buffer_factor:g}",
-        f"ZeRO numbers: {source if e.source == 'deepspeed' else 'derived from DeepSpeed decomposition (param offload alone is not in its table)'}",
+        f"ZeRO numbers: {source if e.source.startswith('deepspeed') else 'derived from DeepSpeed decomposition (param offload alone is not in its table)'}",
+        *(
+            [
+                f"pipeline: {e.pipeline_parallel_size} stages x {e.world_size // e.pipeline_parallel_size} data-parallel "
+                f"ranks; rows for the heaviest stage, {e.stage_params / 1e9:.3f}B params, its partitions cut over "
+                f"{e.world_size // e.pipeline_parallel_size} ranks"
+            ]
+            if e.pipeline_parallel_size > 1
+            else []
+        ),
         f"plugin: {plug_word}; anchor={e.anchor} -> buffers on the {e.plugin_location}"
         + (" (the fp32 masters are offloaded)" if e.anchor == "device" and e.plugin_location == "host" else ""),
         "",
@@ -409,6 +486,14 @@ def add_arguments(p) -> None:
         default="host",
         help='aim_merging "undo": where the merge\'s undo record (12 B/param/N) lives (default host)',
     )
+    p.add_argument(
+        "--pipeline-parallel-size",
+        type=int,
+        default=1,
+        metavar="P",
+        help="pipeline stages (ZeRO stage 1): the rows are the heaviest stage's, its partitions cut over "
+        "world-size / P ranks (default 1)",
+    )
     p.add_argument("--no-zero-init", action="store_true", help="model not built under zero.Init (more host memory)")
     p.add_argument("--buffer-factor", type=float, default=1.5, help="DeepSpeed's additional_buffer_factor (1.5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -434,10 +519,14 @@ def run(args) -> int:
 
 
 def _estimate_from_args(args) -> Estimate:
+    pp, held = getattr(args, "pipeline_parallel_size", 1), None
     if args.model_config is not None:
-        total, largest = count_params(load_model_config(args.model_config))
+        config = load_model_config(args.model_config)
+        total, largest = count_params(config)
         if args.largest_layer_params is not None:
             largest = args.largest_layer_params
+        if pp > 1 and isinstance(pp, int) and args.stage == 1:
+            held = heaviest_stage_params(config, pp)
     else:
         total, largest = args.params, (args.largest_layer_params or 0)
     return estimate(
@@ -452,4 +541,6 @@ def _estimate_from_args(args) -> Estimate:
         buffer_factor=args.buffer_factor,
         stage=args.stage,
         undo=args.undo,
+        pipeline_parallel_size=pp,
+        stage_params=held,
     )
