@@ -6,12 +6,13 @@ from .config import AimConfig, ConfigError, ForeverConfig  # noqa: E402
 from .errors import AimInputError  # noqa: E402
 
 
-def attach(engine, memory=None, config=None):
+def attach(engine, memory=None, config=None, pipe_batch=None):
     """Attach a continual-learning method to a DeepSpeed engine: AimMerging (config None, a dict of the
-    "aim_merging" section or an AimConfig), or FOREVER (a ForeverConfig); see aim_ds.plugin.attach."""
+    "aim_merging" section or an AimConfig), or FOREVER (a ForeverConfig); pipe_batch: for a PipelineEngine,
+    a memory dict -> the pipeline's micro-batch (default (input_ids, labels)); see aim_ds.plugin.attach."""
     from .plugin import attach as _attach
 
-    return _attach(engine, memory, config)
+    return _attach(engine, memory, config, pipe_batch=pipe_batch)
 
 
 def rows_loss(logits, labels, rows):

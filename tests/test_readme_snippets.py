@@ -122,3 +122,9 @@ def test_hf_snippets(tmp_path, name, steps, signal_from_batch):
     pytest.importorskip("trl" if name == "trl_sft.py" else "accelerate")
     run_env_ranks(SNIPPETS / name, tmp_path)
     check_merged_on_task_1(tmp_path, steps, signal_from_batch)
+
+
+def test_pipeline_snippet_on_two_stages(tmp_path):
+    """2 ranks = 2 pipeline stages x 1 data-parallel rank: train_batch hooked, merges on task 1 only."""
+    run_env_ranks(SNIPPETS / "pipeline_loop.py", tmp_path)
+    check_merged_on_task_1(tmp_path, steps=16)
