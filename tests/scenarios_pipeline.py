@@ -48,20 +48,92 @@ class Head(nn.Module):
         return self.out(self.norm(h))
 
 
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Megatron's f: the input of a column-parallel layer; its gradient summed over the tensor-parallel ranks."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        tdist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTensorParallel(torch.autograd.Function):
+    """Megatron's g: the partial outputs of a row-parallel layer summed over the tensor-parallel ranks."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        tdist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class BlockTP(nn.Module):
+    """Block with Megatron-style tensor parallelism: `up` cut by output rows (column-parallel), `down` by input
+    columns (row-parallel, its bias added once after the sum). Each rank builds the whole layer from the same seed
+    and keeps its slice, so any tensor-parallel size starts from the same weights."""
+
+    def __init__(self, tp_rank: int, tp_size: int, group):
+        super().__init__()
+        self.group, self.tp = group, tp_size
+        self.norm = nn.LayerNorm(HIDDEN)
+        up, down = nn.Linear(HIDDEN, 2 * HIDDEN), nn.Linear(2 * HIDDEN, HIDDEN)
+        part = 2 * HIDDEN // tp_size
+        rows = slice(tp_rank * part, (tp_rank + 1) * part)
+        self.up_w = nn.Parameter(up.weight.detach()[rows].clone())
+        self.up_b = nn.Parameter(up.bias.detach()[rows].clone())
+        self.down_w = nn.Parameter(down.weight.detach()[:, rows].clone())
+        self.down_b = nn.Parameter(down.bias.detach().clone())
+        for p in (self.up_w, self.up_b, self.down_w):
+            p.tensor_model_parallel = True  # what DeepSpeed's is_model_parallel_parameter reads
+
+    def forward(self, h):
+        x = self.norm(h)
+        if self.tp > 1:
+            x = _CopyToTensorParallel.apply(x, self.group)
+        part = nn.functional.linear(torch.tanh(nn.functional.linear(x, self.up_w, self.up_b)), self.down_w)
+        if self.tp > 1:
+            part = _ReduceFromTensorParallel.apply(part, self.group)
+        return h + part + self.down_b
+
+
 def token_loss(logits, labels):
     return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
 
 
-def make_engine(pp: int, stage: int = 1, aim: dict | None = None, lr: float = 3e-3, clip: float = 1.0):
+def make_engine(
+    pp: int, stage: int = 1, aim: dict | None = None, lr: float = 3e-3, clip: float = 1.0, tp: int | None = None
+):
+    """tp: a Megatron-style tensor-parallel size (the pipeline's grid is the engine's mpu), else no tensor
+    parallelism at all (the plain blocks)."""
     import deepspeed
     from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
     torch.manual_seed(0)
-    specs = [LayerSpec(Embed), *(LayerSpec(Block) for _ in range(4)), LayerSpec(Head)]
+    if tp is None:
+        blocks, where = [LayerSpec(Block) for _ in range(4)], {"num_stages": pp}
+        dp = tdist.get_world_size() // pp
+    else:
+        dp = tdist.get_world_size() // (pp * tp)
+        topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+        grid = PipelineParallelGrid(topology=topo)  # the tensor-parallel group the blocks reduce over
+        group = grid.get_slice_parallel_group() if tp > 1 else None
+        blocks = [LayerSpec(BlockTP, grid.get_slice_parallel_rank(), tp, group) for _ in range(4)]
+        where = {"topology": topo}
+    specs = [LayerSpec(Embed), *blocks, LayerSpec(Head)]
     module = PipelineModule(
-        specs, num_stages=pp, loss_fn=token_loss, partition_method="uniform", seed_layers=True, base_seed=7
+        specs, loss_fn=token_loss, partition_method="uniform", seed_layers=True, base_seed=7, **where
     )
-    dp = tdist.get_world_size() // pp
     cfg = {
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": GAS,
@@ -107,13 +179,23 @@ def train(engine, first_step: int, n: int) -> list[float]:
 
 
 def whole_model(engine) -> dict:
-    """Every stage's weights by layer name ("3.up.weight"), gathered on every rank."""
+    """Every stage's weights by layer name ("3.up.weight"), gathered on every rank; tensor-parallel slices
+    joined (up_w, up_b by rows, down_w by columns), as one rank would hold them without tensor parallelism."""
     own = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
     got = [None] * tdist.get_world_size()
-    tdist.all_gather_object(got, own)
-    out = {}
-    for d in got:
-        out.update(d)
+    tdist.all_gather_object(got, (engine.grid.get_slice_parallel_rank(), own))
+    out, slices = {}, {}
+    for tp_rank, d in got:
+        for k, v in d.items():
+            slices.setdefault(k, {})[tp_rank] = v
+    for k, by_rank in slices.items():
+        parts = [by_rank[r] for r in sorted(by_rank)]
+        if k.endswith(("up_w", "up_b")):
+            out[k] = torch.cat(parts, 0)
+        elif k.endswith("down_w"):
+            out[k] = torch.cat(parts, 1)
+        else:
+            out[k] = parts[0]
     return out
 
 
@@ -122,10 +204,10 @@ def _trajectory(plugin) -> list[dict]:
     return [{k: r[k] for k in keep} for r in plugin.trajectory]
 
 
-def two_tasks(pp: int, steps0: int = 3, steps1: int = 7, stage: int = 1) -> dict:
+def two_tasks(pp: int, steps0: int = 3, steps1: int = 7, stage: int = 1, tp: int | None = None) -> dict:
     """Task 0 without merging, task 1 probed every step and merging by the reference rule. At stage 0 without
     clipping: there DeepSpeed clips each stage by its own gradient norm, so 2 stages would not train as 1."""
-    engine = make_engine(pp, stage=stage, clip=1.0 if stage else 0.0)
+    engine = make_engine(pp, stage=stage, clip=1.0 if stage else 0.0, tp=tp)
     plugin = aim_ds.attach(engine)
     plugin.start_task()
     losses = train(engine, 0, steps0)
@@ -172,13 +254,13 @@ def failed_merge_undone_everywhere(pp: int) -> dict:
     return {"merged": rec["merged"], "diff": diff, "next_merged": rec2["merged"], "merges": plugin.merge_count}
 
 
-def resume(pp: int, ckpt: str) -> dict:
+def resume(pp: int, ckpt: str, tp: int | None = None) -> dict:
     """Task 1 interrupted after its first merge (step 4) and resumed from a checkpoint in a fresh engine, against
     the same run uninterrupted: the same weights, bit for bit, and the same trajectory."""
     import deepspeed
 
     def run(split: bool):
-        engine = make_engine(pp)
+        engine = make_engine(pp, tp=tp)
         plugin = aim_ds.attach(engine)
         plugin.start_task()
         train(engine, 0, 2)
@@ -187,7 +269,7 @@ def resume(pp: int, ckpt: str) -> dict:
         if split:
             save_checkpoint(engine, plugin, ckpt, tag="mid")
             deepspeed.comm.barrier()
-            engine = make_engine(pp)
+            engine = make_engine(pp, tp=tp)
             plugin = aim_ds.attach(engine, memory(engine))
             load_checkpoint(engine, plugin, ckpt, tag="mid")
         train(engine, 104, 4)

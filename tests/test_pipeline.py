@@ -60,6 +60,27 @@ def test_two_stages_by_two_data_parallel_ranks(tmp_path):
     _same_run(one, four[0])
 
 
+def test_two_stages_by_two_megatron_tensor_parallel_ranks(tmp_path):
+    """4 ranks: 2 stages x 2 tensor-parallel ranks (column- and row-parallel blocks, the pipeline's grid as the
+    engine's mpu) against 1 stage without tensor parallelism: TP-cut parameters counted on every TP rank, whole
+    ones on TP rank 0, so the same learning signal, merges and (joined) weights."""
+    one = run_ranks(f"{SCENARIO}:two_tasks", 1, tmp_path, TIMEOUT, pp=1, tp=1)[0]
+    four = run_ranks(f"{SCENARIO}:two_tasks", 4, tmp_path, TIMEOUT * 2, pp=2, tp=2)
+    assert sorted((r["position"]["pp_rank"], r["position"]["tp_rank"]) for r in four) == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
+    _same_run(one, four[0])
+
+
+def test_resume_is_bit_exact_at_two_stages_by_two_tensor_parallel_ranks(tmp_path):
+    out = run_ranks(f"{SCENARIO}:resume", 4, tmp_path, TIMEOUT * 2, pp=2, tp=2, ckpt=str(tmp_path / "ckpt"))
+    for r in out:
+        assert r["max_diff"] == 0.0 and r["same_trajectory"] is True and r["merges"][0] == r["merges"][1] >= 1
+
+
 def test_a_merge_that_fails_on_one_stage_is_undone_on_every_stage(tmp_path):
     out = run_ranks(f"{SCENARIO}:failed_merge_undone_everywhere", 2, tmp_path, TIMEOUT, pp=2)
     for r in out:  # the fusion failed on the last stage only: both stages are back at theta_k, bit for bit
