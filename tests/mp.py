@@ -86,6 +86,28 @@ class RankFailure(AssertionError):
     pass
 
 
+def run_logged(cmd, cwd, name: str, timeout: float) -> tuple[int, str]:
+    """Run a command (a driver launch, a tool) in cwd with driver_env, its output in cwd/NAME.log: (exit code, the
+    log). Past the timeout its whole process group is killed and the test fails with the log's end."""
+    import signal
+    import subprocess
+
+    import pytest
+
+    log = Path(cwd) / f"{name}.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(
+            cmd, cwd=cwd, env=driver_env(cwd), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+            pytest.fail(f"{name} timed out after {timeout}s: {log.read_text()[-3000:]}")
+    return rc, log.read_text()
+
+
 def run_ranks(scenario: str, world: int, tmp_path, timeout: float = 240, **kwargs) -> list:
     """Run `scenario` on `world` ranks; return each rank's result (list by rank).
 

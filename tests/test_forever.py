@@ -12,7 +12,7 @@ import pytest
 
 from aim_ds.config import ConfigError, ForeverConfig
 from aim_ds.control.forever import ForeverSchedule
-from tests.mp import TRAIN, deepspeed_cmd, driver_env, run_ranks
+from tests.mp import TRAIN, deepspeed_cmd, run_logged, run_ranks
 
 TIMEOUT = 300
 
@@ -117,15 +117,8 @@ def test_the_l2_pull_adds_its_gradient_in_the_replay_step(tmp_path, stage, offlo
 def _drive(tmp_path, out, *extra, timeout=600):
     """launch/train.py --method forever on 2 CPU ranks (ZeRO-3, the default ds_config); the log on failure."""
     cmd = deepspeed_cmd(TRAIN, "--method", "forever", "--seed", "0", "--no-progress", "--output-dir", out, *extra)
-    log = tmp_path / f"{Path(out).name}.log"
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, cwd=tmp_path, env=driver_env(tmp_path), stdout=f, stderr=subprocess.STDOUT)
-        try:
-            code = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            pytest.fail(f"the driver hung: {log.read_text()[-3000:]}")
-    assert code == 0, log.read_text()[-3000:]
+    rc, log = run_logged(cmd, tmp_path, Path(out).name, timeout)
+    assert rc == 0, log[-3000:]
 
 
 @pytest.fixture(scope="module")

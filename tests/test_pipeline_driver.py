@@ -6,31 +6,18 @@ Hugging Face folder, for the model (the fp32 masters) and for the anchor."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.mp import REPO, TRAIN, aim_ds_cmd, deepspeed_cmd, driver_env
+from tests.mp import REPO, TRAIN, aim_ds_cmd, deepspeed_cmd, run_logged
 
 PIPE_CONFIG = str(REPO / "ds_configs" / "cpu_pipe_zero1.json")
 # 24 steps per task (96 examples, batch 4, one data-parallel rank): the default config forces a merge by step 16
 SMALL = ["--max-train", "96", "--max-eval", "16", "--batch-size", "4", "--eval-batch-size", "16", "--no-progress"]
 TIMEOUT = 400
-
-
-def _run(cmd, cwd: Path, name: str, timeout: int = TIMEOUT) -> tuple[int, str]:
-    log = cwd / f"{name}.log"
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, cwd=cwd, env=driver_env(cwd), stdout=f, stderr=subprocess.STDOUT)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            pytest.fail(f"{name} timed out after {timeout}s: {log.read_text()[-3000:]}")
-    return rc, log.read_text()
 
 
 def _train(cwd: Path, out: Path, *extra, ranks: int = 2) -> tuple[int, str]:
@@ -48,7 +35,7 @@ def _train(cwd: Path, out: Path, *extra, ranks: int = 2) -> tuple[int, str]:
         *extra,
         ranks=ranks,
     )
-    return _run(cmd, cwd, out.name)
+    return run_logged(cmd, cwd, out.name, TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +85,7 @@ def test_resume_at_another_pipeline_size_is_refused_before_any_engine(run):
         "--resume",
         str(ckpt),
     )
-    rc, log = _run(cmd, run, "other")
+    rc, log = run_logged(cmd, run, "other", TIMEOUT)
     assert rc != 0
     assert "saved with 2 pipeline stage(s), this run has 1" in log and "--pipeline-parallel-size 2" in log, log[-3000:]
     assert "deepspeed.initialize" not in log and "Using topology" not in log  # refused before the engine
@@ -106,10 +93,11 @@ def test_resume_at_another_pipeline_size_is_refused_before_any_engine(run):
 
 def _convert(run: Path, tag: str, what: str) -> Path:
     out = run / f"hf-{what}-{tag}"
-    rc, log = _run(
+    rc, log = run_logged(
         aim_ds_cmd("convert", str(run / "ref" / "checkpoints"), str(out), "--tag", tag, "--what", what),
         run,
         f"convert-{what}-{tag}",
+        TIMEOUT,
     )
     assert rc == 0, log[-3000:]
     return out
@@ -139,14 +127,14 @@ def test_convert_joins_the_stages_for_the_model_and_the_anchor(run):
 
 def test_pipeline_options_a_run_cannot_take_are_refused(tmp_path):
     zero3 = str(REPO / "ds_configs" / "cpu_zero3.json")
-    rc, log = _run(
+    rc, log = run_logged(
         [sys.executable, TRAIN, "--pipeline-parallel-size", "2", "--deepspeed_config", zero3, *SMALL],
         tmp_path,
         "zero3",
         120,
     )
     assert rc == 2 and "zero_optimization.stage 3" in log and "stage 0 or 1" in log, log[-2000:]
-    rc, log = _run(
+    rc, log = run_logged(
         [sys.executable, TRAIN, "--pipeline-parallel-size", "2", "--lora", "4", *SMALL], tmp_path, "lora", 120
     )
     assert rc == 2 and "--lora with --pipeline-parallel-size" in log, log[-2000:]
