@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from aim_ds.experiment.modeling import tiny_llama_config
-from aim_ds.experiment.pipeline import build_pipeline_model, gather_hf_state_dict
+from aim_ds.experiment.pipeline import PIPE_CONFIG, build_pipeline_model, gather_hf_state_dict
 
 VOCAB = 97
 ROWS = 2
@@ -55,19 +55,19 @@ def _max_abs(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in b)
 
 
-def pipeline_checks(out: str, attn: str = "sdpa") -> dict:
+def pipeline_checks(out: str, attn: str = "sdpa", tp: int = 1) -> dict:
     """Per tie setting, at as many stages as ranks: the pipeline's eval losses against the HF model's (right
     padding and two lengths), one train_batch of GAS micro-batches against one torch SGD step of the HF model
     on them, gather_hf_state_dict against that model's weights; then save_checkpoint under OUT/STAGES-TIED and
     the gathered dict to OUT/STAGES-TIED.pt (rank 0) for the offline join."""
-    stages = deepspeed.comm.get_world_size()
+    stages = deepspeed.comm.get_world_size() // tp  # tp > 1: Megatron-style tensor parallelism in each stage
     rank = deepspeed.comm.get_rank()
     res = {}
     for tied in (False, True):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config(tied, attn))
         ref = copy.deepcopy(model)  # the pipeline shares (and trains) the model's own tensors
-        pipe = build_pipeline_model(model, stages)
+        pipe = build_pipeline_model(model, stages, tensor_parallel=tp)
         ds = {
             "train_micro_batch_size_per_gpu": ROWS,
             "gradient_accumulation_steps": GAS,
@@ -75,6 +75,9 @@ def pipeline_checks(out: str, attn: str = "sdpa") -> dict:
             "steps_per_print": 10**9,
             "zero_optimization": {"stage": 1},
             "zero_allow_untested_optimizer": True,
+            # activations whole between stages: DeepSpeed caches a partitioned activation's shape, and the
+            # batches here vary in length (aim_ds.experiment.pipeline.PIPE_CONFIG)
+            "pipeline": PIPE_CONFIG,
         }
         opt = torch.optim.SGD([p for p in pipe.parameters() if p.requires_grad], lr=LR)
         engine, *_ = deepspeed.initialize(model=pipe, optimizer=opt, config=ds)
@@ -101,7 +104,7 @@ def pipeline_checks(out: str, attn: str = "sdpa") -> dict:
             r["head_is_embedding"] = after["lm_head.weight"] is after["model.embed_tokens.weight"]
         r["eval_after"] = [(_pipe_loss(engine, *b), _hf_loss(ref, *b)) for b in EVAL]
 
-        name = f"{stages}-{'tied' if tied else 'untied'}"
+        name = f"{stages if tp == 1 else f'{stages}x{tp}'}-{'tied' if tied else 'untied'}"
         engine.save_checkpoint(os.path.join(out, name), tag="step1")
         if rank == 0:
             torch.save(after, os.path.join(out, f"{name}.pt"))

@@ -20,13 +20,13 @@ SMALL = ["--max-train", "96", "--max-eval", "16", "--batch-size", "4", "--eval-b
 TIMEOUT = 400
 
 
-def _train(cwd: Path, out: Path, *extra, ranks: int = 2) -> tuple[int, str]:
+def _train(cwd: Path, out: Path, *extra, ranks: int = 2, ds: str = PIPE_CONFIG) -> tuple[int, str]:
     cmd = deepspeed_cmd(
         TRAIN,
         "--pipeline-parallel-size",
         "2",
         "--deepspeed_config",
-        PIPE_CONFIG,
+        ds,
         "--seed",
         "1",
         "--output-dir",
@@ -138,3 +138,47 @@ def test_pipeline_options_a_run_cannot_take_are_refused(tmp_path):
         [sys.executable, TRAIN, "--pipeline-parallel-size", "2", "--lora", "4", *SMALL], tmp_path, "lora", 120
     )
     assert rc == 2 and "--lora with --pipeline-parallel-size" in log, log[-2000:]
+
+
+@pytest.fixture(scope="module")
+def run_tp(tmp_path_factory):
+    """2 stages x 2 tensor-parallel ranks on 4 ranks: the ds_config's tensor_parallel size, the stages' layers cut
+    Megatron-style by the driver; a reference run with checkpoints and a resume from one of them."""
+    tmp = tmp_path_factory.mktemp("pipe_tp")
+    cfg = json.loads(Path(PIPE_CONFIG).read_text())
+    cfg["tensor_parallel"] = {"autotp_size": 2}
+    ds = tmp / "pipe_tp2.json"
+    ds.write_text(json.dumps(cfg))
+    rc, log = _train(tmp, tmp / "ref", "--checkpoint-every", "6", "--keep-checkpoints", "20", ranks=4, ds=str(ds))
+    assert rc == 0, log[-4000:]
+    ckpt = tmp / "ref" / "checkpoints" / "task002-step000018"
+    assert ckpt.is_dir(), sorted(p.name for p in (tmp / "ref" / "checkpoints").iterdir())
+    rc, log = _train(tmp, tmp / "resumed", "--resume", str(ckpt), ranks=4, ds=str(ds))
+    assert rc == 0, log[-4000:]
+    return tmp
+
+
+def test_two_stages_by_two_tensor_parallel_ranks_merge_resume_and_convert(run_tp):
+    a = json.loads((run_tp / "ref" / "results.json").read_text())
+    b = json.loads((run_tp / "resumed" / "results.json").read_text())
+    assert (a["pipeline_parallel"], a["tensor_parallel"], a["world_size"]) == (2, 2, 4)
+    assert a["merges"] >= 1 and a["matrix"] == b["matrix"] and a["merges"] == b["merges"]
+    for f in ("trajectory.csv", "losses.csv"):  # the resumed run, bit for bit
+        assert (run_tp / "ref" / f).read_text() == (run_tp / "resumed" / f).read_text(), f
+    # convert joins every stage's tensor-parallel slices: from_pretrained loads them, equal to the layer files
+    from aim_ds.checkpoint.pipe import pipeline_hf_state_dict
+
+    out = run_tp / "hf"
+    ckpts = run_tp / "ref" / "checkpoints"
+    rc, log = run_logged(aim_ds_cmd("convert", str(ckpts), str(out)), run_tp, "convert", TIMEOUT)
+    assert rc == 0, log[-3000:]
+    model = _load(out)
+    tag = (ckpts / "latest").read_text().strip()
+    assert "layer_01-model_01-model_states.pt" in {p.name for p in (ckpts / tag).iterdir()}
+    layers = pipeline_hf_state_dict(str(ckpts / tag), 2, True)
+    assert sorted(layers) == sorted(model) and all(torch.equal(layers[k].float(), model[k]) for k in model)
+    assert model["model.layers.0.mlp.down_proj.weight"].shape == (128, 512)  # whole again: 512 = both halves
+    rc, log = run_logged(
+        aim_ds_cmd("convert", str(ckpts), str(run_tp / "anchor"), "--what", "anchor"), run_tp, "anchor", TIMEOUT
+    )
+    assert rc != 0 and "anchor of a pipeline with tensor parallelism" in log, log[-2000:]

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from ..experiment.pipeline import hf_name, hf_param_name, tie_head
+from ..experiment.pipeline import hf_name, hf_param_name, tie_head, tp_cut_dim
 from .format import CheckpointError
 from .layout import gather
 
@@ -38,8 +38,8 @@ def _layer_files(tag_dir: str) -> dict[int, list[str]]:
 def pipeline_hf_state_dict(ckpt_tag_dir: str, num_hidden_layers: int, tied: bool) -> dict[str, torch.Tensor]:
     """The HF LlamaForCausalLM state dict (CPU tensors, ``lm_head.weight`` the embedding's when tied) of the
     pipeline checkpoint in ``ckpt_tag_dir`` (the tag folder DeepSpeed's save_checkpoint wrote). Every layer file
-    the layout needs must be there (layers 0..L+1, and L+2 untied), and no other; tensor-parallel slices are
-    refused."""
+    the layout needs must be there (layers 0..L+1, and L+2 untied), and no other; tensor-parallel slices (one
+    file per tensor-parallel rank) are joined along each parameter's cut (``tp_cut_dim``)."""
     if not os.path.isdir(ckpt_tag_dir):
         raise CheckpointError(f"{ckpt_tag_dir}: no such checkpoint folder; give the tag folder of a pipeline save.")
     files = _layer_files(ckpt_tag_dir)
@@ -58,17 +58,31 @@ def pipeline_hf_state_dict(ckpt_tag_dir: str, num_hidden_layers: int, tied: bool
             f"{'tied' if tied else 'untied'} Llama pipeline (layer files 0..{expected[-1]}); check num_hidden_layers "
             "and tie_word_embeddings against the saved model."
         )
-    sliced = sorted(f for names in files.values() if len(names) > 1 for f in names)
-    if sliced:
+    counts = {len(files[i]) for i in expected}
+    odd = [
+        f
+        for i in expected
+        for f in files[i]
+        if len(counts) > 1
+        or (
+            len(files[i]) > 1
+            and files[i] != [f"layer_{i:02d}-model_{t:02d}-model_states.pt" for t in range(len(files[i]))]
+        )
+    ]
+    if odd:
         raise CheckpointError(
-            f"{ckpt_tag_dir}: tensor-parallel slices ({', '.join(sliced[:4])}{', ...' if len(sliced) > 4 else ''}) "
-            "are not joined for pipeline checkpoints; save the pipeline without tensor parallelism."
+            f"{ckpt_tag_dir}: the layer files do not form one tensor-parallel layout ({', '.join(odd[:4])}): every "
+            "layer needs the same files, model_00 .. model_{T-1} (or one file without tensor parallelism); copy the "
+            "complete save."
         )
     out: dict[str, torch.Tensor] = {}
     for i in expected:
-        path = os.path.join(ckpt_tag_dir, files[i][0])
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        out.update({hf_param_name(i, local, num_hidden_layers, tied): t for local, t in sd.items()})
+        # one file per tensor-parallel rank (model_YY, in rank order): a decoder layer's cut parameters joined
+        parts = [torch.load(os.path.join(ckpt_tag_dir, f), map_location="cpu", weights_only=True) for f in files[i]]
+        for local, t in parts[0].items():
+            dim = tp_cut_dim(local) if 1 <= i <= num_hidden_layers else None
+            joined = torch.cat([p[local] for p in parts], dim) if dim is not None and len(parts) > 1 else t
+            out[hf_param_name(i, local, num_hidden_layers, tied)] = joined
     return tie_head(out, tied)
 
 
@@ -91,10 +105,11 @@ def _hf(full: dict[str, torch.Tensor], layout: dict, num_hidden_layers: int, tie
 def master_weights(tag_dir: str, manifest: dict, num_hidden_layers: int, tied: bool) -> dict[str, torch.Tensor]:
     """The fp32 masters of a ZeRO-1 pipeline checkpoint by HF name, from each stage's optimizer partitions
     (zero_pp_rank_D_mp_rank_SS_optim_states.pt: data-parallel rank D of stage SS). Exact where the layer files
-    hold a lower precision (bf16 training). Stage 0 (no partitions): {} (its layer files are the masters)."""
+    hold a lower precision (bf16 training). Stage 0 (no partitions) and tensor-parallel pipelines: {} (the layer
+    files are the weights, in the training precision)."""
     layout = manifest["layout"]
-    if layout.get("kind") != "flat":
-        return {}
+    if layout.get("kind") != "flat" or layout.get("tp_size", 1) > 1:
+        return {}  # under tensor parallelism the layout records no offsets: the layer files are the weights
     pp, world = layout["pp_size"], manifest["world_size"]
     dp = world // pp
     positions = [{"pp_rank": r // dp, "dp_rank": r % dp} for r in range(world)]  # DeepSpeed's pipe-outermost grid
@@ -114,6 +129,11 @@ def anchor_weights(states: list[dict], manifest: dict, key: str, num_hidden_laye
     """The plugin's anchor (or another per-sub-group shard list under `key`) of a pipeline checkpoint by HF
     name, joined per stage from every rank's plugin state (each names its stage and data-parallel rank)."""
     layout = manifest["layout"]
+    if layout.get("tp_size", 1) > 1:
+        raise CheckpointError(
+            "aim_merging: the anchor of a pipeline with tensor parallelism is not joined (its layout records no "
+            "partition offsets); convert the model (--what model), or resume the run to use the anchor."
+        )
     positions = [s["position"] for s in states]
     full = _by_stage(layout, lambda r: states[r][key], positions)
     return tie_head(_hf(full, layout, num_hidden_layers, tied), tied)

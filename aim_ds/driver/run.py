@@ -144,8 +144,6 @@ def check_pipeline_config(cfg: RunConfig, ds_config: dict, aim_cfg) -> None:
             f"{where}: zero_optimization.stage {stage}; DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only "
             "(ds_configs/cpu_pipe_zero1.json is one)"
         )
-    if tp_size(ds_config) > 1:
-        raise InputError(f"{where}: tensor_parallel with pipelines is not supported by the driver; drop one of them")
     if getattr(aim_cfg, "probe_source", None) == "training_batch":
         raise InputError(
             f'{where}: aim_merging.probe_source "training_batch" reads the memory rows\' logits, which a pipeline '
@@ -175,12 +173,12 @@ def data_parallel_world(cfg: RunConfig, tp: int, world: int) -> int:
     everywhere and no collective."""
     pp = cfg.pipeline_parallel_size
     if pp > 1:
-        if world % pp:
+        if world % (pp * tp):
             raise InputError(
-                f"--pipeline-parallel-size {pp} needs a number of ranks that is a multiple of {pp} (this launch has "
-                f"{world}); launch {pp} x the data-parallel size ranks"
+                f"--pipeline-parallel-size {pp} with tensor-parallel size {tp} needs a number of ranks that is a "
+                f"multiple of {pp * tp} (this launch has {world}); launch {pp} x {tp} x the data-parallel size ranks"
             )
-        return world // pp
+        return world // (pp * tp)
     if world % tp:
         raise InputError(
             f"{cfg.deepspeed_config}: tensor_parallel.autotp_size {tp} needs a number of ranks that is a multiple "
@@ -305,8 +303,16 @@ def batch_sizes(cfg: RunConfig, ds_config: dict, aim_cfg, world: int) -> BatchSi
     ds_run["train_micro_batch_size_per_gpu"] = micro
     ds_run["gradient_accumulation_steps"] = 1
     # DeepSpeed's batch check counts every rank, tensor-parallel ones too (its config has no mpu under AutoTP)
-    # and under pipelines the data-parallel ranks only (its config has the pipeline's grid as mpu)
-    ds_run["train_batch_size"] = micro * world // cfg.pipeline_parallel_size
+    ds_run["train_batch_size"] = micro * world
+    if cfg.pipeline_parallel_size > 1:  # the pipeline's grid is DeepSpeed's mpu: it counts data-parallel ranks only
+        tp = tp_size(ds_config)
+        ds_run["train_batch_size"] = micro * world // (cfg.pipeline_parallel_size * tp)
+        # the driver cuts the stages' layers itself (Megatron-style): AutoTP does not cut a PipelineModule
+        ds_run.pop("tensor_parallel", None)
+        if tp > 1:
+            from aim_ds.experiment.pipeline import PIPE_CONFIG
+
+            ds_run["pipeline"] = {**ds_run.get("pipeline", {}), **PIPE_CONFIG}
     ds_run.pop("scheduler", None)  # the driver owns the LR schedule
     return BatchSizes(micro, mem_bs, replay_rows, ds_run)
 

@@ -140,11 +140,13 @@ def build_engine(state: RunState, encoder: EncodingCache):
     # frozen weights (LoRA's base) stay out of the optimizer, so the plugin tracks the adapters only
     net = model
     if s.pp > 1:  # the stages' layers share the HF model's tensors; the HF model is kept to evaluate with
+        import copy
+
         from aim_ds.experiment.pipeline import build_pipeline_model
 
         encoder.keeps_logits = False  # the pipeline's loss reads whole label rows
-        net = build_pipeline_model(model, s.pp)
-        keepalive = model
+        keepalive = copy.deepcopy(model) if s.tp > 1 else model  # tensor parallelism cuts the model's layers
+        net = build_pipeline_model(model, s.pp, tensor_parallel=s.tp)
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = None
     if s.sizes.client_opt:
@@ -167,7 +169,7 @@ def check_tp_groups(engine, s: RunState) -> None:
         return
     from aim_ds.shards.tp import parallel_ranks
 
-    tp_rank, dp_rank = parallel_ranks()
+    tp_rank, dp_rank = parallel_ranks(engine)
     if (tp_rank, dp_rank) != (s.rank % s.tp, s.dp_rank):
         raise RuntimeError(
             f"rank {s.rank}: DeepSpeed placed it at tensor-parallel rank {tp_rank}, data-parallel rank {dp_rank}; "

@@ -98,6 +98,99 @@ class DecoderLayerPipe(_Adopted):
         return self.hf(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
 
 
+# The ds_config "pipeline" section these pipelines need under tensor parallelism: DeepSpeed would cut each
+# activation over the tensor-parallel ranks between stages and cache the pieces' shapes from the first batch, so
+# a batch of another length fails; whole activations (every tensor-parallel rank holds them anyway) do not
+PIPE_CONFIG = {"pipe_partitioned": False, "grad_partitioned": False}
+
+# Megatron-style tensor parallelism inside a decoder layer: these Linears are cut by output rows (column-parallel;
+# attention by whole heads) and these by input columns (row-parallel, the partial outputs summed over the ranks)
+COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def tp_cut_dim(local: str) -> int | None:
+    """The dimension along which a decoder layer's parameter (its local name, "self_attn.q_proj.weight") is cut
+    over the tensor-parallel ranks: 0 (rows), 1 (columns), or None (held whole by every rank)."""
+    module = local.rsplit(".", 1)[0]
+    return 0 if module in COLUMN_PARALLEL else 1 if module in ROW_PARALLEL else None
+
+
+class _ToTensorParallel(torch.autograd.Function):
+    """Megatron's f: the input of a column-parallel layer; its gradient is summed over the tensor-parallel ranks
+    (each rank's slice of the layer contributes a part of it)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        import deepspeed.comm as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _FromTensorParallel(torch.autograd.Function):
+    """Megatron's g: a row-parallel layer's partial outputs summed over the tensor-parallel ranks."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        import deepspeed.comm as dist
+
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ParallelLinear(nn.Module):
+    """This rank's slice of a bias-free Linear (weight [out, in]) along `dim`, marked tensor-parallel for
+    DeepSpeed (its gradient norm) and the plugin (counted on every tensor-parallel rank)."""
+
+    def __init__(self, linear: nn.Linear, dim: int, rank: int, size: int, group):
+        super().__init__()
+        part = linear.weight.shape[dim] // size
+        self.weight = nn.Parameter(linear.weight.detach().narrow(dim, rank * part, part).clone())
+        self.weight.tensor_model_parallel = True
+        self.weight.partition_dim = dim
+        self.dim, self.group = dim, group
+
+    def forward(self, x):
+        if self.dim == 0:
+            return F.linear(_ToTensorParallel.apply(x, self.group), self.weight)
+        return _FromTensorParallel.apply(F.linear(x, self.weight), self.group)
+
+
+def cut_tensor_parallel(layer: nn.Module, config, rank: int, size: int, group) -> None:
+    """Cut an HF Llama decoder layer in place for tensor-parallel rank `rank` of `size`: q/k/v by whole heads and
+    gate/up by rows, o/down by the matching columns (Megatron's layout). Every rank cuts the same whole layer, so
+    any size starts from the same weights."""
+    checks = {
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        "intermediate_size": config.intermediate_size,
+    }
+    bad = {k: v for k, v in checks.items() if v % size}
+    if bad or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ValueError(
+            f"tensor parallelism {size}: the model's {bad or 'biases'} cannot be cut evenly; give a tensor-parallel "
+            "size that divides the attention heads, the key/value heads and the intermediate size (no biases)."
+        )
+    for path in COLUMN_PARALLEL + ROW_PARALLEL:
+        parent_name, name = path.split(".")
+        parent = getattr(layer, parent_name)
+        setattr(
+            parent, name, _ParallelLinear(getattr(parent, name), 0 if path in COLUMN_PARALLEL else 1, rank, size, group)
+        )
+
+
 def _tied_head(embedding: nn.Module, hidden):
     """The tied LM head: logits from the embedding's weight."""
     return F.linear(hidden, embedding.weight)
@@ -143,7 +236,13 @@ def _has(obj, path: str) -> bool:
 
 
 def build_pipeline_model(
-    model, num_stages: int, *, seed_layers: bool = False, partition_method: str = "parameters", **pipe_kwargs
+    model,
+    num_stages: int,
+    *,
+    tensor_parallel: int = 1,
+    seed_layers: bool = False,
+    partition_method: str = "parameters",
+    **pipe_kwargs,
 ):
     """A ``deepspeed.pipe.PipelineModule`` of ``model`` (an HF LlamaForCausalLM) in ``num_stages`` stages.
 
@@ -157,6 +256,10 @@ def build_pipeline_model(
     (``"uniform"`` counts layers: 3 | 2 there, both decoder layers on stage 0.) ``dynamic_shape=True`` unless
     given: DeepSpeed otherwise sizes the inter-stage buffers once, from the first batch, and a batch of another
     sequence length fails or hangs. Other keyword arguments go to PipelineModule.
+
+    ``tensor_parallel=T > 1``: Megatron-style tensor parallelism inside each stage (``cut_tensor_parallel``): the
+    grid is DeepSpeed's ``PipeModelDataParallelTopology`` (stages x data-parallel ranks x T, T innermost), the
+    engine's mpu. The HF model's decoder layers are cut in place: keep a deep copy to evaluate the whole model.
     """
     import deepspeed
 
@@ -166,6 +269,15 @@ def build_pipeline_model(
     cfg = model.config
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     hf = model.model
+    if tensor_parallel > 1:
+        from ..shards.pipe import tensor_parallel_grid
+
+        topology, tp_rank, tp_group = tensor_parallel_grid(num_stages, tensor_parallel)
+        for layer in hf.layers[: cfg.num_hidden_layers]:
+            cut_tensor_parallel(layer, cfg, tp_rank, tensor_parallel, tp_group)
+        pipe_kwargs["topology"] = topology
+    else:
+        pipe_kwargs["num_stages"] = num_stages
     if tied:
         embed = TiedLayerSpec(TIE_KEY, EmbeddingPipe, hf.embed_tokens, tied_weight_attr="weight")
         head = TiedLayerSpec(TIE_KEY, EmbeddingPipe, hf.embed_tokens, forward_fn=_tied_head, tied_weight_attr="weight")
@@ -181,7 +293,6 @@ def build_pipeline_model(
     pipe_kwargs.setdefault("dynamic_shape", True)
     pipe = deepspeed.PipelineModule(
         layers=layers,
-        num_stages=num_stages,
         loss_fn=causal_lm_loss,
         seed_layers=seed_layers,
         partition_method=partition_method,
@@ -250,48 +361,59 @@ def _tied_elsewhere(pipe, stage: int) -> set[str]:
     return {TIE_KEY} if stage in owners and stage != min(owners) else set()
 
 
+def hf_cut_dim(name: str) -> int | None:
+    """tp_cut_dim of an HF parameter name ("model.layers.3.mlp.down_proj.weight" -> 1)."""
+    parts = name.split(".")
+    return tp_cut_dim(".".join(parts[3:])) if name.startswith("model.layers.") and len(parts) > 3 else None
+
+
 def gather_hf_state_dict(engine) -> dict[str, torch.Tensor]:
     """The whole model as an HF LlamaForCausalLM state dict (CPU tensors, the tied head included) on EVERY rank.
 
-    Consolidates the whole model on each rank: each pipeline stage (its data-parallel rank 0) broadcasts its
-    layers' weights to the world as one byte buffer. Every rank must call it. The weights are the module's
-    (working precision), not the optimizer's fp32 masters.
+    Consolidates the whole model on each rank: each pipeline stage (its data-parallel rank 0; under tensor
+    parallelism each of its tensor-parallel ranks, the cut parameters only after the first) broadcasts its
+    layers' weights to the world as one byte buffer, and the tensor-parallel slices are joined. Every rank must
+    call it. The weights are the module's (working precision), not the optimizer's fp32 masters.
     """
     import deepspeed.comm as dist
 
     pipe, grid = engine.module, engine.grid
-    if grid.get_slice_parallel_world_size() > 1:
-        raise NotImplementedError(
-            "gather_hf_state_dict: tensor-parallel slices (model parallel size "
-            f"{grid.get_slice_parallel_world_size()}) are not joined; run the pipeline without tensor parallelism."
-        )
+    tp = grid.get_slice_parallel_world_size()
     names = hf_name_map(pipe)
     tied = pipe.hf_layout[1]
-    me = dist.get_rank()
+    me, my_tp = dist.get_rank(), grid.get_slice_parallel_rank()
     device = engine.device
-    out: dict[str, torch.Tensor] = {}
+    slices: dict[str, list[torch.Tensor]] = {}
     for stage in range(pipe.num_stages):
-        src = grid.stage_to_global(stage_id=stage, data=0)
-        meta, tensors = [None], []
-        if me == src:
-            skip = tuple(f"tied_modules.{key}." for key in _tied_elsewhere(pipe, stage))
-            entries = [(names[n], t.detach()) for n, t in pipe.state_dict().items() if not n.startswith(skip)]
-            meta = [[(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in entries]]
-            tensors = [t for _, t in entries]
-        dist.broadcast_object_list(meta, src=src)
-        sizes = [
-            torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, dt)).element_size()
-            for _, shape, dt in meta[0]
-        ]
-        if me == src:
-            flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]).to(device)
-        else:
-            flat = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
-        dist.broadcast(flat, src=src)
-        flat = flat.cpu()
-        offset = 0
-        for (name, shape, dt), size in zip(meta[0], sizes, strict=True):
-            # a fresh copy: a byte view at an odd offset cannot be reinterpreted as a wider dtype
-            out[name] = flat[offset : offset + size].clone().view(getattr(torch, dt)).reshape(shape)
-            offset += size
+        for t in range(tp):
+            src = grid.stage_to_global(stage_id=stage, data=0, **({"model": t} if tp > 1 else {}))
+            meta, tensors = [None], []
+            if me == src:
+                skip = tuple(f"tied_modules.{key}." for key in _tied_elsewhere(pipe, stage))
+                entries = [
+                    (names[n], t_.detach())
+                    for n, t_ in pipe.state_dict().items()
+                    if not n.startswith(skip) and (my_tp == 0 or hf_cut_dim(names[n]) is not None)
+                ]
+                meta = [[(n, tuple(x.shape), str(x.dtype).removeprefix("torch.")) for n, x in entries]]
+                tensors = [x for _, x in entries]
+            dist.broadcast_object_list(meta, src=src)
+            sizes = [
+                torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, dt)).element_size()
+                for _, shape, dt in meta[0]
+            ]
+            if me == src:
+                flat = torch.cat([x.contiguous().reshape(-1).view(torch.uint8) for x in tensors]).to(device)
+            else:
+                flat = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+            dist.broadcast(flat, src=src)
+            flat = flat.cpu()
+            offset = 0
+            for (name, shape, dt), size in zip(meta[0], sizes, strict=True):
+                # a fresh copy: a byte view at an odd offset cannot be reinterpreted as a wider dtype
+                slices.setdefault(name, []).append(
+                    flat[offset : offset + size].clone().view(getattr(torch, dt)).reshape(shape)
+                )
+                offset += size
+    out = {n: torch.cat(parts, hf_cut_dim(n)) if len(parts) > 1 else parts[0] for n, parts in slices.items()}
     return tie_head(out, tied)

@@ -50,6 +50,27 @@ def check_pipeline_engine(engine) -> str | None:
     return None
 
 
+def tensor_parallel_grid(num_stages: int, tensor_parallel: int) -> tuple:
+    """(topology, this rank's tensor-parallel rank, the tensor-parallel group) of a pipeline with Megatron-style
+    tensor parallelism inside the stages: DeepSpeed's PipeModelDataParallelTopology (stages x data-parallel
+    ranks x tensor-parallel ranks, the latter innermost), whose grid the PipelineModule and the engine use as
+    their mpu. Every rank calls it (it creates process groups)."""
+    import deepspeed.comm as dist
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+
+    world = dist.get_world_size()
+    if world % (num_stages * tensor_parallel):
+        raise ValueError(
+            f"{world} ranks cannot form {num_stages} stages x {tensor_parallel} tensor-parallel ranks; launch a "
+            f"multiple of {num_stages * tensor_parallel}."
+        )
+    topology = PipeModelDataParallelTopology(
+        num_pp=num_stages, num_mp=tensor_parallel, num_dp=world // (num_stages * tensor_parallel)
+    )
+    grid = PipelineParallelGrid(topology=topology)
+    return topology, grid.get_slice_parallel_rank(), grid.get_slice_parallel_group()
+
+
 class PipeSteps:
     """The plugin's own forwards and optimizer steps through a pipeline engine's schedule.
 
@@ -89,4 +110,11 @@ class PipeSteps:
         return float(out.detach().float().mean()) if torch.is_tensor(out) else float(out)
 
 
-__all__ = ["PipeSteps", "check_pipeline_engine", "default_pipe_batch", "is_pipeline", "pipe_position"]
+__all__ = [
+    "PipeSteps",
+    "check_pipeline_engine",
+    "default_pipe_batch",
+    "is_pipeline",
+    "pipe_position",
+    "tensor_parallel_grid",
+]

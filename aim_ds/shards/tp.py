@@ -7,8 +7,14 @@ from __future__ import annotations
 import torch
 
 
-def parallel_ranks() -> tuple[int, int]:
-    """(tensor-parallel rank, data-parallel rank) as DeepSpeed's groups placed this process."""
+def parallel_ranks(engine=None) -> tuple[int, int]:
+    """(tensor-parallel rank, data-parallel rank) as DeepSpeed placed this process: by its groups (AutoTP), or by
+    a pipeline engine's grid (its mpu)."""
+    grid = getattr(engine, "grid", None)
+    if grid is not None:
+        import deepspeed.comm as dist
+
+        return grid.get_slice_parallel_rank(), dist.get_rank(group=grid.get_data_parallel_group())
     from deepspeed.utils import groups
 
     return groups.get_tensor_model_parallel_rank(), groups.get_data_parallel_rank()
