@@ -14,6 +14,7 @@ from torch import nn
 
 import aim_ds
 from aim_ds.checkpoint import load_checkpoint, save_checkpoint
+from aim_ds.experiment.pipeline import from_tensor_parallel, to_tensor_parallel
 
 VOCAB, HIDDEN, LENGTH, MICRO, GAS = 61, 24, 10, 2, 2
 # the reference rule probes every step (eval_batch on every stage) and merges when the forgetting signal rises
@@ -48,35 +49,6 @@ class Head(nn.Module):
         return self.out(self.norm(h))
 
 
-class _CopyToTensorParallel(torch.autograd.Function):
-    """Megatron's f: the input of a column-parallel layer; its gradient summed over the tensor-parallel ranks."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        tdist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromTensorParallel(torch.autograd.Function):
-    """Megatron's g: the partial outputs of a row-parallel layer summed over the tensor-parallel ranks."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        tdist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 class BlockTP(nn.Module):
     """Block with Megatron-style tensor parallelism: `up` cut by output rows (column-parallel), `down` by input
     columns (row-parallel, its bias added once after the sum). Each rank builds the whole layer from the same seed
@@ -99,10 +71,10 @@ class BlockTP(nn.Module):
     def forward(self, h):
         x = self.norm(h)
         if self.tp > 1:
-            x = _CopyToTensorParallel.apply(x, self.group)
+            x = to_tensor_parallel(x, self.group)
         part = nn.functional.linear(torch.tanh(nn.functional.linear(x, self.up_w, self.up_b)), self.down_w)
         if self.tp > 1:
-            part = _ReduceFromTensorParallel.apply(part, self.group)
+            part = from_tensor_parallel(part, self.group)
         return h + part + self.down_b
 
 

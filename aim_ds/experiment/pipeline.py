@@ -150,6 +150,16 @@ class _FromTensorParallel(torch.autograd.Function):
         return grad, None
 
 
+def to_tensor_parallel(x, group):
+    """Megatron's f on x: the identity forward, the gradient summed over the tensor-parallel group."""
+    return _ToTensorParallel.apply(x, group)
+
+
+def from_tensor_parallel(x, group):
+    """Megatron's g on x: the partial outputs summed over the tensor-parallel group, the identity backward."""
+    return _FromTensorParallel.apply(x, group)
+
+
 class _ParallelLinear(nn.Module):
     """This rank's slice of a bias-free Linear (weight [out, in]) along `dim`, marked tensor-parallel for
     DeepSpeed (its gradient norm) and the plugin (counted on every tensor-parallel rank)."""
@@ -164,8 +174,8 @@ class _ParallelLinear(nn.Module):
 
     def forward(self, x):
         if self.dim == 0:
-            return F.linear(_ToTensorParallel.apply(x, self.group), self.weight)
-        return _FromTensorParallel.apply(F.linear(x, self.weight), self.group)
+            return F.linear(to_tensor_parallel(x, self.group), self.weight)
+        return from_tensor_parallel(F.linear(x, self.weight), self.group)
 
 
 def cut_tensor_parallel(layer: nn.Module, config, rank: int, size: int, group) -> None:
