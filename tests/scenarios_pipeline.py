@@ -305,3 +305,16 @@ def forever_two_tasks(pp: int) -> dict:
         "work": dict(plugin.work),
         "weights": {k: v.reshape(-1).tolist() for k, v in whole_model(engine).items()},
     }
+
+
+def bad_memory(pp: int) -> dict:
+    """attach with memory the default pipe_batch cannot read (no input_ids), and with float labels."""
+    engine = make_engine(pp)
+    errors = []
+    for mem in ([{"labels": rows(1)["labels"]}], [{**rows(1), "labels": rows(1)["labels"].float()}]):
+        try:
+            aim_ds.attach(engine, mem)
+            errors.append(None)
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            errors.append(f"{type(e).__name__}: {e}")
+    return {"errors": errors}

@@ -47,32 +47,26 @@ def test_two_stages_merge_as_one_stage(tmp_path, stage):
     _same_run(one, two[0])
 
 
+def _four_ranks_against_one_stage(tmp_path, axis: str, one_ranks: int, **four_shape) -> None:
+    """2 stages x 2 ranks along `axis` (dp_rank or tp_rank) on 4 ranks, against 1 stage on `one_ranks` ranks with
+    the same data (without tensor parallelism where the 4-rank run has it)."""
+    one_shape = {"tp": 1} if "tp" in four_shape else {}
+    one = run_ranks(f"{SCENARIO}:two_tasks", one_ranks, tmp_path, TIMEOUT, pp=1, **one_shape)[0]
+    four = run_ranks(f"{SCENARIO}:two_tasks", 4, tmp_path, TIMEOUT * 2, pp=2, **four_shape)
+    assert sorted((r["position"]["pp_rank"], r["position"][axis]) for r in four) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    _same_run(one, four[0])
+
+
 def test_two_stages_by_two_data_parallel_ranks(tmp_path):
     """4 ranks: 2 stages x 2 data-parallel ranks (ZeRO-1 cuts each stage over its 2 ranks), against 1 x 2."""
-    one = run_ranks(f"{SCENARIO}:two_tasks", 2, tmp_path, TIMEOUT, pp=1)[0]
-    four = run_ranks(f"{SCENARIO}:two_tasks", 4, tmp_path, TIMEOUT * 2, pp=2)
-    assert sorted((r["position"]["pp_rank"], r["position"]["dp_rank"]) for r in four) == [
-        (0, 0),
-        (0, 1),
-        (1, 0),
-        (1, 1),
-    ]
-    _same_run(one, four[0])
+    _four_ranks_against_one_stage(tmp_path, "dp_rank", one_ranks=2)
 
 
 def test_two_stages_by_two_megatron_tensor_parallel_ranks(tmp_path):
     """4 ranks: 2 stages x 2 tensor-parallel ranks (column- and row-parallel blocks, the pipeline's grid as the
     engine's mpu) against 1 stage without tensor parallelism: TP-cut parameters counted on every TP rank, whole
     ones on TP rank 0, so the same learning signal, merges and (joined) weights."""
-    one = run_ranks(f"{SCENARIO}:two_tasks", 1, tmp_path, TIMEOUT, pp=1, tp=1)[0]
-    four = run_ranks(f"{SCENARIO}:two_tasks", 4, tmp_path, TIMEOUT * 2, pp=2, tp=2)
-    assert sorted((r["position"]["pp_rank"], r["position"]["tp_rank"]) for r in four) == [
-        (0, 0),
-        (0, 1),
-        (1, 0),
-        (1, 1),
-    ]
-    _same_run(one, four[0])
+    _four_ranks_against_one_stage(tmp_path, "tp_rank", one_ranks=1, tp=2)
 
 
 def test_resume_is_bit_exact_at_two_stages_by_two_tensor_parallel_ranks(tmp_path):
@@ -115,3 +109,10 @@ def test_forever_on_two_stages_as_on_one(tmp_path):
     assert one["replays"][-1][2] == "end" and one["work"] == two["work"]
     assert two["deltas"] == pytest.approx(one["deltas"], rel=1e-5)  # model time summed over the stages
     assert _max_diff(one["weights"], two["weights"]) < 1e-5
+
+
+def test_memory_that_pipe_batch_cannot_read_is_refused_on_every_rank(tmp_path):
+    for r in run_ranks(f"{SCENARIO}:bad_memory", 2, tmp_path, TIMEOUT, pp=2):
+        missing, floats = r["errors"]
+        assert "AimInputError" in missing and "pipe_batch could not turn it" in missing and "KeyError" in missing
+        assert "AimInputError" in floats and "labels must be an integer tensor" in floats

@@ -67,8 +67,6 @@ def check_memory(engine, memory, rank: int, pipe_batch=None) -> str | None:
             f"aim_merging: the rehearsal memory is empty on rank {rank}; every rank needs at least one batch "
             "(check the memory fraction and the number of ranks)."
         )
-    if pipe_batch is not None:
-        return _pipe_memory_error(batches, pipe_batch)
     module = input_consumer(engine.module)
     sig = inspect.signature(module.forward)
     accepts_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
@@ -79,8 +77,9 @@ def check_memory(engine, memory, rank: int, pipe_batch=None) -> str | None:
             return f"{where} is a {type(b).__name__}; each batch must be a dict of model inputs."
         if "labels" not in b:
             return f"{where} has no 'labels': the probe and rehearsal need a loss (add labels, -100 = ignore)."
-        # a key the forward does not name would be swallowed by **kwargs (HF models) and ignored
-        unknown = [k for k in b if k not in sig.parameters]
+        # a key the forward does not name would be swallowed by **kwargs (HF models) and ignored; a pipeline's
+        # forward names none: pipe_batch picks the keys (tried below)
+        unknown = [k for k in b if k not in sig.parameters] if pipe_batch is None else []
         if unknown:
             return (
                 f"{where} has keys {unknown} that {type(module).__name__}.forward does not name"
@@ -112,27 +111,14 @@ def check_memory(engine, memory, rank: int, pipe_batch=None) -> str | None:
                     f"{where}: input_ids range [{int(ids.min())}, {int(ids.max())}] is outside the model's "
                     f"vocabulary [0, {vocab}); tokenize with the model's tokenizer."
                 )
-    return None
-
-
-def _pipe_memory_error(batches: list, pipe_batch) -> str | None:
-    """A pipeline's memory: dicts with integer labels that pipe_batch turns into a micro-batch."""
-    for i, b in enumerate(batches):
-        where = f"aim_merging: memory batch {i}"
-        if not isinstance(b, dict):
-            return (
-                f"{where} is a {type(b).__name__}; each batch must be a dict (pipe_batch turns it into a micro-batch)."
-            )
-        labels = b.get("labels")
-        if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
-            return f"{where}: labels must be an integer tensor (token ids, -100 = ignore)."
-        try:
-            pipe_batch(b)
-        except Exception as e:
-            return (
-                f"{where}: pipe_batch could not turn it into a pipeline micro-batch ({type(e).__name__}: {e}); "
-                "give dicts with the keys your pipe_batch reads (the default reads input_ids and labels)."
-            )
+        if pipe_batch is not None:
+            try:
+                pipe_batch(b)
+            except Exception as e:
+                return (
+                    f"{where}: pipe_batch could not turn it into a pipeline micro-batch ({type(e).__name__}: {e}); "
+                    "give dicts with the keys your pipe_batch reads (the default reads input_ids and labels)."
+                )
     return None
 
 

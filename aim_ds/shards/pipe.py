@@ -39,17 +39,6 @@ def pipe_position(engine) -> dict:
     return {"pp_rank": int(engine.stage_id), "pp_size": int(engine.num_stages)}
 
 
-def check_pipeline_engine(engine) -> str | None:
-    """Why the plugin cannot merge on this pipeline engine, or None."""
-    stage = engine.zero_optimization_stage()
-    if stage > 1:  # DeepSpeed refuses these too; said here in the plugin's words
-        return (
-            f"aim_merging: ZeRO stage {stage} with pipeline parallelism; DeepSpeed's pipeline engine runs ZeRO "
-            "stage 0 or 1 only. Set zero_optimization.stage to 1."
-        )
-    return None
-
-
 def tensor_parallel_grid(num_stages: int, tensor_parallel: int) -> tuple:
     """(topology, this rank's tensor-parallel rank, the tensor-parallel group) of a pipeline with Megatron-style
     tensor parallelism inside the stages: DeepSpeed's PipeModelDataParallelTopology (stages x data-parallel
@@ -88,31 +77,29 @@ class PipeSteps:
     def loss(self, batch: dict) -> float:
         """The loss of one memory batch, no gradients, model in eval mode (eval_batch sets it and leaves it so:
         the training mode is restored here). The same value on every stage."""
-        e = self.engine
-        was_training = e.module.training
-        e.reset_activation_shape()
+        was_training = self.engine.module.training
         try:
-            out = e.eval_batch(iter([self.pipe_batch(batch)]), num_micro_batches=1)
+            return self._fresh_shapes(self.engine.eval_batch, [batch], num_micro_batches=1)
         finally:
-            e.reset_activation_shape()
-            e.module.train(was_training)
-        return float(out.detach().float().mean()) if torch.is_tensor(out) else float(out)
+            self.engine.module.train(was_training)
 
     def step(self, batches: list[dict]) -> float:
         """One optimizer step over `batches` (one per accumulation micro-step) through the engine's own
         train_batch; the mean loss of the micro-batches."""
-        e = self.engine
-        e.reset_activation_shape()
+        return self._fresh_shapes(self.train_batch, batches)
+
+    def _fresh_shapes(self, run, batches: list[dict], **kwargs) -> float:
+        """run(an iterator of the batches' micro-batches), the activation shapes sent afresh before and after."""
+        self.engine.reset_activation_shape()
         try:
-            out = self.train_batch(iter([self.pipe_batch(b) for b in batches]))
+            out = run(iter([self.pipe_batch(b) for b in batches]), **kwargs)
         finally:
-            e.reset_activation_shape()
+            self.engine.reset_activation_shape()
         return float(out.detach().float().mean()) if torch.is_tensor(out) else float(out)
 
 
 __all__ = [
     "PipeSteps",
-    "check_pipeline_engine",
     "default_pipe_batch",
     "is_pipeline",
     "pipe_position",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .pipe import check_pipeline_engine, is_pipeline, pipe_position
+from .pipe import is_pipeline, pipe_position
 from .tp import is_tp_param, tp_slice
 
 SUPPORTED_DEEPSPEED = ((0, 18, 0), (0, 20, 0))  # [min, max)
@@ -128,12 +128,8 @@ class ZeroShards:
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         mpu = getattr(engine, "mpu", None)
-        self.pipeline = is_pipeline(engine)
-        if self.pipeline:
-            error = check_pipeline_engine(engine)
-            if error is not None:
-                raise ShardError(error)
-        elif mpu is not None and bwc_pipeline_parallel_world_size(mpu) > 1:
+        self.pipeline = is_pipeline(engine)  # at ZeRO 0-1: DeepSpeed's pipeline engine refuses stages 2-3 itself
+        if not self.pipeline and mpu is not None and bwc_pipeline_parallel_world_size(mpu) > 1:
             raise ShardError(
                 "aim_merging: the model's mpu has pipeline stages but the engine is not DeepSpeed's "
                 "PipelineEngine; build the model as a deepspeed.pipe.PipelineModule so the plugin can run its "
